@@ -1,0 +1,88 @@
+"""Ready-made TLS settings for gRPC and for Python's ssl module (aiomqtt).
+
+Both sides trust only the trust domain's CA bundle. TLS 1.2 is the floor; with TLS 1.2 only
+ECDHE key exchange with AEAD ciphers is offered (no CBC: LUCKY13, RFC 7457 §2.8), and TLS 1.3
+suites are all AEAD. gRPC's own defaults already meet this (BoringSSL offers no CBC suite to
+a gRPC peer); ``GRPC_SSL_CIPHER_SUITES`` is set by the services to make it explicit.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import grpc
+
+from pki._identity import IdentityFiles
+
+__all__ = [
+    "AEAD_CIPHERS_TLS12",
+    "client_ssl_context",
+    "grpc_channel_credentials",
+    "grpc_server_credentials",
+    "server_ssl_context",
+]
+
+AEAD_CIPHERS_TLS12 = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+def grpc_server_credentials(
+    identity: IdentityFiles, *, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
+    """Server credentials presenting ``identity``; clients must present a certificate of the
+    trust domain unless ``require_client_auth`` is false (enrolment only)."""
+    identity.require()
+    return grpc.ssl_server_credentials(
+        [(identity.key.read_bytes(), identity.chain.read_bytes())],
+        root_certificates=identity.ca_bundle.read_bytes(),
+        require_client_auth=require_client_auth,
+    )
+
+
+def grpc_channel_credentials(
+    *, ca_bundle_pem: bytes, identity: IdentityFiles | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials trusting ``ca_bundle_pem``, presenting ``identity`` when given."""
+    if identity is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca_bundle_pem)
+    identity.require()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_bundle_pem,
+        private_key=identity.key.read_bytes(),
+        certificate_chain=identity.chain.read_bytes(),
+    )
+
+
+def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(AEAD_CIPHERS_TLS12)
+    ctx.options |= ssl.OP_NO_COMPRESSION  # CRIME (CVE-2012-4929)
+    return ctx
+
+
+def client_ssl_context(identity: IdentityFiles, *, check_hostname: bool = True) -> ssl.SSLContext:
+    """A client context presenting ``identity`` and trusting only its CA bundle."""
+    identity.require()
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identity.ca_bundle))
+    ctx.check_hostname = check_hostname
+    ctx.load_cert_chain(str(identity.chain), str(identity.key))
+    return _harden(ctx)
+
+
+def server_ssl_context(
+    identity: IdentityFiles, *, require_client_cert: bool = True
+) -> ssl.SSLContext:
+    """A server context presenting ``identity``; clients must present a trusted certificate."""
+    identity.require()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(identity.ca_bundle))
+    ctx.load_cert_chain(str(identity.chain), str(identity.key))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return _harden(ctx)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what edgeward needs on a Debian/Ubuntu machine with Python >= 3.11:
+# Mosquitto and its clients, OpenSSL, then a virtual environment in .venv with
+# the project (gateway extra) and the development tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [[ "${EDGEWARD_SETUP_COMPOSE:-1}" == "1" ]]; then
+  command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+fi
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing ${need_apt[*]}; install them with: sudo apt-get install ${need_apt[*]}" >&2
+  fi
+fi
+# Debian starts a system-wide broker on 1883 when the package is installed; the
+# project never uses it (every broker it needs is started on a free port).
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[gateway,dev]"
