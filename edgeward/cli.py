@@ -16,10 +16,10 @@ __all__ = ["main"]
 # command name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, tuple[str, str]] = {
     "pki": ("edgeward._cli_pki:pki", "certificate authority, tokens, revocation, CRL"),
-    "enroll": ("edgeward._cli_device:enroll", "enrol this device (or renew with --renew)"),
+    "enroll": ("edgeward._cli_enroll:enroll", "enrol this device (or renew with --renew)"),
     "device": ("edgeward._cli_device:device", "simulated devices"),
-    "core": ("edgeward._cli_services:core", "run the core service"),
-    "gateway": ("edgeward._cli_services:gateway", "run an edge gateway"),
+    "core": ("edgeward._cli_core:core", "run the core service"),
+    "gateway": ("edgeward._cli_gateway:gateway", "run an edge gateway"),
     "demo": ("edgeward._demo:demo", "PKI, core, two gateways, devices, live output"),
 }
 
@@ -39,10 +39,12 @@ class _LazyGroup(click.Group):
             missing = exc.name or "a module"
             raise click.ClickException(
                 f"'edgeward {cmd_name}' needs {missing}, which is not installed "
-                "(gateway and core hosts install the 'gateway' extra: pip install 'edgeward[gateway]')"
+                "(gateway and core hosts install the 'gateway' extra: "
+                "pip install 'edgeward[gateway]')"
             ) from exc
         command: Any = getattr(module, attr)
-        assert isinstance(command, click.Command)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target[0]} is not a click command")
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

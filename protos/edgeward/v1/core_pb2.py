@@ -26,23 +26,27 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos.edgeward.v1 import common_pb2 as protos_dot_edgeward_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/edgeward/v1/core.proto\x12\x0b\x65\x64geward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fprotos/edgeward/v1/common.proto\"\xad\x01\n\x11\x45scalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x15\n\ris_full_frame\x18\x05 \x01(\x08\x12\x12\n\nedge_label\x18\x06 \x01(\t\x12\x12\n\nedge_score\x18\x07 \x01(\x02\x12\x10\n\x08\x66rame_id\x18\x08 \x01(\t\"S\n\x10\x45scalationResult\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.edgeward.v1.EscalationAnswer\x12\x10\n\x08model_ms\x18\x02 \x01(\x02\"1\n\x17WatchRevocationsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\"\x99\x01\n\x0fRevocationEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nrevoked_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\theartbeat\x18\x06 \x01(\x08\"\x1c\n\x1aGetGatewayDirectoryRequest2\xd0\x02\n\x04\x43ore\x12I\n\x08\x45scalate\x12\x1e.edgeward.v1.EscalationRequest\x1a\x1d.edgeward.v1.EscalationResult\x12X\n\x10WatchRevocations\x12$.edgeward.v1.WatchRevocationsRequest\x1a\x1c.edgeward.v1.RevocationEvent0\x01\x12\x63\n\x13GetGatewayDirectory\x12\'.edgeward.v1.GetGatewayDirectoryRequest\x1a#.edgeward.v1.SignedGatewayDirectory\x12>\n\x0f\x41nnounceGateway\x12\x19.edgeward.v1.GatewayEntry\x1a\x10.edgeward.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/edgeward/v1/core.proto\x12\x0b\x65\x64geward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fprotos/edgeward/v1/common.proto\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"T\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\xad\x01\n\x11\x45scalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x15\n\ris_full_frame\x18\x05 \x01(\x08\x12\x12\n\nedge_label\x18\x06 \x01(\t\x12\x12\n\nedge_score\x18\x07 \x01(\x02\x12\x10\n\x08\x66rame_id\x18\x08 \x01(\t\"S\n\x10\x45scalationResult\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.edgeward.v1.EscalationAnswer\x12\x10\n\x08model_ms\x18\x02 \x01(\x02\"1\n\x17WatchRevocationsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\"\x99\x01\n\x0fRevocationEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nrevoked_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\theartbeat\x18\x06 \x01(\x08\"\x1c\n\x1aGetGatewayDirectoryRequest2\x95\x03\n\x04\x43ore\x12I\n\x08\x45scalate\x12\x1e.edgeward.v1.EscalationRequest\x1a\x1d.edgeward.v1.EscalationResult\x12X\n\x10WatchRevocations\x12$.edgeward.v1.WatchRevocationsRequest\x1a\x1c.edgeward.v1.RevocationEvent0\x01\x12\x63\n\x13GetGatewayDirectory\x12\'.edgeward.v1.GetGatewayDirectoryRequest\x1a#.edgeward.v1.SignedGatewayDirectory\x12>\n\x0f\x41nnounceGateway\x12\x19.edgeward.v1.GatewayEntry\x1a\x10.edgeward.v1.Ack\x12\x43\n\tGetDevice\x12\x1d.edgeward.v1.GetDeviceRequest\x1a\x17.edgeward.v1.DeviceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.edgeward.v1.core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ESCALATIONREQUEST']._serialized_start=113
-  _globals['_ESCALATIONREQUEST']._serialized_end=286
-  _globals['_ESCALATIONRESULT']._serialized_start=288
-  _globals['_ESCALATIONRESULT']._serialized_end=371
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=373
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=422
-  _globals['_REVOCATIONEVENT']._serialized_start=425
-  _globals['_REVOCATIONEVENT']._serialized_end=578
-  _globals['_GETGATEWAYDIRECTORYREQUEST']._serialized_start=580
-  _globals['_GETGATEWAYDIRECTORYREQUEST']._serialized_end=608
-  _globals['_CORE']._serialized_start=611
-  _globals['_CORE']._serialized_end=947
+  _globals['_GETDEVICEREQUEST']._serialized_start=112
+  _globals['_GETDEVICEREQUEST']._serialized_end=149
+  _globals['_DEVICEINFO']._serialized_start=151
+  _globals['_DEVICEINFO']._serialized_end=235
+  _globals['_ESCALATIONREQUEST']._serialized_start=238
+  _globals['_ESCALATIONREQUEST']._serialized_end=411
+  _globals['_ESCALATIONRESULT']._serialized_start=413
+  _globals['_ESCALATIONRESULT']._serialized_end=496
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=498
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=547
+  _globals['_REVOCATIONEVENT']._serialized_start=550
+  _globals['_REVOCATIONEVENT']._serialized_end=703
+  _globals['_GETGATEWAYDIRECTORYREQUEST']._serialized_start=705
+  _globals['_GETGATEWAYDIRECTORYREQUEST']._serialized_end=733
+  _globals['_CORE']._serialized_start=736
+  _globals['_CORE']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

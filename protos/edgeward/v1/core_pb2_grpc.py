@@ -55,6 +55,11 @@ class CoreStub:
                 request_serializer=protos_dot_edgeward_dot_v1_dot_common__pb2.GatewayEntry.SerializeToString,
                 response_deserializer=protos_dot_edgeward_dot_v1_dot_common__pb2.Ack.FromString,
                 _registered_method=True)
+        self.GetDevice = channel.unary_unary(
+                '/edgeward.v1.Core/GetDevice',
+                request_serializer=protos_dot_edgeward_dot_v1_dot_core__pb2.GetDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_edgeward_dot_v1_dot_core__pb2.DeviceInfo.FromString,
+                _registered_method=True)
 
 
 class CoreServicer:
@@ -85,6 +90,14 @@ class CoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDevice(self, request, context):
+        """Registry facts about a device (type, region, status) for authorisation at the edge;
+        they live in the registry, not in the certificate, so they can change without reissuing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +120,11 @@ def add_CoreServicer_to_server(servicer, server):
                     servicer.AnnounceGateway,
                     request_deserializer=protos_dot_edgeward_dot_v1_dot_common__pb2.GatewayEntry.FromString,
                     response_serializer=protos_dot_edgeward_dot_v1_dot_common__pb2.Ack.SerializeToString,
+            ),
+            'GetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDevice,
+                    request_deserializer=protos_dot_edgeward_dot_v1_dot_core__pb2.GetDeviceRequest.FromString,
+                    response_serializer=protos_dot_edgeward_dot_v1_dot_core__pb2.DeviceInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +235,33 @@ class Core:
             '/edgeward.v1.Core/AnnounceGateway',
             protos_dot_edgeward_dot_v1_dot_common__pb2.GatewayEntry.SerializeToString,
             protos_dot_edgeward_dot_v1_dot_common__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeward.v1.Core/GetDevice',
+            protos_dot_edgeward_dot_v1_dot_core__pb2.GetDeviceRequest.SerializeToString,
+            protos_dot_edgeward_dot_v1_dot_core__pb2.DeviceInfo.FromString,
             options,
             channel_credentials,
             insecure,

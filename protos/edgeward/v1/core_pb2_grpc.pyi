@@ -37,6 +37,10 @@ class CoreStub:
     GetGatewayDirectory: _grpc.UnaryUnaryMultiCallable[_core_pb2.GetGatewayDirectoryRequest, _common_pb2.SignedGatewayDirectory]
     AnnounceGateway: _grpc.UnaryUnaryMultiCallable[_common_pb2.GatewayEntry, _common_pb2.Ack]
     """A gateway announces its addresses; its identity comes from its certificate."""
+    GetDevice: _grpc.UnaryUnaryMultiCallable[_core_pb2.GetDeviceRequest, _core_pb2.DeviceInfo]
+    """Registry facts about a device (type, region, status) for authorisation at the edge;
+    they live in the registry, not in the certificate, so they can change without reissuing.
+    """
 
 @_typing.type_check_only
 class CoreAsyncStub(CoreStub):
@@ -46,6 +50,10 @@ class CoreAsyncStub(CoreStub):
     GetGatewayDirectory: _aio.UnaryUnaryMultiCallable[_core_pb2.GetGatewayDirectoryRequest, _common_pb2.SignedGatewayDirectory]  # type: ignore[assignment]
     AnnounceGateway: _aio.UnaryUnaryMultiCallable[_common_pb2.GatewayEntry, _common_pb2.Ack]  # type: ignore[assignment]
     """A gateway announces its addresses; its identity comes from its certificate."""
+    GetDevice: _aio.UnaryUnaryMultiCallable[_core_pb2.GetDeviceRequest, _core_pb2.DeviceInfo]  # type: ignore[assignment]
+    """Registry facts about a device (type, region, status) for authorisation at the edge;
+    they live in the registry, not in the certificate, so they can change without reissuing.
+    """
 
 class CoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -76,5 +84,15 @@ class CoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Ack, _abc.Awaitable[_common_pb2.Ack]]:
         """A gateway announces its addresses; its identity comes from its certificate."""
+
+    @_abc_1.abstractmethod
+    def GetDevice(
+        self,
+        request: _core_pb2.GetDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.DeviceInfo, _abc.Awaitable[_core_pb2.DeviceInfo]]:
+        """Registry facts about a device (type, region, status) for authorisation at the edge;
+        they live in the registry, not in the certificate, so they can change without reissuing.
+        """
 
 def add_CoreServicer_to_server(servicer: CoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
