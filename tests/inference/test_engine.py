@@ -1,0 +1,317 @@
+"""InferenceEngine with the real edge model on real photos.
+
+Expected answers: ``shared/reference/models.md`` (chelsea → Cat 0.85, dog.jpg → Dog, Bicycle,
+Car; rocket and motorcycle → nothing), with a margin for onnxruntime versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from gateway._inference import (
+    DeadlineExceeded,
+    EngineObserver,
+    InferenceEngine,
+    InferenceResult,
+    InvalidImage,
+    Overloaded,
+    ProviderUnavailable,
+    ResponseCache,
+    ShuttingDown,
+)
+from gateway._inference._engine import CacheKind
+from gateway._inference._runtime import create_session, physical_cores
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder(EngineObserver):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.cache: list[CacheKind] = []
+        self.depths: list[int] = []
+        self.threads: set[int] = set()
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.threads.add(threading.get_ident())
+        self.batches.append(size)
+
+    def on_cache(self, kind: CacheKind) -> None:
+        self.cache.append(kind)
+
+    def on_queue_depth(self, n: int) -> None:
+        self.depths.append(n)
+
+
+def _labels(result: InferenceResult) -> dict[str, float]:
+    return {d.label: d.score for d in result.detections}
+
+
+def _engine(models_dir: Path, **kwargs: object) -> InferenceEngine:
+    return InferenceEngine(models_dir=models_dir, providers="cpu", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_chelsea_is_a_cat(models_dir: Path, photo_bytes: dict[str, bytes]) -> None:
+    async with _engine(models_dir) as engine:
+        assert engine.provider == "CPUExecutionProvider"
+        result, frame = await engine.detect_with_frame(photo_bytes["chelsea"])
+    assert _labels(result).get("Cat", 0) >= 0.7
+    assert result.model_name == "edge_ssd_mobilenetv2_oid24"
+    assert result.model_version
+    assert not result.from_cache
+    assert (result.width, result.height) == (451, 300)
+    assert frame is not None
+    assert frame.shape == (300, 451, 3)
+    assert 0 < result.inference_ms < 5_000
+    for d in result.detections:
+        assert 0 <= d.box.x_min < d.box.x_max <= 1
+        assert 0 <= d.box.y_min < d.box.y_max <= 1
+
+
+async def test_concurrent_frames_get_their_own_answers(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    names = sorted(photo_bytes)
+    # Reference answers, one frame at a time.
+    async with _engine(models_dir, max_batch=1) as engine:
+        alone = {n: await engine.detect(photo_bytes[n]) for n in names}
+    assert "Cat" in _labels(alone["chelsea"])
+    assert {"Dog", "Bicycle", "Car"} <= set(_labels(alone["dog"]))
+    assert _labels(alone["rocket"]) == {}
+
+    observer = Recorder()
+    order = [names[i % len(names)] for i in range(16)]
+    async with _engine(models_dir, max_batch=8, max_wait_ms=20, observer=observer) as engine:
+        results = await asyncio.gather(*(engine.detect(photo_bytes[n]) for n in order))
+    assert max(observer.batches) > 1, observer.batches
+    assert observer.threads == {threading.get_ident()}  # observers are called on the loop
+    assert sum(observer.batches) == 16
+    for name, result in zip(order, results, strict=True):
+        expected = alone[name]
+        assert [d.label for d in result.detections] == [d.label for d in expected.detections]
+        assert (result.width, result.height) == (expected.width, expected.height)
+        for got, want in zip(result.detections, expected.detections, strict=True):
+            assert got.score == pytest.approx(want.score, abs=1e-3)
+            assert got.box.x_min == pytest.approx(want.box.x_min, abs=1e-3)
+            assert got.box.y_max == pytest.approx(want.box.y_max, abs=1e-3)
+
+
+async def test_model_and_decoding_never_run_on_the_event_loop(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    threads: dict[str, set[str]] = {"model": set(), "decode": set()}
+    engine = _engine(models_dir)
+    # Wrap the engine's own seams (not onnxruntime) to see which thread each stage runs on.
+    batch_fn = engine._batcher._batch_fn
+    prepare = engine._prepare_sync
+
+    def spy_batch(items: Sequence[object]) -> Sequence[object]:
+        threads["model"].add(threading.current_thread().name)
+        return batch_fn(items)  # type: ignore[arg-type]
+
+    def spy_prepare(image: bytes) -> object:
+        threads["decode"].add(threading.current_thread().name)
+        return prepare(image)
+
+    engine._batcher._batch_fn = spy_batch  # type: ignore[assignment]
+    engine._prepare_sync = spy_prepare  # type: ignore[method-assign,assignment]
+    loop_thread = threading.current_thread().name
+    async with engine:
+        await asyncio.gather(*(engine.detect(b) for b in photo_bytes.values()))
+    assert threads["model"]
+    assert threads["decode"]
+    assert loop_thread not in threads["model"] | threads["decode"]
+    assert all(t.startswith("edgeward-infer") for t in threads["model"])
+    assert all(t.startswith("edgeward-decode") for t in threads["decode"])
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+async def test_bad_input_is_refused_and_the_engine_keeps_serving(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    async with _engine(models_dir, max_image_bytes=1_000_000, max_pixels=200_000) as engine:
+        bad = [
+            b"",
+            b"not an image at all" * 10,
+            b"\xff\xd8\xff" + bytes(200),  # JPEG magic, garbage after it
+            _truncated(photo_bytes["dog"]),
+            b"\xff\xd8\xff" + bytes(1_000_000),  # over max_image_bytes
+            photo_bytes["dog"],  # 768×576 is over max_pixels
+        ]
+        for data in bad:
+            with pytest.raises(InvalidImage):
+                await engine.detect(data)
+        results = await asyncio.gather(
+            *(engine.detect(b) for b in bad),
+            engine.detect(photo_bytes["chelsea"]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, InvalidImage) for r in results[:-1])
+        chelsea = results[-1]
+        assert isinstance(chelsea, InferenceResult)
+        assert "Cat" in _labels(chelsea)
+
+
+async def test_full_queue_is_overloaded_and_the_rest_are_served(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    async with _engine(models_dir, queue_size=1, max_batch=1) as engine:
+        outcomes = await asyncio.gather(
+            *(engine.detect(photo_bytes["chelsea"]) for _ in range(30)), return_exceptions=True
+        )
+        overloaded = [o for o in outcomes if isinstance(o, Overloaded)]
+        served = [o for o in outcomes if isinstance(o, InferenceResult)]
+        assert overloaded
+        assert served
+        assert len(overloaded) + len(served) == 30
+        assert all("Cat" in _labels(r) for r in served)
+        assert engine.queue_depth() == 0
+        assert "Cat" in _labels(await engine.detect(photo_bytes["chelsea"]))
+
+
+async def test_cache_hits_are_marked_and_faster(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    observer = Recorder()
+    cache = ResponseCache()
+    async with _engine(models_dir, cache=cache, observer=observer) as engine:
+        started = time.perf_counter()
+        first, frame = await engine.detect_with_frame(photo_bytes["chelsea"])
+        cold = time.perf_counter() - started
+        started = time.perf_counter()
+        again, again_frame = await engine.detect_with_frame(photo_bytes["chelsea"])
+        warm = time.perf_counter() - started
+        assert frame is not None
+        assert not first.from_cache
+        assert again.from_cache
+        assert again_frame is None  # exact hit: never decoded
+        assert again.detections == first.detections
+        assert again.inference_ms < first.inference_ms
+        assert warm < cold
+
+        out = io.BytesIO()
+        Image.fromarray(frame).save(out, "JPEG", quality=70)
+        similar, similar_frame = await engine.detect_with_frame(out.getvalue())
+        assert similar.from_cache
+        assert similar_frame is not None
+        assert similar.detections == first.detections
+
+        other = await engine.detect(photo_bytes["dog"])
+        assert not other.from_cache
+    assert observer.cache == ["miss", "exact", "perceptual", "miss"]
+    assert observer.batches == [1, 1]
+
+
+async def test_deadline(models_dir: Path, photo_bytes: dict[str, bytes]) -> None:
+    async with _engine(models_dir) as engine:
+        with pytest.raises(DeadlineExceeded):
+            await engine.detect(photo_bytes["chelsea"], deadline=time.monotonic() - 0.001)
+        result = await engine.detect(photo_bytes["chelsea"], deadline=time.monotonic() + 30)
+        assert "Cat" in _labels(result)
+
+
+async def test_exit_answers_admitted_frames_then_refuses(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    engine = _engine(models_dir)
+    async with engine:
+        tasks = [asyncio.create_task(engine.detect(b)) for b in photo_bytes.values()]
+        await asyncio.sleep(0)
+    assert all(t.done() and isinstance(t.result(), InferenceResult) for t in tasks)
+    with pytest.raises(ShuttingDown):
+        await engine.detect(photo_bytes["chelsea"])
+
+
+async def test_cancelled_detect_does_not_disturb_others(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    async with _engine(models_dir, max_batch=4, max_wait_ms=10) as engine:
+        tasks = [asyncio.create_task(engine.detect(b)) for b in photo_bytes.values()]
+        tasks[0].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[0], asyncio.CancelledError)
+        assert all(isinstance(r, InferenceResult) for r in done[1:])
+        assert "Cat" in _labels(await engine.detect(photo_bytes["chelsea"]))
+        assert engine.queue_depth() == 0
+
+
+def test_session_is_set_up_for_serving(models_dir: Path) -> None:
+    model = models_dir / "edge_ssd_mobilenetv2_oid24.onnx"
+    session, provider = create_session(model, providers="cpu")
+    assert provider == "CPUExecutionProvider"
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == physical_cores()
+    assert options.inter_op_num_threads == 1
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    session, _ = create_session(model.read_bytes(), providers="auto", intra_op_threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+    out = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 300, 300, 3), np.float32)})
+    assert out[0].shape[0] == 2  # dynamic batch
+
+
+def test_cuda_demand_without_cuda_is_a_clear_error(models_dir: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the refusal is for CPU builds")
+    with pytest.raises(ProviderUnavailable, match="gateway-gpu"):
+        create_session(models_dir / "edge_ssd_mobilenetv2_oid24.onnx", providers="cuda")
+
+
+def test_physical_cores_is_sane() -> None:
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+async def test_cancelled_while_draining_still_stops(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    engine = _engine(models_dir)
+    callers: list[asyncio.Task[InferenceResult]] = []
+
+    async def owner() -> None:
+        async with engine:
+            callers.extend(asyncio.create_task(engine.detect(b)) for b in photo_bytes.values())
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0.005)  # the owner is draining the admitted frames
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+    # Each caller got an answer or a refusal; none was left waiting.
+    assert all(isinstance(o, InferenceResult | ShuttingDown) for o in outcomes)
+    with pytest.raises(ShuttingDown):
+        await engine.detect(photo_bytes["chelsea"])
+
+
+async def test_broken_observer_does_not_fail_frames(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    class Broken(EngineObserver):
+        def on_batch(self, size: int, seconds: float) -> None:
+            raise RuntimeError("metrics bug")
+
+        def on_cache(self, kind: CacheKind) -> None:
+            raise RuntimeError("metrics bug")
+
+        def on_queue_depth(self, n: int) -> None:
+            raise RuntimeError("metrics bug")
+
+    async with _engine(models_dir, cache=ResponseCache(), observer=Broken()) as engine:
+        for _ in range(2):
+            assert "Cat" in _labels(await engine.detect(photo_bytes["chelsea"]))
