@@ -26,6 +26,10 @@ def _redact(
     return event_dict
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     """Configure structlog once for a service or command.
 
@@ -50,6 +54,8 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Resolve sys.stderr at each use, not now: a command run inside a test runner (click's
+        # CliRunner) swaps stderr and closes it afterwards.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -12,7 +12,8 @@
     ├── RateLimited            too many failed attempts from one peer
     ├── CertificateRevoked     the certificate or its device is revoked (final)
     ├── CertificateExpired     the certificate is outside its validity period
-    └── RegistryError          the registry refused an operation (unknown device, conflict)
+    ├── RegistryError          the registry refused an operation (unknown device, conflict)
+    └── SignatureInvalid       a signed payload (the gateway directory) that does not verify
 
 Errors carry data (ids, serials, reasons), never a secret: no token, no key, no whole
 certificate.
@@ -31,6 +32,7 @@ __all__ = [
     "PkiNotFound",
     "RateLimited",
     "RegistryError",
+    "SignatureInvalid",
     "TokenRejected",
 ]
 
@@ -110,3 +112,7 @@ class CertificateExpired(PkiError):
 
 class RegistryError(PkiError):
     """The registry refused an operation."""
+
+
+class SignatureInvalid(PkiError):
+    """A signed payload (the gateway directory) whose signer or signature does not verify."""

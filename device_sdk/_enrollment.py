@@ -1,0 +1,341 @@
+"""Enrolment and renewal, as the device does them.
+
+The key is made on the device and never leaves it; the core only ever sees a CSR. What the core
+sends back is checked before anything is stored: the chain must verify against the CA bundle
+the device trusts (RFC 5280 path validation, ``clientAuth``), the leaf must carry the key just
+made and the device's own identity, and the gateway directory must be signed by a CA of that
+bundle. Files are then replaced atomically, key first (0600), so a crash leaves either the old
+identity or the new one.
+
+``enroll`` talks to the core's enrolment port (server-authenticated TLS: the device has no
+certificate yet); ``renew`` to its mutual-TLS port with the current certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+import pki
+from device_sdk._identity import parse_gateway_directory
+from device_sdk.errors import (
+    AlreadyEnrolled,
+    CertificateExpired,
+    DeviceRevoked,
+    EnrollmentRefused,
+    EnrollmentUnavailable,
+    InvalidDirectory,
+    NotEnrolled,
+)
+from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+__all__ = ["EnrollmentResult", "default_core_address", "enroll", "renew", "verify_chain"]
+
+FINAL_METADATA_KEY = "edgeward-final"
+DEFAULT_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentResult:
+    """The identity now stored in ``files``."""
+
+    files: pki.IdentityFiles
+    device_id: str
+    spiffe_id: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    region: str
+    device_type: str
+    already_enrolled: bool = False
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def default_core_address(enrol_endpoint: str) -> str:
+    """The core's mutual-TLS address by the default layout: the enrolment port minus one."""
+    host, _, port = enrol_endpoint.rpartition(":")
+    if not host or not port.isdigit() or int(port) < 2:
+        return enrol_endpoint
+    return f"{host}:{int(port) - 1}"
+
+
+def _csr(key: pki._files.PrivateKey, device_id: str) -> bytes:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def _final(exc: grpc.aio.AioRpcError) -> str:
+    trailing = cast("tuple[tuple[str, str | bytes], ...]", tuple(exc.trailing_metadata() or ()))
+    for key, value in trailing:
+        if key == FINAL_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _translate(exc: grpc.aio.AioRpcError, *, device_id: str, not_after: str = "") -> Exception:
+    code = exc.code()
+    details = exc.details() or ""
+    final = _final(exc)
+    if final == "revoked":
+        return DeviceRevoked(device_id, "the core refused it")
+    if final == "expired":
+        return CertificateExpired(device_id, not_after or "an earlier time")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return EnrollmentUnavailable(f"the core did not answer ({code.name}): {details}")
+    return EnrollmentRefused(details, code=code.name)
+
+
+def verify_chain(
+    chain_pem: bytes,
+    *,
+    ca_bundle_pem: bytes,
+    device_id: str,
+    public_key_der: bytes,
+    now: dt.datetime,
+) -> tuple[x509.Certificate, pki.Identity]:
+    """Check a returned chain; return the leaf and its identity or raise EnrollmentRefused."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+        store = Store(x509.load_pem_x509_certificates(ca_bundle_pem))
+        verifier = PolicyBuilder().store(store).time(now).build_client_verifier()
+        verifier.verify(certs[0], certs[1:])
+    except (ValueError, IndexError, VerificationError) as exc:
+        raise EnrollmentRefused(f"the core returned a chain that does not verify: {exc}") from None
+    leaf = certs[0]
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if spki != public_key_der:
+        raise EnrollmentRefused("the core returned a certificate for another key")
+    try:
+        uri = next(
+            u
+            for u in leaf.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        )
+        trust_domain = pki.parse_spiffe_id(uri).trust_domain
+        identity = pki.identity_from_certificate(
+            leaf, trust_domain=trust_domain, role=pki.Role.DEVICE
+        )
+    except (StopIteration, x509.ExtensionNotFound, pki.PkiError) as exc:
+        raise EnrollmentRefused(
+            f"the core returned a certificate without our identity: {exc}"
+        ) from None
+    if identity.id != device_id:
+        raise EnrollmentRefused("the core returned a certificate for another device")
+    return leaf, identity
+
+
+def _store(
+    out_dir: Path,
+    response: enrollment_pb2.EnrollResponse,
+    *,
+    key: pki._files.PrivateKey,
+    trusted_bundle_pem: bytes,
+    device_id: str,
+    metadata: dict[str, object],
+    now: dt.datetime,
+) -> EnrollmentResult:
+    public_der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    chain = response.certificate_chain_pem.encode()
+    leaf, identity = verify_chain(
+        chain,
+        ca_bundle_pem=trusted_bundle_pem,
+        device_id=device_id,
+        public_key_der=public_der,
+        now=now,
+    )
+    # The bundle the core sends came over a channel authenticated by the trusted one; keep it
+    # only if our own chain verifies against it too (it may add a rotated root).
+    bundle = response.ca_bundle_pem.encode() or trusted_bundle_pem
+    verify_chain(
+        chain, ca_bundle_pem=bundle, device_id=device_id, public_key_der=public_der, now=now
+    )
+    directory = b""
+    if response.HasField("gateway_directory"):
+        directory = response.gateway_directory.SerializeToString()
+        try:
+            parse_gateway_directory(
+                directory, ca_bundle_pem=bundle, trust_domain=identity.trust_domain, now=now
+            )
+        except InvalidDirectory as exc:
+            raise EnrollmentRefused(f"the core's gateway directory is not valid: {exc}") from None
+    meta: dict[str, object] = {
+        "id": identity.id,
+        "role": pki.Role.DEVICE.value,
+        "trust_domain": identity.trust_domain,
+        "region": response.region,
+        "device_type": response.device_type,
+    }
+    meta.update(metadata)
+    files = pki.write_identity(
+        out_dir,
+        certificate=leaf,
+        chain_pem=chain,
+        ca_bundle_pem=bundle,
+        metadata=meta,
+        key_pem=pki._files.private_key_pem(key),
+    )
+    if directory:
+        pki.write_atomic(files.gateway_directory, directory)
+    return EnrollmentResult(
+        files=files,
+        device_id=identity.id,
+        spiffe_id=identity.spiffe_id,
+        serial=pki.serial_hex(leaf.serial_number),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        region=response.region,
+        device_type=response.device_type,
+    )
+
+
+def _existing(files: pki.IdentityFiles) -> EnrollmentResult | None:
+    if not files.exists():
+        return None
+    try:
+        cert = files.certificate()
+        uri = next(
+            u
+            for u in cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        )
+        identity = pki.parse_spiffe_id(uri)
+    except (ValueError, StopIteration, x509.ExtensionNotFound, pki.PkiError):
+        return None
+    meta = files.read_metadata()
+    return EnrollmentResult(
+        files=files,
+        device_id=identity.id,
+        spiffe_id=identity.spiffe_id,
+        serial=pki.serial_hex(cert.serial_number),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        region=str(meta.get("region", "")),
+        device_type=str(meta.get("device_type", "")),
+        already_enrolled=True,
+    )
+
+
+async def enroll(
+    *,
+    endpoint: str,
+    ca_bundle_pem: bytes,
+    token: str,
+    out_dir: Path,
+    force: bool = False,
+    core_address: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    now: dt.datetime | None = None,
+    curve: str = "P-256",
+) -> EnrollmentResult:
+    """Enrol this device with a one-time ``token`` and store its identity in ``out_dir``.
+
+    Safe to run again: when ``out_dir`` already holds this device's identity, nothing is sent
+    and the result has ``already_enrolled`` set (``force`` enrols again, which needs a new
+    token). ``core_address`` is the core's mutual-TLS address used later by :func:`renew`
+    (default: :func:`default_core_address` of ``endpoint``).
+    """
+    try:
+        device_id = pki.token_device_id(token)
+    except pki.TokenRejected:
+        raise EnrollmentRefused(
+            "the token is malformed: it reads <device-id>.<secret>; copy it completely"
+        ) from None
+    files = pki.IdentityFiles(Path(out_dir))
+    existing = _existing(files)
+    if existing is not None and not force:
+        if existing.device_id != device_id:
+            raise AlreadyEnrolled(str(out_dir), existing.device_id)
+        return existing
+    key = pki.generate_private_key(curve)
+    request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
+    credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)
+    try:
+        async with grpc.aio.secure_channel(endpoint, credentials) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            response = await stub.Enroll(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise _translate(exc, device_id=device_id) from None
+    return _store(
+        files.directory,
+        response,
+        key=key,
+        trusted_bundle_pem=ca_bundle_pem,
+        device_id=device_id,
+        metadata={
+            "enrol_endpoint": endpoint,
+            "core_address": core_address or default_core_address(endpoint),
+        },
+        now=now or _utcnow(),
+    )
+
+
+async def renew(
+    *,
+    identity_dir: Path,
+    endpoint: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    now: dt.datetime | None = None,
+    curve: str = "P-256",
+) -> EnrollmentResult:
+    """Renew the identity in ``identity_dir`` with a new key, over mutual TLS.
+
+    ``endpoint`` defaults to the ``core_address`` stored at enrolment. Raises
+    :class:`DeviceRevoked` or :class:`CertificateExpired` (both final), or
+    :class:`EnrollmentRefused`/:class:`EnrollmentUnavailable`.
+    """
+    now = now or _utcnow()
+    files = pki.IdentityFiles(Path(identity_dir))
+    current = _existing(files)
+    if current is None:
+        raise NotEnrolled(str(identity_dir), "no complete identity; run 'edgeward enroll'")
+    if not current.not_before <= now <= current.not_after:
+        raise CertificateExpired(current.device_id, current.not_after.isoformat())
+    meta = files.read_metadata()
+    address = endpoint or str(meta.get("core_address") or "")
+    if not address:
+        raise EnrollmentRefused("no core address known for renewal; pass the endpoint")
+    key = pki.generate_private_key(curve)
+    request = enrollment_pb2.RenewRequest(csr=_csr(key, current.device_id))
+    credentials = pki.grpc_channel_credentials(
+        ca_bundle_pem=files.ca_bundle.read_bytes(), identity=files
+    )
+    try:
+        async with grpc.aio.secure_channel(address, credentials) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            response = await stub.Renew(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise _translate(
+            exc, device_id=current.device_id, not_after=current.not_after.isoformat()
+        ) from None
+    keep = {k: v for k, v in meta.items() if k in {"enrol_endpoint", "core_address"}}
+    keep["core_address"] = address
+    return _store(
+        files.directory,
+        response,
+        key=key,
+        trusted_bundle_pem=files.ca_bundle.read_bytes(),
+        device_id=current.device_id,
+        metadata=keep,
+        now=now,
+    )

@@ -1,0 +1,84 @@
+"""``edgeward core run``: the core service (enrolment, revocation feed, gateway directory).
+
+``--config FILE`` (TOML, every key overridable by ``EDGEWARD_CORE_…``), or for a quick start on
+one machine just ``--pki-dir DIR --listen HOST:PORT``: the core then issues its own server
+certificate. Stops in order on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+import pki
+from edgeward._logging import configure_logging
+
+__all__ = ["core"]
+
+
+@click.group("core")
+def core() -> None:
+    """Run the core service."""
+
+
+@core.command("run")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="TOML file")
+@click.option("--pki-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--listen", help="HOST:PORT of the mutual-TLS port (Renew, Core API)")
+@click.option("--enrol-listen", help="HOST:PORT of the enrolment port (default: listen + 1)")
+@click.option("--core-id", help="this core's id (default core-1)")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def run_cmd(
+    *,
+    config: Path | None,
+    pki_dir: Path | None,
+    listen: str | None,
+    enrol_listen: str | None,
+    core_id: str | None,
+    log_level: str | None,
+) -> None:
+    """Start the core and serve until SIGTERM or SIGINT."""
+    # Imported here: the core needs the service side of the package (grpc health, pydantic
+    # settings), a device install does not.
+    from gateway._core import CoreServer, load_core_settings
+    from gateway._core._escalate import EscalateService
+    from gateway._settings import ConfigError
+
+    if config is None and pki_dir is None:
+        raise click.UsageError("give --config FILE, or --pki-dir DIR (and --listen HOST:PORT)")
+    try:
+        settings = load_core_settings(
+            config,
+            pki_dir=pki_dir,
+            listen=listen,
+            enrol_listen=enrol_listen,
+            core_id=core_id,
+            log_level=log_level,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(level=settings.log_level)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        escalate = None if settings.escalation is None else EscalateService(settings.escalation)
+        async with CoreServer(settings, escalate=escalate) as server:
+            click.echo(
+                f"core {settings.core_id} serving trust domain {server.trust_domain}: "
+                f"enrolment {server.enrol_address} (server TLS), "
+                f"service {server.address} (mutual TLS)",
+                err=True,
+            )
+            await stop.wait()
+            click.echo("shutting down", err=True)
+
+    try:
+        asyncio.run(serve())
+    except (pki.PkiError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None

@@ -1,0 +1,210 @@
+"""``edgeward pki``: the certificate authority, tokens, revocation, CRL and listing.
+
+Every command works on a PKI directory (``--dir``) and the registry inside it. Errors print as
+one line (no traceback, no secret) and exit non-zero. Audit lines go to stderr; the token that
+``pki token`` prints is the only thing on stdout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+import pki as pkilib
+from edgeward._logging import configure_logging
+
+__all__ = ["one_line_errors", "pki", "validated_id"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn the errors a user can cause into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (pkilib.PkiError, ValueError, OSError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise click.ClickException(text) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def validated_id(kind: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback refusing ids outside the pattern (MQTT wildcards, '/', NUL, upper case)."""
+
+    def check(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return pkilib.validate_id(value, kind=kind)
+        except pkilib.InvalidName as exc:
+            raise click.BadParameter(exc.reason, param=param) from None
+
+    return check
+
+
+_DIR = click.option(
+    "--dir",
+    "pki_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="PKI directory",
+)
+
+
+@click.group("pki")
+def pki() -> None:
+    """Certificate authority, enrolment tokens, revocation, CRL."""
+    configure_logging(level="info")
+
+
+@pki.command("init")
+@_DIR
+@click.option("--trust-domain", required=True, help="DNS-like name, e.g. home.example")
+@one_line_errors
+def init_cmd(pki_dir: Path, trust_domain: str) -> None:
+    """Create the root and issuing CA; refuses to overwrite an existing PKI."""
+    layout = pkilib.init_pki(pki_dir, trust_domain=trust_domain)
+    pkilib.SqliteRegistry(layout.registry).close()
+    click.echo(f"PKI for {trust_domain} created in {pki_dir}")
+    click.echo(f"  CA bundle (give it to devices): {layout.ca_bundle}")
+    click.echo(f"  root key (keep offline):        {layout.root_key}")
+
+
+@pki.command("issue-server")
+@_DIR
+@click.option("--id", "server_id", required=True, callback=validated_id("server id"))
+@click.option("--role", type=click.Choice(["gateway", "core"]), required=True)
+@click.option("--dns", multiple=True, help="DNS name for the certificate (repeatable)")
+@click.option("--ip", multiple=True, help="IP address for the certificate (repeatable)")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="identity directory (default DIR/servers/<role>-<id>)",
+)
+@one_line_errors
+def issue_server_cmd(
+    *,
+    pki_dir: Path,
+    server_id: str,
+    role: str,
+    dns: tuple[str, ...],
+    ip: tuple[str, ...],
+    out: Path | None,
+) -> None:
+    """Issue a server certificate (serverAuth + clientAuth) for a gateway or core."""
+    for address in ip:
+        ipaddress.ip_address(address)  # ValueError: one clear line
+    for name in dns:
+        if not name or any(c in name for c in "/+# \x00") or name != name.lower():
+            raise click.BadParameter(f"{name!r} is not a lower-case DNS name", param_hint="--dns")
+    target = out or pkilib.PkiLayout(pki_dir).servers / f"{role}-{server_id}"
+    files = pkilib.issue_identity(
+        pki_dir, target, role=pkilib.Role(role), id=server_id, dns_names=dns, ip_addresses=ip
+    )
+    cert = files.certificate()
+    click.echo(
+        f"{role} {server_id}: serial {pkilib.serial_hex(cert.serial_number)}, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, written to {target}"
+    )
+
+
+@pki.command("token")
+@_DIR
+@click.option("--device-id", required=True, callback=validated_id("device id"))
+@click.option("--type", "device_type", required=True, callback=validated_id("device type"))
+@click.option("--region", required=True, callback=validated_id("region"))
+@click.option("--ttl", default="24h", show_default=True, help="lifetime: 15m, 24h, 7d …")
+@one_line_errors
+def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl: str) -> None:
+    """Create a one-time enrolment token; it is printed once and only its hash is stored."""
+    lifetime = pkilib.parse_ttl(ttl)
+    pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        token = pkilib.create_token(
+            registry,
+            device_id=device_id,
+            device_type=device_type,
+            region=region,
+            ttl=lifetime,
+            now=_now(),
+        )
+    click.echo(token)
+
+
+@pki.command("revoke")
+@_DIR
+@click.option("--device-id", callback=validated_id("device id"))
+@click.option("--serial", help="hex serial of one certificate")
+@click.option("--reason", default="revoked by operator", show_default=True)
+@one_line_errors
+def revoke_cmd(pki_dir: Path, device_id: str | None, serial: str | None, reason: str) -> None:
+    """Revoke a device (all its certificates) or one certificate; gateways are told at once."""
+    if (device_id is None) == (serial is None):
+        raise click.UsageError("give exactly one of --device-id and --serial")
+    pkilib.CertificateAuthority.load(pki_dir)
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        if device_id is not None:
+            record = pkilib.revoke_device(registry, device_id, reason=reason, now=_now())
+        elif serial is not None:
+            try:
+                int(serial.removeprefix("0x"), 16)
+            except ValueError:
+                raise click.BadParameter("not a hex serial", param_hint="--serial") from None
+            record = pkilib.revoke_serial(registry, serial, reason=reason, now=_now())
+        else:  # pragma: no cover - excluded by the check above
+            raise click.UsageError("give exactly one of --device-id and --serial")
+    what = (
+        f"certificate {record.serial} of {record.device_id}" if record.serial else record.device_id
+    )
+    click.echo(f"revoked {what} (sequence {record.sequence})")
+
+
+@pki.command("crl")
+@_DIR
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--der", is_flag=True, help="write DER instead of PEM")
+@one_line_errors
+def crl_cmd(pki_dir: Path, out: Path, der: bool) -> None:
+    """Write the current CRL (every revoked certificate), signed by the issuing CA."""
+    ca = pkilib.CertificateAuthority.load(pki_dir)
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        crl = pkilib.build_crl(ca, registry, now=_now())
+    pkilib.write_atomic(out, pkilib.crl_bytes(crl, der=der))
+    click.echo(f"CRL with {len(list(crl))} revoked certificate(s) written to {out}")
+
+
+@pki.command("list")
+@_DIR
+@one_line_errors
+def list_cmd(pki_dir: Path) -> None:
+    """Devices and their certificates."""
+    pkilib.CertificateAuthority.load(pki_dir)
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        devices = registry.list_devices()
+        certs = registry.list_certificates()
+    click.echo(f"{'DEVICE':<24} {'TYPE':<16} {'REGION':<12} {'STATUS':<8} CREATED")
+    for d in devices:
+        click.echo(
+            f"{d.id:<24} {d.type:<16} {d.region:<12} {d.status.value:<8} "
+            f"{d.created_at:%Y-%m-%d %H:%M}"
+        )
+    click.echo("")
+    click.echo(f"{'SERIAL':<42} {'DEVICE':<24} {'STATUS':<8} NOT AFTER")
+    for c in certs:
+        click.echo(
+            f"{c.serial:<42} {c.device_id:<24} {c.status.value:<8} {c.not_after:%Y-%m-%d %H:%M}"
+        )

@@ -1,0 +1,210 @@
+"""Configuration of the core service (``edgeward core run``).
+
+One TOML file; every key can be overridden by ``EDGEWARD_CORE_<KEY>`` (nested keys joined by
+``__``, e.g. ``EDGEWARD_CORE_TOKEN_ATTEMPTS__BURST=5``). Loaded with
+:func:`gateway._settings.load_settings`, which names each bad key in its error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+import pki
+from gateway._core._escalate import CoreEscalationSettings
+from gateway._settings import ServiceSettings, load_settings
+
+__all__ = [
+    "ENV_PREFIX",
+    "CoreSettings",
+    "StaticGateway",
+    "TokenAttempts",
+    "load_core_settings",
+    "split_address",
+]
+
+ENV_PREFIX = "EDGEWARD_CORE_"
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) → (host, port); ValueError when malformed."""
+    host, sep, port_s = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_s.isdigit() or len(value) > 255:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    if any(c.isspace() or c in "/#+\x00" for c in host):
+        raise ValueError(f"{host!r} is not a host name or address")
+    return host, port
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class TokenAttempts(BaseModel):
+    """Rate limit on failed enrolment-token attempts, per client address (token bucket)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    burst: int = Field(default=10, ge=1, le=10_000, description="failed attempts allowed at once")
+    per_minute: float = Field(
+        default=10.0, gt=0, le=100_000, description="failed attempts regained per minute"
+    )
+
+
+class StaticGateway(BaseModel):
+    """A gateway listed in the signed directory without announcing itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="gateway id (same rules as device ids)")
+    region: str = Field(description="region id the gateway serves")
+    grpc_address: str = Field(description="HOST:PORT of the gateway's mTLS gRPC endpoint")
+    mqtt_address: str = Field(
+        default="", description="HOST:PORT of its mTLS MQTT listener, or empty"
+    )
+
+    @field_validator("id", "region")
+    @classmethod
+    def _ids(cls, v: str) -> str:
+        return pki.validate_id(v)
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _grpc(cls, v: str) -> str:
+        split_address(v)
+        return v
+
+    @field_validator("mqtt_address")
+    @classmethod
+    def _mqtt(cls, v: str) -> str:
+        if v:
+            split_address(v)
+        return v
+
+
+class CoreSettings(ServiceSettings):
+    """Everything ``edgeward core run`` needs."""
+
+    pki_dir: Path = Field(description="PKI directory made by 'edgeward pki init'")
+    core_id: str = Field("core-1", description="this core's id (its certificate: core/<id>)")
+    listen: str = Field(
+        "127.0.0.1:7443",
+        description="HOST:PORT of the mutual-TLS port: Renew, Core API, health",
+    )
+    enrol_listen: str | None = Field(
+        None,
+        description="HOST:PORT of the server-authenticated enrolment port (Enroll, "
+        "GetCACertificates, GetCrl, health); default: listen's port + 1 (0 stays 0)",
+    )
+    identity_dir: Path | None = Field(
+        None,
+        description="the core's own identity directory; default PKI_DIR/servers/core-<id>, "
+        "issued at start when missing, expiring or not naming the listen addresses",
+    )
+    registry: Path | None = Field(None, description="registry file; default PKI_DIR's")
+    server_names: list[str] = Field(
+        default_factory=list,
+        description="extra DNS names or IP addresses for the core's server certificate",
+    )
+    device_certificate_lifetime: dt.timedelta = Field(
+        pki.DEFAULT_DEVICE_LIFETIME,
+        description="lifetime of device certificates (seconds or ISO 8601 duration)",
+    )
+    token_attempts: TokenAttempts = Field(
+        TokenAttempts(), description="failed token attempts per client address"
+    )
+    feed_heartbeat_s: float = Field(
+        5.0, gt=0, le=3600, description="heartbeat interval on the revocation feed"
+    )
+    feed_poll_s: float = Field(
+        0.05,
+        gt=0,
+        le=10,
+        description="how often the registry is polled for revocations made by other processes",
+    )
+    grpc_max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="largest gRPC request accepted (escalation crops need the most)",
+    )
+    crl_validity: dt.timedelta = Field(
+        dt.timedelta(hours=24), description="nextUpdate of served CRLs, from their build time"
+    )
+    gateways: list[StaticGateway] = Field(
+        default_factory=list, description="static entries of the signed gateway directory"
+    )
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, le=300, description="time open calls get to finish on shutdown"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+    escalation: CoreEscalationSettings | None = Field(
+        None,
+        description="[escalation] table: Core.Escalate's models, thresholds and bounds; "
+        "absent = Escalate answers UNIMPLEMENTED",
+    )
+
+    @field_validator("core_id")
+    @classmethod
+    def _core_id(cls, v: str) -> str:
+        return pki.validate_id(v, kind="core id")
+
+    @field_validator("listen", "enrol_listen")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_address(v)
+        return v
+
+    @field_validator("device_certificate_lifetime")
+    @classmethod
+    def _lifetime(cls, v: dt.timedelta) -> dt.timedelta:
+        if not dt.timedelta(minutes=5) <= v <= dt.timedelta(days=365):
+            raise ValueError("must be between 5 minutes and 365 days")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be debug, info, warning or error")
+        return v.lower()
+
+    @property
+    def enrol_address(self) -> str:
+        """The enrolment port's address, derived from ``listen`` when not set."""
+        if self.enrol_listen is not None:
+            return self.enrol_listen
+        host, port = split_address(self.listen)
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port + 1 if port else 0}"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.identity_dir or pki.PkiLayout(self.pki_dir).servers / f"core-{self.core_id}"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry or pki.PkiLayout(self.pki_dir).registry
+
+
+def load_core_settings(path: Path | None, **overrides: Any) -> CoreSettings:
+    """Load the core's settings: ``overrides`` (flags) > environment > file > defaults."""
+    return load_settings(
+        CoreSettings,
+        path,
+        env_prefix=ENV_PREFIX,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+    )

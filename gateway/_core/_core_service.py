@@ -1,0 +1,210 @@
+"""The ``Core`` gRPC service for gateways: revocation feed, gateway directory, device facts.
+
+Every method requires a gateway identity, read from the TLS peer certificate (mutual-TLS port);
+a device, another core or a caller without a certificate is refused. ``Escalate`` is served by a
+pluggable handler (:class:`EscalateHandler`) and answers ``UNIMPLEMENTED`` until one is plugged.
+
+The revocation feed replays the registry after ``since_sequence`` and then follows it live. The
+registry may be changed by another process (``edgeward pki revoke``), so one
+:class:`RevocationFeed` task polls its last sequence number every ``poll_s`` and wakes every open
+stream; each stream reads what it has not sent yet, in sequence order, so a gateway that
+reconnects with the last sequence it saw gets no gap and no repeat. A heartbeat (``heartbeat``
+set, ``sequence`` = the last sequence sent) follows the replay and then comes every
+``heartbeat_s`` without events, so a gateway can tell a quiet feed from a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import pki
+from gateway._core._config import split_address
+from gateway._core._publish import DirectoryPublisher
+from gateway._core._status import (
+    Context,
+    NotFound,
+    PermissionDenied,
+    Unimplemented,
+    require_identity,
+    server_stream,
+    unary,
+)
+from protos.edgeward.v1 import common_pb2, core_pb2, core_pb2_grpc
+
+__all__ = ["CoreService", "EscalateHandler", "RevocationFeed"]
+
+_log = structlog.get_logger(__name__)
+_REPLAY_BATCH = 500
+
+
+class EscalateHandler(Protocol):
+    """Serves ``Core.Escalate`` for an authenticated gateway."""
+
+    async def __call__(
+        self,
+        request: core_pb2.EscalationRequest,
+        context: Context,
+        *,
+        gateway: pki.Identity,
+    ) -> core_pb2.EscalationResult: ...
+
+
+class RevocationFeed:
+    """Follows the registry's last revocation sequence and wakes waiting streams."""
+
+    def __init__(self, registry: pki.Registry, *, poll_s: float) -> None:
+        self._registry = registry
+        self._poll_s = poll_s
+        self._last = registry.last_sequence()
+        self._changed = asyncio.Condition()
+        self._poke = asyncio.Event()
+
+    @property
+    def last_sequence(self) -> int:
+        return self._last
+
+    def poke(self) -> None:
+        """Check the registry now (after a revocation made in this process)."""
+        self._poke.set()
+
+    async def run(self) -> None:
+        while True:
+            seq = await asyncio.to_thread(self._registry.last_sequence)
+            if seq != self._last:
+                self._last = seq
+                async with self._changed:
+                    self._changed.notify_all()
+            self._poke.clear()
+            try:
+                async with asyncio.timeout(self._poll_s):
+                    await self._poke.wait()
+            except TimeoutError:
+                pass
+
+    async def wait_beyond(self, sequence: int, *, max_wait_s: float) -> None:
+        """Return when the registry holds events after ``sequence``, or after ``max_wait_s``."""
+        try:
+            async with asyncio.timeout(max_wait_s), self._changed:
+                await self._changed.wait_for(lambda: self._last > sequence)
+        except TimeoutError:
+            pass
+
+
+def _event(record: pki.RevocationRecord) -> core_pb2.RevocationEvent:
+    at = Timestamp()
+    at.FromDatetime(record.revoked_at)
+    return core_pb2.RevocationEvent(
+        sequence=record.sequence,
+        device_id=record.device_id,
+        serial=record.serial or "",
+        reason=record.reason,
+        revoked_at=at,
+    )
+
+
+class CoreService(core_pb2_grpc.CoreServicer):
+    def __init__(
+        self,
+        *,
+        trust_domain: str,
+        registry: pki.Registry,
+        feed: RevocationFeed,
+        directory: DirectoryPublisher,
+        heartbeat_s: float,
+        clock: Callable[[], dt.datetime],
+        escalate: EscalateHandler | None = None,
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._registry = registry
+        self._feed = feed
+        self._directory = directory
+        self._heartbeat_s = heartbeat_s
+        self._clock = clock
+        self._escalate = escalate
+
+    def _gateway(self, context: Context) -> pki.Identity:
+        return require_identity(context, trust_domain=self._trust_domain, role=pki.Role.GATEWAY)
+
+    @unary
+    async def Escalate(
+        self, request: core_pb2.EscalationRequest, context: Context
+    ) -> core_pb2.EscalationResult:
+        gateway = self._gateway(context)
+        if self._escalate is None:
+            raise Unimplemented("escalation is not enabled on this core")
+        return await self._escalate(request, context, gateway=gateway)
+
+    @server_stream
+    async def WatchRevocations(
+        self, request: core_pb2.WatchRevocationsRequest, context: Context
+    ) -> AsyncIterator[core_pb2.RevocationEvent]:
+        gateway = self._gateway(context)
+        sent = int(request.since_sequence)
+        _log.info("revocations.watch", gateway_id=gateway.id, since_sequence=sent)
+        last_beat = float("-inf")  # the first heartbeat marks the end of the replay
+        while True:
+            records = await asyncio.to_thread(
+                self._registry.revocations_since, sent, limit=_REPLAY_BATCH
+            )
+            for record in records:
+                yield _event(record)
+                sent = record.sequence
+            if len(records) == _REPLAY_BATCH:
+                continue
+            wait = self._heartbeat_s - (time.monotonic() - last_beat)
+            if wait <= 0:
+                yield core_pb2.RevocationEvent(sequence=sent, heartbeat=True)
+                last_beat = time.monotonic()
+                continue
+            await self._feed.wait_beyond(sent, max_wait_s=wait)
+
+    @unary
+    async def GetGatewayDirectory(
+        self, request: core_pb2.GetGatewayDirectoryRequest, context: Context
+    ) -> common_pb2.SignedGatewayDirectory:
+        self._gateway(context)
+        return await asyncio.to_thread(self._directory.current)
+
+    @unary
+    async def AnnounceGateway(
+        self, request: common_pb2.GatewayEntry, context: Context
+    ) -> common_pb2.Ack:
+        gateway = self._gateway(context)
+        if request.gateway_id and request.gateway_id != gateway.id:
+            raise PermissionDenied("a gateway may announce only itself (its certificate's id)")
+        region = pki.validate_id(request.region, kind="region")
+        try:
+            split_address(request.grpc_address)
+            if request.mqtt_address:
+                split_address(request.mqtt_address)
+        except ValueError as exc:
+            raise pki.InvalidName("gateway address", str(exc)) from None
+        record = pki.GatewayRecord(
+            gateway.id, region, request.grpc_address, request.mqtt_address, self._clock()
+        )
+        version = await asyncio.to_thread(self._registry.upsert_gateway, record)
+        _log.info("gateway.announced", gateway_id=gateway.id, region=region, version=version)
+        return common_pb2.Ack(id=gateway.id)
+
+    @unary
+    async def GetDevice(
+        self, request: core_pb2.GetDeviceRequest, context: Context
+    ) -> core_pb2.DeviceInfo:
+        self._gateway(context)
+        device_id = pki.validate_id(request.device_id, kind="device id")
+        device = await asyncio.to_thread(self._registry.get_device, device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id} in the registry")
+        return core_pb2.DeviceInfo(
+            device_id=device.id,
+            device_type=device.type,
+            region=device.region,
+            status=device.status.value,
+        )

@@ -1,0 +1,286 @@
+"""The core service host: Enrollment, Core and health on one gRPC server with two TLS ports.
+
+* the **service port** (``listen``) uses mutual TLS: devices renew there and gateways call the
+  Core API; the TLS layer verifies the client certificate against the trust domain's bundle.
+* the **enrolment port** (``enrol_listen``) uses server-authenticated TLS only, because a device
+  that enrols has no certificate yet. Python gRPC's server credentials cannot *ask* for a client
+  certificate without *requiring* one, so the two needs take two ports of the same server.
+
+The same servicers answer on both ports; each method checks the caller's identity from the
+auth context, so ``Renew`` and every Core method refuse a caller on the enrolment port
+(``UNAUTHENTICATED``), and Core methods refuse any identity but a gateway.
+
+Quick start: with only ``pki_dir`` and ``listen`` set, the core issues itself a server
+certificate ``core/<id>`` naming the listen addresses into ``PKI_DIR/servers/core-<id>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+import pki
+from gateway._core._config import CoreSettings, is_ip, split_address
+from gateway._core._core_service import CoreService, EscalateHandler, RevocationFeed
+from gateway._core._enrollment_service import EnrollmentService
+from gateway._core._publish import CrlPublisher, DirectoryPublisher
+from protos.edgeward.v1 import core_pb2_grpc, enrollment_pb2_grpc
+
+__all__ = ["CoreServer", "ensure_server_identity"]
+
+_log = structlog.get_logger(__name__)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _names_for(addresses: list[str], extra: list[str]) -> tuple[list[str], list[str]]:
+    dns: list[str] = ["localhost"]
+    ips: list[str] = ["127.0.0.1"]
+    for host in [split_address(a)[0] for a in addresses] + list(extra):
+        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - names, not a bind
+            continue
+        (ips if is_ip(host) else dns).append(host)
+    return sorted(set(dns)), sorted(set(ips))
+
+
+def ensure_server_identity(
+    *,
+    pki_dir: Path,
+    directory: Path,
+    core_id: str,
+    addresses: list[str],
+    extra_names: list[str],
+    now: dt.datetime,
+) -> pki.IdentityFiles:
+    """The core's own identity; issued (again) when missing, past two thirds of its lifetime,
+    from another CA, or not naming every address it listens on."""
+    files = pki.IdentityFiles(directory)
+    dns, ips = _names_for(addresses, extra_names)
+    if files.exists():
+        try:
+            cert = files.certificate()
+            ca = pki.CertificateAuthority.load(pki_dir)
+            cert.verify_directly_issued_by(ca.certificate)
+            pki.identity_from_certificate(cert, trust_domain=ca.trust_domain, role=pki.Role.CORE)
+            life = cert.not_valid_after_utc - cert.not_valid_before_utc
+            fresh = now < cert.not_valid_before_utc + life * 2 / 3
+            from cryptography import x509
+
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have = {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
+                str(a) for a in san.get_values_for_type(x509.IPAddress)
+            }
+            if fresh and set(dns) | set(ips) <= have:
+                return files
+        except Exception:  # noqa: BLE001 - anything wrong with it means: issue a new one
+            _log.info("core.identity.reissue", directory=str(directory))
+    _log.info("core.identity.issue", core_id=core_id, dns=dns, ips=ips)
+    return pki.issue_identity(
+        pki_dir,
+        directory,
+        role=pki.Role.CORE,
+        id=core_id,
+        dns_names=dns,
+        ip_addresses=ips,
+        now=now,
+    )
+
+
+class CoreServer:
+    """Async context manager running the core's gRPC server until exit."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        *,
+        escalate: EscalateHandler | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        limiter_clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._escalate = escalate
+        self._clock = clock
+        self._limiter_clock = limiter_clock
+        self._stack = contextlib.AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._feed_task: asyncio.Task[None] | None = None
+        self.address = ""
+        self.enrol_address = ""
+
+    # Set in __aenter__.
+    ca: pki.CertificateAuthority
+    registry: pki.SqliteRegistry
+    authority: pki.EnrollmentAuthority
+    identity: pki.IdentityFiles
+    feed: RevocationFeed
+
+    @property
+    def ca_bundle_pem(self) -> bytes:
+        return self.ca.bundle_pem
+
+    @property
+    def trust_domain(self) -> str:
+        return self.ca.trust_domain
+
+    async def __aenter__(self) -> CoreServer:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        # Spell out AEAD-only suites for TLS 1.2 (gRPC's defaults already are; see pki._tls).
+        os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", pki.AEAD_CIPHERS_TLS12)
+        self.ca = pki.CertificateAuthority.load(s.pki_dir)
+        self.registry = pki.SqliteRegistry(s.registry_path)
+        self._stack.callback(self.registry.close)
+        self.identity = ensure_server_identity(
+            pki_dir=s.pki_dir,
+            directory=s.identity_path,
+            core_id=s.core_id,
+            addresses=[s.listen, s.enrol_address],
+            extra_names=list(s.server_names),
+            now=self._clock(),
+        )
+        limiter_kwargs: dict[str, Any] = {}
+        if self._limiter_clock is not None:
+            limiter_kwargs["clock"] = self._limiter_clock
+        self.authority = pki.EnrollmentAuthority(
+            ca=self.ca,
+            registry=self.registry,
+            device_lifetime=s.device_certificate_lifetime,
+            limiter=pki.FailureLimiter(
+                burst=s.token_attempts.burst,
+                per_minute=s.token_attempts.per_minute,
+                **limiter_kwargs,
+            ),
+        )
+        directory = DirectoryPublisher(
+            ca=self.ca, registry=self.registry, static=s.gateways, clock=self._clock
+        )
+        crl = CrlPublisher(
+            ca=self.ca, registry=self.registry, validity=s.crl_validity, clock=self._clock
+        )
+        self.feed = RevocationFeed(self.registry, poll_s=s.feed_poll_s)
+        if self._escalate is not None and hasattr(self._escalate, "__aenter__"):
+            await self._stack.enter_async_context(self._escalate)  # type: ignore[arg-type]
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+            ]
+        )
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+            EnrollmentService(
+                authority=self.authority, directory=directory, crl=crl, clock=self._clock
+            ),
+            server,
+        )
+        core_pb2_grpc.add_CoreServicer_to_server(
+            CoreService(
+                trust_domain=self.ca.trust_domain,
+                registry=self.registry,
+                feed=self.feed,
+                directory=directory,
+                heartbeat_s=s.feed_heartbeat_s,
+                clock=self._clock,
+                escalate=self._escalate,
+            ),
+            server,
+        )
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+
+        mtls = pki.grpc_server_credentials(self.identity, require_client_auth=True)
+        server_auth = pki.grpc_server_credentials(self.identity, require_client_auth=False)
+        host, _ = split_address(s.listen)
+        port = server.add_secure_port(s.listen, mtls)
+        ehost, _ = split_address(s.enrol_address)
+        eport = server.add_secure_port(s.enrol_address, server_auth)
+        if not port or not eport:
+            raise OSError(f"cannot listen on {s.listen} and {s.enrol_address}")
+        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.enrol_address = f"{ehost}:{eport}" if ":" not in ehost else f"[{ehost}]:{eport}"
+        await server.start()
+        self._server = server
+        self._stack.push_async_callback(self._stop_server)
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in ("edgeward.v1.Enrollment", "edgeward.v1.Core"):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = health
+
+        task_group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._feed_task = task_group.create_task(self.feed.run(), name="core-revocation-feed")
+        self._stack.callback(self._feed_task.cancel)
+        _log.info(
+            "core.started",
+            core_id=s.core_id,
+            trust_domain=self.ca.trust_domain,
+            address=self.address,
+            enrol_address=self.enrol_address,
+        )
+
+    async def _stop_server(self) -> None:
+        if self._server is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s)
+        self._server = None
+        _log.info("core.stopped", core_id=self.settings.core_id)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Unwinds in reverse: cancel the feed, leave the task group, stop the server
+        # (grace for open calls), close the escalation handler, close the registry.
+        await self._stack.aclose()
+
+    def revoke_device(self, device_id: str, *, reason: str = "revoked") -> pki.RevocationRecord:
+        """Revoke in this process and wake the feed at once (the CLI's path polls)."""
+        record = self.authority.revoke_device(device_id, reason=reason, now=self._clock())
+        self.feed.poke()
+        return record
+
+    def revoke_serial(self, serial: str, *, reason: str = "revoked") -> pki.RevocationRecord:
+        record = self.authority.revoke_serial(serial, reason=reason, now=self._clock())
+        self.feed.poke()
+        return record
+
+    def create_token(
+        self,
+        device_id: str,
+        *,
+        device_type: str = "pet-camera",
+        region: str = "home",
+        ttl: dt.timedelta = dt.timedelta(hours=1),
+    ) -> str:
+        """A one-time enrolment token (for tests, demos and embedding)."""
+        return pki.create_token(
+            self.registry,
+            device_id=device_id,
+            device_type=device_type,
+            region=region,
+            ttl=ttl,
+            now=self._clock(),
+        )

@@ -1,0 +1,212 @@
+"""The ``[escalation]`` table of the gateway configuration: per-region policy and the outbox.
+
+Validated by :meth:`gateway._config.GatewaySettings.section` with :class:`EscalationSettings`,
+so a bad key is reported as ``escalation.regions.home.band_low`` with its environment
+override. Every field carries a description (``docs/escalation.md`` lists them).
+
+A region's policy answers three questions: *what* escalates (an uncertainty band of scores,
+labels outside the region's edge set, optionally frames where the edge found nothing), *how
+much* (escalations per minute per device and per region) and *what may leave the edge* (crops
+or whole frames, faces blurred or not, which core).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["EscalationSettings", "RegionPolicy"]
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("must be host:port")
+    return value
+
+
+class RegionPolicy(BaseModel):
+    """What escalates in one region, how often, and what may leave the edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="Escalate at all in this region.")
+    band_low: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Lower end (inclusive) of the uncertainty band: an edge detection scoring "
+        "in [band_low, band_high) is escalated. The edge model reports nothing below its own "
+        "score threshold (inference.score_threshold), so a lower band_low needs a lower one.",
+    )
+    band_high: float = Field(
+        default=0.65,
+        ge=0.0,
+        le=1.0,
+        description="Upper end (exclusive) of the uncertainty band; at or above it the edge's "
+        "answer stands.",
+    )
+    edge_labels: tuple[str, ...] | None = Field(
+        default=None,
+        description="The region's edge label set: a detection whose label is not in it is "
+        "escalated whatever its score. Unset = every label of the edge model.",
+    )
+    escalate_empty_frames: bool = Field(
+        default=False,
+        description="Escalate a frame in which the edge found nothing. Such a frame has no "
+        "crop, so this needs send = 'frame'.",
+    )
+    device_budget_per_min: float = Field(
+        default=6.0,
+        gt=0.0,
+        description="Escalations per minute one device may cause (token bucket, burst of the "
+        "same size); beyond it detections are answered by the edge alone.",
+    )
+    region_budget_per_min: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="Escalations per minute for all devices of the region together.",
+    )
+    max_per_frame: int = Field(
+        default=4, ge=1, le=32, description="At most this many escalations from one frame."
+    )
+    send: Literal["crop", "frame"] = Field(
+        default="crop",
+        description="'crop': only the detection's box (with crop_margin) leaves the edge; "
+        "'frame': the whole frame may be sent (needed for escalate_empty_frames).",
+    )
+    crop_margin: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=1.0,
+        description="Margin added around a box on each side, as a fraction of its size, so "
+        "the core sees some context.",
+    )
+    max_side_px: int = Field(
+        default=640,
+        ge=64,
+        le=4096,
+        description="What is sent is shrunk so its longer side is at most this many pixels.",
+    )
+    jpeg_quality: int = Field(default=85, ge=30, le=95, description="JPEG quality of what is sent.")
+    require_face_blur: bool = Field(
+        default=True,
+        description="Blur every face CenterFace finds before any pixel leaves the edge. When "
+        "the face model cannot run, nothing is sent (fail closed).",
+    )
+    face_score_threshold: float = Field(
+        default=0.35,
+        gt=0.0,
+        lt=1.0,
+        description="CenterFace score from which a region counts as a face to blur (low on "
+        "purpose: a blurred non-face costs little, a missed face leaks).",
+    )
+    core_address: str | None = Field(
+        default=None,
+        description="host:port of the core this region's escalations are pinned to; unset = "
+        "escalation.core_address, then the gateway's core_address.",
+    )
+
+    @field_validator("core_address")
+    @classmethod
+    def _check_core(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        if self.band_low > self.band_high:
+            raise ValueError("band_low must not exceed band_high")
+        if self.escalate_empty_frames and self.send != "frame":
+            raise ValueError(
+                "escalate_empty_frames needs send = 'frame' (an empty frame has no crop)"
+            )
+        return self
+
+
+class EscalationSettings(BaseModel):
+    """The gateway's ``[escalation]`` table: the outbox, delivery and per-region policies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="Escalation on or off for this gateway.")
+    core_address: str | None = Field(
+        default=None,
+        description="host:port of the core to escalate to; unset = the gateway's core_address.",
+    )
+    regions: dict[str, RegionPolicy] = Field(
+        default_factory=dict,
+        description="Policy per region ([escalation.regions.<name>]). A device uses its "
+        "registry region's policy, else the gateway region's; a region without a policy "
+        "escalates nothing.",
+    )
+    outbox_path: Path = Field(
+        default=Path("escalation-outbox.sqlite3"),
+        description="SQLite file (WAL mode) of the durable outbox and of answers waiting for "
+        "offline devices.",
+    )
+    max_outbox_entries: int = Field(
+        default=10_000,
+        ge=1,
+        description="Escalations waiting for the core at most. When full, new escalations are "
+        "refused (the detection is answered by the edge alone, with the reason logged and "
+        "counted); stored ones are never dropped.",
+    )
+    max_stored_answers: int = Field(
+        default=100_000,
+        ge=1,
+        description="Answers kept for devices at most; beyond it the oldest expire early.",
+    )
+    delivery_ttl_s: float = Field(
+        default=86_400.0,
+        gt=0.0,
+        description="Seconds an answer is kept for a device that is offline.",
+    )
+    retry_backoff_base_s: float = Field(
+        default=0.2,
+        gt=0.0,
+        description="First retry delay while the core is unreachable; doubles per attempt.",
+    )
+    retry_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Longest retry delay (full jitter: a random delay up to the backoff).",
+    )
+    max_attempts: int = Field(
+        default=0,
+        ge=0,
+        description="Give up after this many failed attempts and tell the device (an error "
+        "event); 0 = retry until delivery_ttl_s has passed since the escalation.",
+    )
+    call_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="Deadline of one Escalate call to the core."
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=64, description="Escalate calls in flight to the core at once."
+    )
+    max_pixels: int = Field(
+        default=16_000_000, ge=1, description="Pixel bound for frames the escalator decodes."
+    )
+
+    @field_validator("core_address")
+    @classmethod
+    def _check_core(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Self:
+        if self.retry_backoff_base_s > self.retry_backoff_max_s:
+            raise ValueError("retry_backoff_base_s must not exceed retry_backoff_max_s")
+        return self
+
+    def policy_for(self, region: str | None, gateway_region: str) -> RegionPolicy | None:
+        """The policy for a device of ``region`` at a gateway serving ``gateway_region``."""
+        if not self.enabled:
+            return None
+        policy = None
+        if region is not None:
+            policy = self.regions.get(region)
+        if policy is None:
+            policy = self.regions.get(gateway_region)
+        return policy if policy is not None and policy.enabled else None

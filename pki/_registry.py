@@ -1,0 +1,609 @@
+"""The registry: devices, certificates, enrolment tokens, revocations and the gateway directory.
+
+:class:`Registry` is the interface the rest of the system uses; :class:`SqliteRegistry` is the
+default implementation, one SQLite file in WAL mode so that the core (reader and writer) and
+``edgeward pki`` commands in other processes can use it at the same time. The interface is small
+and speaks in value objects so that a PostgreSQL backend can implement it for a replicated core.
+
+Revocations carry a sequence number from ``INTEGER PRIMARY KEY AUTOINCREMENT``: SQLite never
+reuses or lowers it (sqlite.org/autoinc.html), so a gateway resuming with "everything after
+``n``" gets no gaps and no repeats.
+
+Times are stored as UTC POSIX seconds (REAL) so that comparisons run inside SQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pki._names import validate_id
+from pki.errors import CertificateRevoked, RegistryError, TokenRejected
+
+__all__ = [
+    "CertificateRecord",
+    "DeviceRecord",
+    "GatewayRecord",
+    "Registry",
+    "RevocationRecord",
+    "SqliteRegistry",
+    "Status",
+    "TokenRecord",
+]
+
+
+class Status(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    id: str
+    type: str
+    region: str
+    status: Status
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    serial: str
+    device_id: str
+    not_after: dt.datetime
+    status: Status
+    issued_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """What a token grants; the token itself is never stored, only ``token_hash``."""
+
+    token_hash: str
+    device_id: str
+    type: str
+    region: str
+    expires_at: dt.datetime
+    used_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationRecord:
+    sequence: int
+    device_id: str
+    serial: str | None  # None: the whole device
+    reason: str
+    revoked_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRecord:
+    id: str
+    region: str
+    grpc_address: str
+    mqtt_address: str
+    updated_at: dt.datetime
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """What the core and the ``pki`` commands need from the registry."""
+
+    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> None: ...
+    def get_token(self, token_hash: str) -> TokenRecord | None: ...
+    def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord: ...
+    def complete_enrolment(
+        self, token_hash: str, *, certificate: CertificateRecord, now: dt.datetime
+    ) -> DeviceRecord: ...
+    def upsert_device(
+        self, device_id: str, *, type: str, region: str, now: dt.datetime
+    ) -> DeviceRecord: ...
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+    def list_devices(self) -> list[DeviceRecord]: ...
+    def record_certificate(self, record: CertificateRecord) -> None: ...
+    def get_certificate(self, serial: str) -> CertificateRecord | None: ...
+    def list_certificates(self, device_id: str | None = None) -> list[CertificateRecord]: ...
+    def revoke_device(
+        self, device_id: str, *, reason: str, now: dt.datetime
+    ) -> RevocationRecord: ...
+    def revoke_serial(self, serial: str, *, reason: str, now: dt.datetime) -> RevocationRecord: ...
+    def revocations_since(self, sequence: int, *, limit: int = 1000) -> list[RevocationRecord]: ...
+    def last_sequence(self) -> int: ...
+    def revoked_serials(self) -> list[tuple[str, dt.datetime]]: ...
+    def is_revoked(self, device_id: str, serial: str | None = None) -> bool: ...
+    def next_crl_number(self) -> int: ...
+    def upsert_gateway(self, record: GatewayRecord) -> int: ...
+    def list_gateways(self) -> list[GatewayRecord]: ...
+    def directory_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    region TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    not_after REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    region TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    serial TEXT,
+    reason TEXT NOT NULL,
+    revoked_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gateways (
+    id TEXT PRIMARY KEY,
+    region TEXT NOT NULL,
+    grpc_address TEXT NOT NULL,
+    mqtt_address TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+_MAX_REASON = 200
+
+
+def _ts(t: dt.datetime) -> float:
+    if t.tzinfo is None:
+        raise ValueError("times must be timezone-aware")
+    return t.timestamp()
+
+
+def _dt(v: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(v, dt.UTC)
+
+
+def _clean_reason(reason: str) -> str:
+    # Reasons end up in logs and on the wire: printable, one line, bounded.
+    text = "".join(c if c.isprintable() else " " for c in reason).strip()
+    return text[:_MAX_REASON] or "unspecified"
+
+
+class SqliteRegistry:
+    """The registry in one SQLite file (WAL).
+
+    One connection guarded by a lock serves every thread of a process; other processes share
+    the file through SQLite's own locking, waiting up to ``busy_timeout_s`` for a writer.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_s,
+                isolation_level=None,  # explicit BEGIN IMMEDIATE below
+                check_same_thread=False,  # guarded by self._lock
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self._lock:
+                # executescript commits on its own; every statement is idempotent.
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
+        self.path.chmod(0o600)
+
+    def __repr__(self) -> str:
+        return f"SqliteRegistry({str(self.path)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE), so two writers never deadlock
+        trying to upgrade a read lock."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry is busy or unwritable: {exc}") from exc
+            try:
+                yield self._db
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                raise
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise RegistryError(f"registry write failed: {exc}") from exc
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry read failed: {exc}") from exc
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> None:
+        validate_id(record.device_id, kind="device id")
+        validate_id(record.type, kind="device type")
+        validate_id(record.region, kind="region")
+        with self._write() as db:
+            row = db.execute(
+                "SELECT status FROM devices WHERE id = ?", (record.device_id,)
+            ).fetchone()
+            if row is not None and row[0] == Status.REVOKED:
+                raise RegistryError(
+                    f"device {record.device_id} is revoked; enrol the hardware under a new id"
+                )
+            db.execute(
+                "INSERT INTO tokens (token_hash, device_id, type, region, expires_at, used_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    record.token_hash,
+                    record.device_id,
+                    record.type,
+                    record.region,
+                    _ts(record.expires_at),
+                    _ts(now),
+                ),
+            )
+
+    def get_token(self, token_hash: str) -> TokenRecord | None:
+        rows = self._read(
+            "SELECT token_hash, device_id, type, region, expires_at, used_at FROM tokens"
+            " WHERE token_hash = ?",
+            (token_hash,),
+        )
+        if not rows:
+            return None
+        h, dev, typ, region, exp, used = rows[0]
+        return TokenRecord(
+            str(h),
+            str(dev),
+            str(typ),
+            str(region),
+            _dt(float(exp)),
+            None if used is None else _dt(float(used)),
+        )
+
+    def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord:
+        """Mark the token used and return what it grants, or raise :class:`TokenRejected`.
+
+        Single use even under concurrent attempts, in this process or another: the one
+        conditional UPDATE decides, and only the attempt that changed a row wins.
+        """
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
+                " AND expires_at > ?",
+                (_ts(now), token_hash, _ts(now)),
+            )
+            won = cur.rowcount == 1
+        record = self.get_token(token_hash)
+        if record is None:
+            raise TokenRejected("unknown token")
+        if not won:
+            if record.used_at is not None:
+                raise TokenRejected("token already used")
+            raise TokenRejected("token expired")
+        return record
+
+    def complete_enrolment(
+        self, token_hash: str, *, certificate: CertificateRecord, now: dt.datetime
+    ) -> DeviceRecord:
+        """Spend the token, register the device and record its certificate, all or nothing.
+
+        The certificate was signed before this call but is handed out only if this succeeds;
+        the conditional UPDATE decides among concurrent attempts with the same token.
+        """
+        with self._write() as db:
+            won = (
+                db.execute(
+                    "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
+                    " AND expires_at > ?",
+                    (_ts(now), token_hash, _ts(now)),
+                ).rowcount
+                == 1
+            )
+            row = db.execute(
+                "SELECT device_id, type, region, used_at FROM tokens WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                raise TokenRejected("unknown token")
+            if not won:
+                raise TokenRejected("token already used" if row[3] is not None else "token expired")
+            device_id, typ, region = str(row[0]), str(row[1]), str(row[2])
+            if device_id != certificate.device_id:
+                raise TokenRejected("token names another device")
+            status = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if status is not None and status[0] == Status.REVOKED:
+                raise CertificateRevoked(device_id)
+            db.execute(
+                "INSERT INTO devices (id, type, region, status, created_at)"
+                " VALUES (?, ?, ?, 'active', ?)"
+                " ON CONFLICT(id) DO UPDATE SET type = excluded.type, region = excluded.region",
+                (device_id, typ, region, _ts(now)),
+            )
+            db.execute(
+                "INSERT INTO certificates (serial, device_id, not_after, status, issued_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    certificate.serial,
+                    device_id,
+                    _ts(certificate.not_after),
+                    certificate.status.value,
+                    _ts(certificate.issued_at),
+                ),
+            )
+            created = db.execute(
+                "SELECT id, type, region, status, created_at FROM devices WHERE id = ?",
+                (device_id,),
+            ).fetchone()
+        return self._device(created)
+
+    # -- devices and certificates ----------------------------------------------------------
+
+    def upsert_device(
+        self, device_id: str, *, type: str, region: str, now: dt.datetime
+    ) -> DeviceRecord:
+        validate_id(device_id, kind="device id")
+        validate_id(type, kind="device type")
+        validate_id(region, kind="region")
+        with self._write() as db:
+            row = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if row is not None and row[0] == Status.REVOKED:
+                raise CertificateRevoked(device_id)
+            db.execute(
+                "INSERT INTO devices (id, type, region, status, created_at)"
+                " VALUES (?, ?, ?, 'active', ?)"
+                " ON CONFLICT(id) DO UPDATE SET type = excluded.type, region = excluded.region",
+                (device_id, type, region, _ts(now)),
+            )
+        device = self.get_device(device_id)
+        if device is None:  # deleted by another process between the two statements
+            raise RegistryError(f"device {device_id} vanished from the registry")
+        return device
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        rows = self._read(
+            "SELECT id, type, region, status, created_at FROM devices WHERE id = ?", (device_id,)
+        )
+        return self._device(rows[0]) if rows else None
+
+    def list_devices(self) -> list[DeviceRecord]:
+        rows = self._read("SELECT id, type, region, status, created_at FROM devices ORDER BY id")
+        return [self._device(r) for r in rows]
+
+    @staticmethod
+    def _device(row: tuple[Any, ...]) -> DeviceRecord:
+        i, t, r, s, c = row
+        return DeviceRecord(str(i), str(t), str(r), Status(str(s)), _dt(float(c)))
+
+    def record_certificate(self, record: CertificateRecord) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO certificates (serial, device_id, not_after, status, issued_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        record.serial,
+                        record.device_id,
+                        _ts(record.not_after),
+                        record.status.value,
+                        _ts(record.issued_at),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(f"cannot record certificate {record.serial}: {exc}") from exc
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._read(
+            "SELECT serial, device_id, not_after, status, issued_at FROM certificates"
+            " WHERE serial = ?",
+            (serial,),
+        )
+        return self._cert(rows[0]) if rows else None
+
+    def list_certificates(self, device_id: str | None = None) -> list[CertificateRecord]:
+        sql = "SELECT serial, device_id, not_after, status, issued_at FROM certificates"
+        if device_id is None:
+            rows = self._read(sql + " ORDER BY issued_at, serial")
+        else:
+            rows = self._read(sql + " WHERE device_id = ? ORDER BY issued_at", (device_id,))
+        return [self._cert(r) for r in rows]
+
+    @staticmethod
+    def _cert(row: tuple[Any, ...]) -> CertificateRecord:
+        s, d, na, st, ia = row
+        return CertificateRecord(
+            str(s),
+            str(d),
+            _dt(float(na)),
+            Status(str(st)),
+            _dt(float(ia)),
+        )
+
+    # -- revocation ------------------------------------------------------------------------
+
+    def revoke_device(self, device_id: str, *, reason: str, now: dt.datetime) -> RevocationRecord:
+        """Revoke a device and every certificate it holds; the next sequence number is its."""
+        validate_id(device_id, kind="device id")
+        reason = _clean_reason(reason)
+        with self._write() as db:
+            row = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if row is None:
+                raise RegistryError(f"no device {device_id} in the registry")
+            db.execute("UPDATE devices SET status = 'revoked' WHERE id = ?", (device_id,))
+            db.execute(
+                "UPDATE certificates SET status = 'revoked' WHERE device_id = ?", (device_id,)
+            )
+            # Pending tokens of a revoked device must not enrol it again.
+            db.execute(
+                "UPDATE tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
+                (_ts(now), device_id),
+            )
+            cur = db.execute(
+                "INSERT INTO revocations (device_id, serial, reason, revoked_at)"
+                " VALUES (?, NULL, ?, ?)",
+                (device_id, reason, _ts(now)),
+            )
+            seq = int(cur.lastrowid or 0)
+        return RevocationRecord(seq, device_id, None, reason, now)
+
+    def revoke_serial(self, serial: str, *, reason: str, now: dt.datetime) -> RevocationRecord:
+        """Revoke one certificate; the device keeps its other certificates."""
+        serial = serial.lower().removeprefix("0x").lstrip("0") or "0"
+        reason = _clean_reason(reason)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT device_id FROM certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+            if row is None:
+                raise RegistryError(f"no certificate with serial {serial} in the registry")
+            device_id = str(row[0])
+            db.execute("UPDATE certificates SET status = 'revoked' WHERE serial = ?", (serial,))
+            cur = db.execute(
+                "INSERT INTO revocations (device_id, serial, reason, revoked_at)"
+                " VALUES (?, ?, ?, ?)",
+                (device_id, serial, reason, _ts(now)),
+            )
+            seq = int(cur.lastrowid or 0)
+        return RevocationRecord(seq, device_id, serial, reason, now)
+
+    def revocations_since(self, sequence: int, *, limit: int = 1000) -> list[RevocationRecord]:
+        rows = self._read(
+            "SELECT sequence, device_id, serial, reason, revoked_at FROM revocations"
+            " WHERE sequence > ? ORDER BY sequence LIMIT ?",
+            (int(sequence), int(limit)),
+        )
+        return [
+            RevocationRecord(
+                int(q),
+                str(d),
+                None if s is None else str(s),
+                str(r),
+                _dt(float(at)),
+            )
+            for q, d, s, r, at in rows
+        ]
+
+    def last_sequence(self) -> int:
+        rows = self._read("SELECT COALESCE(MAX(sequence), 0) FROM revocations")
+        return int(rows[0][0])
+
+    def revoked_serials(self) -> list[tuple[str, dt.datetime]]:
+        """Every revoked certificate with the time its revocation was recorded (for the CRL)."""
+        rows = self._read(
+            "SELECT c.serial, COALESCE("
+            "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = c.serial),"
+            "  (SELECT MIN(r.revoked_at) FROM revocations r"
+            "    WHERE r.device_id = c.device_id AND r.serial IS NULL),"
+            "  c.issued_at)"
+            " FROM certificates c WHERE c.status = 'revoked' ORDER BY c.serial"
+        )
+        return [(str(s), _dt(float(at))) for s, at in rows]
+
+    def is_revoked(self, device_id: str, serial: str | None = None) -> bool:
+        rows = self._read("SELECT status FROM devices WHERE id = ?", (device_id,))
+        if rows and rows[0][0] == Status.REVOKED:
+            return True
+        if serial is not None:
+            rows = self._read("SELECT status FROM certificates WHERE serial = ?", (serial,))
+            return bool(rows) and rows[0][0] == Status.REVOKED
+        return False
+
+    def _bump(self, db: sqlite3.Connection, name: str) -> int:
+        row = db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, 1)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+            (name,),
+        ).fetchone()
+        return int(row[0])
+
+    def next_crl_number(self) -> int:
+        """A CRL number greater than every one handed out before (RFC 5280 §5.2.3)."""
+        with self._write() as db:
+            return self._bump(db, "crl_number")
+
+    # -- gateway directory -----------------------------------------------------------------
+
+    def upsert_gateway(self, record: GatewayRecord) -> int:
+        """Add or update a gateway entry; returns the new directory version."""
+        validate_id(record.id, kind="gateway id")
+        validate_id(record.region, kind="region")
+        with self._write() as db:
+            row = db.execute(
+                "SELECT region, grpc_address, mqtt_address FROM gateways WHERE id = ?",
+                (record.id,),
+            ).fetchone()
+            if row == (record.region, record.grpc_address, record.mqtt_address):
+                cur = db.execute("SELECT value FROM counters WHERE name = 'directory'")
+                found = cur.fetchone()
+                return int(found[0]) if found else 0
+            db.execute(
+                "INSERT INTO gateways (id, region, grpc_address, mqtt_address, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET region = excluded.region,"
+                " grpc_address = excluded.grpc_address, mqtt_address = excluded.mqtt_address,"
+                " updated_at = excluded.updated_at",
+                (
+                    record.id,
+                    record.region,
+                    record.grpc_address,
+                    record.mqtt_address,
+                    _ts(record.updated_at),
+                ),
+            )
+            return self._bump(db, "directory")
+
+    def list_gateways(self) -> list[GatewayRecord]:
+        rows = self._read(
+            "SELECT id, region, grpc_address, mqtt_address, updated_at FROM gateways ORDER BY id"
+        )
+        return [
+            GatewayRecord(str(i), str(r), str(g), str(m), _dt(float(u))) for i, r, g, m, u in rows
+        ]
+
+    def directory_version(self) -> int:
+        rows = self._read("SELECT value FROM counters WHERE name = 'directory'")
+        return int(rows[0][0]) if rows else 0

@@ -1,0 +1,96 @@
+"""The durable outbox: stored before pending, bounded with refusal, answers once, TTL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway._escalation import Outbox, OutboxEntry, OutboxFull
+from gateway._events import ErrorEvent, EscalationAnswer
+
+
+def entry(n: int, *, at: float = 100.0, address: str = "127.0.0.1:1") -> OutboxEntry:
+    return OutboxEntry(
+        escalation_id=f"esc-{n}",
+        device_id="dev-1",
+        region="home",
+        frame_id=f"f{n}",
+        core_address=address,
+        image=b"\xff\xd8\xff" + bytes([n]),
+        is_full_frame=False,
+        edge_label="Cat",
+        edge_score=0.55,
+        created_at=at + n,
+        next_attempt_at=at + n,
+    )
+
+
+def answer(n: int) -> EscalationAnswer:
+    return EscalationAnswer(f"esc-{n}", f"f{n}", "Cat", 0.9, "efficientnet-lite2")
+
+
+def test_full_outbox_refuses_new_and_keeps_stored(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_entries=2, max_answers=10)
+    box.add(entry(1))
+    box.add(entry(2))
+    with pytest.raises(OutboxFull, match="full \\(2 entries"):
+        box.add(entry(3))
+    assert box.pending_ids() == ["esc-1", "esc-2"]
+    assert box.complete("esc-1", "dev-1", answer(1), now=200.0, ttl_s=60.0)
+    box.add(entry(3))  # room again once one is answered
+    assert box.pending_ids() == ["esc-2", "esc-3"]
+
+
+def test_survives_reopen_and_completes_once(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, max_entries=10, max_answers=10)
+    box.add(entry(1))
+    box.add(entry(2))
+    box.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    box = Outbox(path, max_entries=10, max_answers=10)
+    assert [e.escalation_id for e in box.due(1000.0, limit=10, skip_addresses=frozenset())] == [
+        "esc-1",
+        "esc-2",
+    ]
+    assert box.complete("esc-1", "dev-1", answer(1), now=200.0, ttl_s=60.0)
+    assert not box.complete("esc-1", "dev-1", answer(1), now=201.0, ttl_s=60.0)
+    error = ErrorEvent("INVALID_ARGUMENT", "bad", "f2")
+    assert box.complete("esc-2", "dev-1", error, now=202.0, ttl_s=60.0)
+    box.close()
+    box = Outbox(path, max_entries=10, max_answers=10)
+    stored = box.stored_answers(now=210.0)
+    assert [(s.escalation_id, s.payload) for s in stored] == [
+        ("esc-1", answer(1)),
+        ("esc-2", error),
+    ]
+    assert box.pending_count() == 0
+    # TTL: gone after 60 s.
+    assert box.expire_answers(now=261.0) == 1
+    assert [s.escalation_id for s in box.stored_answers(now=261.0)] == ["esc-2"]
+
+
+def test_due_respects_backoff_and_addresses(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_entries=10, max_answers=10)
+    box.add(entry(1, address="core-a:1"))
+    box.add(entry(2, address="core-b:1"))
+    box.retry_later("esc-1", next_attempt_at=500.0, error="UNAVAILABLE")
+    assert [e.escalation_id for e in box.due(200.0, limit=5, skip_addresses=frozenset())] == [
+        "esc-2"
+    ]
+    assert box.due(200.0, limit=5, skip_addresses=frozenset({"core-b:1"})) == []
+    due = box.due(600.0, limit=5, skip_addresses=frozenset())
+    assert [(e.escalation_id, e.attempts, e.last_error) for e in due] == [
+        ("esc-2", 0, ""),
+        ("esc-1", 1, "UNAVAILABLE"),
+    ]
+    assert box.next_due_at() == 102.0
+
+
+def test_answers_are_bounded(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_entries=10, max_answers=2)
+    for n in range(1, 5):
+        box.add(entry(n))
+        box.complete(f"esc-{n}", "dev-1", answer(n), now=200.0 + n, ttl_s=600.0)
+    assert [s.escalation_id for s in box.stored_answers(now=210.0)] == ["esc-3", "esc-4"]
