@@ -49,6 +49,8 @@ def validated_id(kind: str) -> Callable[[click.Context, click.Parameter, Any], A
         if value is None:
             return None
         try:
+            if kind == "device type":
+                return pkilib.validate_device_type(value)
             return pkilib.validate_id(value, kind=kind)
         except pkilib.InvalidName as exc:
             raise click.BadParameter(exc.reason, param=param) from None

@@ -1,0 +1,142 @@
+"""edgeward's edge gateway: mutual-TLS gRPC for devices, live revocation, local inference.
+
+The public surface is what ``__all__`` lists; the ``_modules`` behind it are private. Names are
+imported lazily (PEP 562), so ``import gateway._settings`` — which the core and the CLI do —
+does not load onnxruntime. Nothing here reads the environment or configures logging; the
+entry point (``edgeward gateway run``) does, once.
+
+Typical embedding::
+
+    settings = load_gateway_settings(Path("gateway.toml"))
+    async with GatewayService(settings) as service:
+        await service.run_until_signalled()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway._config import (
+        AuthorisationSettings,
+        CacheSettings,
+        GatewaySettings,
+        InferenceSettings,
+        LimitsSettings,
+        load_gateway_settings,
+    )
+    from gateway._events import (
+        Command,
+        DeviceEvent,
+        ErrorEvent,
+        EscalationAnswer,
+        EventHub,
+        EventPayload,
+    )
+    from gateway._grpc import (
+        DetectionHook,
+        DeviceDirectory,
+        DeviceInfo,
+        StaticDeviceDirectory,
+        TelemetryRecord,
+        event_to_pb,
+    )
+    from gateway._metrics import GatewayMetrics
+    from gateway._revocation import RevocationEvent, RevocationListener, RevocationState
+    from gateway._service import GatewayPlugin, GatewayRuntime, GatewayService
+    from gateway.errors import (
+        ConfigError,
+        DeviceRevoked,
+        FeedStale,
+        GatewayError,
+        PermissionDenied,
+        RateLimited,
+        Unauthenticated,
+        grpc_status,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "AuthorisationSettings": "gateway._config",
+    "CacheSettings": "gateway._config",
+    "GatewaySettings": "gateway._config",
+    "InferenceSettings": "gateway._config",
+    "LimitsSettings": "gateway._config",
+    "load_gateway_settings": "gateway._config",
+    "Command": "gateway._events",
+    "DeviceEvent": "gateway._events",
+    "ErrorEvent": "gateway._events",
+    "EscalationAnswer": "gateway._events",
+    "EventHub": "gateway._events",
+    "EventPayload": "gateway._events",
+    "DetectionHook": "gateway._grpc",
+    "DeviceDirectory": "gateway._grpc",
+    "DeviceInfo": "gateway._grpc",
+    "StaticDeviceDirectory": "gateway._grpc",
+    "TelemetryRecord": "gateway._grpc",
+    "event_to_pb": "gateway._grpc",
+    "GatewayMetrics": "gateway._metrics",
+    "RevocationEvent": "gateway._revocation",
+    "RevocationListener": "gateway._revocation",
+    "RevocationState": "gateway._revocation",
+    "GatewayPlugin": "gateway._service",
+    "GatewayRuntime": "gateway._service",
+    "GatewayService": "gateway._service",
+    "ConfigError": "gateway.errors",
+    "DeviceRevoked": "gateway.errors",
+    "FeedStale": "gateway.errors",
+    "GatewayError": "gateway.errors",
+    "PermissionDenied": "gateway.errors",
+    "RateLimited": "gateway.errors",
+    "Unauthenticated": "gateway.errors",
+    "grpc_status": "gateway.errors",
+}
+
+__all__ = [
+    "AuthorisationSettings",
+    "CacheSettings",
+    "Command",
+    "ConfigError",
+    "DetectionHook",
+    "DeviceDirectory",
+    "DeviceEvent",
+    "DeviceInfo",
+    "DeviceRevoked",
+    "ErrorEvent",
+    "EscalationAnswer",
+    "EventHub",
+    "EventPayload",
+    "FeedStale",
+    "GatewayError",
+    "GatewayMetrics",
+    "GatewayPlugin",
+    "GatewayRuntime",
+    "GatewayService",
+    "GatewaySettings",
+    "InferenceSettings",
+    "LimitsSettings",
+    "PermissionDenied",
+    "RateLimited",
+    "RevocationEvent",
+    "RevocationListener",
+    "RevocationState",
+    "StaticDeviceDirectory",
+    "TelemetryRecord",
+    "Unauthenticated",
+    "event_to_pb",
+    "grpc_status",
+    "load_gateway_settings",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gateway' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -31,6 +31,7 @@ from pki._names import (
     Role,
     identity_from_certificate,
     parse_spiffe_id,
+    validate_device_type,
     validate_id,
     validate_trust_domain,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "sign_payload",
     "token_device_id",
     "validate_csr",
+    "validate_device_type",
     "validate_id",
     "validate_trust_domain",
     "verify_signed_payload",

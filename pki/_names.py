@@ -22,11 +22,15 @@ __all__ = [
     "Role",
     "identity_from_certificate",
     "parse_spiffe_id",
+    "validate_device_type",
     "validate_id",
     "validate_trust_domain",
 ]
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{2,62}")
+# Device types (``pet_camera``, ``robot_vacuum``) live in the registry and in policy tables,
+# never in topics or file names, so snake case is allowed; still no wildcard or separator.
+DEVICE_TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{1,31}")
 # DNS-like: labels of [a-z0-9-], not starting or ending with '-', at most 253 characters.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _TRUST_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -46,6 +50,16 @@ def validate_id(value: str, *, kind: str = "id") -> str:
         raise InvalidName(
             kind,
             "must be 3-63 characters of a-z, 0-9 and '-', starting with a letter or digit",
+        )
+    return value
+
+
+def validate_device_type(value: str) -> str:
+    """Return ``value`` if it is a valid device type (``pet_camera``), else raise."""
+    if not isinstance(value, str) or DEVICE_TYPE_PATTERN.fullmatch(value) is None:
+        raise InvalidName(
+            "device type",
+            "must be 2-32 characters of a-z, 0-9, '_' and '-', starting with a letter",
         )
     return value
 

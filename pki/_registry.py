@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pki._names import validate_id
+from pki._names import validate_device_type, validate_id
 from pki.errors import CertificateRevoked, RegistryError, TokenRejected
 
 __all__ = [
@@ -265,7 +265,7 @@ class SqliteRegistry:
 
     def create_token(self, record: TokenRecord, *, now: dt.datetime) -> None:
         validate_id(record.device_id, kind="device id")
-        validate_id(record.type, kind="device type")
+        validate_device_type(record.type)
         validate_id(record.region, kind="region")
         with self._write() as db:
             row = db.execute(
@@ -388,7 +388,7 @@ class SqliteRegistry:
         self, device_id: str, *, type: str, region: str, now: dt.datetime
     ) -> DeviceRecord:
         validate_id(device_id, kind="device id")
-        validate_id(type, kind="device type")
+        validate_device_type(type)
         validate_id(region, kind="region")
         with self._write() as db:
             row = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()

@@ -1,0 +1,130 @@
+"""``edgeward gateway``: run an edge gateway, print its configuration reference.
+
+``edgeward gateway run --config gateway.toml`` reads the configuration once (file, then
+``EDGEWARD_GATEWAY_*`` environment, then the quick-start flags), configures logging, and
+serves until SIGTERM or SIGINT; then it stops accepting calls, lets in-flight frames finish
+(``shutdown_grace_s``) and exits 0.
+
+Optional components are found by convention: when the ``[mqtt]`` (``[escalation]``) table is
+present, ``gateway._mqtt`` (``gateway._escalation``) is asked for ``plugin(settings)``, which
+returns a :data:`gateway.GatewayPlugin` or ``None``. A component that does not offer one yet
+is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["gateway"]
+
+
+@click.group()
+def gateway() -> None:
+    """Run an edge gateway."""
+
+
+def _plugins(settings: Any) -> list[Any]:
+    import structlog
+
+    log = structlog.get_logger("edgeward.gateway")
+    plugins = []
+    for section, module_name in (("mqtt", "gateway._mqtt"), ("escalation", "gateway._escalation")):
+        if getattr(settings, section) is None:
+            continue
+        module = importlib.import_module(module_name)
+        factory = getattr(module, "plugin", None)
+        if factory is None:
+            log.warning("component has no plugin entry yet; skipped", component=section)
+            continue
+        plugin = factory(settings)
+        if plugin is not None:
+            plugins.append(plugin)
+    return plugins
+
+
+@gateway.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML configuration file (every key also from EDGEWARD_GATEWAY_*).",
+)
+@click.option("--listen", default=None, help="host:port of the device gRPC server.")
+@click.option(
+    "--identity",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="This gateway's identity directory.",
+)
+@click.option("--core", default=None, help="host:port of the core (revocation feed, registry).")
+@click.option(
+    "--pki-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Standalone: the PKI directory whose registry is polled.",
+)
+@click.option("--metrics-listen", default=None, help="host:port of the Prometheus endpoint.")
+def run(  # noqa: PLR0917 - click passes options as arguments
+    config_path: Path | None,
+    listen: str | None,
+    identity: Path | None,
+    core: str | None,
+    pki_dir: Path | None,
+    metrics_listen: str | None,
+) -> None:
+    """Serve devices until SIGTERM/SIGINT, then drain and exit."""
+    import pki
+    from edgeward._logging import configure_logging
+    from gateway._config import load_gateway_settings
+    from gateway._settings import ConfigError
+
+    # gRPC reads this once when it starts: TLS 1.2 suites are ECDHE with AEAD only
+    # (no CBC: LUCKY13, RFC 7457 §2.8). TLS 1.3 suites are all AEAD.
+    os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", pki.AEAD_CIPHERS_TLS12)
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("listen", listen),
+            ("identity_dir", identity),
+            ("core_address", core),
+            ("pki_dir", pki_dir),
+            ("metrics_listen", metrics_listen),
+        )
+        if value is not None
+    }
+    try:
+        settings = load_gateway_settings(config_path, overrides=overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(level=settings.log_level)
+    try:
+        asyncio.run(_serve(settings, _plugins(settings)))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (pki.PkiError, OSError) as exc:
+        raise click.ClickException(f"gateway failed to start: {exc}") from None
+
+
+async def _serve(settings: Any, plugins: list[Any]) -> None:
+    from gateway._service import GatewayService
+
+    async with GatewayService(settings, plugins=plugins) as service:
+        await service.run_until_signalled()
+
+
+@gateway.command("config-reference")
+def config_reference() -> None:
+    """Print every configuration key, its default and its environment override (Markdown)."""
+    from gateway._config import describe_settings
+
+    click.echo("| key | default | description |")
+    click.echo("|---|---|---|")
+    for row in describe_settings():
+        click.echo(row)

@@ -1,0 +1,345 @@
+"""The edge gateway's configuration: one TOML file, every key overridable from the environment.
+
+Loaded once by the entry point with :func:`load_gateway_settings` (environment prefix
+``EDGEWARD_GATEWAY_``, nested keys joined by ``__``: ``EDGEWARD_GATEWAY_LIMITS__BURST=20``) and
+passed down; nothing below the entry point reads the environment. Unknown keys are errors.
+Every field carries a description; ``docs/gateway.md`` is the reference generated from them
+(``describe_settings()`` prints it).
+
+The ``[mqtt]`` and ``[escalation]`` tables belong to the MQTT bridge and the escalation
+outbox. They are kept here as raw tables and validated by their owners' models when those
+components are built (:meth:`GatewaySettings.section`), so this file does not depend on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway._settings import ConfigError, ServiceSettings, load_settings
+
+__all__ = [
+    "DEVICE_METHODS",
+    "AuthorisationSettings",
+    "CacheSettings",
+    "DeviceMethod",
+    "GatewaySettings",
+    "InferenceSettings",
+    "LimitsSettings",
+    "describe_settings",
+    "load_gateway_settings",
+]
+
+ENV_PREFIX = "EDGEWARD_GATEWAY_"
+
+DeviceMethod = Literal["Detect", "StreamDetect", "ReportTelemetry", "Subscribe"]
+#: Every method of ``DeviceGateway``.
+DEVICE_METHODS: tuple[DeviceMethod, ...] = (
+    "Detect",
+    "StreamDetect",
+    "ReportTelemetry",
+    "Subscribe",
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port (port 0 picks a free port)")
+    return value
+
+
+class InferenceSettings(_Section):
+    """The edge model and how it is served."""
+
+    models_dir: Path = Field(
+        default=Path("models"),
+        description="Directory holding the ONNX models and manifest.json (sha256-verified).",
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Execution provider: auto (CUDA where usable, else CPU), cpu, or cuda "
+        "(refuse to start without a usable GPU). What really runs is logged once at start.",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="onnxruntime intra-op threads; unset = physical cores available.",
+    )
+    max_batch: int = Field(
+        default=8, ge=1, le=256, description="Most frames run through the model at once."
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long the first frame of a batch waits for others to join it.",
+    )
+    queue_size: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Frames that may wait for the model; beyond it callers get "
+        "RESOURCE_EXHAUSTED at once (memory stays bounded).",
+    )
+    max_image_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest encoded frame accepted (bytes); larger → INVALID_ARGUMENT.",
+    )
+    max_pixels: int = Field(
+        default=16_000_000,
+        ge=1,
+        description="Largest decoded frame (width × height) accepted, judged from the header "
+        "before decoding (decompression bombs cost nothing).",
+    )
+    score_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Detections scoring below this are dropped."
+    )
+
+
+class CacheSettings(_Section):
+    """The response cache: exact (content hash) and perceptual (difference hash)."""
+
+    enabled: bool = Field(default=True, description="Answer repeated frames from the cache.")
+    ttl_s: float = Field(
+        default=10.0, gt=0.0, description="Seconds an answer stays valid in the cache."
+    )
+    max_entries: int = Field(default=4096, ge=1, description="Most answers kept.")
+    max_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Approximate memory bound of the cache."
+    )
+    perceptual_distance: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Hamming distance (bits of 64) up to which two frames count as the same "
+        "picture; 0 disables perceptual matching.",
+    )
+
+
+class LimitsSettings(_Section):
+    """Per-device limits that keep one device from starving the others."""
+
+    frames_per_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Sustained frames per second per device (token bucket refill rate).",
+    )
+    burst: int = Field(
+        default=30, ge=1, description="Frames a device may send at once (token bucket size)."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024 + 64 * 1024,
+        ge=4096,
+        description="Largest gRPC message received; larger → RESOURCE_EXHAUSTED before the "
+        "message is parsed.",
+    )
+    max_streams_per_device: int = Field(
+        default=4,
+        ge=1,
+        description="Open StreamDetect/Subscribe calls one device may hold at once.",
+    )
+    stream_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A StreamDetect call that sends nothing for this long is ended "
+        "(DEADLINE_EXCEEDED), freeing its slot.",
+    )
+    telemetry_max_readings: int = Field(
+        default=32, ge=0, le=1024, description="Most keys in Telemetry.readings."
+    )
+
+
+class AuthorisationSettings(_Section):
+    """Which ``DeviceGateway`` methods each device type may call.
+
+    The device type comes from the registry (via the core's ``GetDevice`` or, standalone, the
+    PKI registry), never from the certificate or the request. A type not listed in
+    ``device_types`` — or a device the registry does not know — gets ``default_methods``:
+    single frames, telemetry and its own events, but no long-lived frame stream, so a device
+    of an unexpected kind cannot hold model capacity until an operator says what it is.
+    """
+
+    device_types: dict[str, tuple[DeviceMethod, ...]] = Field(
+        default_factory=lambda: {
+            "pet_camera": DEVICE_METHODS,
+            "robot_vacuum": DEVICE_METHODS,
+        },
+        description="Device type → allowed methods.",
+    )
+    default_methods: tuple[DeviceMethod, ...] = Field(
+        default=("Detect", "ReportTelemetry", "Subscribe"),
+        description="Methods for device types not listed (and devices unknown to the registry).",
+    )
+    device_info_ttl_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Seconds a device's registry facts (type, status) are cached.",
+    )
+
+    def allowed(self, device_type: str | None) -> frozenset[str]:
+        """Methods a device of ``device_type`` may call.
+
+        ``-`` and ``_`` are the same in type names: the registry holds ids of ``[a-z0-9-]``
+        (``pet-camera``) while the contract spells types ``pet_camera``.
+        """
+        if device_type is not None:
+            wanted = device_type.replace("-", "_")
+            for name, methods in self.device_types.items():
+                if name.replace("-", "_") == wanted:
+                    return frozenset(methods)
+        return frozenset(self.default_methods)
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of one edge gateway process (``edgeward gateway run --config FILE``)."""
+
+    gateway_id: str | None = Field(
+        default=None,
+        description="This gateway's id; unset = the id in its identity certificate.",
+    )
+    region: str = Field(default="default", description="Region this gateway serves.")
+    listen: str = Field(
+        default="127.0.0.1:8443",
+        description="host:port of the device-facing mTLS gRPC server (port 0: a free port).",
+    )
+    identity_dir: Path = Field(
+        description="Identity directory of this gateway (key.pem, chain.pem, ca-bundle.pem); "
+        "its CA bundle defines the trust domain's CAs, its certificate the trust domain.",
+    )
+    core_address: str | None = Field(
+        default=None,
+        description="host:port of the core (revocation feed, device registry). Unset: "
+        "standalone, reading pki_dir's registry.",
+    )
+    pki_dir: Path | None = Field(
+        default=None,
+        description="Standalone only: the PKI directory whose registry.sqlite3 holds devices "
+        "and revocations.",
+    )
+    revocation_max_staleness_s: float = Field(
+        default=15.0,
+        gt=0.0,
+        description="Seconds without a revocation event or heartbeat after which new "
+        "sessions are refused (UNAVAILABLE); open ones continue.",
+    )
+    revocation_poll_interval_s: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=60.0,
+        description="Standalone only: how often the registry is polled for revocations.",
+    )
+    core_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="Deadline of each unary call to the core."
+    )
+    metrics_listen: str | None = Field(
+        default="127.0.0.1:9464",
+        description="host:port of the Prometheus endpoint (/metrics); unset disables it.",
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="On SIGTERM, seconds in-flight calls get to finish before they are cut.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    inference: InferenceSettings = Field(
+        default_factory=InferenceSettings, description="[inference] table."
+    )
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="[cache] table.")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="[limits] table.")
+    authorisation: AuthorisationSettings = Field(
+        default_factory=AuthorisationSettings, description="[authorisation] table."
+    )
+    mqtt: dict[str, Any] | None = Field(
+        default=None,
+        description="[mqtt] table: the MQTT bridge's settings (validated by the bridge); "
+        "absent = no MQTT listener.",
+    )
+    escalation: dict[str, Any] | None = Field(
+        default=None,
+        description="[escalation] table: escalation policy and outbox (validated by the "
+        "escalation component); absent = no escalation.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return _host_port(value)
+
+    @field_validator("core_address", "metrics_listen")
+    @classmethod
+    def _check_optional_address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    def section(self, name: Literal["mqtt", "escalation"], model: type[M]) -> M | None:
+        """Validate the raw ``[name]`` table with its owner's ``model``; ``None`` when absent.
+
+        Errors name the key the way the loader does (``mqtt.port``), with its override.
+        """
+        raw = getattr(self, name)
+        if raw is None:
+            return None
+        from pydantic import ValidationError
+
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                loc = [name, *(str(p) for p in err["loc"])]
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                env = ENV_PREFIX + "__".join(loc).upper()
+                lines.append(f"  {'.'.join(loc)}: {msg} (environment override: {env})")
+            raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def load_gateway_settings(
+    path: Path | None, *, overrides: dict[str, Any] | None = None
+) -> GatewaySettings:
+    """Read ``path`` (TOML) with ``EDGEWARD_GATEWAY_*`` and explicit overrides; validate.
+
+    Raises :class:`ConfigError` naming each bad key.
+    """
+    settings = load_settings(GatewaySettings, path, env_prefix=ENV_PREFIX, overrides=overrides)
+    if settings.core_address is None and settings.pki_dir is None:
+        raise ConfigError(
+            "invalid configuration:\n  core_address: set core_address (the core's revocation "
+            "feed) or pki_dir (standalone) (environment override: "
+            f"{ENV_PREFIX}CORE_ADDRESS / {ENV_PREFIX}PKI_DIR)"
+        )
+    return settings
+
+
+def describe_settings(model: type[BaseModel] = GatewaySettings, prefix: str = "") -> list[str]:
+    """Markdown table rows ``| key | default | description |`` for every field, recursively."""
+    rows: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_settings(annotation, f"{key}."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        else:
+            value = (
+                field.default_factory()  # type: ignore[call-arg]
+                if field.default_factory is not None
+                else field.default
+            )
+            default = repr(str(value) if isinstance(value, Path) else value)
+        env = ENV_PREFIX + key.replace(".", "__").upper()
+        rows.append(f"| `{key}` | `{default}` | {field.description} (`{env}`) |")
+    return rows

@@ -1,0 +1,43 @@
+"""The device-facing gRPC side of the gateway (private; see :mod:`gateway`)."""
+
+from gateway._grpc._auth import (
+    Authoriser,
+    CoreDeviceDirectory,
+    DeviceDirectory,
+    DeviceInfo,
+    RegistryDeviceDirectory,
+    StaticDeviceDirectory,
+)
+from gateway._grpc._identity import IdentityJudge, PeerIdentity
+from gateway._grpc._limits import LiveCall, LiveCalls, RateLimiter
+from gateway._grpc._server import SERVICE_NAME, GatewayServer
+from gateway._grpc._servicer import (
+    DetectionHook,
+    Detector,
+    DeviceGatewayServicer,
+    TelemetryRecord,
+    TelemetryStore,
+    event_to_pb,
+)
+
+__all__ = [
+    "SERVICE_NAME",
+    "Authoriser",
+    "CoreDeviceDirectory",
+    "DetectionHook",
+    "Detector",
+    "DeviceDirectory",
+    "DeviceGatewayServicer",
+    "DeviceInfo",
+    "GatewayServer",
+    "IdentityJudge",
+    "LiveCall",
+    "LiveCalls",
+    "PeerIdentity",
+    "RateLimiter",
+    "RegistryDeviceDirectory",
+    "StaticDeviceDirectory",
+    "TelemetryRecord",
+    "TelemetryStore",
+    "event_to_pb",
+]

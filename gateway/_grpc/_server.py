@@ -1,0 +1,102 @@
+"""The device-facing gRPC server: mutual TLS, message limits, health, graceful stop.
+
+TLS: :func:`pki.grpc_server_credentials` with ``require_client_auth=True``: a client without
+a certificate of the trust domain's CAs fails the handshake (the client sees UNAVAILABLE)
+before any handler runs. gRPC's BoringSSL offers TLS 1.2+ with AEAD suites only; the entry
+point also pins ``GRPC_SSL_CIPHER_SUITES`` to :data:`pki.AEAD_CIPHERS_TLS12`.
+
+Messages larger than ``max_message_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED)
+before they are parsed, so an oversized frame costs the gateway no allocation of its size.
+
+``grpc.health.v1.Health`` reports SERVING for ``""`` and ``edgeward.v1.DeviceGateway`` while
+the server runs and NOT_SERVING once shutdown begins, so a load balancer drains the gateway
+before it stops. Stopping is graceful: no new calls, in-flight ones get ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The aio servicer is re-exported as ``health.aio`` at runtime; mypy sees no such attribute.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+import pki
+from gateway._grpc._servicer import DeviceGatewayServicer
+from protos.edgeward.v1 import gateway_pb2, gateway_pb2_grpc
+
+__all__ = ["SERVICE_NAME", "GatewayServer"]
+
+_log = structlog.get_logger(__name__)
+
+SERVICE_NAME: str = gateway_pb2.DESCRIPTOR.services_by_name["DeviceGateway"].full_name
+
+
+class GatewayServer:
+    """A ``grpc.aio`` server hosting one :class:`DeviceGatewayServicer` on mutual TLS.
+
+    ``port`` holds the bound port once entered (useful with ``host:0``).
+    """
+
+    def __init__(
+        self,
+        servicer: DeviceGatewayServicer,
+        *,
+        identity: pki.IdentityFiles,
+        listen: str,
+        max_message_bytes: int,
+        grace_s: float,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
+        self._servicer = servicer
+        self._identity = identity
+        self._listen = listen
+        self._grace_s = grace_s
+        self._health = health_aio.HealthServicer()
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # Keepalive pings from devices at most every 10 s, so a silent NAT drop is
+                # noticed without letting a client ping-flood the server.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+        )
+        gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = 0
+        self._stopped = False
+
+    async def __aenter__(self) -> Self:
+        creds = pki.grpc_server_credentials(self._identity, require_client_auth=True)
+        self.port = self._server.add_secure_port(self._listen, creds)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._listen}")
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("grpc server listening", listen=self._listen, port=self.port)
+        return self
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls; let in-flight ones finish within ``grace_s``."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self._grace_s if grace_s is None else grace_s)
+        _log.info("grpc server stopped")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(self._grace_s if exc_type is None else 0.0)

@@ -1,0 +1,168 @@
+"""Prometheus metrics of one gateway, served as text on an HTTP port (``/metrics``).
+
+Each :class:`GatewayMetrics` has its own :class:`~prometheus_client.CollectorRegistry` (not the
+process-global one), so several gateways can run in one process (tests, the demo) without
+their series colliding. It doubles as the inference engine's ``EngineObserver``.
+
+Series (all prefixed ``edgeward_gateway_``):
+
+=================================  ===========  ===============================================
+name                               type         labels
+=================================  ===========  ===============================================
+``requests_total``                 counter      method, code (gRPC status name)
+``request_seconds``                histogram    method
+``frames_total``                   counter      method, code (one per frame, streams included)
+``batch_size``                     histogram
+``batch_seconds``                  histogram
+``queue_depth``                    gauge
+``cache_lookups_total``            counter      kind (exact, perceptual, miss)
+``denials_total``                  counter      reason (unauthenticated, revoked, not_allowed,
+                                                feed_stale, rate_limited, …)
+``revocation_events_total``        counter
+``revocation_feed_healthy``        gauge        1 when fresh
+``live_streams``                   gauge        method
+``cut_calls_total``                counter      (live calls ended by a revocation)
+=================================  ===========  ===============================================
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Self
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+from gateway._inference import CacheKind, EngineObserver
+
+__all__ = ["GatewayMetrics", "MetricsServer"]
+
+_NS = "edgeward_gateway"
+# Frame latencies: a cache hit is well under a millisecond, a model run on a CPU tens of ms.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class GatewayMetrics(EngineObserver):
+    """The gateway's metric families, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "requests", "Completed RPCs.", ["method", "code"], namespace=_NS, registry=r
+        )
+        self.request_seconds = Histogram(
+            "request_seconds",
+            "RPC latency (unary) or per-frame latency (StreamDetect).",
+            ["method"],
+            namespace=_NS,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.frames = Counter(
+            "frames", "Frames answered or refused.", ["method", "code"], namespace=_NS, registry=r
+        )
+        self.batch_size = Histogram(
+            "batch_size", "Frames per model run.", namespace=_NS, registry=r, buckets=_BATCH_BUCKETS
+        )
+        self.batch_seconds = Histogram(
+            "batch_seconds",
+            "Model run and post-processing time per batch.",
+            namespace=_NS,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Frames waiting for the model.", namespace=_NS, registry=r
+        )
+        self.cache_lookups = Counter(
+            "cache_lookups",
+            "Response cache lookups by outcome.",
+            ["kind"],
+            namespace=_NS,
+            registry=r,
+        )
+        self.denials = Counter(
+            "denials", "Calls or frames refused, by reason.", ["reason"], namespace=_NS, registry=r
+        )
+        self.revocation_events = Counter(
+            "revocation_events", "Revocation events applied.", namespace=_NS, registry=r
+        )
+        self.feed_healthy = Gauge(
+            "revocation_feed_healthy",
+            "1 while the revocation feed is fresh.",
+            namespace=_NS,
+            registry=r,
+        )
+        self.live_streams = Gauge(
+            "live_streams", "Open streaming calls.", ["method"], namespace=_NS, registry=r
+        )
+        self.cut_calls = Counter(
+            "cut_calls", "Live calls ended by a revocation.", namespace=_NS, registry=r
+        )
+
+    # -- EngineObserver ---------------------------------------------------------------------
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def on_cache(self, kind: CacheKind) -> None:
+        self.cache_lookups.labels(kind=kind).inc()
+
+    def on_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    # -- exposition -------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """Serves ``metrics`` over HTTP on ``host:port`` (port 0: a free one, see ``port``).
+
+    prometheus_client's server runs in its own daemon thread; scraping never touches the
+    event loop. An async context manager so it has the same lifecycle as everything else.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, *, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._server: object | None = None
+        self._thread: threading.Thread | None = None
+        self.port = port
+
+    async def __aenter__(self) -> Self:
+        server, thread = start_http_server(
+            self._port, addr=self._host, registry=self._metrics.registry
+        )
+        self._server, self._thread = server, thread
+        self.port = int(server.server_port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        server = self._server
+        if server is not None:
+            import asyncio
+
+            # shutdown() waits for the serving loop to notice (up to its 0.5 s poll): off-loop.
+            await asyncio.to_thread(server.shutdown)  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]

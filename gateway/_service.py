@@ -1,0 +1,299 @@
+"""One edge gateway process: engine, revocation, gRPC server, metrics, and plug-ins.
+
+:class:`GatewayService` is an async context manager. Entering starts, in this order (each
+part ready before the next one that uses it):
+
+1. the metrics registry, the event hub, the revocation state and its feed (the core's
+   ``WatchRevocations`` stream, or the PKI registry when standalone), waiting up to
+   ``core_timeout_s`` for it to become fresh (until then new sessions are refused);
+2. the inference engine (model verified, session created, provider logged once) and cache;
+3. the plug-ins, in the order given (the MQTT bridge, the escalation outbox);
+4. the mutual-TLS gRPC server, then the Prometheus endpoint.
+
+Leaving stops them in reverse: the gRPC server stops accepting and gives in-flight calls
+``shutdown_grace_s`` to finish, the plug-ins drain (the outbox flushes), the engine answers
+the frames it admitted, the feed closes. :meth:`GatewayService.run_until_signalled` waits for
+SIGTERM or SIGINT and then leaves.
+
+Plug-ins: a plug-in is a factory ``plugin(runtime) -> async context manager``; it gets the
+:class:`GatewayRuntime` (settings, identity, engine, event hub, revocation state, metrics,
+servicer) and may, for instance, add a revocation listener (kick a device's MQTT session),
+publish device events, or set ``runtime.servicer.detection_hook`` (escalation). Its
+``__aenter__`` must return once it is serving; its background tasks live in its own
+``TaskGroup``; its ``__aexit__`` drains. The service has one task group of its own for its
+housekeeping (the feed-health gauge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import signal
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import structlog
+
+import pki
+from gateway._config import GatewaySettings
+from gateway._events import EventHub
+from gateway._grpc._auth import (
+    Authoriser,
+    CoreDeviceDirectory,
+    DeviceDirectory,
+    RegistryDeviceDirectory,
+)
+from gateway._grpc._identity import IdentityJudge
+from gateway._grpc._server import GatewayServer
+from gateway._grpc._servicer import DeviceGatewayServicer
+from gateway._inference import InferenceEngine, ResponseCache
+from gateway._metrics import GatewayMetrics, MetricsServer
+from gateway._revocation import (
+    CoreRevocationFeed,
+    RegistryRevocationPoller,
+    RevocationState,
+    registry_revocation_reader,
+)
+
+__all__ = ["GatewayPlugin", "GatewayRuntime", "GatewayService"]
+
+_log = structlog.get_logger(__name__)
+
+RevocationSource = Callable[[RevocationState], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(slots=True)
+class GatewayRuntime:
+    """What a plug-in may use of a running gateway."""
+
+    settings: GatewaySettings
+    identity: pki.IdentityFiles
+    gateway_id: str
+    trust_domain: str
+    engine: InferenceEngine
+    events: EventHub
+    revocation: RevocationState
+    metrics: GatewayMetrics
+    servicer: DeviceGatewayServicer
+
+
+GatewayPlugin = Callable[[GatewayRuntime], AbstractAsyncContextManager[Any]]
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class GatewayService:
+    """A whole gateway; see the module docstring for the start and stop order.
+
+    ``device_directory`` and ``revocation_source`` replace what the settings would build
+    (the core's or the registry's), for tests and embedding. ``grpc_port`` and
+    ``metrics_port`` hold the bound ports once entered.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        plugins: Sequence[GatewayPlugin] = (),
+        device_directory: DeviceDirectory | None = None,
+        revocation_source: RevocationSource | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.settings = settings
+        self.identity = pki.IdentityFiles(settings.identity_dir).require()
+        self.trust_domain = self.identity.trust_domain
+        own = pki.identity_from_certificate(
+            self.identity.certificate(), trust_domain=self.trust_domain, role=pki.Role.GATEWAY
+        )
+        self.gateway_id = settings.gateway_id or own.id
+        self._plugins = list(plugins)
+        self._device_directory = device_directory
+        self._revocation_source = revocation_source
+        self._clock = clock
+        self.metrics = GatewayMetrics()
+        self.events = EventHub()
+        self.revocation = RevocationState(max_staleness_s=settings.revocation_max_staleness_s)
+        self._stack = contextlib.AsyncExitStack()
+        self._registry: pki.Registry | None = None
+        self.engine: InferenceEngine | None = None
+        self.servicer: DeviceGatewayServicer | None = None
+        self.server: GatewayServer | None = None
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+
+    # -- assembly ---------------------------------------------------------------------------
+
+    def _core_channel(self) -> grpc.aio.Channel:
+        assert self.settings.core_address is not None  # noqa: S101 - only with a core
+        creds = pki.grpc_channel_credentials(
+            ca_bundle_pem=self.identity.ca_bundle.read_bytes(), identity=self.identity
+        )
+        return grpc.aio.secure_channel(self.settings.core_address, creds)
+
+    def _open_registry(self) -> pki.Registry:
+        if self._registry is None:
+            assert self.settings.pki_dir is not None  # noqa: S101 - standalone
+            self._registry = pki.SqliteRegistry(pki.PkiLayout(self.settings.pki_dir).registry)
+            self._stack.callback(self._registry.close)
+        return self._registry
+
+    def _revocation_feed(self) -> AbstractAsyncContextManager[Any]:
+        if self._revocation_source is not None:
+            return self._revocation_source(self.revocation)
+        s = self.settings
+        if s.core_address is not None:
+            return CoreRevocationFeed(
+                self.revocation,
+                channel_factory=self._core_channel,
+                # The core sends a heartbeat at least every few seconds; twice the bound of
+                # silence on one stream means it is dead even if TCP has not noticed.
+                stream_timeout_s=max(2.0, s.revocation_max_staleness_s / 2),
+            )
+        return RegistryRevocationPoller(
+            self.revocation,
+            reader=registry_revocation_reader(self._open_registry()),
+            interval_s=s.revocation_poll_interval_s,
+        )
+
+    async def _directory(self) -> DeviceDirectory:
+        if self._device_directory is not None:
+            return self._device_directory
+        if self.settings.core_address is not None:
+            channel = await self._stack.enter_async_context(self._core_channel())
+            return CoreDeviceDirectory(channel, timeout_s=self.settings.core_timeout_s)
+        return RegistryDeviceDirectory(self._open_registry())
+
+    def _engine(self) -> InferenceEngine:
+        inf, c = self.settings.inference, self.settings.cache
+        cache = (
+            ResponseCache(
+                ttl=c.ttl_s,
+                max_entries=c.max_entries,
+                max_bytes=c.max_bytes,
+                max_distance=c.perceptual_distance if c.perceptual_distance > 0 else -1,
+            )
+            if c.enabled
+            else None
+        )
+        return InferenceEngine(
+            models_dir=inf.models_dir,
+            providers=inf.providers,
+            intra_op_threads=inf.threads,
+            max_batch=inf.max_batch,
+            max_wait_ms=inf.max_wait_ms,
+            queue_size=inf.queue_size,
+            max_pixels=inf.max_pixels,
+            max_image_bytes=inf.max_image_bytes,
+            score_threshold=inf.score_threshold,
+            cache=cache,
+            observer=self.metrics,
+        )
+
+    async def __aenter__(self) -> Self:
+        s = self.settings
+        log = _log.bind(gateway_id=self.gateway_id, region=s.region)
+        try:
+            await self._stack.__aenter__()
+            await self._stack.enter_async_context(self._revocation_feed())
+            try:
+                async with asyncio.timeout(s.core_timeout_s):
+                    await self.revocation.wait_fresh()
+            except TimeoutError:
+                log.warning("revocation feed not fresh yet; new sessions refused until it is")
+            directory = await self._directory()
+            self.engine = await self._stack.enter_async_context(self._engine())
+            log.info("inference provider in use", provider=self.engine.provider)
+            self.servicer = DeviceGatewayServicer(
+                settings=s,
+                gateway_id=self.gateway_id,
+                engine=self.engine,
+                judge=IdentityJudge(
+                    trust_domain=self.trust_domain, revocation=self.revocation, clock=self._clock
+                ),
+                authoriser=Authoriser(directory, s.authorisation),
+                revocation=self.revocation,
+                events=self.events,
+                metrics=self.metrics,
+                clock=self._clock,
+            )
+            runtime = GatewayRuntime(
+                settings=s,
+                identity=self.identity,
+                gateway_id=self.gateway_id,
+                trust_domain=self.trust_domain,
+                engine=self.engine,
+                events=self.events,
+                revocation=self.revocation,
+                metrics=self.metrics,
+                servicer=self.servicer,
+            )
+            for plugin in self._plugins:
+                await self._stack.enter_async_context(plugin(runtime))
+            self.server = await self._stack.enter_async_context(
+                GatewayServer(
+                    self.servicer,
+                    identity=self.identity,
+                    listen=s.listen,
+                    max_message_bytes=s.limits.max_message_bytes,
+                    grace_s=s.shutdown_grace_s,
+                )
+            )
+            self.grpc_port = self.server.port
+            if s.metrics_listen is not None:
+                host, port = _split(s.metrics_listen)
+                metrics_server = await self._stack.enter_async_context(
+                    MetricsServer(self.metrics, host=host, port=port)
+                )
+                self.metrics_port = metrics_server.port
+            tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+            health = tasks.create_task(self._watch_feed(), name="edgeward-feed-gauge")
+            self._stack.callback(health.cancel)  # runs before the group waits for it
+        except BaseException:
+            await self._stack.__aexit__(None, None, None)
+            raise
+        log.info(
+            "gateway started",
+            grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port,
+            standalone=s.core_address is None,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _log.info("gateway stopping", gateway_id=self.gateway_id)
+        await self._stack.__aexit__(exc_type, exc, tb)
+        _log.info("gateway stopped", gateway_id=self.gateway_id)
+
+    async def _watch_feed(self) -> None:
+        while True:
+            self.metrics.feed_healthy.set(1 if self.revocation.healthy() else 0)
+            await asyncio.sleep(1.0)
+
+    async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGTERM or SIGINT (or ``stop`` is set), then return (leave to stop)."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            await stop.wait()
+            _log.info("shutdown requested", gateway_id=self.gateway_id)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
