@@ -5,16 +5,17 @@
 serves until SIGTERM or SIGINT; then it stops accepting calls, lets in-flight frames finish
 (``shutdown_grace_s``) and exits 0.
 
-Optional components are found by convention: when the ``[mqtt]`` (``[escalation]``) table is
-present, ``gateway._mqtt`` (``gateway._escalation``) is asked for ``plugin(settings)``, which
-returns a :data:`gateway.GatewayPlugin` or ``None``. A component that does not offer one yet
-is reported and skipped.
+Optional components start when their table is present: ``[mqtt]`` (``gateway._mqtt``) and
+``[escalation]`` (``gateway._escalation``) are each asked for ``plugin(settings)``, which
+validates the table and returns the :data:`gateway.GatewayPlugin` to start (or ``None`` when
+the table turns it off). The mechanism is :func:`gateway._service.configured_plugins`, the same
+one an embedded ``GatewayService(settings)`` uses; a bad table stops the start-up with an
+error naming the key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,25 +28,6 @@ __all__ = ["gateway"]
 @click.group()
 def gateway() -> None:
     """Run an edge gateway."""
-
-
-def _plugins(settings: Any) -> list[Any]:
-    import structlog
-
-    log = structlog.get_logger("edgeward.gateway")
-    plugins = []
-    for section, module_name in (("mqtt", "gateway._mqtt"), ("escalation", "gateway._escalation")):
-        if getattr(settings, section) is None:
-            continue
-        module = importlib.import_module(module_name)
-        factory = getattr(module, "plugin", None)
-        if factory is None:
-            log.warning("component has no plugin entry yet; skipped", component=section)
-            continue
-        plugin = factory(settings)
-        if plugin is not None:
-            plugins.append(plugin)
-    return plugins
 
 
 @gateway.command("run")
@@ -105,17 +87,18 @@ def run(  # noqa: PLR0917 - click passes options as arguments
         raise click.ClickException(str(exc)) from None
     configure_logging(level=settings.log_level)
     try:
-        asyncio.run(_serve(settings, _plugins(settings)))
+        asyncio.run(_serve(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except (pki.PkiError, OSError) as exc:
         raise click.ClickException(f"gateway failed to start: {exc}") from None
 
 
-async def _serve(settings: Any, plugins: list[Any]) -> None:
+async def _serve(settings: Any) -> None:
     from gateway._service import GatewayService
 
-    async with GatewayService(settings, plugins=plugins) as service:
+    # The plug-ins the settings configure ([mqtt], [escalation]) start with the service.
+    async with GatewayService(settings) as service:
         await service.run_until_signalled()
 
 

@@ -15,13 +15,29 @@ Leaving stops them in reverse: the gRPC server stops accepting and gives in-flig
 the frames it admitted, the feed closes. :meth:`GatewayService.run_until_signalled` waits for
 SIGTERM or SIGINT and then leaves.
 
-Plug-ins: a plug-in is a factory ``plugin(runtime) -> async context manager``; it gets the
-:class:`GatewayRuntime` (settings, identity, engine, event hub, revocation state, metrics,
-servicer) and may, for instance, add a revocation listener (kick a device's MQTT session),
-publish device events, or set ``runtime.servicer.detection_hook`` (escalation). Its
-``__aenter__`` must return once it is serving; its background tasks live in its own
-``TaskGroup``; its ``__aexit__`` drains. The service has one task group of its own for its
-housekeeping (the feed-health gauge).
+Plug-ins (optional components: the MQTT bridge, escalation). One mechanism, two levels:
+
+- A **plug-in** (:data:`GatewayPlugin`) is a factory ``plugin(runtime) -> async context
+  manager``. It gets the :class:`GatewayRuntime` (settings, identity, engine, event hub,
+  revocation state, metrics, servicer) and may add a revocation listener (kick a device's
+  MQTT session), publish device events, or install ``runtime.servicer.detection_hook``
+  (escalation; see :class:`~gateway._grpc.DetectionHook`). Its ``__aenter__`` returns once it
+  is serving; its background tasks live in its own ``TaskGroup``; its ``__aexit__`` drains
+  (and removes what it installed). Plug-ins enter in order (MQTT, then escalation) and leave
+  in reverse, so a front end other than the gRPC servicer reads
+  ``runtime.servicer.detection_hook`` per frame, not once at start.
+- A **component** is a module that owns a table of the configuration and offers
+  ``plugin(settings: GatewaySettings) -> GatewayPlugin | None`` (:data:`PluginProvider`): it
+  validates its table (a bad key raises :class:`~gateway._settings.ConfigError` naming it)
+  and returns its plug-in, or ``None`` when the table turns it off.
+  :data:`COMPONENTS` maps tables to modules: ``[mqtt]`` → ``gateway._mqtt``,
+  ``[escalation]`` → ``gateway._escalation``. :func:`configured_plugins` asks each component
+  whose table is present; a component that offers no ``plugin`` yet is logged and skipped.
+
+``GatewayService(settings)`` starts the configured plug-ins (``edgeward gateway run`` does
+exactly this); ``GatewayService(settings, plugins=[...])`` starts the given ones instead
+(embedding, tests). The service has one task group of its own for its housekeeping (the
+feed-health gauge).
 """
 
 from __future__ import annotations
@@ -29,12 +45,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
 import signal
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import grpc
 import structlog
@@ -60,7 +77,14 @@ from gateway._revocation import (
     registry_revocation_reader,
 )
 
-__all__ = ["GatewayPlugin", "GatewayRuntime", "GatewayService"]
+__all__ = [
+    "COMPONENTS",
+    "GatewayPlugin",
+    "GatewayRuntime",
+    "GatewayService",
+    "PluginProvider",
+    "configured_plugins",
+]
 
 _log = structlog.get_logger(__name__)
 
@@ -83,6 +107,38 @@ class GatewayRuntime:
 
 
 GatewayPlugin = Callable[[GatewayRuntime], AbstractAsyncContextManager[Any]]
+#: A component's entry point: its plug-in for these settings, or ``None`` when it is off.
+PluginProvider = Callable[[GatewaySettings], GatewayPlugin | None]
+
+#: Configuration table → the module offering ``plugin(settings)`` for it, in start order.
+COMPONENTS: tuple[tuple[Literal["mqtt", "escalation"], str], ...] = (
+    ("mqtt", "gateway._mqtt"),
+    ("escalation", "gateway._escalation"),
+)
+
+
+def configured_plugins(settings: GatewaySettings) -> list[GatewayPlugin]:
+    """The plug-ins ``settings`` ask for: one per present table whose component is on.
+
+    Imports a component only when its table is present (a gateway without ``[mqtt]`` never
+    loads the MQTT code). Raises :class:`~gateway._settings.ConfigError` for a bad table.
+    """
+    plugins: list[GatewayPlugin] = []
+    for table, module_name in COMPONENTS:
+        if getattr(settings, table) is None:
+            continue
+        provider: PluginProvider | None = getattr(
+            importlib.import_module(module_name), "plugin", None
+        )
+        if provider is None:
+            _log.warning("component offers no plug-in in this build; skipped", component=table)
+            continue
+        plugin = provider(settings)
+        if plugin is None:
+            _log.info("component turned off by its table", component=table)
+            continue
+        plugins.append(plugin)
+    return plugins
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -93,16 +149,18 @@ def _split(address: str) -> tuple[str, int]:
 class GatewayService:
     """A whole gateway; see the module docstring for the start and stop order.
 
-    ``device_directory`` and ``revocation_source`` replace what the settings would build
-    (the core's or the registry's), for tests and embedding. ``grpc_port`` and
-    ``metrics_port`` hold the bound ports once entered.
+    ``plugins`` ``None`` (the default) starts what the settings configure
+    (:func:`configured_plugins`); a sequence starts exactly those. ``device_directory`` and
+    ``revocation_source`` replace what the settings would build (the core's or the
+    registry's), for tests and embedding. ``grpc_port`` and ``metrics_port`` hold the bound
+    ports once entered.
     """
 
     def __init__(
         self,
         settings: GatewaySettings,
         *,
-        plugins: Sequence[GatewayPlugin] = (),
+        plugins: Sequence[GatewayPlugin] | None = None,
         device_directory: DeviceDirectory | None = None,
         revocation_source: RevocationSource | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
@@ -114,7 +172,8 @@ class GatewayService:
             self.identity.certificate(), trust_domain=self.trust_domain, role=pki.Role.GATEWAY
         )
         self.gateway_id = settings.gateway_id or own.id
-        self._plugins = list(plugins)
+        # Built here, before anything starts: a bad [escalation] table fails construction.
+        self._plugins = list(configured_plugins(settings) if plugins is None else plugins)
         self._device_directory = device_directory
         self._revocation_source = revocation_source
         self._clock = clock

@@ -13,11 +13,16 @@ or whole frames, faces blurred or not, which core).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["EscalationSettings", "RegionPolicy"]
+__all__ = ["EscalationSettings", "RegionPolicy", "region_key"]
+
+
+def region_key(name: str) -> str:
+    """A region name as ``regions`` holds it: registry spelling, ``_`` read as ``-``."""
+    return name.replace("_", "-")
 
 
 def _host_port(value: str) -> str:
@@ -194,6 +199,29 @@ class EscalationSettings(BaseModel):
     def _check_core(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value)
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_names(cls, value: Any) -> Any:
+        """Spell region names as the registry does (``home-eu``), merging env overrides.
+
+        Region ids are ``[a-z0-9-]``, but an environment variable cannot hold ``-``:
+        ``EDGEWARD_GATEWAY_ESCALATION__REGIONS__HOME_EU__BAND_HIGH`` arrives as ``home_eu``.
+        Without this it would silently be a second region no device belongs to; here its
+        keys override those of the file's ``home-eu`` table.
+        """
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {}
+        # Hyphenated (file) names first, so the underscored (environment) ones land on top.
+        for name in sorted(value, key=lambda n: "_" in str(n)):
+            key = region_key(str(name))
+            table = value[name]
+            if isinstance(merged.get(key), dict) and isinstance(table, dict):
+                merged[key] = {**merged[key], **table}
+            else:
+                merged[key] = table
+        return merged
+
     @model_validator(mode="after")
     def _check_backoff(self) -> Self:
         if self.retry_backoff_base_s > self.retry_backoff_max_s:
@@ -206,7 +234,7 @@ class EscalationSettings(BaseModel):
             return None
         policy = None
         if region is not None:
-            policy = self.regions.get(region)
+            policy = self.regions.get(region_key(region))
         if policy is None:
-            policy = self.regions.get(gateway_region)
+            policy = self.regions.get(region_key(gateway_region))
         return policy if policy is not None and policy.enabled else None

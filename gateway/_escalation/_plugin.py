@@ -1,15 +1,17 @@
 """The escalation component as a gateway plug-in (``edgeward gateway run`` finds it).
 
-``plugin(settings)`` validates the ``[escalation]`` table (a bad key stops the start-up with
-a :class:`~gateway.errors.ConfigError` naming it) and returns a factory the
-:class:`~gateway._service.GatewayService` calls with its runtime. Entering the plug-in opens
-the outbox, starts delivery and installs the detection hook on the device servicer; leaving
-removes the hook, then stops delivery (what is pending stays in the outbox for the next start).
+``plugin(settings)`` validates the ``[escalation]`` table (a bad key, or no core to escalate
+to, stops the start-up with a :class:`~gateway.errors.ConfigError` naming it) and returns a
+factory the :class:`~gateway._service.GatewayService` calls with its runtime (the component
+contract of :mod:`gateway._service`). Entering the plug-in opens the outbox, starts delivery
+and installs the detection hook on the device servicer, which calls it for every fresh
+result, empty ones included; leaving removes the hook, then stops delivery (what is pending
+stays in the outbox for the next start).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import numpy.typing as npt
 
 import pki
 from gateway._inference import InferenceResult
+from gateway._settings import ConfigError
 
 from ._config import EscalationSettings
 from ._escalator import Escalator
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from gateway._config import GatewaySettings
+    from gateway._grpc import EscalationMarks
     from gateway._service import GatewayRuntime
 
 __all__ = ["EscalationPlugin", "plugin"]
@@ -58,8 +62,13 @@ class EscalationPlugin:
         frame_id: str,
         result: InferenceResult,
         frame: npt.NDArray[np.uint8] | None,
-    ) -> Mapping[int, str]:
-        """The servicer's detection hook: escalate, return detection index → escalation id."""
+    ) -> EscalationMarks:
+        """The servicer's detection hook: escalate what the region's policy picks.
+
+        Returns detection index → escalation id, and ``None`` → the id of a whole-frame
+        escalation (an empty frame, when the region escalates those); the servicer renders
+        that one as an extra detection, as :func:`mark_detection_result` does.
+        """
         outcome = await self.escalator.escalate(
             device_id=device_id,
             region=region,
@@ -67,7 +76,7 @@ class EscalationPlugin:
             detections=result.detections,
             frame=frame,
         )
-        return {p.index: p.escalation_id for p in outcome.pending if p.index is not None}
+        return {p.index: p.escalation_id for p in outcome.pending}
 
     async def __aenter__(self) -> EscalationPlugin:
         await self.escalator.__aenter__()
@@ -92,6 +101,18 @@ def plugin(
     section = settings.section("escalation", EscalationSettings)
     if section is None or not section.enabled:
         return None
+    if section.core_address is None and settings.core_address is None:
+        unpinned = sorted(
+            name for name, r in section.regions.items() if r.enabled and r.core_address is None
+        )
+        if unpinned:
+            # Caught at start rather than as a "no_core" refusal on every frame.
+            raise ConfigError(
+                "invalid configuration:\n  escalation.core_address: no core to escalate to "
+                f"for region(s) {', '.join(unpinned)}; set escalation.core_address, "
+                "core_address, or the region's core_address (environment override: "
+                "EDGEWARD_GATEWAY_ESCALATION__CORE_ADDRESS)"
+            )
 
     def factory(runtime: GatewayRuntime) -> AbstractAsyncContextManager[Any]:
         return EscalationPlugin(section, runtime)

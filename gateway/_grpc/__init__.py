@@ -12,16 +12,20 @@ from gateway._grpc._identity import IdentityJudge, PeerIdentity
 from gateway._grpc._limits import LiveCall, LiveCalls, RateLimiter
 from gateway._grpc._server import SERVICE_NAME, GatewayServer
 from gateway._grpc._servicer import (
+    WHOLE_FRAME_LABEL,
     DetectionHook,
     Detector,
     DeviceGatewayServicer,
+    EscalationMarks,
     TelemetryRecord,
     TelemetryStore,
     event_to_pb,
+    result_to_pb,
 )
 
 __all__ = [
     "SERVICE_NAME",
+    "WHOLE_FRAME_LABEL",
     "Authoriser",
     "CoreDeviceDirectory",
     "DetectionHook",
@@ -29,6 +33,7 @@ __all__ = [
     "DeviceDirectory",
     "DeviceGatewayServicer",
     "DeviceInfo",
+    "EscalationMarks",
     "GatewayServer",
     "IdentityJudge",
     "LiveCall",
@@ -40,4 +45,5 @@ __all__ = [
     "TelemetryRecord",
     "TelemetryStore",
     "event_to_pb",
+    "result_to_pb",
 ]

@@ -54,12 +54,15 @@ from gateway.errors import (
 from protos.edgeward.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 __all__ = [
+    "WHOLE_FRAME_LABEL",
     "DetectionHook",
     "Detector",
     "DeviceGatewayServicer",
+    "EscalationMarks",
     "TelemetryRecord",
     "TelemetryStore",
     "event_to_pb",
+    "result_to_pb",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -80,11 +83,23 @@ class Detector(Protocol):
     ) -> tuple[InferenceResult, Frame | None]: ...
 
 
-class DetectionHook(Protocol):
-    """Called with each fresh result (the escalation component plugs in here).
+#: What a detection hook escalated: detection index → escalation id, and ``None`` → the id
+#: of an escalation of the whole frame (rendered as one extra detection, see
+#: :func:`result_to_pb`).
+EscalationMarks = Mapping[int | None, str]
 
-    Returns detection index → escalation id for the detections it escalated; the servicer
-    marks them ``escalated`` in the answer. It must not block (queue work, return).
+#: Label of the extra detection standing for an escalated whole frame (the edge found
+#: nothing it could name); score 0, box the whole frame.
+WHOLE_FRAME_LABEL = "unknown"
+
+
+class DetectionHook(Protocol):
+    """Called with every fresh result, empty ones included (the escalation plug-in).
+
+    The hook's policy decides what escalates: detections, or (``None`` key) the whole frame,
+    e.g. when the edge found nothing. The servicer marks them ``escalated`` in the answer.
+    It must not block (store work, return). Not called for answers from the response cache
+    (the same picture was already judged) nor when no hook is installed.
     """
 
     async def __call__(
@@ -95,7 +110,7 @@ class DetectionHook(Protocol):
         frame_id: str,
         result: InferenceResult,
         frame: Frame | None,
-    ) -> Mapping[int, str]: ...
+    ) -> EscalationMarks: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +184,16 @@ def _telemetry_from_pb(
     )
 
 
-def _result_to_pb(
-    result: InferenceResult, *, frame_id: str, gateway_id: str, escalated: Mapping[int, str]
+def result_to_pb(
+    result: InferenceResult, *, frame_id: str, gateway_id: str, escalated: EscalationMarks
 ) -> common_pb2.DetectionResult:
-    return common_pb2.DetectionResult(
+    """The engine's result as the wire's ``DetectionResult``, escalations marked.
+
+    A whole-frame escalation (key ``None``) becomes one more detection, labelled
+    :data:`WHOLE_FRAME_LABEL` with score 0 and the whole frame as its box, so the device
+    sees that an answer is coming and under which id.
+    """
+    msg = common_pb2.DetectionResult(
         frame_id=frame_id,
         detections=[
             common_pb2.Detection(
@@ -192,6 +213,18 @@ def _result_to_pb(
         from_cache=result.from_cache,
         gateway_id=gateway_id,
     )
+    frame_escalation = escalated.get(None)
+    if frame_escalation is not None:
+        msg.detections.append(
+            common_pb2.Detection(
+                label=WHOLE_FRAME_LABEL,
+                score=0.0,
+                box=common_pb2.Box(x_min=0.0, y_min=0.0, x_max=1.0, y_max=1.0),
+                escalated=True,
+                escalation_id=frame_escalation,
+            )
+        )
+    return msg
 
 
 def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
@@ -338,17 +371,22 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         result, decoded = await call.guard(
             self._engine.detect_with_frame(frame.image, deadline=self._deadline(context))
         )
-        escalated: Mapping[int, str] = {}
+        escalated: EscalationMarks = {}
         hook = self.detection_hook
-        if hook is not None and not result.from_cache and result.detections:
-            escalated = await hook(
-                device_id=call.device_id,
-                region=region,
-                frame_id=frame.frame_id,
-                result=result,
-                frame=decoded,
-            )
-        return _result_to_pb(
+        # Empty results too: the region's policy may escalate frames the edge found nothing
+        # in. No hook (escalation not configured): no call, nothing added to the hot path.
+        if hook is not None and not result.from_cache:
+            try:
+                escalated = await hook(
+                    device_id=call.device_id,
+                    region=region,
+                    frame_id=frame.frame_id,
+                    result=result,
+                    frame=decoded,
+                )
+            except Exception:  # noqa: BLE001 - escalation is best effort: the edge answer stands
+                _log.exception("detection hook failed", frame_id=frame.frame_id)
+        return result_to_pb(
             result, frame_id=frame.frame_id, gateway_id=self._gateway_id, escalated=escalated
         )
 

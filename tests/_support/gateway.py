@@ -110,7 +110,7 @@ async def start_gateway(
     tmp_path: Path,
     gateway_id: str = "gw-test",
     overrides: dict[str, Any] | None = None,
-    plugins: Sequence[GatewayPlugin] = (),
+    plugins: Sequence[GatewayPlugin] | None = (),
     revocation_source: Any = None,
     clock: Any = None,
     use_registry: bool = True,
@@ -121,6 +121,8 @@ async def start_gateway(
     cache off, a fast registry poll, generous limits. ``use_registry=False`` replaces the
     registry with an in-memory directory (``register``) and, unless ``revocation_source`` is
     given, a :class:`ManualFeed` (revoke with ``await gw.service.revocation.apply(...)``).
+    ``plugins=None`` starts the plug-ins the settings configure (an ``[escalation]`` table in
+    ``overrides``), as ``edgeward gateway run`` does; the default starts none.
     """
     identity = issue("gateway", gateway_id)
     registry_dir = tmp_path / f"registry-{gateway_id}"

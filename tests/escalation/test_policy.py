@@ -96,7 +96,14 @@ def test_plugin_entry_point(tmp_path: Path) -> None:
     assert plugin(GatewaySettings(identity_dir=tmp_path)) is None
     off = GatewaySettings(identity_dir=tmp_path, escalation={"enabled": False})
     assert plugin(off) is None
-    on = GatewaySettings(identity_dir=tmp_path, escalation={"regions": {"home": {}}})
+    on = GatewaySettings(
+        identity_dir=tmp_path,
+        core_address="127.0.0.1:7443",
+        escalation={"regions": {"home": {}}},
+    )
     assert callable(plugin(on))
+    # No core anywhere: refused at start, not as a refusal on every frame.
+    with pytest.raises(ConfigError, match=r"escalation\.core_address: no core .* home"):
+        plugin(GatewaySettings(identity_dir=tmp_path, escalation={"regions": {"home": {}}}))
     with pytest.raises(ConfigError, match=r"escalation\.outbox: unknown key"):
         plugin(GatewaySettings(identity_dir=tmp_path, escalation={"outbox": "x"}))
