@@ -65,6 +65,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     import pki
     from edgeward._logging import configure_logging
     from gateway._config import load_gateway_settings
+    from gateway._inference._manifest import ModelIntegrityError
     from gateway._settings import ConfigError
 
     # gRPC reads this once when it starts: TLS 1.2 suites are ECDHE with AEAD only
@@ -90,7 +91,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
         asyncio.run(_serve(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    except (pki.PkiError, OSError) as exc:
+    except (pki.PkiError, OSError, ModelIntegrityError) as exc:
         raise click.ClickException(f"gateway failed to start: {exc}") from None
 
 

@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway._settings import ConfigError, ServiceSettings, load_settings
 
+# The models/ directory beside the packages (a checkout, or an image built from it). Computed
+# here rather than imported from the inference package so that reading a configuration does
+# not import onnxruntime.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
 __all__ = [
     "DEVICE_METHODS",
     "AuthorisationSettings",
@@ -61,8 +66,9 @@ class InferenceSettings(_Section):
     """The edge model and how it is served."""
 
     models_dir: Path = Field(
-        default=Path("models"),
-        description="Directory holding the ONNX models and manifest.json (sha256-verified).",
+        default=DEFAULT_MODELS_DIR,
+        description="Directory holding the ONNX models and manifest.json (sha256-verified); "
+        "default: the models/ directory beside the packages.",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",

@@ -42,7 +42,12 @@ import pki
 from gateway._core._status import Context, InvalidArgument, ResourceExhausted
 from gateway._inference._classifier import preprocess_efficientnet, top_k
 from gateway._inference._image import InvalidImage, decode_image
-from gateway._inference._manifest import Manifest, load_manifest, read_verified_model
+from gateway._inference._manifest import (
+    DEFAULT_MODELS_DIR,
+    Manifest,
+    load_manifest,
+    read_verified_model,
+)
 from gateway._inference._nanodet import postprocess_nanodet, preprocess_nanodet
 from protos.edgeward.v1 import common_pb2, core_pb2
 
@@ -166,7 +171,9 @@ class CoreEscalationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models_dir: Path = Field(
-        default=Path("models"), description="Directory with the ONNX models and manifest.json."
+        default=DEFAULT_MODELS_DIR,
+        description="Directory with the ONNX models and manifest.json; "
+        "default: the models/ directory beside the packages.",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="onnxruntime execution providers: auto, cpu or cuda."

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MODELS_DIR",
     "Manifest",
     "ModelEntry",
     "ModelInput",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+# The models ship beside the packages in a checkout or an image built from it (the Dockerfile
+# copies the repository); a service can point elsewhere with ``inference.models_dir``.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 class ModelIntegrityError(Exception):
