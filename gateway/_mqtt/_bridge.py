@@ -1,0 +1,758 @@
+"""The gateway's MQTT bridge: frames in, detections out, telemetry kept, events forwarded.
+
+:class:`MqttBridge` connects to the broker with the gateway's own mTLS identity (and, on a
+managed broker, the per-start bridge password) and:
+
+* consumes ``devices/+/frames`` through the MQTT 5 shared subscription
+  ``$share/<group>/devices/+/frames`` (``frame_workers`` clients share the load), runs each
+  frame through the same :class:`~gateway._inference.InferenceEngine` (and detection hook) as
+  gRPC, and publishes the ``DetectionResult`` to ``devices/<id>/detections`` with the frame's
+  correlation data: JSON (protobuf's JSON mapping) for a bare JPEG/PNG, protobuf for a
+  ``Frame`` protobuf (content type ``application/x-protobuf``);
+* consumes ``devices/+/telemetry`` in ``telemetry_workers`` processes (``_telemetry``), or in
+  the bridge itself when that is 0, and keeps the latest validated state per device;
+* publishes errors about rejected messages, and every event of the gateway's
+  :class:`~gateway._events.EventHub`, to ``devices/<id>/events``.
+
+**Where the device id comes from.** Identity is read from the TLS layer only; the bridge never
+sees the publisher's certificate, but the broker does: its ACL lets a certificate with CN
+``X`` write only ``devices/X/frames`` and ``devices/X/telemetry`` (``_broker``), so the topic's
+id *is* the certificate's CN. The bridge still re-validates the id against the id pattern (a
+certificate from the CA with an odd CN must not become a device here) and checks revocation
+for it (a message published before the kick may still be queued).
+
+**Delivery.** QoS 1 both ways; the bridge's sessions are persistent (``clean_start`` false,
+``session_expiry_s``) so what the broker accepted while the bridge was away, or across a
+broker restart (persistence on), is delivered when it reconnects (jittered, doubling backoff).
+Redelivery can repeat a frame: answers are remembered by (device, frame id) in a bounded LRU,
+so a repeated frame gets the same answer again without a second model run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+import aiomqtt
+import numpy as np
+import numpy.typing as npt
+import structlog
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import DecodeError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+import pki
+from gateway._events import Command, DeviceEvent, ErrorEvent, EscalationAnswer, EventHub
+from gateway._inference import (
+    DeadlineExceeded,
+    InferenceError,
+    InferenceResult,
+    InvalidImage,
+    Overloaded,
+    ShuttingDown,
+)
+from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._tasks import TaskSet
+from gateway._mqtt._telemetry import (
+    PROTOBUF_CONTENT_TYPE,
+    IngestBatch,
+    InvalidTelemetry,
+    TelemetryReading,
+    WorkerOptions,
+    device_from_topic,
+    parse_telemetry,
+    run_worker,
+    spawn_context,
+)
+from protos.edgeward.v1 import common_pb2
+
+__all__ = [
+    "BridgeConnection",
+    "BridgeStats",
+    "Detector",
+    "FrameHook",
+    "MqttBridge",
+    "event_to_pb",
+    "result_to_pb",
+]
+
+_log = structlog.get_logger(__name__)
+
+JSON_CONTENT_TYPE = "application/json"
+#: Longest frame id (correlation data or ``Frame.frame_id``) accepted.
+MAX_FRAME_ID = 128
+
+FrameArray = npt.NDArray[np.uint8]
+
+
+class Detector(Protocol):
+    """What the bridge needs of the inference engine."""
+
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None
+    ) -> tuple[InferenceResult, FrameArray | None]: ...
+
+
+class FrameHook(Protocol):
+    """Called with each fresh result (escalation); returns detection index → escalation id."""
+
+    async def __call__(
+        self,
+        *,
+        device_id: str,
+        region: str | None,
+        frame_id: str,
+        result: InferenceResult,
+        frame: FrameArray | None,
+    ) -> Mapping[int, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConnection:
+    """How the bridge reaches the broker: address, the gateway's identity, optional login."""
+
+    host: str
+    port: int
+    identity: pki.IdentityFiles
+    username: str | None = None
+    password: str | None = None
+    check_hostname: bool = True
+
+    def __repr__(self) -> str:  # never show the password
+        return f"BridgeConnection({self.host}:{self.port}, username={self.username!r})"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return pki.client_ssl_context(self.identity, check_hostname=self.check_hostname)
+
+
+@dataclass(slots=True)
+class BridgeStats:
+    """Counters for metrics and tests."""
+
+    frames_received: int = 0
+    frames_inferred: int = 0
+    frames_duplicate: int = 0
+    frames_rejected: int = 0
+    telemetry_received: int = 0
+    telemetry_rejected: int = 0
+    events_published: int = 0
+    reconnects: int = 0
+    rejected_topics: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def result_to_pb(
+    result: InferenceResult, *, frame_id: str, gateway_id: str, escalated: Mapping[int, str]
+) -> common_pb2.DetectionResult:
+    """The engine's result as the wire's ``DetectionResult``."""
+    return common_pb2.DetectionResult(
+        frame_id=frame_id,
+        detections=[
+            common_pb2.Detection(
+                label=d.label,
+                score=d.score,
+                box=common_pb2.Box(
+                    x_min=d.box.x_min, y_min=d.box.y_min, x_max=d.box.x_max, y_max=d.box.y_max
+                ),
+                escalated=i in escalated,
+                escalation_id=escalated.get(i, ""),
+            )
+            for i, d in enumerate(result.detections)
+        ],
+        model_name=result.model_name,
+        model_version=result.model_version,
+        inference_ms=result.inference_ms,
+        from_cache=result.from_cache,
+        gateway_id=gateway_id,
+    )
+
+
+def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
+    """A hub event as the wire's ``DeviceEvent``."""
+    at = timestamp_pb2.Timestamp()
+    at.FromDatetime(event.at)
+    msg = common_pb2.DeviceEvent(event_id=event.event_id, at=at)
+    p = event.payload
+    if isinstance(p, EscalationAnswer):
+        msg.escalation.CopyFrom(
+            common_pb2.EscalationAnswer(
+                escalation_id=p.escalation_id,
+                frame_id=p.frame_id,
+                label=p.label,
+                score=p.score,
+                model_name=p.model_name,
+                still_unknown=p.still_unknown,
+                edge_label=p.edge_label,
+                edge_score=p.edge_score,
+            )
+        )
+    elif isinstance(p, Command):
+        msg.command.CopyFrom(common_pb2.Command(name=p.name, arguments=dict(p.arguments)))
+    elif isinstance(p, ErrorEvent):
+        msg.error.CopyFrom(
+            common_pb2.ErrorEvent(code=p.code, message=p.message, frame_id=p.frame_id)
+        )
+    return msg
+
+
+def _encode(msg: Any, protobuf: bool) -> tuple[bytes, str]:
+    if protobuf:
+        return msg.SerializeToString(), PROTOBUF_CONTENT_TYPE
+    text = json_format.MessageToJson(msg, indent=None, always_print_fields_with_no_presence=True)
+    return text.encode(), JSON_CONTENT_TYPE
+
+
+@dataclass(slots=True)
+class _Answer:
+    payload: bytes
+    content_type: str
+    correlation: bytes | None
+
+
+class _Rejected(Exception):
+    def __init__(self, code: str, message: str, frame_id: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class MqttBridge:
+    """Frames → inference → detections, telemetry → latest state, events → devices.
+
+    An async context manager; its clients and workers run in one task group. ``is_revoked``
+    (device id → bool) drops messages of revoked devices still queued at the broker;
+    ``events`` is the gateway's hub (errors go through it, so gRPC ``Subscribe`` sees them too,
+    and everything it carries is forwarded); ``telemetry_sink`` receives each latest reading
+    (the gateway's shared telemetry store); ``hook`` and ``region_of`` plug escalation in.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        connection: BridgeConnection,
+        engine: Detector,
+        gateway_id: str,
+        is_revoked: Callable[[str], bool] | None = None,
+        events: EventHub | None = None,
+        telemetry_sink: Callable[[TelemetryReading], None] | None = None,
+        hook: FrameHook | None = None,
+        region_of: Callable[[str], str | None] | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.settings = settings
+        self._conn = connection
+        self._engine = engine
+        self._gateway_id = gateway_id
+        self._is_revoked = is_revoked or (lambda _d: False)
+        self._hub = events
+        self._telemetry_sink = telemetry_sink
+        self._hook = hook
+        self._region_of = region_of or (lambda _d: None)
+        self._clock = clock
+        self.stats = BridgeStats()
+        self._latest: OrderedDict[str, TelemetryReading] = OrderedDict()
+        self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
+            OrderedDict()
+        )
+        self._protobuf_devices: OrderedDict[str, bool] = OrderedDict()
+        self._clients: dict[int, aiomqtt.Client] = {}
+        self._any_connected = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_in_flight * settings.frame_workers)
+        self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
+        self._tasks = TaskSet("mqtt-bridge")
+        self._frames = TaskSet("mqtt-frames")
+        self._workers: list[tuple[Any, Any]] = []
+        self._subscribed = 0
+        self._ready = asyncio.Event()
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._reap_stale_sessions()
+        for i in range(self.settings.frame_workers):
+            self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
+        self._tasks.spawn(self._forward_events(), name="mqtt-events")
+        if self.settings.telemetry_workers:
+            self._start_workers()
+        if self._hub is not None:
+            self._hub.add_listener(self._on_hub_event)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        if self._hub is not None:
+            self._hub.remove_listener(self._on_hub_event) if hasattr(
+                self._hub, "remove_listener"
+            ) else None
+        await self._tasks.close()
+        await self._frames.close()
+        for conn, proc in self._workers:
+            with contextlib.suppress(OSError, ValueError):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            with contextlib.suppress(OSError, ValueError, BrokenPipeError):
+                conn.send("stop")
+            await asyncio.to_thread(proc.join, 5.0)
+            if proc.is_alive():
+                proc.terminate()
+            conn.close()
+
+    async def _reap_stale_sessions(self) -> None:
+        """End persistent sessions of consumers this configuration no longer runs.
+
+        A shared subscription keeps handing an offline member its share of the messages
+        until its session expires; after ``frame_workers`` or ``telemetry_workers`` is lowered
+        those shares would wait ``session_expiry_s``. Connecting with a clean start and no
+        session expiry under each unused consumer id ends its session at once.
+        """
+        gw = self._gateway_id
+        stale = [f"edgeward-{gw}-frames-{i}" for i in range(self.settings.frame_workers, 16)]
+        stale += [
+            f"edgeward-{gw}-telemetry-{i}" for i in range(self.settings.telemetry_workers, 32)
+        ]
+
+        async def end(client_id: str) -> None:
+            client = self._new_client(client_id, persistent=False)
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with client:
+                    pass
+
+        async with asyncio.TaskGroup() as tg:
+            for client_id in stale:
+                tg.create_task(end(client_id))
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Return once every frame consumer has subscribed (and telemetry workers connected)."""
+        async with asyncio.timeout(timeout_s):
+            await self._ready.wait()
+
+    def _check_ready(self) -> None:
+        workers_ok = all(getattr(p, "_edgeward_connected", False) for _c, p in self._workers)
+        if self._subscribed >= self.settings.frame_workers and workers_ok:
+            self._ready.set()
+
+    # -- telemetry state -------------------------------------------------------------------
+
+    def latest_telemetry(self, device_id: str) -> TelemetryReading | None:
+        """The latest valid telemetry of ``device_id`` (``None`` if none yet)."""
+        return self._latest.get(device_id)
+
+    def telemetry_snapshot(self) -> dict[str, TelemetryReading]:
+        """Latest telemetry of every device heard from (bounded; for the CLI and metrics)."""
+        return dict(self._latest)
+
+    def _store_reading(self, reading: TelemetryReading) -> None:
+        self._latest[reading.device_id] = reading
+        self._latest.move_to_end(reading.device_id)
+        while len(self._latest) > 100_000:
+            self._latest.popitem(last=False)
+        self._prefer(reading.device_id, reading.protobuf)
+        if self._telemetry_sink is not None:
+            self._telemetry_sink(reading)
+
+    def _prefer(self, device_id: str, protobuf: bool) -> None:
+        self._protobuf_devices[device_id] = protobuf
+        self._protobuf_devices.move_to_end(device_id)
+        while len(self._protobuf_devices) > 100_000:
+            self._protobuf_devices.popitem(last=False)
+
+    # -- MQTT clients ----------------------------------------------------------------------
+
+    def _new_client(self, client_id: str, *, persistent: bool = True) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
+        return aiomqtt.Client(
+            self._conn.host,
+            self._conn.port,
+            username=self._conn.username,
+            password=self._conn.password,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=not persistent,
+            properties=props,
+            tls_context=self._conn.ssl_context(),
+            keepalive=self.settings.keepalive_s,
+            timeout=self.settings.connect_timeout_s,
+        )
+
+    async def _consume(self, index: int) -> None:
+        # One client object for the consumer's life: aiomqtt keeps its queue of received,
+        # not yet handled messages across reconnects.
+        client = self._new_client(f"edgeward-{self._gateway_id}-frames-{index}")
+        group = self.settings.shared_group
+        topics = [f"$share/{group}/devices/+/frames"]
+        telemetry = f"$share/{group}/devices/+/telemetry"
+        if not self.settings.telemetry_workers:
+            topics.append(telemetry)
+        delay = self.settings.reconnect_min_s
+        first = True
+        while True:
+            try:
+                async with client:
+                    await client.subscribe(
+                        [(t, SubscribeOptions(qos=self.settings.qos)) for t in topics]
+                    )
+                    if self.settings.telemetry_workers:
+                        # The persistent session may hold it from an earlier configuration.
+                        await client.unsubscribe(telemetry)
+                    self._clients[index] = client
+                    self._any_connected.set()
+                    if first:
+                        self._subscribed += 1
+                        self._check_ready()
+                        first = False
+                    _log.info("mqtt bridge connected", consumer=index)
+                    delay = self.settings.reconnect_min_s
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                _log.warning("mqtt bridge disconnected", consumer=index, error=str(exc))
+            finally:
+                self._clients.pop(index, None)
+                if not self._clients:
+                    self._any_connected.clear()
+            self.stats.reconnects += 1
+            # Full jitter: many gateways (or consumers) must not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        if topic.endswith("/telemetry"):
+            self._handle_telemetry(message)
+            return
+        # Frames run concurrently (the engine batches them), at most max_in_flight per
+        # consumer in the engine. The slot is taken in the task, not here: this loop must keep
+        # reading so that it sees a lost connection (answers wait for the reconnect).
+        self._frames.spawn(self._frame_task(message), name="mqtt-frame")
+
+    async def _frame_task(self, message: aiomqtt.Message) -> None:
+        await self._slots.acquire()
+        try:
+            await self._handle_frame(message)
+        except Exception:  # noqa: BLE001 - one bad frame must not stop the bridge
+            _log.exception("mqtt frame handling failed", topic=message.topic.value)
+        finally:
+            self._slots.release()
+
+    async def _publish(
+        self, topic: str, payload: bytes, *, content_type: str, correlation: bytes | None
+    ) -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ContentType = content_type
+        if correlation:
+            props.CorrelationData = correlation
+        deadline = time.monotonic() + self.settings.frame_deadline_s + 30.0
+        while True:
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    await self._any_connected.wait()
+                    clients = list(self._clients.values())
+                    if clients:
+                        # A PUBACK takes milliseconds; one that does not come means the
+                        # connection died under us: publish again once reconnected (the
+                        # device may see the answer twice, with the same correlation data).
+                        await clients[0].publish(
+                            topic, payload, qos=self.settings.qos, properties=props, timeout=2.0
+                        )
+                        return
+            except aiomqtt.MqttError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def _reject_topic(self, topic: str) -> None:
+        self.stats.rejected_topics += 1
+        # Not an audit event of a device: the CN is not a device id (or the ACL is wrong).
+        _log.warning("mqtt message on a topic without a valid device id", audit=True)
+
+    async def _handle_frame(self, message: aiomqtt.Message) -> None:
+        device_id = device_from_topic(message.topic.value, "frames")
+        if device_id is None:
+            self._reject_topic(message.topic.value)
+            return
+        self.stats.frames_received += 1
+        log = _log.bind(device_id=device_id, transport="mqtt")
+        if self._is_revoked(device_id):
+            self.stats.frames_rejected += 1
+            log.warning("frame from a revoked device dropped", audit=True)
+            return
+        props = message.properties
+        content_type = getattr(props, "ContentType", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        correlation = bytes(correlation) if correlation else None
+        protobuf = content_type == PROTOBUF_CONTENT_TYPE
+        self._prefer(device_id, protobuf)
+        payload = message.payload
+        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+        frame_id = ""
+        try:
+            if correlation is not None:
+                if len(correlation) > MAX_FRAME_ID:
+                    raise _Rejected("INVALID_ARGUMENT", "correlation data (frame id) too long")  # noqa: TRY301
+                frame_id = correlation.decode("utf-8", errors="replace")
+            if protobuf:
+                frame = common_pb2.Frame()
+                try:
+                    frame.ParseFromString(data)
+                except (DecodeError, ValueError):
+                    raise _Rejected("INVALID_ARGUMENT", "not a valid Frame protobuf") from None
+                if len(frame.frame_id) > MAX_FRAME_ID:
+                    raise _Rejected("INVALID_ARGUMENT", "frame_id too long")  # noqa: TRY301
+                frame_id = frame.frame_id or frame_id
+                image = frame.image
+                if correlation is None and frame_id:
+                    correlation = frame_id.encode()
+            else:
+                image = data
+            answer = await self._answer(
+                device_id=device_id,
+                frame_id=frame_id,
+                correlation=correlation,
+                image=image,
+                protobuf=protobuf,
+                log=log,
+            )
+        except _Rejected as rej:
+            self.stats.frames_rejected += 1
+            self.stats.by_reason[rej.code] = self.stats.by_reason.get(rej.code, 0) + 1
+            log.info("frame rejected", code=rej.code, reason=rej.message)
+            self._error(device_id, rej.code, rej.message, rej.frame_id or frame_id)
+            return
+        if answer is None:
+            return
+        await self._publish(
+            f"devices/{device_id}/detections",
+            answer.payload,
+            content_type=answer.content_type,
+            correlation=answer.correlation,
+        )
+
+    async def _answer(
+        self,
+        *,
+        device_id: str,
+        frame_id: str,
+        correlation: bytes | None,
+        image: bytes,
+        protobuf: bool,
+        log: Any,
+    ) -> _Answer | None:
+        key = (device_id, frame_id.encode()) if frame_id else None
+        if key is not None:
+            known = self._answers.get(key)
+            if known is not None:
+                # A redelivery (broker restart, device retry): same answer, no second run.
+                self.stats.frames_duplicate += 1
+                self._answers.move_to_end(key)
+                return await asyncio.shield(known)
+        fut: asyncio.Future[_Answer | None] = asyncio.get_running_loop().create_future()
+        if key is not None:
+            self._answers[key] = fut
+            while len(self._answers) > self.settings.dedupe_size:
+                self._answers.popitem(last=False)
+        try:
+            answer = await self._infer(
+                device_id=device_id,
+                frame_id=frame_id,
+                correlation=correlation,
+                image=image,
+                protobuf=protobuf,
+                log=log,
+            )
+        except BaseException:
+            # A failed frame may be sent again and deserves a real try then; a duplicate
+            # waiting on this one gets no answer (the error event went out once).
+            if key is not None and self._answers.get(key) is fut:
+                del self._answers[key]
+            if not fut.done():
+                fut.set_result(None)
+            raise
+        fut.set_result(answer)
+        return answer
+
+    async def _infer(
+        self,
+        *,
+        device_id: str,
+        frame_id: str,
+        correlation: bytes | None,
+        image: bytes,
+        protobuf: bool,
+        log: Any,
+    ) -> _Answer:
+        started = time.monotonic()
+        try:
+            result, frame = await self._engine.detect_with_frame(
+                image, deadline=started + self.settings.frame_deadline_s
+            )
+        except InvalidImage as exc:
+            raise _Rejected("INVALID_ARGUMENT", f"invalid image: {exc.reason}", frame_id) from None
+        except Overloaded:
+            raise _Rejected(
+                "RESOURCE_EXHAUSTED", "gateway overloaded; retry later", frame_id
+            ) from None
+        except DeadlineExceeded:
+            raise _Rejected("DEADLINE_EXCEEDED", "deadline exceeded", frame_id) from None
+        except ShuttingDown:
+            raise _Rejected("UNAVAILABLE", "gateway is shutting down", frame_id) from None
+        except InferenceError:
+            raise _Rejected("UNAVAILABLE", "inference unavailable", frame_id) from None
+        self.stats.frames_inferred += 1
+        escalated: Mapping[int, str] = {}
+        if self._hook is not None and not result.from_cache:
+            try:
+                escalated = await self._hook(
+                    device_id=device_id,
+                    region=self._region_of(device_id),
+                    frame_id=frame_id,
+                    result=result,
+                    frame=frame,
+                )
+            except Exception:
+                log.exception("detection hook failed")
+        msg = result_to_pb(
+            result, frame_id=frame_id, gateway_id=self._gateway_id, escalated=escalated
+        )
+        payload, content_type = _encode(msg, protobuf)
+        log.info(
+            "mqtt frame",
+            frame_id=frame_id,
+            detections=len(result.detections),
+            from_cache=result.from_cache,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return _Answer(payload, content_type, correlation)
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def _handle_telemetry(self, message: aiomqtt.Message) -> None:
+        device_id = device_from_topic(message.topic.value, "telemetry")
+        if device_id is None:
+            self._reject_topic(message.topic.value)
+            return
+        self.stats.telemetry_received += 1
+        if self._is_revoked(device_id):
+            return
+        props = message.properties
+        content_type = getattr(props, "ContentType", None) if props is not None else None
+        payload = message.payload
+        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+        try:
+            reading = parse_telemetry(
+                device_id,
+                data,
+                content_type=content_type,
+                max_readings=self.settings.telemetry_max_keys,
+                now=self._clock(),
+            )
+        except InvalidTelemetry as exc:
+            self.stats.telemetry_rejected += 1
+            self._prefer(device_id, content_type == PROTOBUF_CONTENT_TYPE)
+            self._error(device_id, "INVALID_ARGUMENT", str(exc), "")
+            return
+        self._store_reading(reading)
+
+    def _start_workers(self) -> None:
+        ctx = spawn_context()
+        loop = asyncio.get_running_loop()
+        for i in range(self.settings.telemetry_workers):
+            opts = WorkerOptions(
+                worker=i,
+                host=self._conn.host,
+                port=self._conn.port,
+                identity_dir=str(self._conn.identity.directory),
+                username=self._conn.username,
+                password=self._conn.password,
+                client_id=f"edgeward-{self._gateway_id}-telemetry-{i}",
+                topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
+                qos=self.settings.qos,
+                max_readings=self.settings.telemetry_max_keys,
+                session_expiry_s=self.settings.session_expiry_s,
+                keepalive_s=self.settings.keepalive_s,
+                reconnect_min_s=self.settings.reconnect_min_s,
+                reconnect_max_s=self.settings.reconnect_max_s,
+                check_hostname=self._conn.check_hostname,
+            )
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=run_worker, args=(opts, child), name=f"edgeward-telemetry-{i}", daemon=True
+            )
+            proc.start()
+            child.close()
+            self._workers.append((parent, proc))
+            loop.add_reader(parent.fileno(), self._on_worker_data, parent, proc)
+
+    def _on_worker_data(self, conn: Any, proc: Any) -> None:
+        try:
+            while conn.poll():
+                batch: IngestBatch = conn.recv()
+                self._apply_batch(batch, proc)
+        except (EOFError, OSError):
+            with contextlib.suppress(OSError, ValueError):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            if not self._closing:
+                _log.error("telemetry worker ended", pid=proc.pid, status=proc.exitcode)
+
+    def _apply_batch(self, batch: IngestBatch, proc: Any) -> None:
+        if batch.connected and not getattr(proc, "_edgeward_connected", False):
+            proc._edgeward_connected = True
+            self._check_ready()
+        self.stats.telemetry_received += batch.received
+        for reading in batch.latest:
+            if not self._is_revoked(reading.device_id):
+                self._store_reading(reading)
+        for device_id, message, protobuf in batch.errors:
+            self.stats.telemetry_rejected += 1
+            self._prefer(device_id, protobuf)
+            self._error(device_id, "INVALID_ARGUMENT", message, "")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _error(self, device_id: str, code: str, message: str, frame_id: str) -> None:
+        error = ErrorEvent(code=code, message=message, frame_id=frame_id)
+        if self._hub is not None:
+            self._hub.publish(device_id, error)  # comes back through _on_hub_event
+            return
+        self._counter = getattr(self, "_counter", 0) + 1
+        event = DeviceEvent(event_id=f"mqtt-{self._counter}", at=self._clock(), payload=error)
+        self._on_hub_event(device_id, event)
+
+    def _on_hub_event(self, device_id: str, event: DeviceEvent) -> None:
+        try:
+            self._outbox.put_nowait((device_id, event))
+        except asyncio.QueueFull:
+            _log.warning("mqtt event outbox full; event not forwarded", device_id=device_id)
+
+    async def _forward_events(self) -> None:
+        while True:
+            device_id, event = await self._outbox.get()
+            if pki.ID_PATTERN.fullmatch(device_id) is None:
+                continue
+            payload, content_type = _encode(
+                event_to_pb(event), self._protobuf_devices.get(device_id, False)
+            )
+            try:
+                await self._publish(
+                    f"devices/{device_id}/events",
+                    payload,
+                    content_type=content_type,
+                    correlation=None,
+                )
+                self.stats.events_published += 1
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                _log.warning("mqtt event not delivered", device_id=device_id, error=str(exc))

@@ -1,0 +1,141 @@
+"""The MQTT side as a gateway plug-in (``[mqtt]`` table → ``gateway._mqtt.plugin``).
+
+``plugin(settings)`` validates the table and returns a factory that ``GatewayService`` calls
+with its runtime. Entering it starts, in order: the managed broker (when ``managed``), its
+control client and the revocation enforcer (registered as a revocation listener), then the
+bridge on the gateway's engine, event hub, revocation state, telemetry store and detection
+hook. Leaving stops them in reverse order and removes the listener.
+
+The CRL comes from the core (``Enrollment.GetCrl`` over the gateway's mTLS identity) when the
+gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a standalone gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import pki
+from gateway._config import GatewaySettings
+from gateway._mqtt._bridge import BridgeConnection, MqttBridge
+from gateway._mqtt._broker import (
+    BrokerControl,
+    CrlSource,
+    MosquittoBroker,
+    RevocationEnforcer,
+    core_crl_source,
+    registry_crl_source,
+)
+from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._telemetry import TelemetryReading
+
+__all__ = ["plugin"]
+
+
+def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSource:
+    if settings.core_address is not None:
+        address = settings.core_address
+
+        def channel() -> grpc.aio.Channel:
+            creds = pki.grpc_channel_credentials(
+                ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
+            )
+            return grpc.aio.secure_channel(address, creds)
+
+        return core_crl_source(channel, timeout_s=settings.core_timeout_s)
+    assert settings.pki_dir is not None  # noqa: S101 - load_gateway_settings requires one
+    return registry_crl_source(Path(settings.pki_dir))
+
+
+def plugin(
+    settings: GatewaySettings,
+) -> Callable[[Any], contextlib.AbstractAsyncContextManager[Any]] | None:
+    """The MQTT plug-in for ``settings``, or ``None`` when ``[mqtt]`` is absent or disabled."""
+    mqtt = settings.section("mqtt", MqttSettings)
+    if mqtt is None or not mqtt.enabled:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def run(runtime: Any) -> AsyncIterator[MqttBridge]:
+        identity: pki.IdentityFiles = runtime.identity
+        async with contextlib.AsyncExitStack() as stack:
+            if mqtt.managed:
+                broker = await stack.enter_async_context(
+                    MosquittoBroker(
+                        mqtt, identity=identity, crl_source=_crl_source(settings, identity)
+                    )
+                )
+                creds = broker.credentials
+                control = await stack.enter_async_context(
+                    BrokerControl(
+                        host=mqtt.bridge_host,
+                        port=broker.bridge_port,
+                        tls_context=pki.client_ssl_context(identity),
+                        username=creds.control_username,
+                        password=creds.control_password,
+                        timeout_s=mqtt.connect_timeout_s,
+                    )
+                )
+                enforcer = await stack.enter_async_context(RevocationEnforcer(broker, control))
+                runtime.revocation.add_listener(enforcer.on_revocation)
+                stack.callback(runtime.revocation.remove_listener, enforcer.on_revocation)
+                connection = BridgeConnection(
+                    host=mqtt.bridge_host,
+                    port=broker.bridge_port,
+                    identity=identity,
+                    username=creds.bridge_username,
+                    password=creds.bridge_password,
+                )
+            else:
+                assert mqtt.broker_address is not None  # noqa: S101 - validated
+                host, _, port = mqtt.broker_address.rpartition(":")
+                password = mqtt.password_file.read_text().strip() if mqtt.password_file else None
+                connection = BridgeConnection(
+                    host=host,
+                    port=int(port),
+                    identity=identity,
+                    username=mqtt.username,
+                    password=password,
+                )
+            servicer = runtime.servicer
+
+            async def hook(**kwargs: Any) -> Mapping[int, str]:
+                # Read per frame: the escalation plug-in installs it after this one starts.
+                current = servicer.detection_hook
+                return {} if current is None else await current(**kwargs)
+
+            def store(reading: TelemetryReading) -> None:
+                from gateway._grpc._servicer import TelemetryRecord
+
+                servicer.telemetry.put(
+                    TelemetryRecord(
+                        device_id=reading.device_id,
+                        received_at=reading.received_at,
+                        reported_at=reading.reported_at,
+                        battery_percent=reading.battery_percent,
+                        temperature_c=reading.temperature_c,
+                        firmware_version=reading.firmware_version,
+                        readings=reading.readings,
+                    )
+                )
+
+            bridge = await stack.enter_async_context(
+                MqttBridge(
+                    mqtt,
+                    connection=connection,
+                    engine=runtime.engine,
+                    gateway_id=runtime.gateway_id,
+                    is_revoked=lambda device_id: runtime.revocation.is_revoked(device_id, ""),
+                    events=runtime.events,
+                    telemetry_sink=store,
+                    hook=hook,
+                )
+            )
+            await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
+            yield bridge
+
+    return run

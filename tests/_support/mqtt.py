@@ -1,0 +1,252 @@
+"""Helpers for tests (and benchmarks) that need a real, managed Mosquitto.
+
+:class:`BrokerHarness` starts :class:`gateway._mqtt.MosquittoBroker` on free ports with a
+gateway identity from the test PKI and a CRL the test controls (``revoke(identity)`` adds the
+certificate's serial), plus the control client and the revocation enforcer.
+:func:`device_client` gives an aiomqtt client presenting a device identity;
+:func:`cli_tls_args` the ``mosquitto_pub``/``mosquitto_sub`` options for the same.
+:func:`mint_odd_certificate` signs a certificate with any CN (``#``, ``+``, ``a/b``) with the
+issuing CA's key directly: our CA refuses such ids, and the broker must refuse them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+import pki
+from gateway._inference import Box, Detection, InferenceResult, InvalidImage
+from gateway._mqtt import (
+    BridgeConnection,
+    BrokerControl,
+    MosquittoBroker,
+    MqttSettings,
+    RevocationEnforcer,
+)
+
+__all__ = [
+    "BrokerHarness",
+    "FakeEngine",
+    "cli_tls_args",
+    "collect",
+    "device_client",
+    "frame_props",
+    "mint_odd_certificate",
+]
+
+
+def mint_odd_certificate(
+    pki_dir: Path, out_dir: Path, *, common_name: str, lifetime: dt.timedelta | None = None
+) -> pki.IdentityFiles:
+    """A client certificate with an arbitrary CN, signed by the issuing CA (for negative tests)."""
+    layout = pki.PkiLayout(pki_dir)
+    ca_key = pki.load_private_key(layout.issuing_key)
+    ca_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + (lifetime or dt.timedelta(days=1)))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pki.write_identity(
+        out_dir,
+        certificate=cert,
+        chain_pem=cert.public_bytes(serialization.Encoding.PEM)
+        + ca_cert.public_bytes(serialization.Encoding.PEM),
+        ca_bundle_pem=layout.ca_bundle.read_bytes(),
+        metadata={"note": "odd certificate for negative tests"},
+        key_pem=key_pem,
+    )
+
+
+@dataclass
+class BrokerHarness:
+    """A managed broker, its control client and revocation enforcer, on free ports."""
+
+    pki_dir: Path
+    gateway: pki.IdentityFiles
+    data_dir: Path
+    settings_overrides: dict[str, Any] = field(default_factory=dict)
+    revoked: list[tuple[int, dt.datetime]] = field(default_factory=list)
+
+    broker: MosquittoBroker = field(init=False)
+    control: BrokerControl = field(init=False)
+    enforcer: RevocationEnforcer = field(init=False)
+    settings: MqttSettings = field(init=False)
+
+    async def crl(self) -> bytes:
+        ca = pki.CertificateAuthority.load(self.pki_dir)
+        now = dt.datetime.now(dt.UTC)
+        built = await asyncio.to_thread(ca.build_crl, list(self.revoked), now=now)
+        return built.public_bytes(serialization.Encoding.PEM)
+
+    def revoke_serial(self, identity: pki.IdentityFiles) -> None:
+        """Add the identity's certificate to the CRL (what the core's registry would do)."""
+        self.revoked.append((identity.certificate().serial_number, dt.datetime.now(dt.UTC)))
+
+    @contextlib.asynccontextmanager
+    async def run(self) -> AsyncIterator[BrokerHarness]:
+        self.settings = MqttSettings(
+            data_dir=self.data_dir,
+            port=0,
+            bridge_port=0,
+            **{"telemetry_workers": 0, **self.settings_overrides},
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            self.broker = await stack.enter_async_context(
+                MosquittoBroker(self.settings, identity=self.gateway, crl_source=self.crl)
+            )
+            creds = self.broker.credentials
+            self.control = await stack.enter_async_context(
+                BrokerControl(
+                    host=self.settings.bridge_host,
+                    port=self.broker.bridge_port,
+                    tls_context=pki.client_ssl_context(self.gateway),
+                    username=creds.control_username,
+                    password=creds.control_password,
+                )
+            )
+            await self.control.wait_connected()
+            self.enforcer = await stack.enter_async_context(
+                RevocationEnforcer(self.broker, self.control)
+            )
+            yield self
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    def bridge_connection(self) -> BridgeConnection:
+        creds = self.broker.credentials
+        return BridgeConnection(
+            host=self.settings.bridge_host,
+            port=self.broker.bridge_port,
+            identity=self.gateway,
+            username=creds.bridge_username,
+            password=creds.bridge_password,
+        )
+
+
+def device_client(
+    identity: pki.IdentityFiles | None,
+    port: int,
+    *,
+    ca_bundle: Path | None = None,
+    identifier: str | None = None,
+    clean_start: bool = True,
+    timeout: float = 5.0,
+) -> aiomqtt.Client:
+    """An MQTT 5 client presenting ``identity`` (``None``: no certificate at all)."""
+    if identity is not None:
+        ctx = pki.client_ssl_context(identity)
+    else:
+        import ssl
+
+        assert ca_bundle is not None
+        ctx = ssl.create_default_context(cafile=str(ca_bundle))
+    return aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=ctx,
+        clean_start=clean_start,
+        timeout=timeout,
+    )
+
+
+def frame_props(frame_id: str, *, protobuf: bool = False) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.CorrelationData = frame_id.encode()
+    if protobuf:
+        props.ContentType = "application/x-protobuf"
+    return props
+
+
+def cli_tls_args(identity: pki.IdentityFiles, port: int) -> list[str]:
+    """``mosquitto_pub``/``mosquitto_sub`` options for ``identity`` on ``port`` (MQTT 5)."""
+    return [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--cafile",
+        str(identity.ca_bundle),
+        "--cert",
+        str(identity.chain),
+        "--key",
+        str(identity.key),
+        "-V",
+        "mqttv5",
+    ]
+
+
+class FakeEngine:
+    """A stand-in for the inference engine at our own seam: 'cat' for any JPEG/PNG.
+
+    Counts calls per image so tests can assert a frame was not run twice; ``delay_s`` makes a
+    frame take a while (to have frames in flight when the broker is killed).
+    """
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.calls = 0
+        self.delay_s = delay_s
+
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None
+    ) -> tuple[InferenceResult, None]:
+        if not image.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
+            raise InvalidImage("not a JPEG or PNG image")
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        started = time.monotonic()
+        result = InferenceResult(
+            detections=(Detection("Cat", 0, 0.9, Box(0.1, 0.1, 0.9, 0.9)),),
+            model_name="fake",
+            model_version="1",
+            inference_ms=(time.monotonic() - started) * 1000,
+            from_cache=False,
+            width=10,
+            height=10,
+        )
+        return result, None
+
+
+async def collect(client: aiomqtt.Client, *, count: int, timeout_s: float) -> list[aiomqtt.Message]:
+    """Up to ``count`` messages within ``timeout_s`` (fewer if the time runs out)."""
+    got: list[aiomqtt.Message] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            async for message in client.messages:
+                got.append(message)
+                if len(got) >= count:
+                    break
+    return got

@@ -1,0 +1,144 @@
+"""End to end with the real engine and model, the standard clients, and a broker restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from gateway._inference import InferenceEngine
+from gateway._mqtt import MqttBridge
+from tests._support.mqtt import BrokerHarness, FakeEngine, cli_tls_args, device_client, frame_props
+from tests.conftest import IssueFn, require_tool
+
+
+class CountingEngine:
+    """The real engine, counting model calls (a seam we own, not a mock of onnxruntime)."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    async def detect_with_frame(self, image: bytes, *, deadline: float | None = None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return await self.engine.detect_with_frame(image, deadline=deadline)
+
+
+@pytest.mark.slow
+async def test_mosquitto_pub_jpeg_gets_cat_detection_with_mosquitto_sub(
+    harness: BrokerHarness, issue: IssueFn, photos: Path, models_dir: Path
+) -> None:
+    device = issue("device", "pet-cam-1")
+    async with (
+        InferenceEngine(models_dir=models_dir) as engine,
+        MqttBridge(
+            harness.settings,
+            connection=harness.bridge_connection(),
+            engine=engine,
+            gateway_id="gw-mqtt",
+        ) as bridge,
+    ):
+        await bridge.wait_ready()
+        tls = cli_tls_args(device, harness.port)
+        sub = await asyncio.create_subprocess_exec(
+            require_tool("mosquitto_sub"),
+            *tls,
+            "-t",
+            "devices/pet-cam-1/detections",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-F",
+            "%j",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        await asyncio.sleep(0.5)
+        pub = await asyncio.create_subprocess_exec(
+            require_tool("mosquitto_pub"),
+            *tls,
+            "-t",
+            "devices/pet-cam-1/frames",
+            "-f",
+            str(photos / "chelsea.jpg"),
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "correlation-data",
+            "frame-42",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert await pub.wait() == 0, await pub.stderr.read()  # type: ignore[union-attr]
+        out, err = await sub.communicate()
+    assert sub.returncode == 0, err
+    envelope = json.loads(out)
+    result = json.loads(envelope["payload"])
+    assert result["frameId"] == "frame-42"
+    assert result["modelName"] == "edge_ssd_mobilenetv2_oid24"
+    assert "Cat" in {d["label"] for d in result["detections"]}, result
+
+
+@pytest.mark.slow
+async def test_broker_restart_mid_stream_loses_nothing_and_runs_no_frame_twice(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    """QoS 1 frames in flight when the broker stops: all answered after it is back, each
+    frame id through the model once even though devices resend what was not answered."""
+    device = issue("device", "cam-restart")
+    engine = FakeEngine(delay_s=0.02)
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 64
+    total = 60
+    answered: set[str] = set()
+    async with MqttBridge(
+        harness.settings.model_copy(update={"max_in_flight": 4}),
+        connection=harness.bridge_connection(),
+        engine=engine,
+        gateway_id="gw-mqtt",
+    ) as bridge:
+        await bridge.wait_ready()
+
+        async def device_loop(first_pass: bool) -> None:
+            client = device_client(
+                device, harness.port, identifier="cam-restart", clean_start=False
+            )
+            async with client:
+                await client.subscribe("devices/cam-restart/detections", qos=1)
+                ids = [f"f-{i}" for i in range(total) if f"f-{i}" not in answered]
+                for n, fid in enumerate(ids):
+                    await client.publish(
+                        "devices/cam-restart/frames", jpeg, qos=1, properties=frame_props(fid)
+                    )
+                    if first_pass and n == total // 2:
+                        harness.broker.signal(signal.SIGTERM)  # saves its database, exits
+                        break
+                async with asyncio.timeout(4):
+                    async for m in client.messages:
+                        answered.add(bytes(m.properties.CorrelationData).decode())  # type: ignore[union-attr]
+                        if len(answered) == total:
+                            return
+
+        with pytest.raises((aiomqtt.MqttError, TimeoutError)):
+            await device_loop(first_pass=True)
+        async with asyncio.timeout(15):
+            while harness.broker.restarts < 1:  # noqa: ASYNC110 - polling the supervisor
+                await asyncio.sleep(0.05)
+        await harness.broker.wait_running()
+        # The device reconnects and resends every frame it has no answer for (same ids).
+        for _ in range(3):
+            try:
+                await device_loop(first_pass=False)
+                break
+            except (aiomqtt.MqttError, TimeoutError):
+                await asyncio.sleep(0.5)
+    missing = {f"f-{i}" for i in range(total)} - answered
+    assert not missing, (sorted(missing), engine.calls, bridge.stats)
+    assert engine.calls == total, (engine.calls, bridge.stats)
+    assert bridge.stats.reconnects >= 1
