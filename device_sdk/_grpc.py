@@ -1,0 +1,206 @@
+"""gRPC plumbing of the device client: channels, probes, calls, and what each failure means.
+
+Every gRPC failure is classified once, here, into what the client should do about it:
+
+* :class:`GatewayDown`: the gateway (or the path to it) failed; fail over, keep the item.
+* :class:`Busy`: the gateway is overloaded (``RESOURCE_EXHAUSTED``); back off, keep the item.
+* :class:`Refused`: the gateway refused this request for a reason retrying cannot fix
+  (``INVALID_ARGUMENT``, a non-final ``PERMISSION_DENIED``…); drop the item, tell the caller
+  the server's reason.
+* :class:`~device_sdk.errors.DeviceRevoked`: ``PERMISSION_DENIED`` with the trailing metadata
+  ``edgeward-final: revoked``; final, the client stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from device_sdk.errors import DeviceRevoked
+from protos.edgeward.v1 import gateway_pb2_grpc
+
+__all__ = [
+    "FINAL_METADATA_KEY",
+    "Busy",
+    "ChannelPool",
+    "GatewayDown",
+    "Refused",
+    "classify",
+    "classify_code",
+    "probe",
+]
+
+#: Trailing metadata that marks a refusal as final (the gateway's contract).
+FINAL_METADATA_KEY = "edgeward-final"
+
+_RETRY_ELSEWHERE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+    # A gateway that does not accept our identity (another trust domain, a feed it lost)
+    # may be the only one: try the others.
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+# Channel arguments: reconnect quickly (gRPC's default backoff grows to 120 s, which would
+# keep a recovered gateway unused for minutes), and notice a dead peer without traffic.
+CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+)
+
+
+class GatewayDown(Exception):
+    """The gateway failed at the transport level; try another."""
+
+
+class Busy(Exception):
+    """The gateway is overloaded; back off and retry."""
+
+
+class Refused(Exception):
+    """The gateway refused this request; ``code`` and ``reason`` are the server's."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def _is_final_revoked(exc: grpc.aio.AioRpcError) -> bool:
+    trailing: Any = exc.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == FINAL_METADATA_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if text == "revoked":
+                return True
+    return False
+
+
+def classify(exc: grpc.aio.AioRpcError, *, device_id: str) -> Exception:
+    """The exception the client acts on for a failed call (see the module docstring)."""
+    code = exc.code()
+    details = exc.details() or ""
+    if code is grpc.StatusCode.PERMISSION_DENIED and _is_final_revoked(exc):
+        # The gateway's text repeats what DeviceRevoked says; keep only what it adds.
+        extra = details.removeprefix(f"device {device_id} is revoked").lstrip(":; ")
+        return DeviceRevoked(device_id, extra)
+    if code in _RETRY_ELSEWHERE:
+        return GatewayDown(f"{code.name}: {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Busy(details)
+    return Refused(code.name, details)
+
+
+def classify_code(code_name: str, details: str) -> Exception:
+    """Like :func:`classify` for a status that arrived by name (an MQTT error event)."""
+    try:
+        code = grpc.StatusCode[code_name.upper()]
+    except KeyError:
+        return Refused(code_name, details)
+    if code in _RETRY_ELSEWHERE:
+        return GatewayDown(f"{code.name}: {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Busy(details)
+    return Refused(code.name, details)
+
+
+class ChannelPool:
+    """One mTLS channel per gateway address, all built from the current credentials.
+
+    :meth:`replace_credentials` (after a renewal) makes new channels for every later call and
+    returns the old ones; the client closes those with a grace period so that calls already
+    running on them finish on the old certificate, which is still valid.
+    """
+
+    def __init__(self, credentials: grpc.ChannelCredentials) -> None:
+        self._credentials = credentials
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[
+            str, tuple[grpc.aio.Channel, gateway_pb2_grpc.DeviceGatewayAsyncStub]
+        ] = {}
+        self.generation = 0
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.secure_channel(
+                address, self._credentials, options=list(CHANNEL_OPTIONS)
+            )
+            self._channels[address] = channel
+        return channel
+
+    def stub(self, address: str) -> gateway_pb2_grpc.DeviceGatewayAsyncStub:
+        """The ``DeviceGateway`` stub on the current channel to ``address`` (made once)."""
+        channel = self.get(address)
+        stub = self._stubs.get(address)
+        if stub is None or stub[0] is not channel:
+            stub = (channel, gateway_pb2_grpc.DeviceGatewayStub(channel))
+            self._stubs[address] = stub
+        return stub[1]
+
+    def replace_credentials(self, credentials: grpc.ChannelCredentials) -> list[grpc.aio.Channel]:
+        old = list(self._channels.values())
+        self._credentials = credentials
+        self._channels = {}
+        self._stubs = {}
+        self.generation += 1
+        return old
+
+    async def close(self, grace: float | None = None) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        self._stubs = {}
+        for channel in channels:
+            await channel.close(grace)
+
+
+async def probe(
+    channel: grpc.aio.Channel, *, timeout_s: float, device_id: str, samples: int = 3
+) -> float:
+    """The shortest of ``samples`` mTLS health-check round trips, in seconds.
+
+    Raises :class:`GatewayDown` when the gateway does not answer ``SERVING`` in time, or
+    :class:`~device_sdk.errors.DeviceRevoked` when it says the device is revoked.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    try:
+        # Connect first (TCP + TLS handshake), so that the timed round trip below measures
+        # the network and the gateway, not a one-off handshake.
+        async with asyncio.timeout(timeout_s):
+            await channel.channel_ready()
+    except TimeoutError:
+        raise GatewayDown("could not connect in time") from None
+    best = float("inf")
+    # The least of a few round trips: queueing on a busy host only ever adds time, so the
+    # minimum is the best estimate of how near the gateway is.
+    for _ in range(samples):
+        start = time.perf_counter()
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=max(deadline - time.monotonic(), 0.05),
+            )
+        except grpc.aio.AioRpcError as exc:
+            err = classify(exc, device_id=device_id)
+            if isinstance(err, DeviceRevoked):
+                raise err from exc
+            raise GatewayDown(str(err)) from exc
+        best = min(best, time.perf_counter() - start)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise GatewayDown(f"health status {reply.status}")
+    return best
