@@ -5,7 +5,8 @@ One managed Mosquitto (the gateway's own configuration: mTLS, ACLs, CRL) serves 
 a. C baseline: ``mosquitto_pub --repeat`` (device certificate) → ``mosquitto_sub`` on the
    gateway's listener, 1 KiB JSON telemetry, QoS 0 and QoS 1;
 b. the gateway's ingest (``MqttBridge`` with its telemetry worker processes) for the same load;
-c. frames/s through MQTT inference vs the raw engine rate (same photo, same concurrency);
+c. frames/s through MQTT inference vs the raw engine rate (same photo, same concurrency: 16
+   frames in flight; each side is measured twice, the better run counts);
 d. mTLS connect p50, revocation-to-disconnect p99, broker memory per idle mTLS device.
 
 Prints ratios and ends with one JSON line. ``--quick`` shrinks every part (under a minute).
@@ -174,10 +175,13 @@ async def frames(
             async with sem:
                 await engine.detect(image)
 
+        async def raw_rate() -> float:
+            started = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            return n / (time.perf_counter() - started)
+
         await asyncio.gather(*(one() for _ in range(window)))  # warm
-        started = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        raw = n / (time.perf_counter() - started)
+        raw_before = await raw_rate()
         settings = h.settings.model_copy(update={"max_in_flight": window})
         async with MqttBridge(
             settings, connection=h.bridge_connection(), engine=engine, gateway_id="bench"
@@ -186,26 +190,33 @@ async def frames(
             topic = f"devices/{device.directory.name}"
             async with device_client(device, h.port) as client:
                 await client.subscribe(f"{topic}/detections", qos=1)
-                done = 0
-                credit = asyncio.Semaphore(window)
-                started = time.perf_counter()
 
-                async def reader() -> None:
-                    nonlocal done
-                    async for _m in client.messages:
-                        done += 1
-                        credit.release()
-                        if done >= n:
-                            return
+                async def mqtt_run(prefix: str) -> float:
+                    done = 0
+                    credit = asyncio.Semaphore(window)
+                    started = time.perf_counter()
 
-                task = asyncio.create_task(reader())
-                for i in range(n):
-                    await credit.acquire()
-                    await client.publish(
-                        f"{topic}/frames", image, qos=1, properties=frame_props(f"b{i}")
-                    )
-                await asyncio.wait_for(task, 120)
-                mqtt_rate = n / (time.perf_counter() - started)
+                    async def reader() -> None:
+                        nonlocal done
+                        async for _m in client.messages:
+                            done += 1
+                            credit.release()
+                            if done >= n:
+                                return
+
+                    task = asyncio.create_task(reader())
+                    for i in range(n):
+                        await credit.acquire()
+                        await client.publish(
+                            f"{topic}/frames", image, qos=1, properties=frame_props(f"{prefix}{i}")
+                        )
+                    await asyncio.wait_for(task, 120)
+                    return n / (time.perf_counter() - started)
+
+                # The machine is shared and noisy: each side is measured twice (the raw
+                # engine before and after) and the better run of each counts.
+                mqtt_rate = max([await mqtt_run("a"), await mqtt_run("b")])
+        raw = max(raw_before, await raw_rate())
     return raw, mqtt_rate
 
 
@@ -277,7 +288,7 @@ async def main() -> None:
     args = parser.parse_args()
     q = args.quick
     n_tel = 20_000 if q else 100_000
-    n_frames = 60 if q else 400
+    n_frames = 160 if q else 400
     n_devices = 300 if q else 2000
     workers = 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -318,7 +329,11 @@ async def main() -> None:
                     f"telemetry QoS {qos}: C {c:,.0f} msg/s, gateway ({workers} workers) "
                     f"{g:,.0f} msg/s, ratio {g / c:.2f} (target >= 0.3), not received {lost}"
                 )
-            raw, mq = await frames(h, device, n_frames, window=8)
+            # Frames in flight, for both: twice the engine's max_batch (8), so that one batch
+            # can fill while the other runs. With only 8 in flight end to end, the frames in
+            # transit (device → broker → bridge, answer → broker → device) leave the batcher
+            # half-full batches and the ratio measures the client's window, not the gateway.
+            raw, mq = await frames(h, device, n_frames, window=16)
             out["raw_fps"] = round(raw, 1)
             out["mqtt_fps"] = round(mq, 1)
             out["frames_ratio"] = round(mq / raw, 3)

@@ -19,8 +19,8 @@ Plug-ins (optional components: the MQTT bridge, escalation). One mechanism, two 
 
 - A **plug-in** (:data:`GatewayPlugin`) is a factory ``plugin(runtime) -> async context
   manager``. It gets the :class:`GatewayRuntime` (settings, identity, engine, event hub,
-  revocation state, metrics, servicer) and may add a revocation listener (kick a device's
-  MQTT session), publish device events, or install ``runtime.servicer.detection_hook``
+  revocation state, metrics, servicer, authoriser) and may add a revocation listener (kick a
+  device's MQTT session), publish device events, or install ``runtime.servicer.detection_hook``
   (escalation; see :class:`~gateway._grpc.DetectionHook`). Its ``__aenter__`` returns once it
   is serving; its background tasks live in its own ``TaskGroup``; its ``__aexit__`` drains
   (and removes what it installed). Plug-ins enter in order (MQTT, then escalation) and leave
@@ -104,6 +104,9 @@ class GatewayRuntime:
     revocation: RevocationState
     metrics: GatewayMetrics
     servicer: DeviceGatewayServicer
+    #: The servicer's authorisation (device type → methods, registry facts such as the
+    #: region, cached): other front ends (MQTT) apply the same policy through it.
+    authoriser: Authoriser
 
 
 GatewayPlugin = Callable[[GatewayRuntime], AbstractAsyncContextManager[Any]]
@@ -270,6 +273,7 @@ class GatewayService:
             directory = await self._directory()
             self.engine = await self._stack.enter_async_context(self._engine())
             log.info("inference provider in use", provider=self.engine.provider)
+            authoriser = Authoriser(directory, s.authorisation)
             self.servicer = DeviceGatewayServicer(
                 settings=s,
                 gateway_id=self.gateway_id,
@@ -277,7 +281,7 @@ class GatewayService:
                 judge=IdentityJudge(
                     trust_domain=self.trust_domain, revocation=self.revocation, clock=self._clock
                 ),
-                authoriser=Authoriser(directory, s.authorisation),
+                authoriser=authoriser,
                 revocation=self.revocation,
                 events=self.events,
                 metrics=self.metrics,
@@ -293,6 +297,7 @@ class GatewayService:
                 revocation=self.revocation,
                 metrics=self.metrics,
                 servicer=self.servicer,
+                authoriser=authoriser,
             )
             for plugin in self._plugins:
                 await self._stack.enter_async_context(plugin(runtime))

@@ -4,8 +4,10 @@
 * :class:`MosquittoBroker`: writes ``mosquitto.conf`` (mTLS, AEAD ciphers, per-device ACLs,
   CRL) and supervises the broker; :class:`BrokerControl` and :class:`RevocationEnforcer` cut a
   revoked device's live session and refuse its reconnects.
-* :class:`MqttBridge`: frames to the inference engine and detections back, telemetry state,
-  device events; :class:`BridgeConnection` says how it reaches the broker.
+* :class:`MqttBridge`: frames to the inference engine and detections back (rendered with the
+  gRPC side's ``result_to_pb``, escalation marks included), telemetry state, device events;
+  :class:`BridgeConnection` says how it reaches the broker, :class:`Admission` and
+  :data:`HookSource` plug in the gateway's authorisation and its detection hook.
 
 * :func:`plugin`: the ``[mqtt]`` table as a ``GatewayService`` plug-in (broker, enforcer and
   bridge on the gateway's engine, event hub, revocation state and telemetry store).
@@ -14,13 +16,12 @@ Topics, payloads and the ACL model: ``docs/mqtt.md``.
 """
 
 from gateway._mqtt._bridge import (
+    Admission,
     BridgeConnection,
     BridgeStats,
     Detector,
-    FrameHook,
+    HookSource,
     MqttBridge,
-    event_to_pb,
-    result_to_pb,
 )
 from gateway._mqtt._broker import (
     BrokerControl,
@@ -36,7 +37,7 @@ from gateway._mqtt._broker import (
     registry_crl_source,
     render_mosquitto_conf,
 )
-from gateway._mqtt._config import AEAD_CIPHERS_TLS13, MqttSettings
+from gateway._mqtt._config import AEAD_CIPHERS_TLS13, NODELAY, MqttSettings
 from gateway._mqtt._plugin import plugin
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
@@ -48,7 +49,9 @@ from gateway._mqtt._telemetry import (
 
 __all__ = [
     "AEAD_CIPHERS_TLS13",
+    "NODELAY",
     "PROTOBUF_CONTENT_TYPE",
+    "Admission",
     "BridgeConnection",
     "BridgeStats",
     "BrokerControl",
@@ -56,7 +59,7 @@ __all__ = [
     "BrokerFiles",
     "CrlSource",
     "Detector",
-    "FrameHook",
+    "HookSource",
     "InvalidTelemetry",
     "MosquittoBroker",
     "MqttBridge",
@@ -67,11 +70,9 @@ __all__ = [
     "device_acl",
     "device_from_topic",
     "dynsec_config",
-    "event_to_pb",
     "free_port",
     "parse_telemetry",
     "plugin",
     "registry_crl_source",
     "render_mosquitto_conf",
-    "result_to_pb",
 ]

@@ -25,7 +25,13 @@ for it (a message published before the kick may still be queued).
 ``session_expiry_s``) so what the broker accepted while the bridge was away, or across a
 broker restart (persistence on), is delivered when it reconnects (jittered, doubling backoff).
 Redelivery can repeat a frame: answers are remembered by (device, frame id) in a bounded LRU,
-so a repeated frame gets the same answer again without a second model run.
+so a repeated frame gets the same answer again without a second model run. A frame is
+acknowledged to the broker only once its answer (or error event) is published: what a
+crashed gateway had received is delivered again (at least once to the model).
+
+**Same policy as gRPC.** ``admit`` (the gateway's authorisation: a frame is a ``Detect``,
+telemetry a ``ReportTelemetry``) is asked before any work, and the detection hook and
+``result_to_pb`` are the gRPC servicer's, so escalation marks look the same on both.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import datetime as dt
 import random
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -45,14 +51,15 @@ import aiomqtt
 import numpy as np
 import numpy.typing as npt
 import structlog
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import pki
-from gateway._events import Command, DeviceEvent, ErrorEvent, EscalationAnswer, EventHub
+from gateway._events import DeviceEvent, ErrorEvent, EventHub
+from gateway._grpc._servicer import DetectionHook, EscalationMarks, event_to_pb, result_to_pb
 from gateway._inference import (
     DeadlineExceeded,
     InferenceError,
@@ -61,7 +68,7 @@ from gateway._inference import (
     Overloaded,
     ShuttingDown,
 )
-from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._config import NODELAY, MqttSettings
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
@@ -74,16 +81,16 @@ from gateway._mqtt._telemetry import (
     run_worker,
     spawn_context,
 )
+from gateway.errors import GatewayError, grpc_status
 from protos.edgeward.v1 import common_pb2
 
 __all__ = [
+    "Admission",
     "BridgeConnection",
     "BridgeStats",
     "Detector",
-    "FrameHook",
+    "HookSource",
     "MqttBridge",
-    "event_to_pb",
-    "result_to_pb",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -103,18 +110,21 @@ class Detector(Protocol):
     ) -> tuple[InferenceResult, FrameArray | None]: ...
 
 
-class FrameHook(Protocol):
-    """Called with each fresh result (escalation); returns detection index → escalation id."""
+class Admission(Protocol):
+    """May ``device_id`` do ``method`` (a ``DeviceGateway`` method name) now?
 
-    async def __call__(
-        self,
-        *,
-        device_id: str,
-        region: str | None,
-        frame_id: str,
-        result: InferenceResult,
-        frame: FrameArray | None,
-    ) -> Mapping[int, str]: ...
+    Returns the device's region (from the registry, for the detection hook); raises a
+    :class:`~gateway.errors.GatewayError` to refuse (``PermissionDenied`` for a device type
+    without the method, ``DeviceRevoked``, ``FeedStale``, ``RegistryUnavailable``). The
+    gateway's plug-in applies the gRPC servicer's policy (``[authorisation]``) through it.
+    """
+
+    async def __call__(self, device_id: str, method: str) -> str | None: ...
+
+
+#: Gives the detection hook to call for this frame (``None``: none installed). Read per
+#: frame: the escalation plug-in installs ``servicer.detection_hook`` after this one starts.
+HookSource = Callable[[], DetectionHook | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,60 +161,6 @@ class BridgeStats:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def result_to_pb(
-    result: InferenceResult, *, frame_id: str, gateway_id: str, escalated: Mapping[int, str]
-) -> common_pb2.DetectionResult:
-    """The engine's result as the wire's ``DetectionResult``."""
-    return common_pb2.DetectionResult(
-        frame_id=frame_id,
-        detections=[
-            common_pb2.Detection(
-                label=d.label,
-                score=d.score,
-                box=common_pb2.Box(
-                    x_min=d.box.x_min, y_min=d.box.y_min, x_max=d.box.x_max, y_max=d.box.y_max
-                ),
-                escalated=i in escalated,
-                escalation_id=escalated.get(i, ""),
-            )
-            for i, d in enumerate(result.detections)
-        ],
-        model_name=result.model_name,
-        model_version=result.model_version,
-        inference_ms=result.inference_ms,
-        from_cache=result.from_cache,
-        gateway_id=gateway_id,
-    )
-
-
-def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
-    """A hub event as the wire's ``DeviceEvent``."""
-    at = timestamp_pb2.Timestamp()
-    at.FromDatetime(event.at)
-    msg = common_pb2.DeviceEvent(event_id=event.event_id, at=at)
-    p = event.payload
-    if isinstance(p, EscalationAnswer):
-        msg.escalation.CopyFrom(
-            common_pb2.EscalationAnswer(
-                escalation_id=p.escalation_id,
-                frame_id=p.frame_id,
-                label=p.label,
-                score=p.score,
-                model_name=p.model_name,
-                still_unknown=p.still_unknown,
-                edge_label=p.edge_label,
-                edge_score=p.edge_score,
-            )
-        )
-    elif isinstance(p, Command):
-        msg.command.CopyFrom(common_pb2.Command(name=p.name, arguments=dict(p.arguments)))
-    elif isinstance(p, ErrorEvent):
-        msg.error.CopyFrom(
-            common_pb2.ErrorEvent(code=p.code, message=p.message, frame_id=p.frame_id)
-        )
-    return msg
-
-
 def _encode(msg: Any, protobuf: bool) -> tuple[bytes, str]:
     if protobuf:
         return msg.SerializeToString(), PROTOBUF_CONTENT_TYPE
@@ -227,6 +183,57 @@ class _Rejected(Exception):
         self.frame_id = frame_id
 
 
+class _Ack:
+    """One received message's acknowledgement, owed once it has been handled."""
+
+    __slots__ = ("_owner", "done_", "mid", "qos")
+
+    def __init__(self, owner: _Acks | None, mid: int, qos: int) -> None:
+        self._owner = owner
+        self.mid = mid
+        self.qos = qos
+        self.done_ = False
+
+    def done(self) -> None:
+        if not self.done_:
+            self.done_ = True
+            if self._owner is not None:
+                self._owner.release()
+
+
+class _Acks:
+    """The QoS 1 acknowledgements one connection owes, sent as messages are handled.
+
+    Sent in the order the messages arrived (MQTT 5 §4.6: PUBACKs go in the order the
+    PUBLISHes were received): a handled message waits for those before it. After the
+    connection is lost nothing more is sent on its behalf (its unacknowledged messages
+    come again on the next connection, which owes them then).
+    """
+
+    def __init__(self, paho: Any) -> None:
+        self._paho = paho
+        self._owed: deque[_Ack] = deque()
+        self._closed = False
+
+    def track(self, message: aiomqtt.Message) -> _Ack:
+        if message.qos == 0:
+            return _Ack(None, message.mid, 0)
+        ack = _Ack(self, message.mid, message.qos)
+        self._owed.append(ack)
+        return ack
+
+    def release(self) -> None:
+        if self._closed:
+            return
+        while self._owed and self._owed[0].done_:
+            ack = self._owed.popleft()
+            self._paho.ack(ack.mid, ack.qos)
+
+    def close(self) -> None:
+        self._closed = True
+        self._owed.clear()
+
+
 class MqttBridge:
     """Frames → inference → detections, telemetry → latest state, events → devices.
 
@@ -234,7 +241,9 @@ class MqttBridge:
     (device id → bool) drops messages of revoked devices still queued at the broker;
     ``events`` is the gateway's hub (errors go through it, so gRPC ``Subscribe`` sees them too,
     and everything it carries is forwarded); ``telemetry_sink`` receives each latest reading
-    (the gateway's shared telemetry store); ``hook`` and ``region_of`` plug escalation in.
+    (the gateway's shared telemetry store). ``admit`` applies the gateway's authorisation
+    per frame (and gives the device's region); ``detection_hook`` gives the escalation hook
+    to call for each fresh result, read per frame (see :data:`HookSource`).
     """
 
     def __init__(
@@ -247,8 +256,8 @@ class MqttBridge:
         is_revoked: Callable[[str], bool] | None = None,
         events: EventHub | None = None,
         telemetry_sink: Callable[[TelemetryReading], None] | None = None,
-        hook: FrameHook | None = None,
-        region_of: Callable[[str], str | None] | None = None,
+        admit: Admission | None = None,
+        detection_hook: HookSource | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.settings = settings
@@ -258,8 +267,8 @@ class MqttBridge:
         self._is_revoked = is_revoked or (lambda _d: False)
         self._hub = events
         self._telemetry_sink = telemetry_sink
-        self._hook = hook
-        self._region_of = region_of or (lambda _d: None)
+        self._admit = admit
+        self._hook_source = detection_hook
         self._clock = clock
         self.stats = BridgeStats()
         self._latest: OrderedDict[str, TelemetryReading] = OrderedDict()
@@ -271,6 +280,8 @@ class MqttBridge:
         self._any_connected = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_in_flight * settings.frame_workers)
         self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
+        # Readings waiting for the authorisation check (only with ``admit``), in order.
+        self._unchecked: asyncio.Queue[TelemetryReading] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-bridge")
         self._frames = TaskSet("mqtt-frames")
         self._workers: list[tuple[Any, Any]] = []
@@ -285,6 +296,8 @@ class MqttBridge:
         for i in range(self.settings.frame_workers):
             self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
         self._tasks.spawn(self._forward_events(), name="mqtt-events")
+        if self._admit is not None:
+            self._tasks.spawn(self._admit_readings(), name="mqtt-telemetry-admission")
         if self.settings.telemetry_workers:
             self._start_workers()
         if self._hub is not None:
@@ -354,6 +367,29 @@ class MqttBridge:
         return dict(self._latest)
 
     def _store_reading(self, reading: TelemetryReading) -> None:
+        if self._admit is None:
+            self._keep_reading(reading)
+            return
+        try:
+            self._unchecked.put_nowait(reading)
+        except asyncio.QueueFull:
+            _log.warning("telemetry admission queue full; reading dropped")
+
+    async def _admit_readings(self) -> None:
+        """Keep the readings of devices whose type may ``ReportTelemetry`` (as on gRPC)."""
+        while True:
+            reading = await self._unchecked.get()
+            log = _log.bind(device_id=reading.device_id, transport="mqtt")
+            try:
+                await self._admission(reading.device_id, "ReportTelemetry", "", log)
+            except _Rejected as rej:
+                self.stats.telemetry_rejected += 1
+                self._prefer(reading.device_id, reading.protobuf)
+                self._error(reading.device_id, rej.code, rej.message, "")
+                continue
+            self._keep_reading(reading)
+
+    def _keep_reading(self, reading: TelemetryReading) -> None:
         self._latest[reading.device_id] = reading
         self._latest.move_to_end(reading.device_id)
         while len(self._latest) > 100_000:
@@ -370,9 +406,15 @@ class MqttBridge:
 
     # -- MQTT clients ----------------------------------------------------------------------
 
-    def _new_client(self, client_id: str, *, persistent: bool = True) -> aiomqtt.Client:
+    def _new_client(
+        self, client_id: str, *, persistent: bool = True, receive_maximum: int | None = None
+    ) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
+        if receive_maximum is not None:
+            # MQTT 5 flow control: the broker sends at most this many unacknowledged QoS 1
+            # messages and keeps the rest queued (durably) until acknowledgements free room.
+            props.ReceiveMaximum = receive_maximum
         return aiomqtt.Client(
             self._conn.host,
             self._conn.port,
@@ -385,12 +427,23 @@ class MqttBridge:
             tls_context=self._conn.ssl_context(),
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.connect_timeout_s,
+            socket_options=NODELAY,
         )
 
     async def _consume(self, index: int) -> None:
         # One client object for the consumer's life: aiomqtt keeps its queue of received,
         # not yet handled messages across reconnects.
-        client = self._new_client(f"edgeward-{self._gateway_id}-frames-{index}")
+        client = self._new_client(
+            f"edgeward-{self._gateway_id}-frames-{index}",
+            receive_maximum=self.settings.max_in_flight,
+        )
+        # At least once to the model: a QoS 1 frame is acknowledged once its detection is
+        # published (or it was refused), not on receipt, so frames a crashed gateway had
+        # received stay in its persistent session and are delivered again. aiomqtt does not
+        # expose paho's manual acknowledgement yet (empicano/aiomqtt#345); paho's client is
+        # its documented workaround.
+        paho = client._client
+        paho.manual_ack_set(True)
         group = self.settings.shared_group
         topics = [f"$share/{group}/devices/+/frames"]
         telemetry = f"$share/{group}/devices/+/telemetry"
@@ -399,6 +452,7 @@ class MqttBridge:
         delay = self.settings.reconnect_min_s
         first = True
         while True:
+            acks = _Acks(paho)
             try:
                 async with client:
                     await client.subscribe(
@@ -416,10 +470,13 @@ class MqttBridge:
                     _log.info("mqtt bridge connected", consumer=index)
                     delay = self.settings.reconnect_min_s
                     async for message in client.messages:
-                        await self._dispatch(message)
+                        self._dispatch(message, acks.track(message))
             except aiomqtt.MqttError as exc:
                 _log.warning("mqtt bridge disconnected", consumer=index, error=str(exc))
             finally:
+                # What this connection received and has not acknowledged yet comes again on
+                # the next one (same session); those answers go out then (de-duplicated).
+                acks.close()
                 self._clients.pop(index, None)
                 if not self._clients:
                     self._any_connected.clear()
@@ -428,24 +485,34 @@ class MqttBridge:
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
+    def _dispatch(self, message: aiomqtt.Message, ack: _Ack) -> None:
         topic = message.topic.value
         if topic.endswith("/telemetry"):
-            self._handle_telemetry(message)
+            try:
+                self._handle_telemetry(message)
+            finally:
+                ack.done()
             return
-        # Frames run concurrently (the engine batches them), at most max_in_flight per
-        # consumer in the engine. The slot is taken in the task, not here: this loop must keep
-        # reading so that it sees a lost connection (answers wait for the reconnect).
-        self._frames.spawn(self._frame_task(message), name="mqtt-frame")
+        # Frames run concurrently (the engine batches them): at most max_in_flight per
+        # consumer are unacknowledged (the broker holds the rest: receive maximum), and as
+        # many are in the engine. This loop never waits for a frame: it must keep reading so
+        # that it sees a lost connection (answers wait for the reconnect).
+        self._frames.spawn(self._frame_task(message, ack), name="mqtt-frame")
 
-    async def _frame_task(self, message: aiomqtt.Message) -> None:
+    async def _frame_task(self, message: aiomqtt.Message, ack: _Ack) -> None:
         await self._slots.acquire()
         try:
             await self._handle_frame(message)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            # The answer could not be published: left unacknowledged, the frame comes
+            # again after the reconnect and its remembered answer goes out then.
+            _log.warning("mqtt answer not published", error=str(exc))
+            return
         except Exception:  # noqa: BLE001 - one bad frame must not stop the bridge
             _log.exception("mqtt frame handling failed", topic=message.topic.value)
         finally:
             self._slots.release()
+        ack.done()
 
     async def _publish(
         self, topic: str, payload: bytes, *, content_type: str, correlation: bytes | None
@@ -519,8 +586,10 @@ class MqttBridge:
                     correlation = frame_id.encode()
             else:
                 image = data
+            region = await self._admission(device_id, "Detect", frame_id, log)
             answer = await self._answer(
                 device_id=device_id,
+                region=region,
                 frame_id=frame_id,
                 correlation=correlation,
                 image=image,
@@ -542,10 +611,29 @@ class MqttBridge:
             correlation=answer.correlation,
         )
 
+    async def _admission(self, device_id: str, method: str, frame_id: str, log: Any) -> str | None:
+        """The device's region when it may call ``method``; else :class:`_Rejected`.
+
+        The same checks, in the same order, as a gRPC call (``gateway/_grpc/_servicer.py``):
+        a fresh revocation feed, then the device type's methods (``[authorisation]``).
+        """
+        if self._admit is None:
+            return None
+        try:
+            return await self._admit(device_id, method)
+        except GatewayError as exc:
+            status = grpc_status(exc)
+            if status is None:  # pragma: no cover - every GatewayError has a status
+                raise
+            self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + 1
+            log.warning("mqtt message refused", method=method, reason=status.reason, audit=True)
+            raise _Rejected(status.code.name, status.message, frame_id) from None
+
     async def _answer(
         self,
         *,
         device_id: str,
+        region: str | None,
         frame_id: str,
         correlation: bytes | None,
         image: bytes,
@@ -568,6 +656,7 @@ class MqttBridge:
         try:
             answer = await self._infer(
                 device_id=device_id,
+                region=region,
                 frame_id=frame_id,
                 correlation=correlation,
                 image=image,
@@ -589,6 +678,7 @@ class MqttBridge:
         self,
         *,
         device_id: str,
+        region: str | None,
         frame_id: str,
         correlation: bytes | None,
         image: bytes,
@@ -613,17 +703,20 @@ class MqttBridge:
         except InferenceError:
             raise _Rejected("UNAVAILABLE", "inference unavailable", frame_id) from None
         self.stats.frames_inferred += 1
-        escalated: Mapping[int, str] = {}
-        if self._hook is not None and not result.from_cache:
+        escalated: EscalationMarks = {}
+        hook = self._hook_source() if self._hook_source is not None else None
+        # As on gRPC: every fresh result, empty ones included (a region may escalate frames
+        # the edge found nothing in); none from the cache; no hook, no call.
+        if hook is not None and not result.from_cache:
             try:
-                escalated = await self._hook(
+                escalated = await hook(
                     device_id=device_id,
-                    region=self._region_of(device_id),
+                    region=region,
                     frame_id=frame_id,
                     result=result,
                     frame=frame,
                 )
-            except Exception:
+            except Exception:  # escalation is best effort: the edge answer stands
                 log.exception("detection hook failed")
         msg = result_to_pb(
             result, frame_id=frame_id, gateway_id=self._gateway_id, escalated=escalated

@@ -68,7 +68,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import pki
-from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._config import NODELAY, MqttSettings
 from gateway._mqtt._tasks import TaskSet
 
 __all__ = [
@@ -168,6 +168,11 @@ class BrokerFiles:
         """The bridge's credentials for processes the gateway starts (0600)."""
         return self.data_dir / "bridge-credentials.json"
 
+    @property
+    def pid(self) -> Path:
+        """The running broker's process id (Mosquitto's ``pid_file``)."""
+        return self.data_dir / "mosquitto.pid"
+
 
 def _dynsec_client(username: str, password: str, role: str) -> dict[str, Any]:
     # The plugin's own format: PBKDF2-HMAC-SHA512 over the password, 12-byte salt.
@@ -261,6 +266,7 @@ def render_mosquitto_conf(
         f"persistent_client_expiration {settings.device_session_expiration}",
         "set_tcp_nodelay true",
         "sys_interval 0",
+        f"pid_file {files.pid}",
         # Larger publishes are dropped (MQTT 5 senders get PUBACK 0x83)...
         f"message_size_limit {settings.max_payload_bytes}",
         # ... and packets far beyond it disconnect the sender before it is all read.
@@ -339,6 +345,26 @@ def core_crl_source(channel_factory: Callable[[], Any], *, timeout_s: float) -> 
     return source
 
 
+def _stale_broker_pid(files: BrokerFiles) -> int | None:
+    """The pid in ``files.pid`` when that process is a Mosquitto running ``files.conf``."""
+    try:
+        pid = int(files.pid.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if str(files.conf).encode() in cmdline else None
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class MosquittoBroker:
     """Writes ``mosquitto.conf`` from settings and supervises Mosquitto as a child process.
 
@@ -409,6 +435,7 @@ class MosquittoBroker:
         self.files.data_dir.mkdir(parents=True, exist_ok=True)
         self.files.data_dir.chmod(0o700)
         self.files.persistence.mkdir(exist_ok=True)
+        await self._stop_stale_broker()
         await self._write_crl(await self._crl_source())
         self._write_config()
         await self._start()
@@ -449,12 +476,45 @@ class MosquittoBroker:
         )
         pki.write_atomic(self.files.conf, conf.encode())
 
+    async def _stop_stale_broker(self) -> None:
+        """Stop a broker an earlier gateway on this ``data_dir`` left running.
+
+        A gateway killed outright (SIGKILL, OOM) cannot stop its broker, which would keep our
+        ports and the persistence database. It is recognised by the pid file *and* by its
+        command line naming this configuration (a reused pid is left alone), and stopped with
+        SIGTERM so that it saves its database: the messages it holds for the bridge's
+        persistent sessions, frames received but not yet acknowledged included, are then
+        delivered to this gateway.
+        """
+        pid = _stale_broker_pid(self.files)
+        if pid is None:
+            return
+        _log.warning("stopping a broker left running by an earlier gateway", pid=pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout_s
+        while _exists(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline += self._stop_timeout_s
+            await asyncio.sleep(0.05)
+
+    def _command(self) -> list[str]:
+        command = [self._binary, "-c", str(self.files.conf)]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # The broker gets SIGTERM when the gateway dies, however it dies: it saves its
+            # database and exits instead of serving devices with nobody enforcing
+            # revocations. (util-linux; without it :meth:`_stop_stale_broker` cleans up at
+            # the next start.)
+            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
+        return command
+
     async def _start(self) -> None:
         self._running.clear()
         self._proc = await asyncio.create_subprocess_exec(
-            self._binary,
-            "-c",
-            str(self.files.conf),
+            *self._command(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -636,6 +696,7 @@ class BrokerControl:
                 tls_context=self._tls,
                 timeout=self._timeout_s,
                 keepalive=15,
+                socket_options=NODELAY,
             )
             try:
                 async with client:

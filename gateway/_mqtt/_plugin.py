@@ -3,8 +3,10 @@
 ``plugin(settings)`` validates the table and returns a factory that ``GatewayService`` calls
 with its runtime. Entering it starts, in order: the managed broker (when ``managed``), its
 control client and the revocation enforcer (registered as a revocation listener), then the
-bridge on the gateway's engine, event hub, revocation state, telemetry store and detection
-hook. Leaving stops them in reverse order and removes the listener.
+bridge on the gateway's engine, event hub, revocation state, telemetry store, authorisation
+(``runtime.authoriser``: the gRPC side's ``[authorisation]`` policy, a frame is a ``Detect``)
+and detection hook (``runtime.servicer.detection_hook``, read per frame). Leaving stops them
+in reverse order and removes the listener.
 
 The CRL comes from the core (``Enrollment.GetCrl`` over the gateway's mTLS identity) when the
 gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a standalone gateway.
@@ -13,14 +15,15 @@ gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a st
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 import pki
 from gateway._config import GatewaySettings
+from gateway._grpc._servicer import DetectionHook
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
@@ -32,6 +35,10 @@ from gateway._mqtt._broker import (
 )
 from gateway._mqtt._config import MqttSettings
 from gateway._mqtt._telemetry import TelemetryReading
+from gateway.errors import FeedStale
+
+if TYPE_CHECKING:
+    from gateway._service import GatewayRuntime
 
 __all__ = ["plugin"]
 
@@ -60,7 +67,7 @@ def plugin(
         return None
 
     @contextlib.asynccontextmanager
-    async def run(runtime: Any) -> AsyncIterator[MqttBridge]:
+    async def run(runtime: GatewayRuntime) -> AsyncIterator[MqttBridge]:
         identity: pki.IdentityFiles = runtime.identity
         async with contextlib.AsyncExitStack() as stack:
             if mqtt.managed:
@@ -102,11 +109,22 @@ def plugin(
                     password=password,
                 )
             servicer = runtime.servicer
+            revocation = runtime.revocation
+            authoriser = runtime.authoriser
 
-            async def hook(**kwargs: Any) -> Mapping[int, str]:
+            def hook() -> DetectionHook | None:
                 # Read per frame: the escalation plug-in installs it after this one starts.
-                current = servicer.detection_hook
-                return {} if current is None else await current(**kwargs)
+                current: DetectionHook | None = servicer.detection_hook
+                return current
+
+            async def admit(device_id: str, method: str) -> str | None:
+                # The gRPC servicer's checks, in its order: a gateway that may have missed a
+                # revocation takes no new work, then the device type's methods. The region
+                # comes from the same registry facts (cached by the authoriser).
+                if not revocation.healthy():
+                    raise FeedStale(revocation.stale_for())
+                info = await authoriser.check(device_id, method)
+                return info.region
 
             def store(reading: TelemetryReading) -> None:
                 from gateway._grpc._servicer import TelemetryRecord
@@ -132,7 +150,8 @@ def plugin(
                     is_revoked=lambda device_id: runtime.revocation.is_revoked(device_id, ""),
                     events=runtime.events,
                     telemetry_sink=store,
-                    hook=hook,
+                    admit=admit,
+                    detection_hook=hook,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)

@@ -7,6 +7,8 @@ certificate's serial), plus the control client and the revocation enforcer.
 :func:`cli_tls_args` the ``mosquitto_pub``/``mosquitto_sub`` options for the same.
 :func:`mint_odd_certificate` signs a certificate with any CN (``#``, ``+``, ``a/b``) with the
 issuing CA's key directly: our CA refuses such ids, and the broker must refuse them too.
+:func:`mqtt_gateway` runs a whole :class:`gateway._service.GatewayService` whose ``[mqtt]``
+table starts the broker and the bridge, with a registry the test drives (devices, revocations).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from paho.mqtt.properties import Properties
 import pki
 from gateway._inference import Box, Detection, InferenceResult, InvalidImage
 from gateway._mqtt import (
+    NODELAY,
     BridgeConnection,
     BrokerControl,
     MosquittoBroker,
@@ -39,14 +42,21 @@ from gateway._mqtt import (
 )
 
 __all__ = [
+    "MODELS_DIR",
     "BrokerHarness",
     "FakeEngine",
+    "MqttGateway",
     "cli_tls_args",
     "collect",
     "device_client",
     "frame_props",
     "mint_odd_certificate",
+    "mqtt_gateway",
+    "mqtt_gateway_settings",
+    "standalone_pki",
 ]
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 def mint_odd_certificate(
@@ -162,8 +172,17 @@ def device_client(
     identifier: str | None = None,
     clean_start: bool = True,
     timeout: float = 5.0,
+    session_expiry_s: int | None = None,
 ) -> aiomqtt.Client:
-    """An MQTT 5 client presenting ``identity`` (``None``: no certificate at all)."""
+    """An MQTT 5 client presenting ``identity`` (``None``: no certificate at all).
+
+    ``session_expiry_s``: keep the session (subscriptions, queued QoS 1 messages) that long
+    after a disconnect (MQTT 5; with ``clean_start=False`` it is resumed on reconnect).
+    """
+    props = None
+    if session_expiry_s is not None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
     if identity is not None:
         ctx = pki.client_ssl_context(identity)
     else:
@@ -179,6 +198,8 @@ def device_client(
         tls_context=ctx,
         clean_start=clean_start,
         timeout=timeout,
+        properties=props,
+        socket_options=NODELAY,  # as a real device should: no Nagle delay on each publish
     )
 
 
@@ -250,3 +271,141 @@ async def collect(client: aiomqtt.Client, *, count: int, timeout_s: float) -> li
                 if len(got) >= count:
                     break
     return got
+
+
+# -- a whole gateway with its [mqtt] table ---------------------------------------------------
+
+
+@dataclass
+class MqttGateway:
+    """A running :class:`gateway._service.GatewayService` whose ``[mqtt]`` table started the
+    managed broker and the bridge, the way ``edgeward gateway run`` does.
+
+    Standalone (``core`` not given): the gateway's ``pki_dir`` is a PKI of the test's own,
+    so its registry is what the revocation poller, the device directory and the CRL read.
+    With a core: the core's registry holds the devices and pushes revocations.
+    """
+
+    service: Any
+    pki_dir: Path
+    registry: pki.Registry
+    port: int
+    base: Path
+
+    def device(
+        self, device_id: str, *, device_type: str = "pet-camera", region: str = "home"
+    ) -> pki.IdentityFiles:
+        """A device certificate from the PKI, the device and certificate in the registry."""
+        now = dt.datetime.now(dt.UTC)
+        self.registry.upsert_device(device_id, type=device_type, region=region, now=now)
+        identity = pki.issue_identity(
+            self.pki_dir, self.base / f"device-{device_id}", role=pki.Role.DEVICE, id=device_id
+        )
+        cert = identity.certificate()
+        self.registry.record_certificate(
+            pki.CertificateRecord(
+                pki.serial_hex(cert.serial_number),
+                device_id,
+                cert.not_valid_after_utc,
+                pki.Status.ACTIVE,
+                cert.not_valid_before_utc,
+            )
+        )
+        return identity
+
+    def revoke(self, device_id: str) -> None:
+        """Revoke in the registry, as ``edgeward pki revoke`` does."""
+        pki.revoke_device(self.registry, device_id, reason="test", now=dt.datetime.now(dt.UTC))
+
+
+def standalone_pki(base: Path, trust_domain: str = "test.example") -> Path:
+    """A PKI of the test's own under ``base`` (its registry is the gateway's)."""
+    pki_dir = base / "pki"
+    if not pki_dir.exists():
+        pki.init_pki(pki_dir, trust_domain=trust_domain)
+    return pki_dir
+
+
+def mqtt_gateway_settings(
+    base: Path,
+    *,
+    pki_dir: Path,
+    gateway_id: str = "gw-mqtt-svc",
+    mqtt: dict[str, Any] | None = None,
+    core_address: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Settings (as a dict, for a TOML file or ``load_gateway_settings``) of a test gateway."""
+    from gateway._mqtt import free_port
+
+    identity = pki.issue_identity(
+        pki_dir,
+        base / f"gateway-{gateway_id}",
+        role=pki.Role.GATEWAY,
+        id=gateway_id,
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1"],
+    )
+    values: dict[str, Any] = {
+        "identity_dir": str(identity.directory),
+        "listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        "revocation_poll_interval_s": 0.05,
+        "core_timeout_s": 5.0,
+        "shutdown_grace_s": 1.0,
+        "inference": {"models_dir": str(MODELS_DIR), "threads": 1},
+        "cache": {"enabled": False},
+        "limits": {"frames_per_s": 1000.0, "burst": 1000},
+        "mqtt": {
+            "port": free_port(),
+            "bridge_port": free_port(),
+            "data_dir": str(base / f"mqtt-{gateway_id}"),
+            "telemetry_workers": 0,
+            "reconnect_min_s": 0.05,
+            "reconnect_max_s": 0.5,
+            **(mqtt or {}),
+        },
+    }
+    if core_address is None:
+        values["pki_dir"] = str(pki_dir)
+    else:
+        values["core_address"] = core_address
+    values.update(overrides)
+    return values
+
+
+@contextlib.asynccontextmanager
+async def mqtt_gateway(
+    base: Path,
+    *,
+    gateway_id: str = "gw-mqtt-svc",
+    mqtt: dict[str, Any] | None = None,
+    core: Any = None,
+    **overrides: Any,
+) -> AsyncIterator[MqttGateway]:
+    """A ``GatewayService`` started from settings with an ``[mqtt]`` table (see MqttGateway)."""
+    from gateway._config import load_gateway_settings
+    from gateway._service import GatewayService
+
+    pki_dir = core.pki_dir if core is not None else standalone_pki(base)
+    values = mqtt_gateway_settings(
+        base,
+        pki_dir=pki_dir,
+        gateway_id=gateway_id,
+        mqtt=mqtt,
+        core_address=core.address if core is not None else None,
+        **overrides,
+    )
+    settings = load_gateway_settings(None, overrides=values)
+    registry: pki.Registry
+    own: pki.SqliteRegistry | None = None
+    if core is not None:
+        registry = core.registry
+    else:
+        registry = own = pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry)
+    try:
+        async with GatewayService(settings) as service:
+            yield MqttGateway(service, pki_dir, registry, values["mqtt"]["port"], base)
+    finally:
+        if own is not None:
+            own.close()
