@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
-import re
 import time
 import uuid
 from collections import OrderedDict
@@ -44,6 +42,7 @@ from gateway._grpc._limits import LiveCall, LiveCalls, RateLimiter
 from gateway._inference import InferenceResult
 from gateway._metrics import GatewayMetrics
 from gateway._revocation import RevocationEvent, RevocationState
+from gateway._telemetry import InvalidTelemetry, validate_telemetry
 from gateway.errors import (
     FeedStale,
     GrpcStatus,
@@ -71,8 +70,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Frame = npt.NDArray[np.uint8]
 
 # Telemetry bounds: physically plausible values; anything else is a broken or hostile device.
-_READING_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-_FIRMWARE = re.compile(r"[\x21-\x7e]{0,64}")
 
 
 class Detector(Protocol):
@@ -150,37 +147,18 @@ def _telemetry_from_pb(
     device_id: str, msg: common_pb2.Telemetry, *, max_readings: int, now: dt.datetime
 ) -> TelemetryRecord:
     """Validate and convert; raise :class:`InvalidRequest` naming the bad field."""
-    battery = float(msg.battery_percent)
-    if not (battery == -1.0 or 0.0 <= battery <= 100.0):
-        raise InvalidRequest("battery_percent must be 0..100, or -1 without a battery")
-    temperature = float(msg.temperature_c)
-    if not -100.0 <= temperature <= 200.0:
-        raise InvalidRequest("temperature_c must be within -100..200")
-    if _FIRMWARE.fullmatch(msg.firmware_version) is None:
-        raise InvalidRequest("firmware_version must be at most 64 printable ASCII characters")
-    if len(msg.readings) > max_readings:
-        raise InvalidRequest(f"at most {max_readings} readings")
-    readings: dict[str, float] = {}
-    for key, value in msg.readings.items():
-        if _READING_KEY.fullmatch(key) is None:
-            raise InvalidRequest("reading keys must be 1-64 characters of a-z, 0-9, _ . -")
-        if not math.isfinite(value):
-            raise InvalidRequest(f"reading {key} is not a finite number")
-        readings[key] = float(value)
-    reported_at = None
-    if msg.HasField("reported_at"):
-        try:
-            reported_at = msg.reported_at.ToDatetime(tzinfo=dt.UTC)
-        except (ValueError, OverflowError):
-            raise InvalidRequest("reported_at is not a valid time") from None
+    try:
+        fields = validate_telemetry(msg, max_readings=max_readings)
+    except InvalidTelemetry as exc:
+        raise InvalidRequest(str(exc)) from None
     return TelemetryRecord(
         device_id=device_id,
         received_at=now,
-        reported_at=reported_at,
-        battery_percent=battery,
-        temperature_c=temperature,
-        firmware_version=msg.firmware_version,
-        readings=readings,
+        reported_at=fields.reported_at,
+        battery_percent=fields.battery_percent,
+        temperature_c=fields.temperature_c,
+        firmware_version=fields.firmware_version,
+        readings=dict(fields.readings),
     )
 
 

@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import math
 import multiprocessing
-import re
 import ssl
 import struct
 import threading
@@ -34,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 import pki
 from gateway._mqtt._config import NODELAY
+from gateway._telemetry import FIRMWARE, READING_KEY, InvalidTelemetry, validate_telemetry
 from protos.edgeward.v1 import common_pb2
 
 __all__ = [
@@ -48,14 +48,8 @@ __all__ = [
 
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
-_READING_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-_FIRMWARE = re.compile(r"[\x21-\x7e]{0,64}")
 #: Largest telemetry payload read at all; a larger one is refused unparsed.
 MAX_TELEMETRY_BYTES = 16 * 1024
-
-
-class InvalidTelemetry(ValueError):
-    """A telemetry payload that is not a valid ``Telemetry`` (the message says which field)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,37 +97,15 @@ def parse_telemetry(
         # it goes back to the device.
         kind = "protobuf" if protobuf else "JSON"
         raise InvalidTelemetry(f"not a valid Telemetry {kind}: {str(exc)[:160]}") from None
-    battery = float(msg.battery_percent)
-    if not (battery == -1.0 or 0.0 <= battery <= 100.0):
-        raise InvalidTelemetry("battery_percent must be 0..100, or -1 without a battery")
-    temperature = float(msg.temperature_c)
-    if not -100.0 <= temperature <= 200.0:
-        raise InvalidTelemetry("temperature_c must be within -100..200")
-    if _FIRMWARE.fullmatch(msg.firmware_version) is None:
-        raise InvalidTelemetry("firmware_version must be at most 64 printable ASCII characters")
-    if len(msg.readings) > max_readings:
-        raise InvalidTelemetry(f"at most {max_readings} readings")
-    readings: dict[str, float] = {}
-    for key, value in msg.readings.items():
-        if _READING_KEY.fullmatch(key) is None:
-            raise InvalidTelemetry("reading keys must be 1-64 characters of a-z, 0-9, _ . -")
-        if not math.isfinite(value):
-            raise InvalidTelemetry(f"reading {key} is not a finite number")
-        readings[key] = float(value)
-    reported_at = None
-    if msg.HasField("reported_at"):
-        try:
-            reported_at = msg.reported_at.ToDatetime(tzinfo=dt.UTC)
-        except (ValueError, OverflowError):
-            raise InvalidTelemetry("reported_at is not a valid time") from None
+    fields = validate_telemetry(msg, max_readings=max_readings)
     return TelemetryReading(
         device_id=device_id,
         received_at=now,
-        reported_at=reported_at,
-        battery_percent=battery,
-        temperature_c=temperature,
-        firmware_version=msg.firmware_version,
-        readings=readings,
+        reported_at=fields.reported_at,
+        battery_percent=fields.battery_percent,
+        temperature_c=fields.temperature_c,
+        firmware_version=fields.firmware_version,
+        readings=fields.readings,
         protobuf=protobuf,
     )
 
@@ -192,7 +164,7 @@ def _plain_json(
     if not (battery == -1.0 or 0.0 <= battery <= 100.0) or not -100.0 <= temperature <= 200.0:
         return None
     firmware = seen.get("firmware", "")
-    if type(firmware) is not str or _FIRMWARE.fullmatch(firmware) is None:
+    if type(firmware) is not str or FIRMWARE.fullmatch(firmware) is None:
         return None
     raw = seen.get("readings", {})
     if type(raw) is not dict or len(raw) > max_readings:
@@ -200,7 +172,7 @@ def _plain_json(
     readings: dict[str, float] = {}
     for key, value in raw.items():
         number = _number(value)
-        if number is None or _READING_KEY.fullmatch(key) is None:
+        if number is None or READING_KEY.fullmatch(key) is None:
             return None
         readings[key] = number
     return battery, temperature, firmware, readings
