@@ -1,0 +1,174 @@
+"""docker-compose.yml validates, and it runs only commands and configuration keys that exist.
+
+Docker itself does not run here; ``docker-compose config`` checks the file, and the rest is
+checked against the real CLI and the real settings models: every ``edgeward …`` command line
+in the file parses, every mounted configuration file validates, and the gateways' keys are the
+ones ``edgeward demo`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from edgeward._stack import DemoStack
+from edgeward.cli import main as cli_main
+from gateway._config import load_gateway_settings
+from gateway._core import load_core_settings
+from tests.conftest import ROOT, require_tool
+
+COMPOSE = ROOT / "docker-compose.yml"
+_YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+
+
+def _compose_config() -> dict[str, Any]:
+    tool = require_tool("docker-compose")
+    out = subprocess.run(
+        [tool, "-f", str(COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    ).stdout
+    # docker-compose is a Python program with PyYAML: its interpreter reads YAML for us.
+    interpreter = Path(tool).read_text().splitlines()[0].removeprefix("#!").strip().split()[0]
+    data = subprocess.run(
+        [
+            interpreter,
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ],
+        input=out,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return _compose_config()
+
+
+def test_compose_config_validates(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"pki-init", "core", "enrol-devices", "gw-kr-seoul", "gw-us-nyc"} <= set(services)
+    assert {"pet-camera", "robot-vacuum"} <= set(services)
+    assert services["core"]["depends_on"]["pki-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+def _command_lines(service: dict[str, Any]) -> list[list[str]]:
+    """Every ``edgeward …`` invocation of a service, as argv lists without ``edgeward``."""
+    entry = service.get("entrypoint") or ["edgeward"]
+    command = service.get("command") or []
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if entry[:1] == ["edgeward"]:
+        return [list(command)]
+    # A shell script: one edgeward command per line (ignoring shell around it).
+    lines: list[list[str]] = []
+    for script in command:
+        for raw in str(script).splitlines():
+            line = raw.strip()
+            m = re.search(r"\bedgeward (.*?)(?:\s*\||$)", line)
+            if m and not line.startswith("#"):
+                argv = shlex.split(m.group(1).replace("$$(", "$("), posix=True)
+                lines.append([a if not a.startswith("$(") else "TOKEN" for a in argv])
+    return lines
+
+
+def _parse(argv: list[str]) -> str:
+    """Resolve ``argv`` with the real CLI and parse its options (nothing runs); return the
+    command path. Unknown commands and options fail; a file that exists only inside the
+    container is fine."""
+    command: click.Command = cli_main
+    args = list(argv)
+    path: list[str] = []
+    while isinstance(command, click.Group):
+        name = args.pop(0)
+        sub = command.get_command(click.Context(command), name)
+        assert sub is not None, f"unknown command: edgeward {' '.join([*path, name])}"
+        path.append(name)
+        command = sub
+    try:
+        command.make_context(" ".join(path), args)
+    except click.BadParameter as exc:
+        if "does not exist" not in str(exc):
+            raise
+    return " ".join(path)
+
+
+def test_every_edgeward_command_in_compose_exists(compose: dict[str, Any]) -> None:
+    seen = {
+        _parse(argv) for service in compose["services"].values() for argv in _command_lines(service)
+    }
+    assert {"pki init", "pki issue-server", "pki token", "core run", "gateway run", "enroll",
+            "device simulate"} <= seen  # fmt: skip
+
+
+def _mounted_configs(compose: dict[str, Any]) -> dict[str, Path]:
+    configs: dict[str, Path] = {}
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if str(source).endswith(".toml"):
+                configs[name] = Path(source)
+    return configs
+
+
+def _keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.add(path)
+        if isinstance(value, dict) and key not in {"regions", "device_types"}:
+            out |= _keys(value, path + ".")
+    return out
+
+
+def test_configuration_files_validate_and_match_the_demo(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    configs = _mounted_configs(compose)
+    assert set(configs) == {"core", "gw-kr-seoul", "gw-us-nyc"}
+    core = load_core_settings(configs["core"])
+    assert {g.id for g in core.gateways} == {"kr-seoul", "us-nyc"}
+    demo = DemoStack(tmp_path, mqtt=True, escalation=True)
+    demo_keys = _keys(demo.gateway_config("kr-seoul"))
+    for name in ("gw-kr-seoul", "gw-us-nyc"):
+        path = configs[name]
+        settings = load_gateway_settings(path)
+        assert settings.gateway_id == name.removeprefix("gw-")
+        assert settings.mqtt is not None
+        assert settings.escalation is not None
+        # The components validate their own tables.
+        from gateway._escalation._config import EscalationSettings
+        from gateway._mqtt._config import MqttSettings
+
+        settings.section("mqtt", MqttSettings)
+        settings.section("escalation", EscalationSettings)
+        assert _keys(tomllib.loads(path.read_text())) == demo_keys, name
+    core_keys = _keys(tomllib.loads(configs["core"].read_text()))
+    # The compose core also names itself by its service name; the rest is the demo's.
+    assert core_keys - {"server_names"} == _keys(demo.core_config())
+
+
+def test_the_checker_refuses_unknown_commands_and_options() -> None:
+    with pytest.raises(click.NoSuchOption):
+        _parse(["gateway", "run", "--no-such-option", "x"])
+    with pytest.raises(AssertionError, match="unknown command"):
+        _parse(["pki", "no-such-command"])
