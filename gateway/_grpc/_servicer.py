@@ -272,6 +272,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.live = LiveCalls(max_streams_per_device=limits.max_streams_per_device)
         revocation.add_listener(self._on_revocation)
 
+    def take_token(self, device_id: str, method: str) -> None:
+        """Charge ``device_id``'s per-device budget for ``method``, or raise ``RateLimited``.
+
+        Other front ends (the MQTT bridge) call this so that one device has one budget,
+        whichever transport it uses.
+        """
+        (self._reports if method == "ReportTelemetry" else self._frames).take(device_id)
+
     # -- revocation -------------------------------------------------------------------------
 
     def _on_revocation(self, event: RevocationEvent) -> None:

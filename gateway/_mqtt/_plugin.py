@@ -119,11 +119,17 @@ def plugin(
 
             async def admit(device_id: str, method: str) -> str | None:
                 # The gRPC servicer's checks, in its order: a gateway that may have missed a
-                # revocation takes no new work, then the device type's methods. The region
+                # revocation takes no new work, then the device type's methods, then the
+                # device's rate budget. The region
                 # comes from the same registry facts (cached by the authoriser).
                 if not revocation.healthy():
                     raise FeedStale(revocation.stale_for())
                 info = await authoriser.check(device_id, method)
+                # One frame budget per device across gRPC and MQTT ([limits] frames_per_s,
+                # burst). Telemetry over MQTT is bounded by the ingest queue instead: only the
+                # latest state per device is kept, so a flood costs parsing, not memory.
+                if method == "Detect":
+                    servicer.take_token(device_id, method)
                 return info.region
 
             def store(reading: TelemetryReading) -> None:

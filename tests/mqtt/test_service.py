@@ -435,3 +435,39 @@ async def test_frames_a_killed_gateway_had_received_are_answered_after_its_resta
         second.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(second.wait(), 20) == 0
     assert sorted(answered) == sorted(f"k{i}" for i in range(total)), (before, answered)
+
+
+async def test_one_frame_budget_per_device_over_mqtt_while_others_are_served(
+    tmp_path: Path,
+) -> None:
+    """A device flooding frames over MQTT is charged the same per-device budget as on gRPC:
+    frames past the burst get a RESOURCE_EXHAUSTED error event, and another device is still
+    answered."""
+    require_tool("mosquitto")
+    jpeg = (PHOTOS / "chelsea.jpg").read_bytes()
+    async with mqtt_gateway(tmp_path, limits={"frames_per_s": 0.5, "burst": 2}) as gw:
+        flood = gw.device("cam-flood", device_type="pet_camera")
+        calm = gw.device("cam-calm", device_type="pet_camera")
+        async with device_client(flood, gw.port) as client:
+            await client.subscribe("devices/cam-flood/#", qos=1)
+            for i in range(6):
+                await client.publish(
+                    "devices/cam-flood/frames", jpeg, qos=1, properties=frame_props(f"f-{i}")
+                )
+            got = await collect(client, count=6, timeout_s=20)
+        kinds = [m.topic.value.rsplit("/", 1)[1] for m in got]
+        assert kinds.count("detections") == 2, kinds
+        errors = [
+            json.loads(bytes(m.payload))["error"]  # type: ignore[arg-type]
+            for m in got
+            if m.topic.value.endswith("/events")
+        ]
+        assert len(errors) == 4
+        assert {e["code"] for e in errors} == {"RESOURCE_EXHAUSTED"}
+        async with device_client(calm, gw.port) as client:
+            await client.subscribe("devices/cam-calm/detections", qos=1)
+            await client.publish(
+                "devices/cam-calm/frames", jpeg, qos=1, properties=frame_props("calm-1")
+            )
+            got = await collect(client, count=1, timeout_s=20)
+        assert json.loads(bytes(got[0].payload))["frameId"] == "calm-1"  # type: ignore[arg-type]
