@@ -301,6 +301,11 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         peer = self._judge.judge(context.auth_context())
         structlog.contextvars.bind_contextvars(device_id=peer.device_id)
         info = await self._authoriser.check(peer.device_id, method, serial=peer.serial)
+        # A revocation applied while the authoriser was waiting (a registry look-up on a cache
+        # miss) found no live call of this device to cut: judge again now. Callers register
+        # the call right after this returns, with no await in between, so no event can slip
+        # through the gap.
+        self._judge.recheck(peer)
         return peer, info.region
 
     def _status(self, method: str, exc: Exception) -> GrpcStatus:

@@ -114,6 +114,7 @@ async def start_gateway(
     revocation_source: Any = None,
     clock: Any = None,
     use_registry: bool = True,
+    wrap_directory: Any = None,
 ) -> AsyncIterator[RunningGateway]:
     """A standalone gateway on 127.0.0.1:0 with the real model; yields a RunningGateway.
 
@@ -123,6 +124,8 @@ async def start_gateway(
     given, a :class:`ManualFeed` (revoke with ``await gw.service.revocation.apply(...)``).
     ``plugins=None`` starts the plug-ins the settings configure (an ``[escalation]`` table in
     ``overrides``), as ``edgeward gateway run`` does; the default starts none.
+    ``wrap_directory`` (with ``use_registry=False``) wraps the in-memory directory, e.g. to
+    make look-ups slow.
     """
     identity = issue("gateway", gateway_id)
     registry_dir = tmp_path / f"registry-{gateway_id}"
@@ -148,7 +151,8 @@ async def start_gateway(
     settings = load_gateway_settings(None, overrides=base)
     kwargs: dict[str, Any] = {"plugins": plugins, "revocation_source": revocation_source}
     if not use_registry:
-        kwargs["device_directory"] = StaticDeviceDirectory(types)
+        directory = StaticDeviceDirectory(types)
+        kwargs["device_directory"] = wrap_directory(directory) if wrap_directory else directory
         kwargs["revocation_source"] = revocation_source or ManualFeed
     if clock is not None:
         kwargs["clock"] = clock

@@ -232,3 +232,45 @@ async def test_stale_feed_refuses_new_sessions_but_open_ones_continue(issue, tmp
         await gw.service.revocation.apply(RevocationEvent(2, "cam-stale", None, "x"))
         err = await rpc_error(events.read())
         assert trailing(err).get("edgeward-final") == "revoked"
+
+
+class _SlowDirectory:
+    """A device directory whose look-ups take a while (a registry far away)."""
+
+    def __init__(self, inner: object, delay_s: float) -> None:
+        self._inner = inner
+        self._delay_s = delay_s
+
+    async def get_device(self, device_id: str) -> object:
+        await asyncio.sleep(self._delay_s)
+        return await self._inner.get_device(device_id)  # type: ignore[attr-defined]
+
+
+async def test_revocation_while_a_call_awaits_authorisation_still_ends_it(issue, tmp_path):
+    """A revocation applied while a new Subscribe waits for the device's registry facts must
+    not leave that stream open: it is judged again before it becomes a live call."""
+    async with start_gateway(
+        issue=issue,
+        tmp_path=tmp_path,
+        use_registry=False,
+        wrap_directory=lambda d: _SlowDirectory(d, 0.5),
+    ) as gw:
+        gw.register("cam-race", "pet_camera")
+        device = issue("device", "cam-race")
+        async with gw.channel(device) as channel:
+            call = gw.stub(channel).Subscribe(gateway_pb2.SubscribeRequest())
+
+            async def drain() -> grpc.StatusCode:
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            ended = asyncio.ensure_future(drain())
+            await asyncio.sleep(0.2)  # the handler is inside the directory look-up
+            await gw.service.revocation.apply(RevocationEvent(1, "cam-race", None, "stolen"))
+            code = await asyncio.wait_for(ended, timeout=3.0)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert gw.service.servicer.live.count("cam-race") == 0
