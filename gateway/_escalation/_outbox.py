@@ -22,6 +22,7 @@ connection is only ever used by one thread at a time.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,6 +122,11 @@ class Outbox:
         self.max_entries = max_entries
         self.max_answers = max_answers
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The file holds device images: readable by the gateway's user only. SQLite creates
+        # the -wal and -shm files with the database file's permissions, so the file is made
+        # 0600 before the first connection, not after.
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.path.chmod(0o600)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE … COMMIT), so a
         # check-then-insert cannot interleave with another process opening the same file.
         self._db = sqlite3.connect(
@@ -130,8 +136,6 @@ class Outbox:
         # FULL: each commit is fsynced, so "stored" survives a power cut, not only a crash.
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA)
-        # The file holds device images: readable by the gateway's user only.
-        self.path.chmod(0o600)
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite)."""

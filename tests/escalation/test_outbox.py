@@ -94,3 +94,15 @@ def test_answers_are_bounded(tmp_path: Path) -> None:
         box.add(entry(n))
         box.complete(f"esc-{n}", "dev-1", answer(n), now=200.0 + n, ttl_s=600.0)
     assert [s.escalation_id for s in box.stored_answers(now=210.0)] == ["esc-3", "esc-4"]
+
+
+def test_write_ahead_log_holding_images_is_private_too(tmp_path: Path) -> None:
+    """The -wal and -shm files hold the same crops as the database: 0600 as well."""
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, max_entries=10, max_answers=10)
+    box.add(entry(1))
+    side_files = [p for p in tmp_path.iterdir() if p.name != "o.sqlite3"]
+    assert side_files, "WAL mode should have created the -wal file"
+    for p in [path, *side_files]:
+        assert oct(p.stat().st_mode & 0o777) == "0o600", p.name
+    box.close()
