@@ -16,6 +16,10 @@ killed with SIGKILL like a crashed host.
 3. Cost per device: ``--devices`` clients (default 100) in this one process, each with its
    channels, outbox and background tasks, sending one frame per second for a while. Resident
    memory growth and CPU time per device; baseline: the same number of bare mTLS channels.
+4. MQTT round trip (when Mosquitto is installed): ``detect`` over MQTT, one frame at a time,
+   p50 with the SDK's socket options (``TCP_NODELAY``) against the same client with Nagle's
+   algorithm left on (the baseline, same run): without ``TCP_NODELAY`` the tail of every
+   frame waits for the broker's delayed ACK.
 
 The gateways answer repeated photos from their cache, so the figures measure the SDK and the
 transport, not the model. Run: ``.venv/bin/python bench/sdk.py --quick``. Ends with one JSON
@@ -31,6 +35,7 @@ import datetime as dt
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,12 +48,14 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import device_sdk._mqtt  # noqa: E402
 import pki  # noqa: E402
 from device_sdk import (  # noqa: E402
     ClientOptions,
     DetectionResult,
     DeviceClient,
     GatewayInfo,
+    Transport,
 )
 from edgeward._stack import DemoStack, free_port  # noqa: E402
 from protos.edgeward.v1 import common_pb2, gateway_pb2_grpc  # noqa: E402
@@ -284,6 +291,32 @@ async def bench_devices(stack: DemoStack, devices: list[Path], seconds: float) -
     }
 
 
+async def bench_mqtt(stack: DemoStack, device: Path, frames: int) -> dict:
+    """``detect`` round trips over MQTT with and without the SDK's TCP_NODELAY."""
+    plan = next(iter(stack.plans.values()))
+    entry = GatewayInfo(plan.gateway_id, plan.region, plan.grpc_address, plan.mqtt_address)
+    nodelay = device_sdk._mqtt.SOCKET_OPTIONS
+    out: dict[str, float] = {}
+    # Baseline first (Nagle on), then the SDK as shipped; both warm the cache the same way.
+    for name, socket_options in (("nagle", ()), ("nodelay", nodelay)):
+        device_sdk._mqtt.SOCKET_OPTIONS = socket_options
+        try:
+            opts = options(gateways=[entry], transport=Transport.MQTT)
+            async with DeviceClient(device, opts) as client:
+                for n in range(5):  # connect, warm the cache
+                    await client.detect(PHOTOS[n % 2], timeout_s=10)
+                ms = []
+                for n in range(frames):
+                    t = time.perf_counter()
+                    await client.detect(PHOTOS[n % 2], timeout_s=10)
+                    ms.append((time.perf_counter() - t) * 1000)
+        finally:
+            device_sdk._mqtt.SOCKET_OPTIONS = nodelay
+        out[f"{name}_p50_ms"] = statistics.median(ms)
+        out[f"{name}_p90_ms"] = percentile(ms, 90)
+    return out
+
+
 async def main(args: argparse.Namespace) -> dict:
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(40), cache_logger_on_first_use=True
@@ -291,7 +324,7 @@ async def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-sdk-") as tmp:
         stack = DemoStack(
             Path(tmp),
-            mqtt=False,
+            mqtt=shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") is not None,
             escalation=False,
             standalone=True,
             log_level="warning",
@@ -305,7 +338,7 @@ async def main(args: argparse.Namespace) -> dict:
                 GatewayInfo(p.gateway_id, p.region, p.grpc_address) for p in stack.plans.values()
             ]
             directory = signed_directory(stack.pki_dir, gateways)
-            print(f"[1/3] failover: {args.trials} trials at {args.rate:.0f} frames/s", flush=True)
+            print(f"[1/4] failover: {args.trials} trials at {args.rate:.0f} frames/s", flush=True)
             fo = await bench_failover(
                 stack, make_device(stack, "bench-failover", directory), args.trials, args.rate
             )
@@ -317,7 +350,7 @@ async def main(args: argparse.Namespace) -> dict:
                 f"frames lost {fo['lost']} of {fo['submitted']}",
                 flush=True,
             )
-            print(f"[2/3] drain: {args.drain} frames queued offline", flush=True)
+            print(f"[2/4] drain: {args.drain} frames queued offline", flush=True)
             dr = await bench_drain(
                 stack, make_device(stack, "bench-drain", directory), args.drain, args.concurrency
             )
@@ -328,7 +361,7 @@ async def main(args: argparse.Namespace) -> dict:
                 flush=True,
             )
             print(
-                f"[3/3] {args.devices} devices in one process for {args.seconds:.0f} s", flush=True
+                f"[3/4] {args.devices} devices in one process for {args.seconds:.0f} s", flush=True
             )
             devs = [
                 make_device(stack, f"bench-dev-{i:03d}", directory) for i in range(args.devices)
@@ -342,6 +375,21 @@ async def main(args: argparse.Namespace) -> dict:
                 f"{dv['frames_per_s']:.0f} frames/s in total",
                 flush=True,
             )
+            mq: dict[str, float] = {}
+            if stack.mqtt:
+                print(f"[4/4] MQTT round trip: {args.mqtt_frames} frames in turn", flush=True)
+                mq = await bench_mqtt(
+                    stack, make_device(stack, "bench-mqtt", directory), args.mqtt_frames
+                )
+                print(
+                    f"  detect over MQTT p50 {mq['nodelay_p50_ms']:.1f} ms with TCP_NODELAY vs "
+                    f"{mq['nagle_p50_ms']:.1f} ms with Nagle on (ratio "
+                    f"{mq['nodelay_p50_ms'] / mq['nagle_p50_ms']:.2f}); p90 "
+                    f"{mq['nodelay_p90_ms']:.1f} vs {mq['nagle_p90_ms']:.1f} ms",
+                    flush=True,
+                )
+            else:
+                print("[4/4] MQTT round trip: skipped (no mosquitto)", flush=True)
         finally:
             stack.stop_all()
     return {
@@ -358,6 +406,8 @@ async def main(args: argparse.Namespace) -> dict:
         "cpu_ms_per_device_s": round(dv["cpu_ms_per_device_s"], 3),
         "devices": dv["devices"],
         "trials": args.trials,
+        "mqtt_rtt_p50_ms": round(mq["nodelay_p50_ms"], 2) if mq else None,
+        "mqtt_rtt_nagle_p50_ms": round(mq["nagle_p50_ms"], 2) if mq else None,
     }
 
 
@@ -370,9 +420,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--mqtt-frames", type=int, default=None, help="MQTT round trips")
     a = parser.parse_args()
     a.trials = a.trials or (4 if a.quick else 20)
     a.drain = a.drain or (200 if a.quick else 2000)
     a.seconds = a.seconds or (5.0 if a.quick else 20.0)
+    a.mqtt_frames = a.mqtt_frames or (40 if a.quick else 200)
     result = asyncio.run(main(a))
     print(json.dumps(result))

@@ -22,6 +22,11 @@ bytes of payload):
 Frames are deduplicated by frame id: putting an id that waits in the queue, or that was
 delivered recently (the last ``remember_delivered`` ids), is a no-op.
 
+The same database remembers which escalation answers the application has already been given
+(the last ``remember_answers`` escalation ids, 4096 by default): a gateway hands its stored
+answers out again after it restarts, and a device that moves between gateways may hear an
+answer twice, yet the application sees each answer once, across device restarts too.
+
 The methods are synchronous and thread-safe; the client calls them through
 ``asyncio.to_thread`` so that disk I/O never blocks the event loop.
 """
@@ -52,6 +57,10 @@ CREATE TABLE IF NOT EXISTS delivered (
     seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivered_seq ON delivered (seq);
+CREATE TABLE IF NOT EXISTS answers_seen (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    escalation_id TEXT NOT NULL UNIQUE
+);
 """
 
 
@@ -88,13 +97,15 @@ class DiskQueue:
         max_bytes: int = 256 * 1024 * 1024,
         durable: bool = False,
         remember_delivered: int = 4096,
+        remember_answers: int = 4096,
     ) -> None:
-        if max_items < 1 or max_bytes < 1:
-            raise ValueError("max_items and max_bytes must be positive")
+        if max_items < 1 or max_bytes < 1 or remember_answers < 1:
+            raise ValueError("max_items, max_bytes and remember_answers must be positive")
         self.path = Path(path)
         self.max_items = max_items
         self.max_bytes = max_bytes
         self._remember = remember_delivered
+        self.remember_answers = remember_answers
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread=False: calls arrive from asyncio.to_thread workers; the lock
@@ -244,7 +255,41 @@ class DiskQueue:
                     self._telemetry -= 1
                 self._bytes -= int(size)
 
+    def remember_answer(self, escalation_id: str) -> None:
+        """Record that the application was given the answer to ``escalation_id``.
+
+        Idempotent; keeps only the newest ``remember_answers`` ids (one commit).
+        """
+        with self._lock:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO answers_seen (escalation_id) VALUES (?)",
+                    (escalation_id,),
+                )
+                if cur.rowcount and cur.lastrowid is not None:
+                    self._db.execute(
+                        "DELETE FROM answers_seen WHERE n <= ?",
+                        (cur.lastrowid - self.remember_answers,),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     # -- readers ---------------------------------------------------------------------------
+
+    def answers_seen(self) -> list[str]:
+        """Escalation ids whose answers the application was given, oldest first (at most
+        ``remember_answers``)."""
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT escalation_id FROM answers_seen ORDER BY n DESC LIMIT ?",
+                (self.remember_answers,),
+            ).fetchall()
+        return [str(r[0]) for r in reversed(rows)]
 
     def peek(self, limit: int, *, exclude: frozenset[int] = frozenset()) -> list[QueuedItem]:
         """The oldest ``limit`` items not in ``exclude`` (those already in flight)."""

@@ -76,6 +76,9 @@ class SimulatorReport:
     queued: int = 0
     labels: Counter[str] = dataclasses.field(default_factory=Counter)
     gateways: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: How many times the application was given each escalation's answer (the SDK's promise:
+    #: once, also across gateway restarts and failovers).
+    answers_per_escalation: Counter[str] = dataclasses.field(default_factory=Counter)
     gateway: str | None = None
     final_error: str | None = None
     final_error_type: str | None = None
@@ -84,6 +87,9 @@ class SimulatorReport:
         out = dataclasses.asdict(self)
         out["labels"] = dict(self.labels.most_common(8))
         out["gateways"] = dict(self.gateways)
+        out["answers_per_escalation"] = dict(self.answers_per_escalation)
+        out["escalations_answered"] = len(self.answers_per_escalation)
+        out["answers_repeated"] = sum(n - 1 for n in self.answers_per_escalation.values())
         return out
 
 
@@ -260,10 +266,12 @@ class Simulator:
             if isinstance(event.kind, EscalationAnswer):
                 self.report.answers += 1
                 a = event.kind
+                self.report.answers_per_escalation[a.escalation_id] += 1
                 self.on_event(
                     "answer",
                     {
                         "frame": a.frame_id,
+                        "escalation": a.escalation_id,
                         "edge": f"{a.edge_label} {a.edge_score:.2f}",
                         "core": "still unknown" if a.still_unknown else f"{a.label} {a.score:.2f}",
                         "model": a.model_name,

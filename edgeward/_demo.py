@@ -265,18 +265,18 @@ async def _demo_steps(
 
     view.phase = "enrolling devices"
     sims: dict[str, Any] = {}
-    for device_id, device_type, region, kind, wanted in DEMO_DEVICES:
+    for device_id, device_type, region, wanted in DEMO_DEVICES:
         transport = "grpc" if wanted == "mqtt" and not stack.mqtt else wanted
         identity = await stack.enrol(device_id, device_type=device_type, region=region)
         view.note(f"{device_id} enrolled with a one-time token ({device_type}, {region})")
-        view.devices[device_id] = DeviceView(device_id, kind, transport, region)
+        view.devices[device_id] = DeviceView(device_id, device_type, transport, region)
 
         def sink(kind_: str, data: dict[str, Any], _d: str = device_id) -> None:
             view.device_event(_d, kind_, data)
 
         sims[device_id] = simulator(
             identity,
-            kind=kind,
+            kind=device_type,
             rate=rate,
             transport=transport,
             duration_s=duration_s,
@@ -354,6 +354,18 @@ def _print_summary(summary: dict[str, Any], out: Callable[[str], None]) -> None:
             f"{r['answers']} escalation answers, {r['telemetry']} telemetry reports"
             + (f"; stopped by {r['final_error_type']}" if r["final_error_type"] else "")
         )
+        if r["answers"]:
+            counts = r["answers_per_escalation"].values()
+            once = sum(n == 1 for n in counts)
+            out(
+                f"    answers per escalation id: {r['escalations_answered']} ids, "
+                + (
+                    "each delivered once"
+                    if once == len(counts)
+                    else f"{once} delivered once, {len(counts) - once} more than once "
+                    f"(up to {max(counts)} times)"
+                )
+            )
         if r["labels"]:
             out("    seen: " + ", ".join(f"{k} ×{v}" for k, v in r["labels"].items()))
     fo, ret, cut = (

@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TRUST_DOMAIN = "demo.example"
 #: (gateway id, region) of the demo's gateways, nearest first for a device of that region.
 DEMO_GATEWAYS: tuple[tuple[str, str], ...] = (("kr-seoul", "kr-seoul"), ("us-nyc", "us-nyc"))
-#: (device id, registry type, region, simulator kind, transport)
-DEMO_DEVICES: tuple[tuple[str, str, str, str, str], ...] = (
-    ("pet-camera-1", "pet-camera", "kr-seoul", "pet_camera", "grpc"),
-    ("robot-vacuum-1", "robot-vacuum", "us-nyc", "robot_vacuum", "mqtt"),
+#: (device id, device type, region, transport). The type is the registry's and the
+#: simulator's ``--kind`` alike; the gateways' default authorisation table lists both types.
+DEMO_DEVICES: tuple[tuple[str, str, str, str], ...] = (
+    ("pet-camera-1", "pet_camera", "kr-seoul", "grpc"),
+    ("robot-vacuum-1", "robot_vacuum", "us-nyc", "mqtt"),
 )
-_ALL_METHODS = ["Detect", "StreamDetect", "ReportTelemetry", "Subscribe"]
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -447,9 +447,6 @@ class DemoStack:
             "log_level": self.log_level,
             "inference": {"models_dir": str(ROOT / "models")},
             "cache": {"enabled": self.cache},
-            "authorisation": {
-                "device_types": {"pet-camera": _ALL_METHODS, "robot-vacuum": _ALL_METHODS}
-            },
         }
         if self.standalone:
             data["pki_dir"] = str(self.pki_dir)

@@ -112,6 +112,21 @@ def _parse(argv: list[str]) -> str:
     return " ".join(path)
 
 
+def test_device_types_are_spelled_as_in_the_contract(compose: dict[str, Any]) -> None:
+    """Tokens name the device types as DESIGN.md does, and each simulated device plays the
+    kind its token registered."""
+    argvs = [argv for service in compose["services"].values() for argv in _command_lines(service)]
+    types = {
+        a[a.index("--device-id") + 1]: a[a.index("--type") + 1] for a in argvs if "--type" in a
+    }
+    assert types == {"pet-camera-1": "pet_camera", "robot-vacuum-1": "robot_vacuum"}
+    kinds = {a[a.index("--kind") + 1] for a in argvs if "--kind" in a}
+    assert kinds == set(types.values())
+    for path in (ROOT / "deploy" / "compose").glob("gateway-*.toml"):
+        # The gateways' default authorisation covers both types: no table to keep in step.
+        assert "authorisation" not in tomllib.loads(path.read_text()), path.name
+
+
 def test_every_edgeward_command_in_compose_exists(compose: dict[str, Any]) -> None:
     seen = {
         _parse(argv) for service in compose["services"].values() for argv in _command_lines(service)

@@ -88,6 +88,12 @@ def test_demo_runs_and_shows_what_happens(tmp_path: Path) -> None:
         assert vacuum["transport"] == "mqtt"
     if summary["escalation"] and pet["escalated"] + vacuum["escalated"]:
         assert pet["answers"] + vacuum["answers"] > 0, "escalations get their final answers"
+        assert "each delivered once" in out
+    for report in (pet, vacuum):
+        # Each escalation's answer reaches the device once, although the camera's gateway
+        # was killed and restarted (and then handed its stored answers out again).
+        assert set(report["answers_per_escalation"].values()) <= {1}, report
+        assert report["answers"] == report["escalations_answered"]
     assert summary["left_running"] == []
     assert _processes_mentioning(str(root)) == []
 

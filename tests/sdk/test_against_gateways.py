@@ -82,7 +82,7 @@ async def _ensure_up(stack: DemoStack, gateway_id: str) -> None:
 
 
 async def test_failover_when_the_nearest_is_killed_then_return(stack: DemoStack) -> None:
-    device = await stack.enrol(unique_id("cam"), device_type="pet-camera", region="kr-seoul")
+    device = await stack.enrol(unique_id("cam"), device_type="pet_camera", region="kr-seoul")
     submitted: list[str] = []
     outcomes: list[FrameOutcome] = []
     async with DeviceClient(device, _options()) as client:
@@ -126,7 +126,7 @@ async def test_frames_wait_on_disk_while_offline_and_drain_after_a_device_restar
 ) -> None:
     """A device process with no reachable gateway accepts frames, is SIGKILLed, and a new
     process delivers every one of them (the sync facade in the first process)."""
-    device = await stack.enrol(unique_id("vac"), device_type="robot-vacuum", region="us-nyc")
+    device = await stack.enrol(unique_id("vac"), device_type="robot_vacuum", region="us-nyc")
     dead = [GatewayInfo("gw-dead", "us-nyc", f"127.0.0.1:{free_port()}")]
     script = textwrap.dedent(
         f"""
@@ -168,7 +168,7 @@ async def test_frames_wait_on_disk_while_offline_and_drain_after_a_device_restar
 
 async def test_revoked_device_gets_a_final_error_and_stops_retrying(stack: DemoStack) -> None:
     device_id = unique_id("cam")
-    device = await stack.enrol(device_id, device_type="pet-camera", region="us-nyc")
+    device = await stack.enrol(device_id, device_type="pet_camera", region="us-nyc")
     await _ensure_up(stack, "us-nyc")
     await _ensure_up(stack, "kr-seoul")
     async with DeviceClient(device, _options()) as client:
@@ -210,7 +210,7 @@ async def test_revoked_device_gets_a_final_error_and_stops_retrying(stack: DemoS
 
 
 async def test_renewal_under_load_drops_no_call(stack: DemoStack) -> None:
-    device = await stack.enrol(unique_id("cam"), device_type="pet-camera", region="us-nyc")
+    device = await stack.enrol(unique_id("cam"), device_type="pet_camera", region="us-nyc")
     await _ensure_up(stack, "us-nyc")
     offset = dt.timedelta()
     old_serial = ""
@@ -271,7 +271,7 @@ def test_identity_files_keep_their_permissions(stack: DemoStack) -> None:
 
 
 async def test_device_simulate_command(stack: DemoStack) -> None:
-    device = await stack.enrol(unique_id("vac"), device_type="robot-vacuum", region="us-nyc")
+    device = await stack.enrol(unique_id("vac"), device_type="robot_vacuum", region="us-nyc")
     await _ensure_up(stack, "us-nyc")
     await _ensure_up(stack, "kr-seoul")
     proc = await asyncio.create_subprocess_exec(
@@ -297,7 +297,7 @@ async def test_revoked_mqtt_device_gets_the_final_error_too(stack: DemoStack) ->
     """Over MQTT the broker can only refuse the TLS handshake; the client still learns that
     it is revoked (from the gateway's event stream) and stops, instead of retrying."""
     device_id = unique_id("vac")
-    device = await stack.enrol(device_id, device_type="robot-vacuum", region="us-nyc")
+    device = await stack.enrol(device_id, device_type="robot_vacuum", region="us-nyc")
     await _ensure_up(stack, "us-nyc")
     await _ensure_up(stack, "kr-seoul")
     async with DeviceClient(device, _options(transport=Transport.MQTT)) as client:
