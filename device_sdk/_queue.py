@@ -33,6 +33,7 @@ The methods are synchronous and thread-safe; the client calls them through
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -108,6 +109,10 @@ class DiskQueue:
         self.remember_answers = remember_answers
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Frames are camera images: the owner only. SQLite creates the -wal and -shm files
+        # with the database file's permissions, so the file is 0600 before the first connect.
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.path.chmod(0o600)
         # check_same_thread=False: calls arrive from asyncio.to_thread workers; the lock
         # serialises them.
         self._db = sqlite3.connect(
@@ -119,7 +124,6 @@ class DiskQueue:
         # a device may run many clients (or be small).
         self._db.execute("PRAGMA cache_size=-256")
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)
         frames, telemetry, size = self._db.execute(
             "SELECT COALESCE(SUM(kind = 'frame'), 0), COALESCE(SUM(kind = 'telemetry'), 0),"
             " COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"

@@ -77,3 +77,13 @@ def test_survives_a_process_dying_without_close(tmp_path: Path) -> None:
     q = DiskQueue(path)
     assert [i.frame_id for i in q.peek(100)] == [f"frame-{i}" for i in range(50)]
     assert q.stats().frames == 50
+
+
+def test_write_ahead_log_of_queued_frames_is_private_too(tmp_path: Path) -> None:
+    """The -wal and -shm files hold the same camera frames: 0600 like the database."""
+    q = DiskQueue(tmp_path / "q.sqlite3")
+    assert q.put_frame("f0", b"jpeg bytes")
+    files = list(tmp_path.iterdir())
+    assert len(files) > 1, "WAL mode should have created the -wal file"
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o600, p.name
