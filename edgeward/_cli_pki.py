@@ -107,16 +107,27 @@ def issue_server_cmd(
     ip: tuple[str, ...],
     out: Path | None,
 ) -> None:
-    """Issue a server certificate (serverAuth + clientAuth) for a gateway or core."""
+    """Issue a server certificate (serverAuth + clientAuth) for a gateway or core.
+
+    The certificate is recorded in the registry first, so that 'pki revoke' can revoke it.
+    """
     for address in ip:
         ipaddress.ip_address(address)  # ValueError: one clear line
     for name in dns:
         if not name or any(c in name for c in "/+# \x00") or name != name.lower():
             raise click.BadParameter(f"{name!r} is not a lower-case DNS name", param_hint="--dns")
     target = out or pkilib.PkiLayout(pki_dir).servers / f"{role}-{server_id}"
-    files = pkilib.issue_identity(
-        pki_dir, target, role=pkilib.Role(role), id=server_id, dns_names=dns, ip_addresses=ip
-    )
+    pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        files = pkilib.issue_identity(
+            pki_dir,
+            target,
+            role=pkilib.Role(role),
+            id=server_id,
+            dns_names=dns,
+            ip_addresses=ip,
+            registry=registry,
+        )
     cert = files.certificate()
     click.echo(
         f"{role} {server_id}: serial {pkilib.serial_hex(cert.serial_number)}, valid until "
@@ -147,32 +158,56 @@ def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl:
     click.echo(token)
 
 
+def _revoked_text(record: pkilib.RevocationRecord) -> str:
+    owner = (
+        record.device_id
+        if record.role is pkilib.Role.DEVICE
+        else f"{record.role.value} {record.device_id}"
+    )
+    what = f"certificate {record.serial} of {owner}" if record.serial else owner
+    return f"revoked {what} (sequence {record.sequence})"
+
+
 @pki.command("revoke")
 @_DIR
 @click.option("--device-id", callback=validated_id("device id"))
-@click.option("--serial", help="hex serial of one certificate")
+@click.option("--gateway-id", callback=validated_id("gateway id"))
+@click.option("--serial", help="hex serial of one certificate (a device's, gateway's or core's)")
 @click.option("--reason", default="revoked by operator", show_default=True)
 @one_line_errors
-def revoke_cmd(pki_dir: Path, device_id: str | None, serial: str | None, reason: str) -> None:
-    """Revoke a device (all its certificates) or one certificate; gateways are told at once."""
-    if (device_id is None) == (serial is None):
-        raise click.UsageError("give exactly one of --device-id and --serial")
+def revoke_cmd(
+    pki_dir: Path,
+    device_id: str | None,
+    gateway_id: str | None,
+    serial: str | None,
+    reason: str,
+) -> None:
+    """Revoke a device (all its certificates), a gateway (all its recorded certificates) or
+    one certificate. Gateways hear of device revocations at once; the core refuses a revoked
+    gateway at once."""
+    if sum(v is not None for v in (device_id, gateway_id, serial)) != 1:
+        raise click.UsageError("give exactly one of --device-id, --gateway-id and --serial")
+    if serial is not None:
+        try:
+            int(serial.strip().removeprefix("0x"), 16)
+        except ValueError:
+            raise click.BadParameter("not a hex serial", param_hint="--serial") from None
     pkilib.CertificateAuthority.load(pki_dir)
     with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
         if device_id is not None:
-            record = pkilib.revoke_device(registry, device_id, reason=reason, now=_now())
+            records = [pkilib.revoke_device(registry, device_id, reason=reason, now=_now())]
+        elif gateway_id is not None:
+            records = pkilib.revoke_server(
+                registry, pkilib.Role.GATEWAY, gateway_id, reason=reason, now=_now()
+            )
+            if not records:
+                click.echo(f"every certificate of gateway {gateway_id} was already revoked")
         elif serial is not None:
-            try:
-                int(serial.removeprefix("0x"), 16)
-            except ValueError:
-                raise click.BadParameter("not a hex serial", param_hint="--serial") from None
-            record = pkilib.revoke_serial(registry, serial, reason=reason, now=_now())
+            records = [pkilib.revoke_serial(registry, serial, reason=reason, now=_now())]
         else:  # pragma: no cover - excluded by the check above
-            raise click.UsageError("give exactly one of --device-id and --serial")
-    what = (
-        f"certificate {record.serial} of {record.device_id}" if record.serial else record.device_id
-    )
-    click.echo(f"revoked {what} (sequence {record.sequence})")
+            raise click.UsageError("give exactly one of --device-id, --gateway-id and --serial")
+    for record in records:
+        click.echo(_revoked_text(record))
 
 
 @pki.command("crl")
@@ -193,11 +228,12 @@ def crl_cmd(pki_dir: Path, out: Path, der: bool) -> None:
 @_DIR
 @one_line_errors
 def list_cmd(pki_dir: Path) -> None:
-    """Devices and their certificates."""
+    """Devices and their certificates, then gateway and core certificates."""
     pkilib.CertificateAuthority.load(pki_dir)
     with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
         devices = registry.list_devices()
         certs = registry.list_certificates()
+        servers = registry.list_server_certificates()
     click.echo(f"{'DEVICE':<24} {'TYPE':<16} {'REGION':<12} {'STATUS':<8} CREATED")
     for d in devices:
         click.echo(
@@ -209,4 +245,11 @@ def list_cmd(pki_dir: Path) -> None:
     for c in certs:
         click.echo(
             f"{c.serial:<42} {c.device_id:<24} {c.status.value:<8} {c.not_after:%Y-%m-%d %H:%M}"
+        )
+    click.echo("")
+    click.echo(f"{'SERIAL':<42} {'SERVER':<24} {'STATUS':<8} NOT AFTER")
+    for sc in servers:
+        owner = f"{sc.role.value}/{sc.server_id}"
+        click.echo(
+            f"{sc.serial:<42} {owner:<24} {sc.status.value:<8} {sc.not_after:%Y-%m-%d %H:%M}"
         )

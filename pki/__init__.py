@@ -22,6 +22,7 @@ from pki._enrollment import (
     create_token,
     revoke_device,
     revoke_serial,
+    revoke_server,
 )
 from pki._files import generate_private_key, load_private_key, write_atomic, write_private_key
 from pki._identity import IdentityFiles, issue_identity, write_identity
@@ -41,6 +42,7 @@ from pki._registry import (
     GatewayRecord,
     Registry,
     RevocationRecord,
+    ServerCertificateRecord,
     SqliteRegistry,
     Status,
     TokenRecord,
@@ -99,6 +101,7 @@ __all__ = [
     "RegistryError",
     "RevocationRecord",
     "Role",
+    "ServerCertificateRecord",
     "SignatureInvalid",
     "SignedPayload",
     "SqliteRegistry",
@@ -123,6 +126,7 @@ __all__ = [
     "parse_ttl",
     "revoke_device",
     "revoke_serial",
+    "revoke_server",
     "serial_hex",
     "server_ssl_context",
     "sign_payload",

@@ -9,8 +9,12 @@ in words an honest device can act on:
 * the key is EC P-256 or P-384 (what the devices and our TLS settings use; RSA and Ed25519 are
   refused so every identity has the same strength and TLS compatibility);
 * the subject is exactly ``CN=<device id>``; a subjectAltName, if present, is exactly the
-  device's SPIFFE URI; no other extension is requested. The profile (key usage, EKU, lifetime)
-  is set by the CA, never copied from the request.
+  device's SPIFFE URI; no other extension is requested, and none twice. The profile (key usage,
+  EKU, lifetime) is set by the CA, never copied from the request.
+
+cryptography parses a CSR's subject and extensions lazily, when they are first read, so those
+reads can raise its own errors (``DuplicateExtension``, ``ValueError`` for a malformed
+extension); :func:`_check_names` turns every one of them into :class:`InvalidCsr`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import DuplicateExtension, UnsupportedGeneralNameType
 from cryptography.x509.oid import NameOID
 
 from pki._names import Identity
@@ -71,8 +76,27 @@ def _check_signature(csr: x509.CertificateSigningRequest) -> None:
         )
 
 
+def _parsed_names(
+    csr: x509.CertificateSigningRequest,
+) -> tuple[list[x509.NameAttribute[str | bytes]], list[x509.Extension[x509.ExtensionType]]]:
+    """The CSR's subject attributes and requested extensions, or :class:`InvalidCsr`."""
+    try:
+        attrs = list(csr.subject)
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidCsr("the CSR's subject cannot be parsed") from None
+    try:
+        extensions = list(csr.extensions)
+    except DuplicateExtension as exc:
+        raise InvalidCsr(
+            f"the CSR requests extension {exc.oid.dotted_string} more than once"
+        ) from None
+    except (ValueError, UnsupportedGeneralNameType, UnsupportedAlgorithm):
+        raise InvalidCsr("the CSR's requested extensions cannot be parsed") from None
+    return attrs, extensions
+
+
 def _check_names(csr: x509.CertificateSigningRequest, identity: Identity) -> None:
-    attrs = list(csr.subject)
+    attrs, extensions = _parsed_names(csr)
     cns = [a for a in attrs if a.oid == NameOID.COMMON_NAME]
     if len(attrs) != 1 or len(cns) != 1:
         raise InvalidCsr("the CSR's subject must be exactly CN=<device id>, with nothing else")
@@ -81,7 +105,7 @@ def _check_names(csr: x509.CertificateSigningRequest, identity: Identity) -> Non
         raise InvalidCsr(
             "the CSR's subject CN is not the device id the token or certificate is for"
         )
-    for ext in csr.extensions:
+    for ext in extensions:
         if not isinstance(ext.value, x509.SubjectAlternativeName):
             raise InvalidCsr(
                 f"the CSR requests extension {ext.oid.dotted_string}; only subjectAltName is "

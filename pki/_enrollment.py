@@ -51,6 +51,7 @@ __all__ = [
     "create_token",
     "revoke_device",
     "revoke_serial",
+    "revoke_server",
 ]
 
 _audit = structlog.get_logger("pki.audit")
@@ -159,20 +160,39 @@ def revoke_device(
     return record
 
 
-def revoke_serial(
-    registry: Registry, serial: str, *, reason: str, now: dt.datetime
-) -> RevocationRecord:
-    """Revoke one certificate by serial; audit-logged."""
-    record = registry.revoke_serial(serial, reason=reason, now=now)
+def _audit_certificate_revoked(record: RevocationRecord) -> None:
+    owner = (
+        {"device_id": record.device_id}
+        if record.role is Role.DEVICE
+        else {"role": record.role.value, f"{record.role.value}_id": record.device_id}
+    )
     _audit.info(
         "certificate.revoked",
         audit=True,
-        device_id=record.device_id,
         serial=record.serial,
         sequence=record.sequence,
         reason=record.reason,
+        **owner,
     )
+
+
+def revoke_serial(
+    registry: Registry, serial: str, *, reason: str, now: dt.datetime
+) -> RevocationRecord:
+    """Revoke one certificate by serial (a device's, a gateway's or a core's); audit-logged."""
+    record = registry.revoke_serial(serial, reason=reason, now=now)
+    _audit_certificate_revoked(record)
     return record
+
+
+def revoke_server(
+    registry: Registry, role: Role, server_id: str, *, reason: str, now: dt.datetime
+) -> list[RevocationRecord]:
+    """Revoke every recorded certificate of a gateway or core; one audit line per serial."""
+    records = registry.revoke_server(role, server_id, reason=reason, now=now)
+    for record in records:
+        _audit_certificate_revoked(record)
+    return records
 
 
 class EnrollmentAuthority:
@@ -195,22 +215,28 @@ class EnrollmentAuthority:
     def trust_domain(self) -> str:
         return self.ca.trust_domain
 
-    def _issue(
+    def _issue_renewal(
         self,
         identity: Identity,
         public_key: ec.EllipticCurvePublicKey,
         device: DeviceRecord,
+        previous_serial: str,
         now: dt.datetime,
     ) -> IssuedCertificate:
         cert = self.ca.issue(public_key, identity=identity, now=now, lifetime=self.device_lifetime)
-        self.registry.record_certificate(
+        # check_current ran before the signature; a revocation may have landed since. One
+        # transaction checks the device and the previous serial again and records the new
+        # certificate, so it is handed out only if nothing was revoked in between (a
+        # revocation after it covers the new certificate too). Otherwise it is dropped here.
+        self.registry.record_renewal(
+            previous_serial,
             CertificateRecord(
                 serial_hex(cert.serial_number),
                 identity.id,
                 cert.not_valid_after_utc,
                 Status.ACTIVE,
                 now,
-            )
+            ),
         )
         return IssuedCertificate(
             cert, self.ca.chain_pem(cert), self.ca.bundle_pem, device, identity
@@ -320,7 +346,9 @@ class EnrollmentAuthority:
                 device_id = None
             identity, device = self.check_current(current, now=now)
             public_key = validate_csr(csr, identity=identity)
-            issued = self._issue(identity, public_key, device, now)
+            issued = self._issue_renewal(
+                identity, public_key, device, serial_hex(current.serial_number), now
+            )
         except (InvalidCsr, InvalidIdentity, CertificateRevoked, CertificateExpired) as exc:
             self._refused("renew", str(exc), device_id=device_id, peer=peer)
             raise

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from pki._ca import CertificateAuthority, PkiLayout, serial_hex
 from pki._files import generate_private_key, write_atomic, write_private_key
 from pki._names import Identity, Role, identity_from_certificate
+from pki._registry import Registry, ServerCertificateRecord, Status
 from pki.errors import PkiNotFound
 
 __all__ = ["IdentityFiles", "issue_identity", "write_identity"]
@@ -107,8 +108,7 @@ def write_identity(
     never a certificate whose key is missing.
     """
     files = IdentityFiles(Path(directory))
-    files.directory.mkdir(parents=True, exist_ok=True)
-    files.directory.chmod(0o700)
+    _private_directory(files.directory)
     if key_pem is not None:
         write_atomic(files.key, key_pem, mode=0o600)
     write_atomic(files.cert, certificate.public_bytes(serialization.Encoding.PEM))
@@ -124,6 +124,12 @@ def write_identity(
     return files
 
 
+def _private_directory(directory: Path) -> None:
+    """Create ``directory`` (0700) or tighten it to 0700, before any key goes into it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)  # mkdir's mode is masked by the umask, and exist_ok keeps old modes
+
+
 def issue_identity(
     pki_dir: Path,
     out_dir: Path,
@@ -135,12 +141,18 @@ def issue_identity(
     lifetime: dt.timedelta | None = None,
     now: dt.datetime | None = None,
     metadata: dict[str, object] | None = None,
+    registry: Registry | None = None,
 ) -> IdentityFiles:
-    """Generate a key in ``out_dir`` and have the PKI's issuing CA certify it.
+    """Generate a key in ``out_dir`` (0700; the key 0600) and have the PKI's issuing CA
+    certify it.
 
-    Used for gateway and core identities (``edgeward pki issue-server``) and by tests. Devices
-    enrol with a token instead, so that their key never leaves them.
+    Used for gateway and core identities (``edgeward pki issue-server``, the core's own) and by
+    tests. Devices enrol with a token instead, so that their key never leaves them. With
+    ``registry``, a gateway or core certificate is recorded there *before* any file is
+    written, so every certificate in use can be revoked (``edgeward pki revoke --serial``).
     """
+    if registry is not None and role is Role.DEVICE:
+        raise ValueError("device certificates are recorded by enrolment; pass no registry")
     ca = CertificateAuthority.load(pki_dir)
     now = now or dt.datetime.now(dt.UTC)
     identity = Identity(ca.trust_domain, role, id)
@@ -153,8 +165,19 @@ def issue_identity(
         dns_names=dns_names,
         ip_addresses=ip_addresses,
     )
+    if registry is not None:
+        registry.record_server_certificate(
+            ServerCertificateRecord(
+                serial_hex(cert.serial_number),
+                role,
+                id,
+                cert.not_valid_after_utc,
+                Status.ACTIVE,
+                now,
+            )
+        )
     out = IdentityFiles(Path(out_dir))
-    out.directory.mkdir(parents=True, exist_ok=True)
+    _private_directory(out.directory)
     write_private_key(out.key, key)
     meta: dict[str, object] = {"id": id, "role": role.value, "trust_domain": ca.trust_domain}
     meta.update(metadata or {})

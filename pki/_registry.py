@@ -9,6 +9,13 @@ Revocations carry a sequence number from ``INTEGER PRIMARY KEY AUTOINCREMENT``: 
 reuses or lowers it (sqlite.org/autoinc.html), so a gateway resuming with "everything after
 ``n``" gets no gaps and no repeats.
 
+Gateway and core (server) certificates live in their own table, ``server_certificates``
+(serial, role, id): they belong to no device, and the ``certificates`` table's device foreign
+key stays as it is in registries made by earlier versions. A server revocation is one
+``revocations`` row per certificate (``role`` = gateway/core, ``serial`` set), so it gets a
+sequence number, wakes the core's feed and reaches the CRL like a device's, and a device that
+happens to share the server's id is never affected.
+
 Times are stored as UTC POSIX seconds (REAL) so that comparisons run inside SQL.
 """
 
@@ -24,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pki._names import validate_device_type, validate_id
-from pki.errors import CertificateRevoked, RegistryError, TokenRejected
+from pki._names import Role, validate_device_type, validate_id
+from pki.errors import CertificateRevoked, InvalidIdentity, RegistryError, TokenRejected
 
 __all__ = [
     "CertificateRecord",
@@ -33,6 +40,7 @@ __all__ = [
     "GatewayRecord",
     "Registry",
     "RevocationRecord",
+    "ServerCertificateRecord",
     "SqliteRegistry",
     "Status",
     "TokenRecord",
@@ -63,6 +71,18 @@ class CertificateRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCertificateRecord:
+    """A gateway's or core's certificate (``edgeward pki issue-server``, the core's own)."""
+
+    serial: str
+    role: Role  # Role.GATEWAY or Role.CORE
+    server_id: str
+    not_after: dt.datetime
+    status: Status
+    issued_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class TokenRecord:
     """What a token grants; the token itself is never stored, only ``token_hash``."""
 
@@ -76,11 +96,15 @@ class TokenRecord:
 
 @dataclass(frozen=True, slots=True)
 class RevocationRecord:
+    """One revocation. ``device_id`` is the device's id, or the server's id when ``role`` is
+    gateway or core (server revocations always name one ``serial``)."""
+
     sequence: int
     device_id: str
     serial: str | None  # None: the whole device
     reason: str
     revoked_at: dt.datetime
+    role: Role = Role.DEVICE
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +132,21 @@ class Registry(Protocol):
     def get_device(self, device_id: str) -> DeviceRecord | None: ...
     def list_devices(self) -> list[DeviceRecord]: ...
     def record_certificate(self, record: CertificateRecord) -> None: ...
+    def record_renewal(self, previous_serial: str, certificate: CertificateRecord) -> None: ...
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
     def list_certificates(self, device_id: str | None = None) -> list[CertificateRecord]: ...
+    def record_server_certificate(self, record: ServerCertificateRecord) -> None: ...
+    def get_server_certificate(self, serial: str) -> ServerCertificateRecord | None: ...
+    def list_server_certificates(
+        self, role: Role | None = None, server_id: str | None = None
+    ) -> list[ServerCertificateRecord]: ...
     def revoke_device(
         self, device_id: str, *, reason: str, now: dt.datetime
     ) -> RevocationRecord: ...
     def revoke_serial(self, serial: str, *, reason: str, now: dt.datetime) -> RevocationRecord: ...
+    def revoke_server(
+        self, role: Role, server_id: str, *, reason: str, now: dt.datetime
+    ) -> list[RevocationRecord]: ...
     def revocations_since(self, sequence: int, *, limit: int = 1000) -> list[RevocationRecord]: ...
     def last_sequence(self) -> int: ...
     def revoked_serials(self) -> list[tuple[str, dt.datetime]]: ...
@@ -150,12 +183,22 @@ CREATE TABLE IF NOT EXISTS tokens (
     used_at REAL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS server_certificates (
+    serial TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('gateway', 'core')),
+    server_id TEXT NOT NULL,
+    not_after REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS server_certificates_id ON server_certificates(role, server_id);
 CREATE TABLE IF NOT EXISTS revocations (
     sequence INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
     serial TEXT,
     reason TEXT NOT NULL,
-    revoked_at REAL NOT NULL
+    revoked_at REAL NOT NULL,
+    role TEXT NOT NULL DEFAULT 'device'
 );
 CREATE TABLE IF NOT EXISTS gateways (
     id TEXT PRIMARY KEY,
@@ -171,6 +214,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 _MAX_REASON = 200
+_SERVER_ROLES = frozenset({Role.GATEWAY, Role.CORE})
 
 
 def _ts(t: dt.datetime) -> float:
@@ -181,6 +225,12 @@ def _ts(t: dt.datetime) -> float:
 
 def _dt(v: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(v, dt.UTC)
+
+
+def _canonical_serial(serial: str) -> str:
+    """A serial as the registry keys it (see ``pki.serial_hex``): lower-case hex, no 0x, no
+    leading zeros."""
+    return serial.strip().lower().removeprefix("0x").lstrip("0") or "0"
 
 
 def _clean_reason(reason: str) -> str:
@@ -214,12 +264,34 @@ class SqliteRegistry:
             with self._lock:
                 # executescript commits on its own; every statement is idempotent.
                 self._db.executescript(_SCHEMA)
+                self._migrate()
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
         self.path.chmod(0o600)
 
     def __repr__(self) -> str:
         return f"SqliteRegistry({str(self.path)!r})"
+
+    def _migrate(self) -> None:
+        """Bring a registry made by an earlier version up to this schema (additive only).
+
+        Checked again inside the write transaction: two processes may open an old file at once.
+        """
+        if self._has_column("revocations", "role"):
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._has_column("revocations", "role"):
+                self._db.execute(
+                    "ALTER TABLE revocations ADD COLUMN role TEXT NOT NULL DEFAULT 'device'"
+                )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(row[1] == column for row in self._db.execute(f"PRAGMA table_info({table})"))
 
     def close(self) -> None:
         with self._lock:
@@ -437,6 +509,50 @@ class SqliteRegistry:
         except sqlite3.IntegrityError as exc:
             raise RegistryError(f"cannot record certificate {record.serial}: {exc}") from exc
 
+    def record_renewal(self, previous_serial: str, certificate: CertificateRecord) -> None:
+        """Record a renewed certificate if its device and ``previous_serial`` still may renew.
+
+        The check and the insert are one transaction (like :meth:`complete_enrolment`), so a
+        revocation that lands while the new certificate is being signed either comes first
+        (this raises :class:`CertificateRevoked` and the certificate is never handed out) or
+        after (it revokes the new certificate with the rest). Raises :class:`InvalidIdentity`
+        when the device or the previous serial is unknown or belongs to another device.
+        """
+        device_id = certificate.device_id
+        try:
+            with self._write() as db:
+                device = db.execute(
+                    "SELECT status FROM devices WHERE id = ?", (device_id,)
+                ).fetchone()
+                if device is None:
+                    raise InvalidIdentity(
+                        "certificate is not known to the registry; enrol with a token"
+                    )
+                if device[0] == Status.REVOKED:
+                    raise CertificateRevoked(device_id)
+                previous = db.execute(
+                    "SELECT device_id, status FROM certificates WHERE serial = ?",
+                    (previous_serial,),
+                ).fetchone()
+                if previous is None or previous[0] != device_id:
+                    raise InvalidIdentity(
+                        "certificate is not known to the registry; enrol with a token"
+                    )
+                if previous[1] == Status.REVOKED:
+                    raise CertificateRevoked(device_id, previous_serial)
+                db.execute(
+                    "INSERT INTO certificates (serial, device_id, not_after, status, issued_at)"
+                    " VALUES (?, ?, ?, 'active', ?)",
+                    (
+                        certificate.serial,
+                        device_id,
+                        _ts(certificate.not_after),
+                        _ts(certificate.issued_at),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(f"cannot record certificate {certificate.serial}: {exc}") from exc
+
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(
             "SELECT serial, device_id, not_after, status, issued_at FROM certificates"
@@ -462,6 +578,59 @@ class SqliteRegistry:
             _dt(float(na)),
             Status(str(st)),
             _dt(float(ia)),
+        )
+
+    # -- server (gateway, core) certificates ------------------------------------------------
+
+    def record_server_certificate(self, record: ServerCertificateRecord) -> None:
+        """Record a gateway's or core's certificate, so that it can be revoked later."""
+        if record.role not in _SERVER_ROLES:
+            raise ValueError("device certificates are recorded by enrolment, not here")
+        validate_id(record.server_id, kind=f"{record.role.value} id")
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO server_certificates"
+                    " (serial, role, server_id, not_after, status, issued_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.serial,
+                        record.role.value,
+                        record.server_id,
+                        _ts(record.not_after),
+                        record.status.value,
+                        _ts(record.issued_at),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(f"cannot record certificate {record.serial}: {exc}") from exc
+
+    def get_server_certificate(self, serial: str) -> ServerCertificateRecord | None:
+        rows = self._read(
+            "SELECT serial, role, server_id, not_after, status, issued_at"
+            " FROM server_certificates WHERE serial = ?",
+            (_canonical_serial(serial),),
+        )
+        return self._server(rows[0]) if rows else None
+
+    def list_server_certificates(
+        self, role: Role | None = None, server_id: str | None = None
+    ) -> list[ServerCertificateRecord]:
+        # NULL parameters match everything: one fixed statement, no SQL built from input.
+        rows = self._read(
+            "SELECT serial, role, server_id, not_after, status, issued_at"
+            " FROM server_certificates"
+            " WHERE (?1 IS NULL OR role = ?1) AND (?2 IS NULL OR server_id = ?2)"
+            " ORDER BY role, server_id, issued_at, serial",
+            (None if role is None else Role(role).value, server_id),
+        )
+        return [self._server(r) for r in rows]
+
+    @staticmethod
+    def _server(row: tuple[Any, ...]) -> ServerCertificateRecord:
+        s, role, sid, na, st, ia = row
+        return ServerCertificateRecord(
+            str(s), Role(str(role)), str(sid), _dt(float(na)), Status(str(st)), _dt(float(ia))
         )
 
     # -- revocation ------------------------------------------------------------------------
@@ -492,28 +661,86 @@ class SqliteRegistry:
         return RevocationRecord(seq, device_id, None, reason, now)
 
     def revoke_serial(self, serial: str, *, reason: str, now: dt.datetime) -> RevocationRecord:
-        """Revoke one certificate; the device keeps its other certificates."""
-        serial = serial.lower().removeprefix("0x").lstrip("0") or "0"
+        """Revoke one certificate, a device's or a server's; its owner keeps its others."""
+        serial = _canonical_serial(serial)
         reason = _clean_reason(reason)
         with self._write() as db:
             row = db.execute(
                 "SELECT device_id FROM certificates WHERE serial = ?", (serial,)
             ).fetchone()
-            if row is None:
+            if row is not None:
+                device_id = str(row[0])
+                db.execute("UPDATE certificates SET status = 'revoked' WHERE serial = ?", (serial,))
+                cur = db.execute(
+                    "INSERT INTO revocations (device_id, serial, reason, revoked_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (device_id, serial, reason, _ts(now)),
+                )
+                return RevocationRecord(int(cur.lastrowid or 0), device_id, serial, reason, now)
+            server = db.execute(
+                "SELECT role, server_id FROM server_certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+            if server is None:
                 raise RegistryError(f"no certificate with serial {serial} in the registry")
-            device_id = str(row[0])
-            db.execute("UPDATE certificates SET status = 'revoked' WHERE serial = ?", (serial,))
-            cur = db.execute(
-                "INSERT INTO revocations (device_id, serial, reason, revoked_at)"
-                " VALUES (?, ?, ?, ?)",
-                (device_id, serial, reason, _ts(now)),
+            return self._revoke_server_serial(
+                db,
+                serial,
+                role=Role(str(server[0])),
+                server_id=str(server[1]),
+                reason=reason,
+                now=now,
             )
-            seq = int(cur.lastrowid or 0)
-        return RevocationRecord(seq, device_id, serial, reason, now)
+
+    def revoke_server(
+        self, role: Role, server_id: str, *, reason: str, now: dt.datetime
+    ) -> list[RevocationRecord]:
+        """Revoke every certificate recorded for a gateway or core; one record per serial.
+
+        Certificates already revoked are left as they are (and not listed). Raises
+        :class:`RegistryError` when the registry knows no certificate of that server.
+        """
+        role = Role(role)
+        if role not in _SERVER_ROLES:
+            raise ValueError("revoke devices with revoke_device")
+        validate_id(server_id, kind=f"{role.value} id")
+        reason = _clean_reason(reason)
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT serial, status FROM server_certificates WHERE role = ? AND server_id = ?"
+                " ORDER BY issued_at, serial",
+                (role.value, server_id),
+            ).fetchall()
+            if not rows:
+                raise RegistryError(f"no certificate of {role.value} {server_id} in the registry")
+            return [
+                self._revoke_server_serial(
+                    db, str(serial), role=role, server_id=server_id, reason=reason, now=now
+                )
+                for serial, status in rows
+                if status != Status.REVOKED
+            ]
+
+    @staticmethod
+    def _revoke_server_serial(
+        db: sqlite3.Connection,
+        serial: str,
+        *,
+        role: Role,
+        server_id: str,
+        reason: str,
+        now: dt.datetime,
+    ) -> RevocationRecord:
+        db.execute("UPDATE server_certificates SET status = 'revoked' WHERE serial = ?", (serial,))
+        cur = db.execute(
+            "INSERT INTO revocations (device_id, serial, reason, revoked_at, role)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (server_id, serial, reason, _ts(now), role.value),
+        )
+        return RevocationRecord(int(cur.lastrowid or 0), server_id, serial, reason, now, role)
 
     def revocations_since(self, sequence: int, *, limit: int = 1000) -> list[RevocationRecord]:
         rows = self._read(
-            "SELECT sequence, device_id, serial, reason, revoked_at FROM revocations"
+            "SELECT sequence, device_id, serial, reason, revoked_at, role FROM revocations"
             " WHERE sequence > ? ORDER BY sequence LIMIT ?",
             (int(sequence), int(limit)),
         )
@@ -524,8 +751,9 @@ class SqliteRegistry:
                 None if s is None else str(s),
                 str(r),
                 _dt(float(at)),
+                Role(str(role)),
             )
-            for q, d, s, r, at in rows
+            for q, d, s, r, at, role in rows
         ]
 
     def last_sequence(self) -> int:
@@ -533,14 +761,26 @@ class SqliteRegistry:
         return int(rows[0][0])
 
     def revoked_serials(self) -> list[tuple[str, dt.datetime]]:
-        """Every revoked certificate with the time its revocation was recorded (for the CRL)."""
+        """Every revoked certificate with the time its revocation was recorded (for the CRL).
+
+        Every certificate of a revoked device is listed whatever its own status says, so a
+        certificate recorded after the device's revocation can never be missing; revoked
+        gateway and core certificates are listed too.
+        """
         rows = self._read(
             "SELECT c.serial, COALESCE("
             "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = c.serial),"
             "  (SELECT MIN(r.revoked_at) FROM revocations r"
-            "    WHERE r.device_id = c.device_id AND r.serial IS NULL),"
+            "    WHERE r.device_id = c.device_id AND r.serial IS NULL AND r.role = 'device'),"
             "  c.issued_at)"
-            " FROM certificates c WHERE c.status = 'revoked' ORDER BY c.serial"
+            " FROM certificates c WHERE c.status = 'revoked'"
+            "  OR c.device_id IN (SELECT id FROM devices WHERE status = 'revoked')"
+            " UNION ALL "
+            "SELECT s.serial, COALESCE("
+            "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = s.serial),"
+            "  s.issued_at)"
+            " FROM server_certificates s WHERE s.status = 'revoked'"
+            " ORDER BY 1"
         )
         return [(str(s), _dt(float(at))) for s, at in rows]
 

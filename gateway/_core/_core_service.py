@@ -1,8 +1,12 @@
 """The ``Core`` gRPC service for gateways: revocation feed, gateway directory, device facts.
 
 Every method requires a gateway identity, read from the TLS peer certificate (mutual-TLS port);
-a device, another core or a caller without a certificate is refused. ``Escalate`` is served by a
-pluggable handler (:class:`EscalateHandler`) and answers ``UNIMPLEMENTED`` until one is plugged.
+a device, another core or a caller without a certificate is refused. So is a gateway whose
+certificate the registry lists as revoked (``edgeward pki revoke --serial S`` or
+``--gateway-id ID``): ``PERMISSION_DENIED`` and an audit line (``gateway.refused``) on every
+method; an open ``WatchRevocations`` stream of that certificate ends with the same status as
+soon as the feed sees the revocation (``feed_poll_s``). ``Escalate`` is served by a pluggable
+handler (:class:`EscalateHandler`) and answers ``UNIMPLEMENTED`` until one is plugged.
 
 The revocation feed replays the registry after ``since_sequence`` and then follows it live. The
 registry may be changed by another process (``edgeward pki revoke``), so one
@@ -11,6 +15,8 @@ stream; each stream reads what it has not sent yet, in sequence order, so a gate
 reconnects with the last sequence it saw gets no gap and no repeat. A heartbeat (``heartbeat``
 set, ``sequence`` = the last sequence sent) follows the replay and then comes every
 ``heartbeat_s`` without events, so a gateway can tell a quiet feed from a dead one.
+Revocations of gateway and core certificates take sequence numbers too but are not sent: the
+feed is of devices; a gateway sees a gap in the sequence, which it does not need to fill.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -32,7 +38,8 @@ from gateway._core._status import (
     NotFound,
     PermissionDenied,
     Unimplemented,
-    require_identity,
+    peer_host,
+    require_peer,
     server_stream,
     unary,
 )
@@ -41,6 +48,7 @@ from protos.edgeward.v1 import common_pb2, core_pb2, core_pb2_grpc
 __all__ = ["CoreService", "EscalateHandler", "RevocationFeed"]
 
 _log = structlog.get_logger(__name__)
+_audit = structlog.get_logger("pki.audit")
 _REPLAY_BATCH = 500
 
 
@@ -129,14 +137,43 @@ class CoreService(core_pb2_grpc.CoreServicer):
         self._clock = clock
         self._escalate = escalate
 
-    def _gateway(self, context: Context) -> pki.Identity:
-        return require_identity(context, trust_domain=self._trust_domain, role=pki.Role.GATEWAY)
+    async def _gateway(self, context: Context, method: str) -> tuple[pki.Identity, str]:
+        """The calling gateway's identity and certificate serial, unless it is revoked."""
+        gateway, serial = require_peer(
+            context, trust_domain=self._trust_domain, role=pki.Role.GATEWAY
+        )
+        if await asyncio.to_thread(self._revoked, serial):
+            self._refuse(context, gateway, serial, method)
+        return gateway, serial
+
+    def _revoked(self, serial: str) -> bool:
+        # Certificates the registry never recorded (issued before it recorded server
+        # certificates, or into another registry) cannot be revoked there; the CRL works the
+        # same way (a list of what is revoked, not of what is allowed).
+        record = self._registry.get_server_certificate(serial)
+        return record is not None and record.status is pki.Status.REVOKED
+
+    @staticmethod
+    def _refuse(context: Context, gateway: pki.Identity, serial: str, method: str) -> NoReturn:
+        _audit.warning(
+            "gateway.refused",
+            audit=True,
+            gateway_id=gateway.id,
+            serial=serial,
+            method=method,
+            reason="certificate revoked",
+            peer=peer_host(context.peer()),
+        )
+        raise PermissionDenied(
+            "this gateway's certificate is revoked: stop retrying and ask the operator for a "
+            "new one ('edgeward pki issue-server')"
+        )
 
     @unary
     async def Escalate(
         self, request: core_pb2.EscalationRequest, context: Context
     ) -> core_pb2.EscalationResult:
-        gateway = self._gateway(context)
+        gateway, _ = await self._gateway(context, "Escalate")
         if self._escalate is None:
             raise Unimplemented("escalation is not enabled on this core")
         return await self._escalate(request, context, gateway=gateway)
@@ -145,17 +182,26 @@ class CoreService(core_pb2_grpc.CoreServicer):
     async def WatchRevocations(
         self, request: core_pb2.WatchRevocationsRequest, context: Context
     ) -> AsyncIterator[core_pb2.RevocationEvent]:
-        gateway = self._gateway(context)
+        gateway, serial = await self._gateway(context, "WatchRevocations")
         sent = int(request.since_sequence)
         _log.info("revocations.watch", gateway_id=gateway.id, since_sequence=sent)
         last_beat = float("-inf")  # the first heartbeat marks the end of the replay
+
+        def read(after: int) -> tuple[bool, list[pki.RevocationRecord]]:
+            # Own revocation first: a revoked gateway gets nothing more, not even the batch.
+            if self._revoked(serial):
+                return True, []
+            return False, self._registry.revocations_since(after, limit=_REPLAY_BATCH)
+
         while True:
-            records = await asyncio.to_thread(
-                self._registry.revocations_since, sent, limit=_REPLAY_BATCH
-            )
+            seen_last = self._feed.last_sequence
+            revoked, records = await asyncio.to_thread(read, sent)
+            if revoked:
+                self._refuse(context, gateway, serial, "WatchRevocations")
             for record in records:
-                yield _event(record)
                 sent = record.sequence
+                if record.role is pki.Role.DEVICE:
+                    yield _event(record)
             if len(records) == _REPLAY_BATCH:
                 continue
             wait = self._heartbeat_s - (time.monotonic() - last_beat)
@@ -163,20 +209,22 @@ class CoreService(core_pb2_grpc.CoreServicer):
                 yield core_pb2.RevocationEvent(sequence=sent, heartbeat=True)
                 last_beat = time.monotonic()
                 continue
-            await self._feed.wait_beyond(sent, max_wait_s=wait)
+            # Wake on any new revocation, even when the gateway asked to resume beyond the
+            # registry's last sequence: a revocation of this gateway must end the stream.
+            await self._feed.wait_beyond(min(sent, seen_last), max_wait_s=wait)
 
     @unary
     async def GetGatewayDirectory(
         self, request: core_pb2.GetGatewayDirectoryRequest, context: Context
     ) -> common_pb2.SignedGatewayDirectory:
-        self._gateway(context)
+        await self._gateway(context, "GetGatewayDirectory")
         return await asyncio.to_thread(self._directory.current)
 
     @unary
     async def AnnounceGateway(
         self, request: common_pb2.GatewayEntry, context: Context
     ) -> common_pb2.Ack:
-        gateway = self._gateway(context)
+        gateway, _ = await self._gateway(context, "AnnounceGateway")
         if request.gateway_id and request.gateway_id != gateway.id:
             raise PermissionDenied("a gateway may announce only itself (its certificate's id)")
         region = pki.validate_id(request.region, kind="region")
@@ -197,7 +245,7 @@ class CoreService(core_pb2_grpc.CoreServicer):
     async def GetDevice(
         self, request: core_pb2.GetDeviceRequest, context: Context
     ) -> core_pb2.DeviceInfo:
-        self._gateway(context)
+        await self._gateway(context, "GetDevice")
         device_id = pki.validate_id(request.device_id, kind="device id")
         device = await asyncio.to_thread(self._registry.get_device, device_id)
         if device is None:

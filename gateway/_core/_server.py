@@ -11,7 +11,8 @@ auth context, so ``Renew`` and every Core method refuse a caller on the enrolmen
 (``UNAUTHENTICATED``), and Core methods refuse any identity but a gateway.
 
 Quick start: with only ``pki_dir`` and ``listen`` set, the core issues itself a server
-certificate ``core/<id>`` naming the listen addresses into ``PKI_DIR/servers/core-<id>/``.
+certificate ``core/<id>`` naming the listen addresses into ``PKI_DIR/servers/core-<id>/``, and
+records it in the registry so that it can be revoked like any other.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -64,9 +66,14 @@ def ensure_server_identity(
     addresses: list[str],
     extra_names: list[str],
     now: dt.datetime,
+    registry: pki.Registry | None = None,
 ) -> pki.IdentityFiles:
     """The core's own identity; issued (again) when missing, past two thirds of its lifetime,
-    from another CA, or not naming every address it listens on."""
+    from another CA, not naming every address it listens on, or revoked in ``registry``.
+
+    With ``registry``, a new certificate is recorded there (revocable by serial), and one kept
+    from an earlier start that the registry does not know yet is recorded too.
+    """
     files = pki.IdentityFiles(directory)
     dns, ips = _names_for(addresses, extra_names)
     if files.exists():
@@ -77,13 +84,15 @@ def ensure_server_identity(
             pki.identity_from_certificate(cert, trust_domain=ca.trust_domain, role=pki.Role.CORE)
             life = cert.not_valid_after_utc - cert.not_valid_before_utc
             fresh = now < cert.not_valid_before_utc + life * 2 / 3
-            from cryptography import x509
-
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             have = {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
                 str(a) for a in san.get_values_for_type(x509.IPAddress)
             }
-            if fresh and set(dns) | set(ips) <= have:
+            if (
+                fresh
+                and set(dns) | set(ips) <= have
+                and (registry is None or _kept_in(registry, cert, core_id, now))
+            ):
                 return files
         except Exception:  # noqa: BLE001 - anything wrong with it means: issue a new one
             _log.info("core.identity.reissue", directory=str(directory))
@@ -96,7 +105,34 @@ def ensure_server_identity(
         dns_names=dns,
         ip_addresses=ips,
         now=now,
+        registry=registry,
     )
+
+
+def _kept_in(
+    registry: pki.Registry, cert: x509.Certificate, core_id: str, now: dt.datetime
+) -> bool:
+    """False when ``registry`` lists the core's current certificate as revoked; records it
+    when the registry does not know it yet."""
+    serial = pki.serial_hex(cert.serial_number)
+    record = registry.get_server_certificate(serial)
+    if record is None:
+        with contextlib.suppress(pki.RegistryError):  # another process recorded it just now
+            registry.record_server_certificate(
+                pki.ServerCertificateRecord(
+                    serial,
+                    pki.Role.CORE,
+                    core_id,
+                    cert.not_valid_after_utc,
+                    pki.Status.ACTIVE,
+                    now,
+                )
+            )
+        return True
+    if record.status is pki.Status.REVOKED:
+        _log.warning("core.identity.revoked", core_id=core_id, serial=serial)
+        return False
+    return True
 
 
 class CoreServer:
@@ -157,6 +193,7 @@ class CoreServer:
             addresses=[s.listen, s.enrol_address],
             extra_names=list(s.server_names),
             now=self._clock(),
+            registry=self.registry,
         )
         limiter_kwargs: dict[str, Any] = {}
         if self._limiter_clock is not None:
@@ -266,6 +303,16 @@ class CoreServer:
         record = self.authority.revoke_serial(serial, reason=reason, now=self._clock())
         self.feed.poke()
         return record
+
+    def revoke_gateway(
+        self, gateway_id: str, *, reason: str = "revoked"
+    ) -> list[pki.RevocationRecord]:
+        """Revoke every recorded certificate of a gateway and wake the feed at once."""
+        records = pki.revoke_server(
+            self.registry, pki.Role.GATEWAY, gateway_id, reason=reason, now=self._clock()
+        )
+        self.feed.poke()
+        return records
 
     def create_token(
         self,

@@ -35,6 +35,7 @@ __all__ = [
     "peer_certificate",
     "peer_host",
     "require_identity",
+    "require_peer",
     "server_stream",
     "status_for",
     "unary",
@@ -218,6 +219,14 @@ def peer_certificate(context: Context) -> x509.Certificate | None:
 
 def require_identity(context: Context, *, trust_domain: str, role: pki.Role) -> pki.Identity:
     """The caller's identity, which must have ``role``; read from the TLS peer only."""
+    return require_peer(context, trust_domain=trust_domain, role=role)[0]
+
+
+def require_peer(
+    context: Context, *, trust_domain: str, role: pki.Role
+) -> tuple[pki.Identity, str]:
+    """The caller's identity (which must have ``role``) and its certificate's serial
+    (``pki.serial_hex``), both from the TLS peer certificate only."""
     cert = peer_certificate(context)
     if cert is None:
         raise Unauthenticated(
@@ -233,4 +242,4 @@ def require_identity(context: Context, *, trust_domain: str, role: pki.Role) -> 
             f"only {role.value} identities may call this method, not {identity.role.value}"
         )
     structlog.contextvars.bind_contextvars(peer_id=identity.id, peer_role=identity.role.value)
-    return identity
+    return identity, pki.serial_hex(cert.serial_number)

@@ -53,3 +53,33 @@ def registry(tmp_path: Path) -> pki.SqliteRegistry:
     reg = pki.SqliteRegistry(tmp_path / "registry.sqlite3")
     yield reg  # type: ignore[misc]
     reg.close()
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def duplicate_extension_csr(identity: pki.Identity) -> bytes:
+    """A correctly signed DER CSR that requests subjectAltName twice.
+
+    cryptography refuses to build one, so it builds a CSR with subjectAltName and
+    issuerAltName (same length), renames the second OID in the signed part, and signs again.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    uri = x509.UniformResourceIdentifier(identity.spiffe_id)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.id)]))
+        .add_extension(x509.SubjectAlternativeName([uri]), critical=False)
+        .add_extension(x509.IssuerAlternativeName([uri]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    info = csr.tbs_certrequest_bytes.replace(b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11")
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    ecdsa_sha256 = b"\x30\x0a\x06\x08\x2a\x86\x48\xce\x3d\x04\x03\x02"
+    bits = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = info + ecdsa_sha256 + bits
+    return b"\x30" + _der_length(len(body)) + body

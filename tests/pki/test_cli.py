@@ -241,3 +241,51 @@ async def test_quick_start_core_run_enroll_renew_revoke(cli_pki: Path, tmp_path:
         core.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             assert await core.wait() == 0
+
+
+def test_gateway_certificates_are_recorded_and_revoked_from_the_cli(
+    cli_pki: Path, tmp_path: Path
+) -> None:
+    d = str(cli_pki)
+    serials: list[str] = []
+    for n in (1, 2):
+        out_dir = tmp_path / f"gw-rev-{n}"
+        code, out, err = cli(
+            "pki", "issue-server", "--dir", d, "--id", "gw-rev", "--role", "gateway",
+            "--ip", "127.0.0.1", "--out", str(out_dir),
+        )  # fmt: skip
+        assert code == 0, err
+        serials.append(pki.serial_hex(pki.IdentityFiles(out_dir).certificate().serial_number))
+    code, _, err = cli("pki", "issue-server", "--dir", d, "--id", "core-rev", "--role", "core")
+    assert code == 0, err
+    core_files = pki.IdentityFiles(pki.PkiLayout(cli_pki).servers / "core-core-rev")
+    core_serial = pki.serial_hex(core_files.certificate().serial_number)
+
+    code, out, _ = cli("pki", "list", "--dir", d)
+    assert code == 0
+    assert all(s in out for s in [*serials, core_serial])
+    assert "gateway/gw-rev" in out
+    assert "core/core-rev" in out
+
+    code, out, err = cli("pki", "revoke", "--dir", d, "--serial", core_serial)
+    assert code == 0, err
+    assert f"certificate {core_serial} of core core-rev" in out
+    code, out, err = cli("pki", "revoke", "--dir", d, "--gateway-id", "gw-rev", "--reason", "lost")
+    assert code == 0, err
+    assert all(f"certificate {s} of gateway gw-rev" in out for s in serials)
+    code, out, _ = cli("pki", "revoke", "--dir", d, "--gateway-id", "gw-rev")
+    assert code == 0
+    assert "already revoked" in out
+    code, _, err = cli("pki", "revoke", "--dir", d, "--gateway-id", "gw-nobody")
+    assert code == 1
+    assert "no certificate of gateway gw-nobody" in err
+    code, _, err = cli("pki", "revoke", "--dir", d, "--gateway-id", "gw-rev", "--serial", "ab")
+    assert code == 2
+    assert cli("pki", "revoke", "--dir", d, "--gateway-id", "gw+rev")[0] == 2
+
+    out_file = tmp_path / "crl.pem"
+    code, _, err = cli("pki", "crl", "--dir", d, "--out", str(out_file))
+    assert code == 0, err
+    crl = x509.load_pem_x509_crl(out_file.read_bytes())
+    for serial in [*serials, core_serial]:
+        assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
