@@ -167,6 +167,12 @@ async def round_trip(bench: Bench, n: int) -> dict[str, float]:
     rtts: list[float] = []
     edge_ms: list[float] = []
     sums: list[float] = []
+    # Where the round trip goes: the edge call (wall), crop + encode + outbox commit, and
+    # from "stored" to the answer at the device (wake, read back, mTLS call, core decode and
+    # models, answer commit), minus the core's model time.
+    edge_wall: list[float] = []
+    store_ms: list[float] = []
+    deliver_ms: list[float] = []
     async with (
         bench.core() as core,
         InferenceEngine(models_dir=MODELS, providers="cpu") as engine,
@@ -175,9 +181,11 @@ async def round_trip(bench: Bench, n: int) -> dict[str, float]:
         for i in range(n + 2):  # two warm-ups: model loads, channel set-up
             started = time.perf_counter()
             result, frame = await engine.detect_with_frame(image)
+            detected = time.perf_counter()
             outcome = await escalator.escalate(
                 device_id="dev-1", frame_id=f"f{i}", detections=result.detections, frame=frame
             )
+            queued = time.perf_counter()
             arrived = await sink.wait(outcome.pending[0].escalation_id)
             if i >= 2:
                 rtts.append((arrived - started) * 1000.0)
@@ -186,6 +194,9 @@ async def round_trip(bench: Bench, n: int) -> dict[str, float]:
                 stored = bench.services[-1].store.get("gw-bench", outcome.pending[0].escalation_id)
                 assert stored is not None
                 sums.append(result.inference_ms + stored.model_ms)
+                edge_wall.append((detected - started) * 1000.0)
+                store_ms.append((queued - detected) * 1000.0)
+                deliver_ms.append((arrived - queued) * 1000.0 - stored.model_ms)
     # A second baseline, same run: the core models alone (no server around them) on exactly
     # what was sent, decode included.
     frame = decode_image(image, max_pixels=40_000_000)
@@ -214,6 +225,9 @@ async def round_trip(bench: Bench, n: int) -> dict[str, float]:
         "core_ms": statistics.median(core_ms),
         "core_in_service_ms": statistics.median(s - e for s, e in zip(sums, edge_ms, strict=True)),
         "model_sum_ms": statistics.median(sums),
+        "edge_wall_ms": statistics.median(edge_wall),
+        "store_ms": statistics.median(store_ms),
+        "deliver_ms": statistics.median(deliver_ms),
     }
 
 
@@ -302,6 +316,12 @@ async def main() -> None:
             f"p50 / model sum = {rtt['rtt_p50_ms'] / rtt['model_sum_ms']:.2f}x, "
             f"overhead {rtt['rtt_p50_ms'] - rtt['model_sum_ms']:+.1f} ms (target ≤ +10 ms); "
             f"core models alone, outside the service: {rtt['core_ms']:.1f} ms"
+        )
+        print(
+            f"  where it goes (p50): edge call {rtt['edge_wall_ms']:.1f} ms wall "
+            f"(engine's own work {rtt['edge_ms']:.1f}); crop/shrink/encode + outbox commit "
+            f"{rtt['store_ms']:.1f} ms; stored -> answer at the device, core models excluded "
+            f"{rtt['deliver_ms']:.1f} ms"
         )
         core_per_s = await core_throughput(bench, tp_n, args.concurrency)
         print(

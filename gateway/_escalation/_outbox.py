@@ -4,7 +4,10 @@ Two tables, one file, one connection:
 
 - ``outbox``: escalations waiting for the core. A row is written, and committed with
   ``synchronous=FULL``, *before* the device is told its detection is pending, so a pending
-  mark always has a stored escalation behind it, across a crash or a power cut. A row leaves
+  mark always has a stored escalation behind it, across a crash or a power cut. Completions
+  (answer stored, row removed) commit without an fsync (WAL + ``NORMAL``): they survive a
+  process crash; a power cut can only undo them, which means one more delivery of the same
+  answer, never a lost one (see :meth:`Outbox.complete`). A row leaves
   the table only in the same transaction that stores its answer (or its final error) in
   ``answers``, so no escalation is ever in neither table.
 - ``answers``: the final answer for each escalation id, kept ``ttl`` seconds for a device
@@ -134,6 +137,7 @@ class Outbox:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: each commit is fsynced, so "stored" survives a power cut, not only a crash.
+        self._synchronous = synchronous
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA)
 
@@ -145,6 +149,7 @@ class Outbox:
     def add(self, entry: OutboxEntry) -> None:
         """Store ``entry`` durably, or raise :class:`OutboxFull` (nothing stored is dropped)."""
         db = self._db
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
         db.execute("BEGIN IMMEDIATE")
         try:
             (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
@@ -246,6 +251,13 @@ class Outbox:
         """
         kind, text = _encode(payload)
         db = self._db
+        # Not fsynced (WAL + NORMAL), unlike add(): the commit is in the WAL, so it survives
+        # a crash of the process (kill -9); only a power cut or OS crash can roll it back,
+        # and then the entry is simply back in the outbox: it is sent again, the core
+        # replays its stored answer (same escalation id) and the device gets that answer
+        # again, which it already recognises by id. The next add() fsyncs the WAL, and with
+        # it this commit. "Stored before pending" (add) keeps its fsync.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
             deleted = db.execute(

@@ -94,6 +94,10 @@ class MicroBatcher(Generic[T, R]):
     leaving stops accepting (:class:`ShuttingDown`), finishes everything already queued, then
     returns. ``on_batch(size, seconds)`` is called on the event loop after each batch run,
     ``on_queue_depth(n)`` whenever the number of waiting items changes.
+    ``more_coming()``, when given, says whether an item is on its way that could still join
+    the batch; once it is ``False`` the worker stops waiting and runs what it has (a lone
+    request then pays no wait at all; under load, items that arrive while a batch runs still
+    form the next batch).
     Loop-only: call :meth:`submit` from the loop that entered the batcher.
     """
 
@@ -107,6 +111,7 @@ class MicroBatcher(Generic[T, R]):
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        more_coming: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -121,6 +126,7 @@ class MicroBatcher(Generic[T, R]):
         self._name = name
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
+        self._more_coming = more_coming
         self._pending: deque[_Pending[T, R]] = deque()
         self._running: list[_Pending[T, R]] = []
         self._wakeup = asyncio.Event()
@@ -254,6 +260,8 @@ class MicroBatcher(Generic[T, R]):
         # behind a running batch is not made to wait again.
         until = self._pending[0].enqueued + self._max_wait
         while len(self._pending) < self._max_batch and self._state is _State.OPEN:
+            if self._more_coming is not None and not self._more_coming():
+                break
             remaining = until - time.monotonic()
             if remaining <= 0:
                 break

@@ -192,11 +192,16 @@ class InferenceEngine:
             name="edgeward-infer",
             on_batch=self._observer.on_batch,
             on_queue_depth=self._on_batcher_depth,
+            # A frame reaches the batcher only after decoding (milliseconds, usually more
+            # than max_wait): waiting for company is worth it only while another frame is
+            # being decoded. One device's frame then pays no batching wait.
+            more_coming=lambda: self._preparing > 0,
         )
         threads = _prep_threads()
         self._prep_slots = asyncio.Semaphore(threads)
         self._prep_threads = threads
         self._prep_waiting = 0
+        self._preparing = 0  # frames between admission and submission to the batcher
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._model: _Model | None = None
         self._state = _State.NEW
@@ -327,11 +332,17 @@ class InferenceEngine:
     ) -> tuple[InferenceResult, Frame | None]:
         model = self._loaded()
         timeout = None if deadline is None else deadline - time.monotonic()
+        self._preparing += 1
         try:
             async with asyncio.timeout(timeout):
                 prepared = await self._prepare(image)
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while decoding the frame") from None
+        finally:
+            # Nothing awaits between here and the batcher's submit (which queues the frame
+            # before it first suspends), so the batcher never sees this frame as neither
+            # coming nor queued.
+            self._preparing -= 1
         if isinstance(prepared, _CacheHit):
             self._observe(self._observer.on_cache, prepared.kind)
             return prepared.result, prepared.frame

@@ -78,8 +78,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> npt.NDArray[np.uint8]:
             # load() decodes; a truncated file raises OSError here because
             # ImageFile.LOAD_TRUNCATED_IMAGES is False (Pillow's default).
             img.load()
-            oriented = ImageOps.exif_transpose(img)
-            rgb = oriented.convert("RGB")
+            # In place, and convert only what is not RGB already: each copy of a frame
+            # costs more than the JPEG decode itself (fresh pages for every buffer).
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            # Inside the block: leaving it closes ``img`` (and ``rgb`` may be ``img``).
+            array = np.asarray(rgb, dtype=np.uint8)
     except InvalidImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -89,7 +93,6 @@ def decode_image(data: bytes, *, max_pixels: int) -> npt.NDArray[np.uint8]:
         # for some malformed headers, OSError for truncation); all mean "bad image".
         raise InvalidImage(f"corrupt or truncated {fmt} image") from exc
 
-    array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
         raise InvalidImage("image did not decode to RGB pixels")
     return array

@@ -84,6 +84,26 @@ async def test_lone_request_waits_at_most_max_wait() -> None:
         assert time.monotonic() - started < 0.5
 
 
+async def test_no_wait_when_nothing_more_is_coming() -> None:
+    rec = Recorder()
+    coming = {"n": 0}
+    async with MicroBatcher(
+        rec, max_batch=8, max_wait_ms=2000, more_coming=lambda: coming["n"] > 0
+    ) as batcher:
+        started = time.monotonic()
+        assert await batcher.submit(1) == 2
+        # Far below max_wait: with nothing on its way the lone item runs at once.
+        assert time.monotonic() - started < 1.0
+
+        # Something is on its way: the first item waits for it and they run together.
+        coming["n"] = 1
+        first = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0.05)
+        coming["n"] = 0
+        assert await asyncio.gather(first, batcher.submit(3)) == [4, 6]
+    assert rec.batches == [[1], [2, 3]]
+
+
 async def test_full_queue_answers_overloaded_at_once() -> None:
     rec = Recorder()
     rec.gate.clear()
