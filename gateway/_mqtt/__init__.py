@@ -37,7 +37,13 @@ from gateway._mqtt._broker import (
     registry_crl_source,
     render_mosquitto_conf,
 )
-from gateway._mqtt._config import AEAD_CIPHERS_TLS13, NODELAY, MqttSettings
+from gateway._mqtt._config import (
+    AEAD_CIPHERS_TLS13,
+    INTERNAL_PREFIX,
+    NODELAY,
+    MqttSettings,
+    internal_name,
+)
 from gateway._mqtt._plugin import plugin
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
@@ -49,6 +55,7 @@ from gateway._mqtt._telemetry import (
 
 __all__ = [
     "AEAD_CIPHERS_TLS13",
+    "INTERNAL_PREFIX",
     "NODELAY",
     "PROTOBUF_CONTENT_TYPE",
     "Admission",
@@ -71,6 +78,7 @@ __all__ = [
     "device_from_topic",
     "dynsec_config",
     "free_port",
+    "internal_name",
     "parse_telemetry",
     "plugin",
     "registry_crl_source",

@@ -43,7 +43,7 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -68,7 +68,7 @@ from gateway._inference import (
     Overloaded,
     ShuttingDown,
 )
-from gateway._mqtt._config import NODELAY, MqttSettings
+from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
@@ -243,7 +243,9 @@ class MqttBridge:
     and everything it carries is forwarded); ``telemetry_sink`` receives each latest reading
     (the gateway's shared telemetry store). ``admit`` applies the gateway's authorisation
     per frame (and gives the device's region); ``detection_hook`` gives the escalation hook
-    to call for each fresh result, read per frame (see :data:`HookSource`).
+    to call for each fresh result, read per frame (see :data:`HookSource`). ``end_sessions``
+    names more client ids whose persistent sessions are ended at start (consumers of an
+    earlier release, whose shares of the shared subscriptions would otherwise wait).
     """
 
     def __init__(
@@ -259,8 +261,10 @@ class MqttBridge:
         admit: Admission | None = None,
         detection_hook: HookSource | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        end_sessions: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        self._end_sessions = tuple(end_sessions)
         self._conn = connection
         self._engine = engine
         self._gateway_id = gateway_id
@@ -330,11 +334,11 @@ class MqttBridge:
         those shares would wait ``session_expiry_s``. Connecting with a clean start and no
         session expiry under each unused consumer id ends its session at once.
         """
-        gw = self._gateway_id
-        stale = [f"edgeward-{gw}-frames-{i}" for i in range(self.settings.frame_workers, 16)]
+        stale = [self._client_id("frames", i) for i in range(self.settings.frame_workers, 16)]
         stale += [
-            f"edgeward-{gw}-telemetry-{i}" for i in range(self.settings.telemetry_workers, 32)
+            self._client_id("telemetry", i) for i in range(self.settings.telemetry_workers, 32)
         ]
+        stale += self._end_sessions
 
         async def end(client_id: str) -> None:
             client = self._new_client(client_id, persistent=False)
@@ -406,6 +410,15 @@ class MqttBridge:
 
     # -- MQTT clients ----------------------------------------------------------------------
 
+    def _client_id(self, kind: str, index: int) -> str:
+        """A consumer's client id: ``_edgeward.<gateway>.<kind>-<n>``, never a device's.
+
+        Client ids are one namespace across the broker's listeners; a device's is forced to
+        its CN (a device id), which can never have this form, so no device can take over a
+        consumer's connection or clean its persistent session away.
+        """
+        return internal_name(self._gateway_id, f"{kind}-{index}")
+
     def _new_client(
         self, client_id: str, *, persistent: bool = True, receive_maximum: int | None = None
     ) -> aiomqtt.Client:
@@ -434,7 +447,7 @@ class MqttBridge:
         # One client object for the consumer's life: aiomqtt keeps its queue of received,
         # not yet handled messages across reconnects.
         client = self._new_client(
-            f"edgeward-{self._gateway_id}-frames-{index}",
+            self._client_id("frames", index),
             receive_maximum=self.settings.max_in_flight,
         )
         # At least once to the model: a QoS 1 frame is acknowledged once its detection is
@@ -771,7 +784,7 @@ class MqttBridge:
                 identity_dir=str(self._conn.identity.directory),
                 username=self._conn.username,
                 password=self._conn.password,
-                client_id=f"edgeward-{self._gateway_id}-telemetry-{i}",
+                client_id=self._client_id("telemetry", i),
                 topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
                 qos=self.settings.qos,
                 max_readings=self.settings.telemetry_max_keys,

@@ -6,10 +6,15 @@ What the written configuration guarantees (Mosquitto 2.0, ``per_listener_setting
   domain's CA bundle only, a CRL (``crlfile``) kept current, TLS 1.2 floor with AEAD-only
   ciphers (Mosquitto's default list still offers CBC suites; RFC 7457 §2.8), ``set_tcp_nodelay``
   (without it each connect pays tens of milliseconds of Nagle delay). The certificate CN is the
-  MQTT username (``use_identity_as_username``). A device choosing another device's client id
-  can end that device's connection (MQTT session takeover) but reads nothing of it: the broker
-  checks read access on every delivery, queued messages included (tested). Where that is not
-  acceptable, ``one_connection_per_device`` makes the CN the client id as well.
+  MQTT username (``use_identity_as_username``) *and* the client id (``use_username_as_clientid``,
+  a listener option in Mosquitto 2.0: it leaves the gateway's listener alone). Mosquitto keeps
+  one client-id namespace across all listeners and a second connection with a taken client id
+  ends the first, so a client id a device could choose would let it disconnect another device,
+  or the gateway's own clients on the other listener (and, with a clean start, wipe their
+  persistent sessions). Forced to the CN, a device's client id is its own id: it can replace
+  only its own connection (one connection per device), and every client id and username of
+  the gateway itself (:func:`~gateway._mqtt._config.internal_name`, ``_edgeward.…``) lies
+  outside the device id alphabet.
 * **Devices' ACL**: exact topics only, no trailing ``#``::
 
       pattern write devices/%u/frames      pattern read devices/%u/detections
@@ -32,9 +37,10 @@ Revocation (:class:`RevocationEnforcer`): each event refreshes the CRL and reloa
 (``SIGHUP``: new connections of the certificate are refused, ``anchors.md``) and, at the same
 time, removes the live connection through the dynamic security plugin (``createClient`` +
 ``deleteClient`` of the device's username kicks every connection with that username, MQTT 5
-reason 0x98). With certificate identities the plugin cannot keep a client out (its password
-check is skipped), so the CRL is what refuses the reconnect; a second kick after the reload
-closes the gap between the two.
+reason 0x98); it refuses any username that is not a device id, so no revocation can delete
+the gateway's own users. With certificate identities the plugin cannot keep a client out (its
+password check is skipped), so the CRL is what refuses the reconnect; a second kick after the
+reload closes the gap between the two.
 
 Where the CRL comes from (:data:`CrlSource`): the core's ``Enrollment.GetCrl`` (gateways in the
 field never hold the issuing key), or, on a standalone gateway next to the PKI directory, built
@@ -56,6 +62,7 @@ import shutil
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +75,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import pki
-from gateway._mqtt._config import NODELAY, MqttSettings
+from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._tasks import TaskSet
 
 __all__ = [
@@ -93,6 +100,10 @@ CrlSource = Callable[[], Awaitable[bytes]]
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 CONTROL_RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
+#: The gateway's users on its own listener and the control client's id (never device ids).
+BRIDGE_USERNAME = internal_name("bridge")
+CONTROL_USERNAME = internal_name("control")
+CONTROL_CLIENT_ID = internal_name("control")
 
 DEVICE_ACL = """\
 # Written by edgeward at each broker start; do not edit.
@@ -133,10 +144,12 @@ class BrokerCredentials:
 
     @classmethod
     def generate(cls) -> BrokerCredentials:
+        # Internal names are never device ids: a revoked device's kick (a plugin client of the
+        # device's name created and deleted) cannot delete one of these users.
         return cls(
-            bridge_username="edgeward-bridge",
+            bridge_username=BRIDGE_USERNAME,
             bridge_password=secrets.token_urlsafe(32),
-            control_username="edgeward-control",
+            control_username=CONTROL_USERNAME,
             control_password=secrets.token_urlsafe(32),
         )
 
@@ -217,13 +230,13 @@ def dynsec_config(creds: BrokerCredentials, *, shared_group: str) -> dict[str, A
             "unsubscribe": False,
         },
         "clients": [
-            _dynsec_client(creds.bridge_username, creds.bridge_password, "edgeward-bridge"),
-            _dynsec_client(creds.control_username, creds.control_password, "edgeward-control"),
+            _dynsec_client(creds.bridge_username, creds.bridge_password, BRIDGE_USERNAME),
+            _dynsec_client(creds.control_username, creds.control_password, CONTROL_USERNAME),
         ],
         "groups": [],
         "roles": [
-            {"rolename": "edgeward-bridge", "acls": bridge_acls},
-            {"rolename": "edgeward-control", "acls": control_acls},
+            {"rolename": BRIDGE_USERNAME, "acls": bridge_acls},
+            {"rolename": CONTROL_USERNAME, "acls": control_acls},
         ],
     }
 
@@ -281,15 +294,17 @@ def render_mosquitto_conf(
         "connection_messages true",
         "log_timestamp false",
         "",
-        "# Devices: mutual TLS, identity = certificate CN = username = client id.",
+        "# Devices: mutual TLS, identity = certificate CN = username = client id. Client ids",
+        "# are one namespace across listeners: a device must not pick one (session takeover).",
         f"listener {port} {settings.host}",
         f"max_connections {settings.max_connections}",
         *_tls_lines(settings, identity, settings.crl_file),
         "use_identity_as_username true",
-        f"use_username_as_clientid {'true' if settings.one_connection_per_device else 'false'}",
+        "use_username_as_clientid true",
         f"acl_file {files.acl}",
         "",
-        "# The gateway's own bridge: loopback, mutual TLS and a per-start password.",
+        "# The gateway's own bridge: loopback, mutual TLS and a per-start password; its",
+        "# client ids (_edgeward.*) are free here and never a device's CN.",
         f"listener {bridge_port} {settings.bridge_host}",
         *_tls_lines(settings, identity, settings.crl_file),
         "use_identity_as_username false",
@@ -400,6 +415,8 @@ class MosquittoBroker:
         self._crl_lock = asyncio.Lock()
         self.restarts = 0
         self.crl_reloads = 0
+        #: The broker's latest log lines (connections, takeovers, errors), for diagnostics.
+        self.recent_log: deque[str] = deque(maxlen=1000)
 
     def _find_binary(self) -> str | None:
         name = self.settings.mosquitto_binary
@@ -558,6 +575,7 @@ class MosquittoBroker:
         assert proc.stderr is not None  # noqa: S101
         while line := await proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
+            self.recent_log.append(text)
             level = "warning" if ("Error" in text or "error" in text) else "debug"
             getattr(_log, level)("mosquitto", line=text)
 
@@ -646,7 +664,8 @@ class BrokerControl:
     ``kick(username)`` disconnects every connection whose username (certificate CN) is
     ``username``: it creates and at once deletes a plugin client of that name, and the plugin
     disconnects connections of a deleted client (MQTT 5 reason 0x98, administrative action).
-    The plugin keeps no state about the device afterwards.
+    The plugin keeps no state about the device afterwards. Only device ids are kicked: deleting
+    an existing plugin client (the bridge's or the control user) would lock the gateway out.
     """
 
     def __init__(
@@ -670,6 +689,9 @@ class BrokerControl:
         self._tasks = TaskSet("mqtt-control")
         self._lock = asyncio.Lock()
         self._connected = asyncio.Event()
+        #: Connections made so far (more than one: the control connection was lost and
+        #: made again; for metrics and tests).
+        self.connects = 0
 
     async def __aenter__(self) -> Self:
         self._tasks.spawn(self._run(), name="mqtt-control")
@@ -691,7 +713,7 @@ class BrokerControl:
                 self._port,
                 username=self._username,
                 password=self._password,
-                identifier="edgeward-control",
+                identifier=CONTROL_CLIENT_ID,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 tls_context=self._tls,
                 timeout=self._timeout_s,
@@ -702,6 +724,7 @@ class BrokerControl:
                 async with client:
                     await client.subscribe(CONTROL_RESPONSE_TOPIC, qos=1)
                     self._client = client
+                    self.connects += 1
                     self._connected.set()
                     delay = 0.1
                     async for message in client.messages:
@@ -760,7 +783,13 @@ class BrokerControl:
                     self._waiters.pop(cmd["correlationData"], None)
 
     async def kick(self, username: str) -> None:
-        """Disconnect every live connection whose username is ``username``."""
+        """Disconnect every live connection whose username is ``username``, a device id.
+
+        Raises :class:`pki.InvalidName` for anything else, before any command is sent: the
+        create-then-delete pair would otherwise delete a user of the gateway's own (``_edgeward.…``
+        names are not device ids).
+        """
+        pki.validate_id(username, kind="device id")
         responses = await self.command(
             [
                 {
@@ -817,7 +846,11 @@ class RevocationEnforcer:
             _log.error("revocation queue full", device_id=device_id)
 
     async def revoke(self, device_id: str) -> float:
-        """Enforce a revocation of ``device_id`` now; seconds until the live session was cut."""
+        """Enforce a revocation of ``device_id`` now; seconds until the live session was cut.
+
+        Raises :class:`pki.InvalidName` when ``device_id`` is not a device id.
+        """
+        pki.validate_id(device_id, kind="device id")
         return await self._enforce(device_id, time.monotonic())
 
     async def _worker(self) -> None:

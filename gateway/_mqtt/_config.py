@@ -6,8 +6,9 @@ unknown or bad key fails at start-up with the key's name and its environment ove
 
 * ``managed = true`` (default): the gateway writes ``mosquitto.conf`` into ``data_dir`` and
   supervises Mosquitto as a child process. Devices connect to ``host:port`` (mutual TLS, the
-  certificate CN is the MQTT username); the gateway's own bridge connects to a second, loopback
-  listener ``bridge_host:bridge_port`` (mutual TLS *and* a per-start random password).
+  certificate CN is the MQTT username and the client id); the gateway's own bridge connects to
+  a second, loopback listener ``bridge_host:bridge_port`` (mutual TLS *and* a per-start random
+  password).
 * ``managed = false``: ``broker_address`` names a broker someone else runs (docker-compose);
   the bridge connects with the gateway's certificate and, when set, ``username``/``password_file``.
   ``docs/mqtt.md`` gives the broker configuration that keeps the same guarantees.
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import pki
 
-__all__ = ["AEAD_CIPHERS_TLS13", "NODELAY", "MqttSettings"]
+__all__ = ["AEAD_CIPHERS_TLS13", "INTERNAL_PREFIX", "NODELAY", "MqttSettings", "internal_name"]
 
 #: Every TLS 1.3 suite is AEAD; listed explicitly so the broker offers exactly these.
 AEAD_CIPHERS_TLS13 = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
@@ -33,6 +34,21 @@ AEAD_CIPHERS_TLS13 = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AE
 #: a 35 kB frame took 44 ms to be acknowledged and a detection 20 ms; with this, 3 and 2 ms.
 #: (The broker's side is ``set_tcp_nodelay true``.)
 NODELAY: tuple[tuple[int, int, int], ...] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+#: Prefix of every broker username and client id the gateway itself uses. Mosquitto keeps one
+#: client-id namespace across all listeners, and a second connection with a taken client id
+#: ends the first (MQTT session takeover). On the devices' listener the client id is forced to
+#: the certificate CN, a device id (``pki.ID_PATTERN``: ``a-z``, ``0-9``, ``-``); ``_`` and
+#: ``.`` are outside that alphabet, so no device can take over, or be kicked as, one of these.
+INTERNAL_PREFIX = "_edgeward."
+
+
+def internal_name(*parts: str) -> str:
+    """A broker username or client id of the gateway itself: ``_edgeward.<part>.<part>``.
+
+    Never a valid device id (see :data:`INTERNAL_PREFIX`), whatever ``parts`` hold.
+    """
+    return INTERNAL_PREFIX + ".".join(parts)
 
 
 class MqttSettings(BaseModel):
@@ -105,13 +121,6 @@ class MqttSettings(BaseModel):
         le=256 * 1024 * 1024,
         description="Largest accepted message payload (message_size_limit); larger packets "
         "disconnect the sender (max_packet_size).",
-    )
-    one_connection_per_device: bool = Field(
-        default=False,
-        description="Managed: the client id is replaced by the certificate CN "
-        "(use_username_as_clientid), so no device can take over another's session by its "
-        "client id, but a device holds one connection at a time (a second one, e.g. "
-        "mosquitto_sub beside mosquitto_pub, replaces the first).",
     )
     max_connections: int = Field(
         default=-1, description="Managed: device connections accepted at once (-1: no limit)."

@@ -27,6 +27,7 @@ from gateway._grpc._servicer import DetectionHook
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
+    BrokerFiles,
     CrlSource,
     MosquittoBroker,
     RevocationEnforcer,
@@ -41,6 +42,17 @@ if TYPE_CHECKING:
     from gateway._service import GatewayRuntime
 
 __all__ = ["plugin"]
+
+
+def _legacy_consumer_ids(gateway_id: str) -> list[str]:
+    """Client ids of the bridge's consumers before they moved to ``_edgeward.…`` names.
+
+    Their persistent sessions, in a broker database an earlier release left, still belong to
+    the shared subscriptions and would be handed a share of the frames and telemetry until
+    they expire; the bridge ends them at start.
+    """
+    ids = [f"edgeward-{gateway_id}-frames-{i}" for i in range(16)]
+    return ids + [f"edgeward-{gateway_id}-telemetry-{i}" for i in range(32)]
 
 
 def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSource:
@@ -70,6 +82,15 @@ def plugin(
     async def run(runtime: GatewayRuntime) -> AsyncIterator[MqttBridge]:
         identity: pki.IdentityFiles = runtime.identity
         async with contextlib.AsyncExitStack() as stack:
+            # Sessions of an earlier release's consumers can only be in a broker database
+            # that already exists, and are ended once (a broker someone else runs: perhaps,
+            # at every start). Once only: those ids are valid device ids, and a device that
+            # happens to hold one would lose its connection at each start.
+            files = BrokerFiles(mqtt.data_dir)
+            ended = mqtt.data_dir / "legacy-sessions-ended"
+            legacy = not mqtt.managed or (
+                any(files.persistence.glob("*.db")) and not ended.exists()
+            )
             if mqtt.managed:
                 broker = await stack.enter_async_context(
                     MosquittoBroker(
@@ -158,9 +179,12 @@ def plugin(
                     telemetry_sink=store,
                     admit=admit,
                     detection_hook=hook,
+                    end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
+            if mqtt.managed:
+                pki.write_atomic(ended, b"")
             yield bridge
 
     return run

@@ -9,13 +9,17 @@ from pydantic import ValidationError
 
 import pki
 from gateway._mqtt import (
+    INTERNAL_PREFIX,
     BrokerCredentials,
     BrokerFiles,
+    MqttBridge,
     MqttSettings,
     device_acl,
     dynsec_config,
+    internal_name,
     render_mosquitto_conf,
 )
+from gateway._mqtt._broker import CONTROL_CLIENT_ID
 from tests.conftest import IssueFn
 
 
@@ -26,6 +30,9 @@ def test_unknown_key_and_bad_values_refused() -> None:
         MqttSettings(managed=False)  # needs broker_address
     with pytest.raises(ValidationError):
         MqttSettings(broker_address="no-port")
+    # Devices' client ids are always their CN now; the old switch is gone, not ignored.
+    with pytest.raises(ValidationError, match="extra"):
+        MqttSettings.model_validate({"one_connection_per_device": False})
     assert MqttSettings(managed=False, broker_address="mqtt:8883").broker_address == "mqtt:8883"
 
 
@@ -49,6 +56,11 @@ def test_written_configuration_keeps_the_promises(issue: IssueFn, tmp_path: Path
     ):
         assert expected in lines, expected
     assert "CBC" not in conf
+    # Client ids are one namespace across listeners: the devices' listener (the first) forces
+    # them to the CN; the gateway's listener keeps its clients' own ids.
+    devices, bridge = conf.split("\nlistener ")[1:]
+    assert "use_username_as_clientid true" in devices.splitlines()
+    assert "use_username_as_clientid" not in bridge
     assert lines.count("require_certificate true") == 2  # both listeners
     assert lines.count(f"crlfile {settings.crl_file}") == 2
     # The devices' ACL: exact topics, never a trailing wildcard, no per-user grants.
@@ -63,11 +75,12 @@ def test_dynsec_grants_the_bridge_only_what_it_needs() -> None:
     assert creds.bridge_password not in str(cfg)  # only a salted hash is written
     assert all(v is False for v in cfg["defaultACLAccess"].values())
     roles = {r["rolename"]: r["acls"] for r in cfg["roles"]}
-    send = {a["topic"] for a in roles["edgeward-bridge"] if a["acltype"] == "publishClientSend"}
-    recv = {a["topic"] for a in roles["edgeward-bridge"] if a["acltype"] == "publishClientReceive"}
+    bridge = roles[creds.bridge_username]
+    send = {a["topic"] for a in bridge if a["acltype"] == "publishClientSend"}
+    recv = {a["topic"] for a in bridge if a["acltype"] == "publishClientReceive"}
     assert send == {"devices/+/detections", "devices/+/events"}
     assert recv == {"devices/+/frames", "devices/+/telemetry"}
-    assert not any("$CONTROL" in a["topic"] for a in roles["edgeward-bridge"])
+    assert not any("$CONTROL" in a["topic"] for a in bridge)
     assert "password" not in repr(creds)
 
 
@@ -82,3 +95,28 @@ def test_plugin_validates_its_table(tmp_path: Path) -> None:
     assert callable(plugin(GatewaySettings(**base, mqtt={"port": 18883})))
     with pytest.raises(ConfigError, match=r"mqtt\.prot"):
         plugin(GatewaySettings(**base, mqtt={"prot": 1}))
+
+
+def test_internal_names_are_never_device_ids(issue: IssueFn, tmp_path: Path) -> None:
+    """Every username and client id of the gateway's own lies outside the device id alphabet.
+
+    A device's client id is its CN; a CN the CA signs is a device id. So no device can take
+    over one of these connections, and no revocation (a kick by username) can delete one.
+    """
+    creds = BrokerCredentials.generate()
+    bridge = MqttBridge(
+        MqttSettings(data_dir=tmp_path, telemetry_workers=2),
+        connection=None,  # type: ignore[arg-type]  # only names are asked for
+        engine=None,  # type: ignore[arg-type]
+        gateway_id="gw-1",
+    )
+    names = [creds.bridge_username, creds.control_username, CONTROL_CLIENT_ID]
+    names += [bridge._client_id(kind, i) for kind in ("frames", "telemetry") for i in range(32)]
+    for name in names:
+        assert name.startswith(INTERNAL_PREFIX), name
+        with pytest.raises(pki.InvalidName):
+            pki.validate_id(name)
+    assert internal_name("gw-1", "frames-0") == "_edgeward.gw-1.frames-0"
+    # Nor could our CA be asked for a device with such a name.
+    with pytest.raises(pki.InvalidName):
+        issue("device", creds.bridge_username)

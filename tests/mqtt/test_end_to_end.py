@@ -18,67 +18,73 @@ from tests.conftest import IssueFn, require_tool
 
 
 class CountingEngine:
-    """The real engine, counting model calls (a seam we own, not a mock of onnxruntime)."""
+    """The real engine, counting model calls (a seam we own, not a mock of onnxruntime).
 
-    def __init__(self, engine: InferenceEngine) -> None:
+    With ``gate``, each frame waits for it before the model runs: the test decides when the
+    answer may exist.
+    """
+
+    def __init__(self, engine: InferenceEngine, gate: asyncio.Event | None = None) -> None:
         self.engine = engine
         self.calls = 0
+        self.gate = gate
 
     async def detect_with_frame(self, image: bytes, *, deadline: float | None = None):  # type: ignore[no-untyped-def]
         self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         return await self.engine.detect_with_frame(image, deadline=deadline)
+
+
+async def _cli(*args: str) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
 
 
 @pytest.mark.slow
 async def test_mosquitto_pub_jpeg_gets_cat_detection_with_mosquitto_sub(
     harness: BrokerHarness, issue: IssueFn, photos: Path, models_dir: Path
 ) -> None:
+    """The literal ``mosquitto_pub -f chelsea.jpg``; the answer read by ``mosquitto_sub``.
+
+    The client id is the certificate CN, so a device holds one connection at a time and
+    mosquitto_sub cannot listen beside mosquitto_pub (each would end the other). The standard
+    clients take turns on one persistent session instead: mosquitto_sub subscribes and leaves,
+    mosquitto_pub publishes on the same session, and the answer queued there meanwhile is what
+    mosquitto_sub reads when it comes back. (The model waits until mosquitto_pub is gone: an
+    answer arriving while it is connected would be delivered to it, and it reads nothing.)
+    """
     device = issue("device", "pet-cam-1")
+    gate = asyncio.Event()
     async with (
         InferenceEngine(models_dir=models_dir) as engine,
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
+            engine=CountingEngine(engine, gate),
             gateway_id="gw-mqtt",
         ) as bridge,
     ):
         await bridge.wait_ready()
-        tls = cli_tls_args(device, harness.port)
-        sub = await asyncio.create_subprocess_exec(
-            require_tool("mosquitto_sub"),
-            *tls,
-            "-t",
-            "devices/pet-cam-1/detections",
-            "-C",
-            "1",
-            "-W",
-            "20",
-            "-F",
-            "%j",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        await asyncio.sleep(0.5)
-        pub = await asyncio.create_subprocess_exec(
+        session = [*cli_tls_args(device, harness.port), "-i", "pet-cam-1", "-c", "-x", "600"]
+        detections = ("-t", "devices/pet-cam-1/detections", "-q", "1")
+        sub = require_tool("mosquitto_sub")
+        code, _out, err = await _cli(sub, *session, *detections, "-E")
+        assert code == 0, err
+        code, _out, err = await _cli(
             require_tool("mosquitto_pub"),
-            *tls,
-            "-t",
-            "devices/pet-cam-1/frames",
-            "-f",
-            str(photos / "chelsea.jpg"),
-            "-q",
-            "1",
-            "-D",
-            "publish",
-            "correlation-data",
-            "frame-42",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            *session,
+            *("-t", "devices/pet-cam-1/frames", "-f", str(photos / "chelsea.jpg"), "-q", "1"),
+            *("-D", "publish", "correlation-data", "frame-42"),
         )
-        assert await pub.wait() == 0, await pub.stderr.read()  # type: ignore[union-attr]
-        out, err = await sub.communicate()
-    assert sub.returncode == 0, err
+        assert code == 0, err
+        gate.set()
+        code, out, err = await _cli(sub, *session, *detections, "-C", "1", "-W", "20", "-F", "%j")
+    assert code == 0, err
     envelope = json.loads(out)
     result = json.loads(envelope["payload"])
     assert result["frameId"] == "frame-42"

@@ -57,40 +57,33 @@ async def _drain(client: aiomqtt.Client) -> None:
 
 
 async def _pub_and_sub_a_photo(device: pki.IdentityFiles, device_id: str, port: int) -> Any:
-    """``mosquitto_pub`` a photo, ``mosquitto_sub`` its detections; the parsed answer."""
-    tls = cli_tls_args(device, port)
-    sub = await asyncio.create_subprocess_exec(
-        require_tool("mosquitto_sub"),
-        *tls,
-        "-t",
-        f"devices/{device_id}/detections",
-        "-C",
-        "1",
-        "-W",
-        "20",
-        "-F",
-        "%j",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    await asyncio.sleep(0.5)  # mosquitto_sub has subscribed (it has no "ready" signal)
-    code, _out, err = await _run(
-        require_tool("mosquitto_pub"),
-        *tls,
-        "-t",
-        f"devices/{device_id}/frames",
-        "-f",
-        str(PHOTOS / "chelsea.jpg"),
-        "-q",
-        "1",
-        "-D",
-        "publish",
-        "correlation-data",
-        "frame-42",
+    """``mosquitto_pub`` a photo, ``mosquitto_sub`` its detection; the parsed answer.
+
+    The client id is the certificate CN: a device holds one connection at a time, so a
+    mosquitto_sub listening beside mosquitto_pub would end it (and be ended). The two take
+    turns on the device's persistent session instead (``-c -x``, as docs/mqtt.md shows):
+    subscribe and leave, publish, then collect the answer queued in the session meanwhile.
+    An answer faster than mosquitto_pub's own disconnect goes to mosquitto_pub, which
+    discards it (a property of the client, seen in its ``-d`` output): publish again then.
+    """
+    session = [*cli_tls_args(device, port), "-i", device_id, "-c", "-x", "600"]
+    detections = ("-t", f"devices/{device_id}/detections", "-q", "1")
+    code, _out, err = await _run(require_tool("mosquitto_sub"), *session, *detections, "-E")
+    assert code == 0, err
+    for _attempt in range(3):
+        code, out, err = await _run(
+            require_tool("mosquitto_pub"),
+            *session,
+            *("-t", f"devices/{device_id}/frames", "-f", str(PHOTOS / "chelsea.jpg"), "-q", "1"),
+            *("-D", "publish", "correlation-data", "frame-42", "-d"),
+        )
+        assert code == 0, err
+        if b"received PUBLISH" not in out + err:
+            break
+    code, out, err = await _run(
+        require_tool("mosquitto_sub"), *session, *detections, "-C", "1", "-W", "20", "-F", "%j"
     )
     assert code == 0, err
-    out, err = await asyncio.wait_for(sub.communicate(), 30)
-    assert sub.returncode == 0, err
     envelope = json.loads(out)
     return json.loads(envelope["payload"])
 
