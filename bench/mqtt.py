@@ -256,10 +256,13 @@ def _connect_packet(client_id: str) -> bytes:
     return b"\x10" + bytes([len(body)]) + body
 
 
-async def broker_memory(h: BrokerHarness, device: pki.IdentityFiles, n: int) -> float:
+async def broker_memory(h: BrokerHarness, devices: list[pki.IdentityFiles]) -> float:
+    """Broker RSS per idle mTLS connection, one certificate per device (the broker forces
+    client id = CN, so connections sharing a certificate would replace each other)."""
     pid = h.broker.pid
     assert pid is not None
-    ctx = pki.client_ssl_context(device)
+    n = len(devices)
+    contexts = [pki.client_ssl_context(d) for d in devices]
     await asyncio.sleep(0.5)
     before = rss_kb(pid)
     writers = []
@@ -267,8 +270,10 @@ async def broker_memory(h: BrokerHarness, device: pki.IdentityFiles, n: int) -> 
 
     async def one(i: int) -> None:
         async with sem:
-            reader, writer = await asyncio.open_connection("127.0.0.1", h.port, ssl=ctx)
-            writer.write(_connect_packet(f"idle-{i}"))
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", h.port, ssl=contexts[i], server_hostname="localhost"
+            )
+            writer.write(_connect_packet(f"idle-{i:05d}"))
             await writer.drain()
             await reader.readexactly(2)
             writers.append(writer)
@@ -317,7 +322,8 @@ async def main() -> None:
         async with h.run():
             # First, while the broker's heap is fresh (later parts grow it, and freed memory
             # would be reused by the idle connections and hide their cost).
-            out["broker_kb_per_device"] = round(await broker_memory(h, device, n_devices), 1)
+            idle = [issue(f"idle-{i:05d}") for i in range(n_devices)]
+            out["broker_kb_per_device"] = round(await broker_memory(h, idle), 1)
             out["devices"] = n_devices
             for qos in (0, 1):
                 c = await c_baseline(h, device, n_tel, qos, tmp)
