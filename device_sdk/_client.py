@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import functools
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
@@ -112,7 +113,7 @@ class DeviceClient:
                 current=lambda: self._selector.current,
                 stub=self._stub,
                 # Read at each connection: the identity changes when the client renews.
-                ssl_context=lambda: pki.client_ssl_context(self.identity.files),
+                ssl_context=self._mqtt_ssl_context,
                 spawn=self._spawn,
                 gateway_failed=self._gateway_failed,
                 deliver=self._outcomes.deliver,
@@ -436,12 +437,12 @@ class DeviceClient:
     def _stub(self, gateway: GatewayInfo) -> gateway_pb2_grpc.DeviceGatewayAsyncStub:
         if self._channels is None:
             raise ClientClosed("the client is not started")
-        return self._channels.stub(gateway.grpc_address)
+        return self._channels.stub(gateway.grpc_address, gateway.gateway_id)
 
     def _channel(self, gateway: GatewayInfo) -> grpc.aio.Channel:
         if self._channels is None:
             raise ClientClosed("the client is not started")
-        return self._channels.get(gateway.grpc_address)
+        return self._channels.get(gateway.grpc_address, gateway.gateway_id)
 
     # -- gateway selection -----------------------------------------------------------------
 
@@ -511,6 +512,15 @@ class DeviceClient:
             await self._probe_all()
 
     # -- renewal ---------------------------------------------------------------------------
+
+    def _mqtt_ssl_context(self, gateway: GatewayInfo) -> ssl.SSLContext:
+        """A TLS context for ``gateway``'s broker that demands the gateway's pinned name.
+
+        Only a gateway whose gRPC probe succeeded is in use, and the probe's channel already
+        needed a valid id (``ChannelPool``), so the name can always be made here.
+        """
+        name = pki.gateway_server_name(gateway.gateway_id)
+        return pki.client_ssl_context(self.identity.files, server_name=name)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return pki.grpc_channel_credentials(

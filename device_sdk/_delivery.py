@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from device_sdk._aio import wait_either
 from device_sdk._grpc import Busy, GatewayDown, Refused, classify
 from device_sdk._mqtt import MqttSession
 from device_sdk._options import ClientOptions
@@ -107,13 +108,7 @@ class Outcomes:
             if stopping.is_set():
                 return None
             self._ready.clear()
-            ready = asyncio.ensure_future(self._ready.wait())
-            stopper = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait({ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-                stopper.cancel()
+            await wait_either(self._ready, stopping)
         return self._buffer.popleft()
 
 
@@ -128,8 +123,9 @@ class Wiring:
     #: The gateway in use now, ``None`` while none is reachable.
     current: Callable[[], GatewayInfo | None]
     stub: Callable[[GatewayInfo], gateway_pb2_grpc.DeviceGatewayAsyncStub]
-    #: A client TLS context on the current certificate (blocking: reads key files).
-    ssl_context: Callable[[], ssl.SSLContext]
+    #: A client TLS context on the current certificate that demands this gateway's pinned
+    #: name (blocking: reads key files).
+    ssl_context: Callable[[GatewayInfo], ssl.SSLContext]
     #: Start a job in the client's task group.
     spawn: Callable[[Job, str], None]
     gateway_failed: Callable[[GatewayInfo, str], None]
@@ -329,7 +325,7 @@ class Delivery:
                 await asyncio.sleep(0.05)  # the route is being re-chosen
                 continue
             self._mqtt_stop.clear()
-            ctx = await asyncio.to_thread(w.ssl_context)
+            ctx = await asyncio.to_thread(w.ssl_context, gateway)
             session = MqttSession(
                 device_id=w.device_id,
                 gateway=gateway,

@@ -8,7 +8,8 @@ bundle. Files are then replaced atomically, key first (0600), so a crash leaves 
 identity or the new one.
 
 ``enroll`` talks to the core's enrolment port (server-authenticated TLS: the device has no
-certificate yet); ``renew`` to its mutual-TLS port with the current certificate.
+certificate yet); ``renew`` to its mutual-TLS port with the current certificate. Both demand
+the core's role-pinned name (``core.edgeward.internal``), which no gateway certificate carries.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ __all__ = ["EnrollmentResult", "default_core_address", "enroll", "renew", "verif
 
 FINAL_METADATA_KEY = "edgeward-final"
 DEFAULT_TIMEOUT_S = 15.0
+# Both calls go to a core: demand its role-pinned name, so that a gateway (whose certificate
+# also names localhost) cannot collect enrolment tokens or hand out certificates.
+_CORE_OPTIONS = [pki.server_name_option(pki.core_server_name())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +275,7 @@ async def enroll(
     request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
     credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)
     try:
-        async with grpc.aio.secure_channel(endpoint, credentials) as channel:
+        async with grpc.aio.secure_channel(endpoint, credentials, options=_CORE_OPTIONS) as channel:
             stub = enrollment_pb2_grpc.EnrollmentStub(channel)
             response = await stub.Enroll(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as exc:
@@ -321,7 +325,7 @@ async def renew(
         ca_bundle_pem=files.ca_bundle.read_bytes(), identity=files
     )
     try:
-        async with grpc.aio.secure_channel(address, credentials) as channel:
+        async with grpc.aio.secure_channel(address, credentials, options=_CORE_OPTIONS) as channel:
             stub = enrollment_pb2_grpc.EnrollmentStub(channel)
             response = await stub.Renew(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as exc:

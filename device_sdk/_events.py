@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from device_sdk._aio import wait_either
 from device_sdk._grpc import Refused, classify
 from device_sdk._queue import DiskQueue
 from device_sdk._types import DeviceEvent, EscalationAnswer, GatewayInfo
@@ -114,13 +115,7 @@ class EventInbox:
             if stopping.is_set():
                 return None
             self._ready.clear()
-            ready = asyncio.ensure_future(self._ready.wait())
-            stopper = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait({ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-                stopper.cancel()
+            await wait_either(self._ready, stopping)
         event = self._buffer[0]
         answer = _answer_id(event)
         if answer:

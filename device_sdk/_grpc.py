@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import pki
 from device_sdk.errors import DeviceRevoked
 from protos.edgeward.v1 import gateway_pb2_grpc
 
@@ -120,7 +121,12 @@ def classify_code(code_name: str, details: str) -> Exception:
 
 
 class ChannelPool:
-    """One mTLS channel per gateway address, all built from the current credentials.
+    """One mTLS channel per gateway (address and id), all built from the current credentials.
+
+    Each channel demands the gateway's role-pinned name
+    (``<gateway-id>.gateway.edgeward.internal``, :func:`pki.gateway_server_name`) rather than
+    the address's host: every gateway and core certificate names ``localhost``, so without it
+    any gateway (or a stolen gateway key) at that address would be accepted as this one.
 
     :meth:`replace_credentials` (after a renewal) makes new channels for every later call and
     returns the old ones; the client closes those with a grace period so that calls already
@@ -129,28 +135,40 @@ class ChannelPool:
 
     def __init__(self, credentials: grpc.ChannelCredentials) -> None:
         self._credentials = credentials
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._stubs: dict[
-            str, tuple[grpc.aio.Channel, gateway_pb2_grpc.DeviceGatewayAsyncStub]
+            tuple[str, str], tuple[grpc.aio.Channel, gateway_pb2_grpc.DeviceGatewayAsyncStub]
         ] = {}
         self.generation = 0
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, gateway_id: str) -> grpc.aio.Channel:
+        """The channel to gateway ``gateway_id`` at ``address`` (made once per generation).
+
+        Raises :class:`GatewayDown` when ``gateway_id`` is not a valid id (no name to pin).
+        """
+        key = (address, gateway_id)
+        channel = self._channels.get(key)
         if channel is None:
+            try:
+                name = pki.gateway_server_name(gateway_id)
+            except pki.InvalidName:
+                raise GatewayDown(f"gateway id {gateway_id!r} is not a valid id") from None
             channel = grpc.aio.secure_channel(
-                address, self._credentials, options=list(CHANNEL_OPTIONS)
+                address,
+                self._credentials,
+                options=[*CHANNEL_OPTIONS, pki.server_name_option(name)],
             )
-            self._channels[address] = channel
+            self._channels[key] = channel
         return channel
 
-    def stub(self, address: str) -> gateway_pb2_grpc.DeviceGatewayAsyncStub:
-        """The ``DeviceGateway`` stub on the current channel to ``address`` (made once)."""
-        channel = self.get(address)
-        stub = self._stubs.get(address)
+    def stub(self, address: str, gateway_id: str) -> gateway_pb2_grpc.DeviceGatewayAsyncStub:
+        """The ``DeviceGateway`` stub on the current channel to ``gateway_id`` (made once)."""
+        channel = self.get(address, gateway_id)
+        key = (address, gateway_id)
+        stub = self._stubs.get(key)
         if stub is None or stub[0] is not channel:
             stub = (channel, gateway_pb2_grpc.DeviceGatewayStub(channel))
-            self._stubs[address] = stub
+            self._stubs[key] = stub
         return stub[1]
 
     def replace_credentials(self, credentials: grpc.ChannelCredentials) -> list[grpc.aio.Channel]:

@@ -55,6 +55,7 @@ from typing import Any, Literal, Self
 
 import grpc
 import structlog
+from cryptography import x509
 
 import pki
 from gateway._config import GatewaySettings
@@ -175,6 +176,18 @@ class GatewayService:
             self.identity.certificate(), trust_domain=self.trust_domain, role=pki.Role.GATEWAY
         )
         self.gateway_id = settings.gateway_id or own.id
+        # A certificate issued before role-pinned names lacks <id>.gateway.edgeward.internal,
+        # which devices demand: every device would refuse this gateway at the handshake.
+        san = self.identity.certificate().extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        if pki.gateway_server_name(own.id) not in san.value.get_values_for_type(x509.DNSName):
+            _log.warning(
+                "gateway certificate lacks its pinned name; devices will refuse it: "
+                "re-issue it with 'edgeward pki issue-server'",
+                gateway_id=own.id,
+                name=pki.gateway_server_name(own.id),
+            )
         # Built here, before anything starts: a bad [escalation] table fails construction.
         self._plugins = list(configured_plugins(settings) if plugins is None else plugins)
         self._device_directory = device_directory
@@ -198,7 +211,13 @@ class GatewayService:
         creds = pki.grpc_channel_credentials(
             ca_bundle_pem=self.identity.ca_bundle.read_bytes(), identity=self.identity
         )
-        return grpc.aio.secure_channel(self.settings.core_address, creds)
+        # Demand the core's role-pinned name: every gateway certificate names localhost too,
+        # so the address alone would let a stolen gateway key pose as the core.
+        return grpc.aio.secure_channel(
+            self.settings.core_address,
+            creds,
+            options=[pki.server_name_option(pki.core_server_name())],
+        )
 
     def _open_registry(self) -> pki.Registry:
         if self._registry is None:

@@ -15,7 +15,9 @@ Profiles (RFC 5280 §4.2.1.3 key usage, §4.2.1.12 extended key usage):
 * device: ``digitalSignature``; EKU ``clientAuth`` only, so a device certificate can never
   serve TLS; URI SAN ``spiffe://td/device/<id>``; CN = id; default lifetime 7 days.
 * gateway, core: ``digitalSignature``; EKU ``serverAuth`` and ``clientAuth``; DNS and IP SANs
-  plus the URI SAN; default lifetime 90 days.
+  plus the URI SAN; default lifetime 90 days. Each also carries its role-pinned DNS name
+  (``core.edgeward.internal``, ``<gateway-id>.gateway.edgeward.internal``; see ``_names``),
+  which clients demand; no requested name may fall under ``edgeward.internal``.
 
 Time is always passed in (``now=``), never read inside, so expiry is testable to the second.
 """
@@ -40,8 +42,14 @@ from pki._files import (
     write_atomic,
     write_private_key,
 )
-from pki._names import Identity, Role, validate_trust_domain
-from pki.errors import PkiExists, PkiNotFound
+from pki._names import (
+    Identity,
+    Role,
+    is_reserved_dns_name,
+    reserved_dns_names,
+    validate_trust_domain,
+)
+from pki.errors import InvalidName, PkiExists, PkiNotFound
 
 __all__ = [
     "DEFAULT_DEVICE_LIFETIME",
@@ -267,7 +275,12 @@ class CertificateAuthority:
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
     ) -> x509.Certificate:
-        """A leaf certificate for ``identity`` with the profile of its role."""
+        """A leaf certificate for ``identity`` with the profile of its role.
+
+        Gateway and core certificates get their role-pinned name added; a requested DNS name
+        under ``edgeward.internal`` (any case, wildcards too) raises :class:`InvalidName`, so
+        that no identity can obtain another's pinned name.
+        """
         if identity.trust_domain != self.trust_domain:
             raise ValueError("identity belongs to another trust domain")
         if lifetime is None:
@@ -280,6 +293,14 @@ class CertificateAuthority:
                 raise ValueError("device certificates carry no DNS or IP names")
             eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
         else:
+            for d in dns_names:
+                if is_reserved_dns_name(d):
+                    raise InvalidName(
+                        "DNS name",
+                        f"{d!r} is reserved: names under edgeward.internal are assigned by "
+                        "the CA from the certificate's role and id",
+                    )
+            sans += [x509.DNSName(d) for d in reserved_dns_names(identity)]
             sans += [x509.DNSName(d) for d in dns_names]
             sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
             eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -17,11 +17,18 @@ from cryptography.x509.oid import NameOID
 from pki.errors import InvalidIdentity, InvalidName
 
 __all__ = [
+    "CORE_SERVER_NAME",
+    "GATEWAY_SERVER_NAME_SUFFIX",
     "ID_PATTERN",
+    "RESERVED_DNS_SUFFIX",
     "Identity",
     "Role",
+    "core_server_name",
+    "gateway_server_name",
     "identity_from_certificate",
+    "is_reserved_dns_name",
     "parse_spiffe_id",
+    "reserved_dns_names",
     "validate_device_type",
     "validate_id",
     "validate_trust_domain",
@@ -34,6 +41,21 @@ DEVICE_TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{1,31}")
 # DNS-like: labels of [a-z0-9-], not starting or ending with '-', at most 253 characters.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _TRUST_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+# Role-pinned server names. Python gRPC clients cannot look at the server's certificate after
+# the handshake, so a client that wants "the core" or "gateway kr-seoul" demands a DNS name
+# only that identity's certificate carries (``grpc.ssl_target_name_override``), while it
+# still connects to the real address. The CA adds these names by role and refuses them (and
+# anything else under RESERVED_DNS_SUFFIX) as requested names, so a stolen gateway key can
+# neither pose as the core nor as another gateway, however its other SANs read.
+# ``.internal`` is reserved by ICANN for private use and never delegated in the public DNS,
+# so these names cannot collide with a real host, and no public CA can issue them.
+#: Every name under this suffix is the CA's to assign; none can be requested.
+RESERVED_DNS_SUFFIX = "edgeward.internal"
+#: The DNS SAN every core certificate carries (all cores share it: any core is "the core").
+CORE_SERVER_NAME = f"core.{RESERVED_DNS_SUFFIX}"
+#: A gateway's certificate carries ``<gateway-id>`` + this suffix.
+GATEWAY_SERVER_NAME_SUFFIX = f".gateway.{RESERVED_DNS_SUFFIX}"
 
 
 class Role(enum.StrEnum):
@@ -69,6 +91,48 @@ def validate_trust_domain(value: str) -> str:
     if not isinstance(value, str) or len(value) > 253 or _TRUST_DOMAIN.fullmatch(value) is None:
         raise InvalidName("trust domain", "must be a lower-case DNS name such as home.example")
     return value
+
+
+def core_server_name() -> str:
+    """The name a client demands of a core (``grpc.ssl_target_name_override``)."""
+    return CORE_SERVER_NAME
+
+
+def gateway_server_name(gateway_id: str) -> str:
+    """The name a client demands of gateway ``gateway_id``: ``<id>.gateway.edgeward.internal``.
+
+    Ids contain no dot, so no gateway's name can be another's, nor the core's.
+    """
+    return validate_id(gateway_id, kind="gateway id") + GATEWAY_SERVER_NAME_SUFFIX
+
+
+def reserved_dns_names(identity: Identity) -> tuple[str, ...]:
+    """The reserved names the CA puts into ``identity``'s certificate (none for devices)."""
+    if identity.role is Role.CORE:
+        return (core_server_name(),)
+    if identity.role is Role.GATEWAY:
+        return (gateway_server_name(identity.id),)
+    return ()
+
+
+def is_reserved_dns_name(name: str) -> bool:
+    """Whether ``name`` (as requested for a certificate) could match a reserved name.
+
+    Case-insensitive, ignores a trailing dot, and also true for a wildcard that could cover
+    one: ``*.gateway.edgeward.internal``, ``*.edgeward.internal``, ``*.internal``. The
+    reserved suffix is compared without its leading dot, so ``xedgeward.internal`` is refused
+    too: nobody needs it, and a looser rule is one more thing to get wrong.
+    """
+    n = name.strip().rstrip(".").lower()
+    if n.endswith(RESERVED_DNS_SUFFIX):
+        return True
+    if "*" in n:
+        # A wildcard matches within its own label; what follows that label must not be a
+        # suffix of any reserved name (``internal``, ``edgeward.internal``, …).
+        _, _, rest = n.partition(".")
+        longest = GATEWAY_SERVER_NAME_SUFFIX.lstrip(".")
+        return rest in ("", longest) or longest.endswith("." + rest)
+    return False
 
 
 @dataclass(frozen=True, slots=True)

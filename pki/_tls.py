@@ -9,6 +9,7 @@ a gRPC peer); ``GRPC_SSL_CIPHER_SUITES`` is set by the services to make it expli
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,7 @@ __all__ = [
     "client_ssl_context",
     "grpc_channel_credentials",
     "grpc_server_credentials",
+    "server_name_option",
     "server_ssl_context",
 ]
 
@@ -61,6 +63,18 @@ def grpc_channel_credentials(
     )
 
 
+def server_name_option(server_name: str) -> tuple[str, str]:
+    """The gRPC channel argument that makes the client demand ``server_name`` of the server.
+
+    gRPC otherwise checks the server's certificate only against the target's host, which
+    every gateway and core certificate names (``localhost``); with this option the TLS
+    handshake fails unless the certificate carries ``server_name``, one of the role-pinned
+    names (:func:`pki.core_server_name`, :func:`pki.gateway_server_name`) that only the CA
+    assigns. The channel still connects to the real address given as its target.
+    """
+    return ("grpc.ssl_target_name_override", server_name)
+
+
 def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(AEAD_CIPHERS_TLS12)
@@ -68,11 +82,43 @@ def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
-def client_ssl_context(identity: IdentityFiles, *, check_hostname: bool = True) -> ssl.SSLContext:
-    """A client context presenting ``identity`` and trusting only its CA bundle."""
+class _PinnedNameContext(ssl.SSLContext):
+    """A client context that checks the server's certificate against one fixed name.
+
+    MQTT clients pass the broker's host to ``wrap_socket``; this replaces it (as SNI and as
+    the name checked), the ``ssl`` counterpart of :func:`server_name_option`.
+    """
+
+    pinned_server_name: str
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.pinned_server_name
+        return super().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        kwargs["server_hostname"] = self.pinned_server_name
+        return super().wrap_bio(*args, **kwargs)
+
+
+def client_ssl_context(
+    identity: IdentityFiles, *, check_hostname: bool = True, server_name: str | None = None
+) -> ssl.SSLContext:
+    """A client context presenting ``identity`` and trusting only its CA bundle.
+
+    With ``server_name`` (a role-pinned name such as :func:`pki.gateway_server_name`), the
+    server's certificate must carry that name, whatever host the connection goes to.
+    """
     identity.require()
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identity.ca_bundle))
-    ctx.check_hostname = check_hostname
+    if server_name is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identity.ca_bundle))
+        ctx.check_hostname = check_hostname
+    else:
+        # What create_default_context(SERVER_AUTH) sets up, on the pinning subclass.
+        ctx = _PinnedNameContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.pinned_server_name = server_name
+        ctx.load_verify_locations(cafile=str(identity.ca_bundle))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
     ctx.load_cert_chain(str(identity.chain), str(identity.key))
     return _harden(ctx)
 

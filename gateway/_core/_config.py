@@ -168,6 +168,19 @@ class CoreSettings(ServiceSettings):
             split_address(v)
         return v
 
+    @field_validator("server_names")
+    @classmethod
+    def _server_names(cls, v: list[str]) -> list[str]:
+        # The CA adds core.edgeward.internal itself and refuses every requested name under
+        # edgeward.internal; say so at load, naming this key, not at certificate issuance.
+        for name in v:
+            if pki.is_reserved_dns_name(name):
+                raise ValueError(
+                    f"{name!r} is reserved (edgeward.internal names are assigned by the CA; "
+                    "the core's certificate always carries core.edgeward.internal)"
+                )
+        return v
+
     @field_validator("device_certificate_lifetime")
     @classmethod
     def _lifetime(cls, v: dt.timedelta) -> dt.timedelta:

@@ -69,7 +69,8 @@ def ensure_server_identity(
     registry: pki.Registry | None = None,
 ) -> pki.IdentityFiles:
     """The core's own identity; issued (again) when missing, past two thirds of its lifetime,
-    from another CA, not naming every address it listens on, or revoked in ``registry``.
+    from another CA, not naming every address it listens on or the core's pinned name
+    (:func:`pki.core_server_name`, which clients demand), or revoked in ``registry``.
 
     With ``registry``, a new certificate is recorded there (revocable by serial), and one kept
     from an earlier start that the registry does not know yet is recorded too.
@@ -88,9 +89,11 @@ def ensure_server_identity(
             have = {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
                 str(a) for a in san.get_values_for_type(x509.IPAddress)
             }
+            # A certificate from before role-pinned names lacks core.edgeward.internal, which
+            # every client now demands: issue a new one.
             if (
                 fresh
-                and set(dns) | set(ips) <= have
+                and set(dns) | set(ips) | {pki.core_server_name()} <= have
                 and (registry is None or _kept_in(registry, cert, core_id, now))
             ):
                 return files

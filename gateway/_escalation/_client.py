@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+import pki
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 
 from ._errors import EscalationError, EscalationFailed
@@ -56,6 +57,9 @@ class CoreClient:
                 address,
                 self._credentials,
                 options=[
+                    # Only a core may answer: demand its role-pinned name (a gateway's
+                    # certificate also names localhost, so the address alone is not enough).
+                    pki.server_name_option(pki.core_server_name()),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     # Reconnect quickly once the core is back: the outbox has its own backoff.

@@ -63,7 +63,10 @@ def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSo
             creds = pki.grpc_channel_credentials(
                 ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
             )
-            return grpc.aio.secure_channel(address, creds)
+            # The CRL must come from the core, not from any server of the trust domain.
+            return grpc.aio.secure_channel(
+                address, creds, options=[pki.server_name_option(pki.core_server_name())]
+            )
 
         return core_crl_source(channel, timeout_s=settings.core_timeout_s)
     assert settings.pki_dir is not None  # noqa: S101 - load_gateway_settings requires one

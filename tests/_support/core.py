@@ -72,7 +72,11 @@ class RunningCore:
             ca_bundle_pem=self.ca_bundle_pem, identity=identity
         )
         target = self.address if identity is not None else self.enrol_address
-        return grpc.aio.secure_channel(target, credentials)
+        # As every real client does: demand the core's role-pinned name, which also checks
+        # that the core's self-issued certificate carries it.
+        return grpc.aio.secure_channel(
+            target, credentials, options=[pki.server_name_option(pki.core_server_name())]
+        )
 
 
 @contextlib.asynccontextmanager
