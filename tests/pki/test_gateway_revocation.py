@@ -100,7 +100,9 @@ async def test_revoked_gateway_is_refused_on_every_core_method(
                 after = await every_core_method(core_pb2_grpc.CoreStub(ch))
         assert set(after.values()) == {grpc.StatusCode.PERMISSION_DENIED}, after
         refused = [e for e in logs if e.get("event") == "gateway.refused"]
-        assert sorted(e["method"] for e in refused) == sorted(after)
+        # Every method's refusal is audited (the stream opened before the revocation may be
+        # cut while this runs and be audited a second time).
+        assert {e["method"] for e in refused} == set(after)
         assert all(e["audit"] is True and e["gateway_id"] == "gw-every" for e in refused)
         assert all(e["serial"] == serial_of(gateway) for e in refused)
         # A new certificate for the same gateway (issued after the revocation) is accepted,
