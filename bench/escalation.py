@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from gateway._escalation._crop import prepare_upload  # noqa: E402
 from gateway._events import EventPayload  # noqa: E402
 from gateway._inference import InferenceEngine  # noqa: E402
 from gateway._inference._image import decode_image  # noqa: E402
+from gateway._ports import free_port  # noqa: E402
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc  # noqa: E402
 
 MODELS = ROOT / "models"
@@ -66,13 +66,6 @@ POLICY = RegionPolicy(
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Sink:

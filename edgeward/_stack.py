@@ -16,13 +16,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from gateway._ports import free_port
 
 __all__ = [
     "DEMO_DEVICES",
@@ -49,13 +50,6 @@ DEMO_DEVICES: tuple[tuple[str, str, str, str], ...] = (
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def edgeward_command() -> list[str]:

@@ -60,7 +60,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,6 +76,7 @@ from cryptography.hazmat.primitives import serialization
 import pki
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._tasks import TaskSet
+from gateway._ports import free_port
 
 __all__ = [
     "BrokerControl",
@@ -120,14 +120,6 @@ pattern read devices/%u/events
 def device_acl() -> str:
     """The ACL file of the devices' listener."""
     return DEVICE_ACL
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (Mosquitto cannot report a port it picked itself)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,6 @@ from tests.conftest import PHOTOS, ROOT, IssueFn
 
 MODELS = ROOT / "models"
 EDGE_MODEL = "edge_ssd_mobilenetv2_oid24"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for a core that must come back on it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @functools.cache

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import pki
+from gateway._ports import free_port
 
-from .conftest import ROOT, Cores, free_port
+from .conftest import ROOT, Cores
 
 pytestmark = pytest.mark.slow
 

@@ -39,6 +39,7 @@ from gateway._escalation import (
 )
 from gateway._inference._image import decode_image
 from gateway._inference._manifest import load_manifest
+from gateway._ports import free_port
 from gateway._service import configured_plugins
 from gateway._settings import ConfigError
 from protos.edgeward.v1 import common_pb2, core_pb2, gateway_pb2, gateway_pb2_grpc
@@ -46,7 +47,7 @@ from tests._support.core import RunningCore, running_core, unique_id
 from tests._support.gateway import RunningGateway, start_gateway
 from tests.conftest import PHOTOS, ROOT, IssueFn
 
-from .conftest import EDGE_MODEL, MODELS, free_port
+from .conftest import EDGE_MODEL, MODELS
 
 EDGE_LABELS = load_manifest(MODELS).entry(EDGE_MODEL).labels
 

@@ -16,6 +16,7 @@ from gateway._escalation import FaceRedactor, crop_with_margin, mark_detection_r
 from gateway._events import ErrorEvent, EscalationAnswer, EventHub
 from gateway._inference import InferenceEngine
 from gateway._inference._image import decode_image
+from gateway._ports import free_port
 from protos.edgeward.v1 import common_pb2, core_pb2
 from tests.conftest import PHOTOS
 
@@ -26,7 +27,6 @@ from .conftest import (
     Recorder,
     edge_detections,
     frame_of,
-    free_port,
     region,
 )
 
