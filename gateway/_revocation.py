@@ -172,32 +172,22 @@ def _backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     return random.uniform(0.0, min(cap, base * 2**attempt))  # noqa: S311 - not a secret
 
 
-class CoreRevocationFeed:
-    """Keeps ``state`` current from the core's ``WatchRevocations`` stream.
+class _Background:
+    """A source that runs one background task (``_run``) in its own task group while entered."""
 
-    ``channel_factory`` returns a new mTLS channel to the core (the caller builds it from the
-    gateway's identity). ``stream_timeout_s`` bounds a single stream's silence: if neither an
-    event nor a heartbeat arrives for that long, the stream is dropped and re-opened.
-    """
+    _task_name = "edgeward-revocation"
 
-    def __init__(
-        self,
-        state: RevocationState,
-        *,
-        channel_factory: Callable[[], grpc.aio.Channel],
-        stream_timeout_s: float,
-    ) -> None:
-        self._state = state
-        self._channel_factory = channel_factory
-        self._stream_timeout_s = stream_timeout_s
+    def __init__(self) -> None:
         self._tg: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
-        self.connects = 0
+
+    async def _run(self) -> None:
+        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
-        self._task = self._tg.create_task(self._run(), name="edgeward-revocation-feed")
+        self._task = self._tg.create_task(self._run(), name=self._task_name)
         return self
 
     async def __aexit__(
@@ -210,6 +200,30 @@ class CoreRevocationFeed:
         if self._task is not None:
             self._task.cancel()
         await self._tg.__aexit__(exc_type, exc, tb)
+
+
+class CoreRevocationFeed(_Background):
+    """Keeps ``state`` current from the core's ``WatchRevocations`` stream.
+
+    ``channel_factory`` returns a new mTLS channel to the core (the caller builds it from the
+    gateway's identity). ``stream_timeout_s`` bounds a single stream's silence: if neither an
+    event nor a heartbeat arrives for that long, the stream is dropped and re-opened.
+    """
+
+    _task_name = "edgeward-revocation-feed"
+
+    def __init__(
+        self,
+        state: RevocationState,
+        *,
+        channel_factory: Callable[[], grpc.aio.Channel],
+        stream_timeout_s: float,
+    ) -> None:
+        self._state = state
+        self._channel_factory = channel_factory
+        self._stream_timeout_s = stream_timeout_s
+        super().__init__()
+        self.connects = 0
 
     async def _run(self) -> None:
         attempt = 0
@@ -287,12 +301,14 @@ def registry_revocation_reader(registry: pki.Registry, *, batch: int = 1000) -> 
     return read
 
 
-class RegistryRevocationPoller:
+class RegistryRevocationPoller(_Background):
     """Keeps ``state`` current by polling a registry (standalone gateways).
 
     The first poll happens on entry, so a freshly started gateway knows what is revoked
     before it serves anyone.
     """
+
+    _task_name = "edgeward-revocation-poll"
 
     def __init__(
         self, state: RevocationState, *, reader: RevocationReader, interval_s: float
@@ -300,26 +316,11 @@ class RegistryRevocationPoller:
         self._state = state
         self._reader = reader
         self._interval_s = interval_s
-        self._tg: asyncio.TaskGroup | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
     async def __aenter__(self) -> Self:
         await self.poll_once()
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._task = self._tg.create_task(self._run(), name="edgeward-revocation-poll")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._tg is not None  # noqa: S101 - entered
-        if self._task is not None:
-            self._task.cancel()
-        await self._tg.__aexit__(exc_type, exc, tb)
+        return await super().__aenter__()
 
     async def poll_once(self) -> bool:
         """Read and apply new revocations; False (and no freshness) when the read failed."""
