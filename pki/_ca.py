@@ -232,6 +232,12 @@ class CertificateAuthority:
         self.certificate = certificate
         self._key = key
         self.bundle_pem = bundle_pem
+        # Fixed for the life of this CA, and needed for every certificate it issues: derive
+        # them once rather than re-encoding the CA certificate and re-hashing its key per call.
+        self._certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        self._authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            key.public_key()
+        )
 
     def __repr__(self) -> str:  # never show the key
         return f"CertificateAuthority(trust_domain={self.trust_domain!r})"
@@ -259,7 +265,7 @@ class CertificateAuthority:
 
     @property
     def certificate_pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
+        return self._certificate_pem
 
     def chain_pem(self, leaf: x509.Certificate) -> bytes:
         """Leaf then issuing CA, as TLS peers send it."""
@@ -333,10 +339,7 @@ class CertificateAuthority:
             # subject is empty, which ours never is.
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
+            .add_extension(self._authority_key_id, critical=False)
             .sign(self._key, hashes.SHA256())
         )
 
@@ -355,10 +358,7 @@ class CertificateAuthority:
             .last_update(now - _BACKDATE)
             .next_update(now + next_update)
             .add_extension(x509.CRLNumber(crl_number), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
+            .add_extension(self._authority_key_id, critical=False)
         )
         for serial, at in revoked:
             builder = builder.add_revoked_certificate(

@@ -408,35 +408,37 @@ class SqliteRegistry:
         The certificate was signed before this call but is handed out only if this succeeds;
         the conditional UPDATE decides among concurrent attempts with the same token.
         """
+        # Three statements in one transaction (each UPDATE/INSERT reports back with RETURNING
+        # instead of a SELECT after it): enrolment is the core's hottest write path.
         with self._write() as db:
-            won = (
-                db.execute(
-                    "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
-                    " AND expires_at > ?",
-                    (_ts(now), token_hash, _ts(now)),
-                ).rowcount
-                == 1
-            )
-            row = db.execute(
-                "SELECT device_id, type, region, used_at FROM tokens WHERE token_hash = ?",
-                (token_hash,),
-            ).fetchone()
-            if row is None:
-                raise TokenRejected("unknown token")
-            if not won:
-                raise TokenRejected("token already used" if row[3] is not None else "token expired")
-            device_id, typ, region = str(row[0]), str(row[1]), str(row[2])
+            spent = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
+                " AND expires_at > ? RETURNING device_id, type, region",
+                (_ts(now), token_hash, _ts(now)),
+            ).fetchall()  # to the end: a RETURNING statement is finished only when drained
+            if not spent:
+                # Lost (or never could win): say why. Only failures pay for this read.
+                row = db.execute(
+                    "SELECT used_at FROM tokens WHERE token_hash = ?", (token_hash,)
+                ).fetchone()
+                if row is None:
+                    raise TokenRejected("unknown token")
+                raise TokenRejected("token already used" if row[0] is not None else "token expired")
+            device_id, typ, region = (str(v) for v in spent[0])
             if device_id != certificate.device_id:
                 raise TokenRejected("token names another device")
-            status = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()
-            if status is not None and status[0] == Status.REVOKED:
-                raise CertificateRevoked(device_id)
-            db.execute(
+            # A revoked device stays revoked: the conditional DO UPDATE leaves its row alone and
+            # returns nothing, which refuses the enrolment (and rolls the token back).
+            created = db.execute(
                 "INSERT INTO devices (id, type, region, status, created_at)"
                 " VALUES (?, ?, ?, 'active', ?)"
-                " ON CONFLICT(id) DO UPDATE SET type = excluded.type, region = excluded.region",
+                " ON CONFLICT(id) DO UPDATE SET type = excluded.type, region = excluded.region"
+                " WHERE devices.status != 'revoked'"
+                " RETURNING id, type, region, status, created_at",
                 (device_id, typ, region, _ts(now)),
-            )
+            ).fetchall()
+            if not created:
+                raise CertificateRevoked(device_id)
             db.execute(
                 "INSERT INTO certificates (serial, device_id, not_after, status, issued_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -448,11 +450,7 @@ class SqliteRegistry:
                     _ts(certificate.issued_at),
                 ),
             )
-            created = db.execute(
-                "SELECT id, type, region, status, created_at FROM devices WHERE id = ?",
-                (device_id,),
-            ).fetchone()
-        return self._device(created)
+        return self._device(created[0])
 
     # -- devices and certificates ----------------------------------------------------------
 
