@@ -53,6 +53,7 @@ def gateway() -> None:
     help="Standalone: the PKI directory whose registry is polled.",
 )
 @click.option("--metrics-listen", default=None, help="host:port of the Prometheus endpoint.")
+@click.option("--region", default=None, help="Region this gateway serves.")
 def run(  # noqa: PLR0917 - click passes options as arguments
     config_path: Path | None,
     listen: str | None,
@@ -60,6 +61,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     core: str | None,
     pki_dir: Path | None,
     metrics_listen: str | None,
+    region: str | None,
 ) -> None:
     """Serve devices until SIGTERM/SIGINT, then drain and exit."""
     import pki
@@ -79,6 +81,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
             ("core_address", core),
             ("pki_dir", pki_dir),
             ("metrics_listen", metrics_listen),
+            ("region", region),
         )
         if value is not None
     }

@@ -219,6 +219,12 @@ class GatewaySettings(ServiceSettings):
         default="127.0.0.1:8443",
         description="host:port of the device-facing mTLS gRPC server (port 0: a free port).",
     )
+    advertise_address: str | None = Field(
+        default=None,
+        description="host:port devices use to reach this gateway, announced to the core for "
+        "the signed gateway directory. Unset: the listen address (with the bound port) when "
+        "its host is not a wildcard; with a wildcard listen host nothing is announced.",
+    )
     identity_dir: Path = Field(
         description="Identity directory of this gateway (key.pem, chain.pem, ca-bundle.pem); "
         "its CA bundle defines the trust domain's CAs, its certificate the trust domain.",
@@ -284,7 +290,7 @@ class GatewaySettings(ServiceSettings):
     def _check_listen(cls, value: str) -> str:
         return _host_port(value)
 
-    @field_validator("core_address", "metrics_listen")
+    @field_validator("core_address", "metrics_listen", "advertise_address")
     @classmethod
     def _check_optional_address(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value)

@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
+import random
 import signal
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -339,6 +340,10 @@ class GatewayService:
             tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
             health = tasks.create_task(self._watch_feed(), name="edgeward-feed-gauge")
             self._stack.callback(health.cancel)  # runs before the group waits for it
+            advertised = self._advertised_address()
+            if s.core_address is not None and advertised is not None:
+                announce = tasks.create_task(self._announce(advertised), name="edgeward-announce")
+                self._stack.callback(announce.cancel)
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
@@ -359,6 +364,48 @@ class GatewayService:
         _log.info("gateway stopping", gateway_id=self.gateway_id)
         await self._stack.__aexit__(exc_type, exc, tb)
         _log.info("gateway stopped", gateway_id=self.gateway_id)
+
+    def _advertised_address(self) -> str | None:
+        """Where devices reach this gateway: the configured address, else the listen one."""
+        s = self.settings
+        if s.advertise_address is not None:
+            return s.advertise_address
+        host, _ = _split(s.listen)
+        if host in ("", "0.0.0.0", "::", "[::]"):  # noqa: S104 - a comparison, not a bind
+            _log.warning(
+                "listening on a wildcard address and no advertise_address set: this gateway "
+                "does not announce itself for the signed gateway directory",
+                gateway_id=self.gateway_id,
+            )
+            return None
+        return f"{host}:{self.grpc_port}"
+
+    async def _announce(self, address: str) -> None:
+        """Announce this gateway to the core (identity from its certificate), retrying with
+        jittered backoff until the core has it: devices find gateways in the directory."""
+        from protos.edgeward.v1 import common_pb2, core_pb2_grpc
+
+        delay = 0.5
+        async with self._core_channel() as channel:
+            stub = core_pb2_grpc.CoreStub(channel)
+            entry = common_pb2.GatewayEntry(
+                gateway_id=self.gateway_id, region=self.settings.region, grpc_address=address
+            )
+            while True:
+                try:
+                    await stub.AnnounceGateway(entry, timeout=self.settings.core_timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    _log.warning(
+                        "announcing to the core failed; retrying",
+                        code=exc.code().name,
+                        details=exc.details(),
+                        retry_in_s=round(delay, 1),
+                    )
+                    await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
+                    delay = min(delay * 2, 30.0)
+                    continue
+                _log.info("announced to the core", grpc_address=address)
+                return
 
     async def _watch_feed(self) -> None:
         while True:

@@ -251,11 +251,17 @@ class CoreServer:
         mtls = pki.grpc_server_credentials(self.identity, require_client_auth=True)
         server_auth = pki.grpc_server_credentials(self.identity, require_client_auth=False)
         host, _ = split_address(s.listen)
-        port = server.add_secure_port(s.listen, mtls)
         ehost, _ = split_address(s.enrol_address)
-        eport = server.add_secure_port(s.enrol_address, server_auth)
+        try:  # grpcio raises RuntimeError when a bind fails
+            port = server.add_secure_port(s.listen, mtls)
+            eport = server.add_secure_port(s.enrol_address, server_auth)
+        except RuntimeError:
+            port = eport = 0
         if not port or not eport:
-            raise OSError(f"cannot listen on {s.listen} and {s.enrol_address}")
+            raise OSError(
+                f"cannot listen on {s.listen} and {s.enrol_address}: "
+                "address in use or not available"
+            )
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.enrol_address = f"{ehost}:{eport}" if ":" not in ehost else f"[{ehost}]:{eport}"
         await server.start()

@@ -75,9 +75,12 @@ class GatewayServer:
 
     async def __aenter__(self) -> Self:
         creds = pki.grpc_server_credentials(self._identity, require_client_auth=True)
-        self.port = self._server.add_secure_port(self._listen, creds)
+        try:
+            self.port = self._server.add_secure_port(self._listen, creds)
+        except RuntimeError:  # grpcio raises this when the bind fails
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self._listen}")
+            raise OSError(f"cannot listen on {self._listen}: address in use or not available")
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

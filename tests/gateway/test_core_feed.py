@@ -86,3 +86,28 @@ async def test_losing_the_core_makes_the_gateway_refuse_new_sessions(
         assert err.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         await gateway_cm.__aexit__(None, None, None)
+
+
+async def test_a_gateway_announces_itself_into_the_signed_directory(issue, pki_dir, tmp_path):
+    """Devices find gateways in the signed directory: a gateway with a core announces its own
+    address (identity from its certificate), and a wildcard listen without an advertised
+    address announces nothing."""
+    async with running_core(pki_dir, tmp_path, feed_heartbeat_s=0.2) as core:
+        overrides = {"core_address": core.address, "pki_dir": None, "region": "kr-seoul"}
+        async with start_gateway(
+            issue=issue, tmp_path=tmp_path, gateway_id="gw-announce", overrides=overrides
+        ) as gw:
+            for _ in range(100):
+                listed = {g.id: g for g in core.registry.list_gateways()}
+                if "gw-announce" in listed:
+                    break
+                await asyncio.sleep(0.05)
+            entry = listed["gw-announce"]
+            assert entry.region == "kr-seoul"
+            assert entry.grpc_address == f"127.0.0.1:{gw.service.grpc_port}"
+        wildcard = {**overrides, "listen": "0.0.0.0:0"}
+        async with start_gateway(
+            issue=issue, tmp_path=tmp_path, gateway_id="gw-wild", overrides=wildcard
+        ):
+            await asyncio.sleep(0.5)
+            assert "gw-wild" not in {g.id for g in core.registry.list_gateways()}
