@@ -2,8 +2,9 @@
 
 * :class:`DeviceClient` (async) and :class:`SyncDeviceClient` (blocking) load the identity
   written by ``edgeward enroll``, pick the nearest gateway from the signed directory, send
-  frames over gRPC or MQTT through an on-disk outbox (store-and-forward), receive detections
-  and escalation answers, report telemetry, and renew the certificate in the background.
+  frames over gRPC (unary or a stream) or MQTT through an on-disk outbox
+  (store-and-forward), receive detections and escalation answers, report telemetry, and
+  renew the certificate in the background.
 * Errors live in :mod:`device_sdk.errors`; ``DeviceRevoked`` and ``CertificateExpired`` are
   final.
 
@@ -41,6 +42,7 @@ from device_sdk.errors import (
     DeviceSdkError,
     EnrollmentRefused,
     EnrollmentUnavailable,
+    IdentityNotWritable,
     InvalidDirectory,
     NoGateway,
     NotEnrolled,
@@ -72,6 +74,7 @@ __all__ = [
     "FrameRejected",
     "GatewayDirectory",
     "GatewayInfo",
+    "IdentityNotWritable",
     "InvalidDirectory",
     "NoGateway",
     "NotEnrolled",

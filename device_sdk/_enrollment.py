@@ -15,6 +15,8 @@ the core's role-pinned name (``core.edgeward.internal``), which no gateway certi
 from __future__ import annotations
 
 import datetime as dt
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -33,6 +35,7 @@ from device_sdk.errors import (
     DeviceRevoked,
     EnrollmentRefused,
     EnrollmentUnavailable,
+    IdentityNotWritable,
     InvalidDirectory,
     NotEnrolled,
 )
@@ -240,6 +243,20 @@ def _existing(files: pki.IdentityFiles) -> EnrollmentResult | None:
     )
 
 
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` (0700) and prove a file can be written there, or raise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise IdentityNotWritable(
+            f"cannot store the identity in {directory}: {exc.strerror or exc}; "
+            "nothing was sent, the token is still unused"
+        ) from None
+
+
 async def enroll(
     *,
     endpoint: str,
@@ -271,6 +288,8 @@ async def enroll(
         if existing.device_id != device_id:
             raise AlreadyEnrolled(str(out_dir), existing.device_id)
         return existing
+    # The token is spent once the core answers: make sure the answer can be stored first.
+    _check_writable(files.directory)
     key = pki.generate_private_key(curve)
     request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
     credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)

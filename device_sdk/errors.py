@@ -10,6 +10,7 @@
     ├── DeviceRevoked          the device is revoked (final: stop retrying)
     ├── CertificateExpired     the certificate expired; renewal is impossible, enrol again
     ├── InvalidDirectory       the signed gateway directory does not verify or parse
+    ├── IdentityNotWritable    the identity directory cannot be written (checked before enrolling)
     ├── QueueFull              the offline queue has no room left for this frame
     ├── NoGateway              no gateway answered in time (the frame stays queued)
     ├── RequestRefused         a gateway refused a request (code and the server's reason)
@@ -31,6 +32,7 @@ __all__ = [
     "DeviceSdkError",
     "EnrollmentRefused",
     "EnrollmentUnavailable",
+    "IdentityNotWritable",
     "InvalidDirectory",
     "NoGateway",
     "NotEnrolled",
@@ -112,6 +114,10 @@ class CertificateExpired(DeviceSdkError):
 
 class InvalidDirectory(DeviceSdkError):
     """The signed gateway directory cannot be parsed or does not verify."""
+
+
+class IdentityNotWritable(DeviceSdkError):
+    """The identity directory cannot be created or written; nothing was sent to the core."""
 
 
 class QueueFull(DeviceSdkError):

@@ -146,9 +146,15 @@ class MetricsServer:
         self.port = port
 
     async def __aenter__(self) -> Self:
-        server, thread = start_http_server(
-            self._port, addr=self._host, registry=self._metrics.registry
-        )
+        try:
+            server, thread = start_http_server(
+                self._port, addr=self._host, registry=self._metrics.registry
+            )
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on {self._host}:{self._port} (metrics_listen): "
+                f"{exc.strerror or exc}"
+            ) from None
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
         return self

@@ -8,6 +8,7 @@ problem raises :class:`ConfigError` whose message names each bad key and what is
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,6 +95,19 @@ def load_settings(
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, _TomlSource(settings_cls, data))
 
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(env_prefix)
+        and name[len(env_prefix) :].split("__")[0].lower() not in model.model_fields
+    )
+    if unknown:
+        # pydantic-settings ignores environment variables that name no field; a misspelled
+        # override must stop start-up like a misspelled key in the file.
+        raise ConfigError(
+            "invalid configuration:\n"
+            + "\n".join(f"  {name}: unknown key (environment override)" for name in unknown)
+        )
     try:
         configured = _Configured(**(overrides or {}))
     except ValidationError as exc:

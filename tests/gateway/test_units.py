@@ -112,6 +112,15 @@ def test_settings_from_toml_env_and_overrides(tmp_path, monkeypatch):
     assert "StreamDetect" not in settings.authorisation.allowed(None)
 
 
+def test_a_misspelled_environment_override_stops_start_up(tmp_path, monkeypatch):
+    """A typo in an override must not be ignored silently (the file's typos are not)."""
+    path = tmp_path / "gateway.toml"
+    path.write_text('identity_dir = "/id"\npki_dir = "/p"\n')
+    monkeypatch.setenv("EDGEWARD_GATEWAY_CORE_ADRESS", "core.example:7443")
+    with pytest.raises(ConfigError, match="EDGEWARD_GATEWAY_CORE_ADRESS: unknown key"):
+        load_gateway_settings(path)
+
+
 def test_settings_errors_name_the_key_and_its_override(tmp_path):
     path = tmp_path / "gateway.toml"
     path.write_text('identity_dir = "/id"\npki_dir = "/p"\n[inference]\nmax_batch = 0\nbogus = 1\n')

@@ -23,6 +23,7 @@ from device_sdk.errors import (
     DeviceRevoked,
     EnrollmentRefused,
     EnrollmentUnavailable,
+    IdentityNotWritable,
 )
 from protos.edgeward.v1 import (
     common_pb2,
@@ -473,3 +474,29 @@ async def test_unreachable_core_is_reported_clearly(pki_dir: Path, tmp_path: Pat
             token="no-device-id",
             out_dir=tmp_path / "nowhere",
         )
+
+
+async def test_an_unwritable_identity_directory_leaves_the_token_unused(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """The token is spent when the core answers, so the device checks first that it can
+    store the answer: a failed write must not burn the token or leave an orphan certificate."""
+    async with running_core(pki_dir, tmp_path) as core:
+        token = core.token("cam-unwritable")
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("a file where the directory should go")
+        with pytest.raises(IdentityNotWritable, match="token is still unused"):
+            await sdk.enroll(
+                endpoint=core.enrol_address,
+                ca_bundle_pem=core.ca_bundle_pem,
+                token=token,
+                out_dir=blocker / "cam-unwritable",
+            )
+        assert core.registry.get_device("cam-unwritable") is None
+        result = await sdk.enroll(
+            endpoint=core.enrol_address,
+            ca_bundle_pem=core.ca_bundle_pem,
+            token=token,
+            out_dir=tmp_path / "cam-unwritable",
+        )
+        assert result.device_id == "cam-unwritable"
