@@ -7,11 +7,16 @@ that installs the base distribution (no onnxruntime) can run ``edgeward enroll``
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 import click
 
 __all__ = ["main"]
+
+# gRPC's C core logs handshake details straight to stderr, outside structlog; keep only its
+# errors (an operator can still raise it with GRPC_VERBOSITY=debug).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # command name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, tuple[str, str]] = {
