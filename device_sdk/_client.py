@@ -266,6 +266,7 @@ class DeviceClient:
         if self._tg is not None:
             tg, self._tg = self._tg, None
             await tg.__aexit__(None, None, None)
+        await self._delivery.close()
         self._outcomes.fail_waiters(self._final or ClientClosed("the client was closed"))
         if self._channels is not None:
             await self._channels.close(grace=None)

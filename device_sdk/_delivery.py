@@ -6,8 +6,10 @@
   item from the outbox only once a gateway answered for it (concurrent removals share one
   commit);
 * the **transport**: a unary gRPC call (``Detect``, ``ReportTelemetry``) on the client's
-  channel to the gateway, or a publish on the MQTT session to that gateway's broker, which
-  :meth:`Delivery.mqtt_loop` keeps connected to whichever gateway is in use.
+  channel to the gateway, a frame on the long-lived ``StreamDetect`` call to it
+  (:mod:`device_sdk._stream`; telemetry stays unary), or a publish on the MQTT session to
+  that gateway's broker, which :meth:`Delivery.mqtt_loop` keeps connected to whichever
+  gateway is in use.
 
 :class:`Outcomes` hands each frame's outcome to the ``detect`` call waiting for it, or else
 to the bounded buffer :meth:`DeviceClient.results` reads (the oldest go first when full).
@@ -40,6 +42,7 @@ from device_sdk._grpc import Busy, GatewayDown, Refused, classify
 from device_sdk._mqtt import MqttSession
 from device_sdk._options import ClientOptions
 from device_sdk._queue import DiskQueue, QueuedItem
+from device_sdk._stream import FrameStreams, Resend
 from device_sdk._types import (
     DetectionResult,
     DeviceEvent,
@@ -154,6 +157,21 @@ class Delivery:
         # Set to end the MQTT session (the gateway changed, the certificate was renewed,
         # the client stops); the loop opens a new one while the client runs.
         self._mqtt_stop = asyncio.Event()
+        self.streams: FrameStreams | None = (
+            FrameStreams(
+                device_id=wiring.device_id,
+                stub=wiring.stub,
+                call_timeout_s=self._opts.call_timeout_s,
+                log=wiring.log,
+            )
+            if self._opts.transport is Transport.GRPC_STREAM
+            else None
+        )
+
+    async def close(self) -> None:
+        """End the transport's long-lived calls (the frames on them stay in the outbox)."""
+        if self.streams is not None:
+            await self.streams.close()
 
     def restart_transport(self) -> None:
         """End the MQTT session so that a new one opens (to the gateway now in use, on the
@@ -212,6 +230,8 @@ class Delivery:
             except GatewayDown as exc:
                 w.gateway_failed(gateway, str(exc))
                 return
+            except Resend:
+                return  # the stream ended before judging it (idle, or a frame ahead refused)
             except Busy as exc:
                 w.log.info("gateway busy; backing off", gateway=gateway.gateway_id, reason=str(exc))
                 await asyncio.sleep(0.05 + w.rng.random() * 0.2)
@@ -268,6 +288,8 @@ class Delivery:
             return await session.detect(
                 item.frame_id, item.payload, item.captured_at, timeout_s=timeout
             )
+        if self.streams is not None:
+            return await self.streams.detect(gateway, item)
         frame = common_pb2.Frame(image=item.payload, frame_id=item.frame_id)
         frame.captured_at.CopyFrom(timestamp(dt.datetime.fromtimestamp(item.captured_at, dt.UTC)))
         try:

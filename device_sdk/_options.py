@@ -24,6 +24,8 @@ def _utcnow() -> dt.datetime:
 class ClientOptions:
     """How a :class:`DeviceClient` behaves. Every field has a production default."""
 
+    #: ``grpc`` (a unary call per frame), ``grpc-stream`` (frames on one long-lived
+    #: ``StreamDetect`` call) or ``mqtt``.
     transport: Transport = Transport.GRPC
     #: Gateways to use instead of the signed directory in the identity directory.
     gateways: Sequence[GatewayInfo] | None = None

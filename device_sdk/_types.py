@@ -37,6 +37,8 @@ class Transport(enum.StrEnum):
     """How frames travel to the gateway."""
 
     GRPC = "grpc"
+    #: One long-lived ``StreamDetect`` call per gateway instead of a unary call per frame.
+    GRPC_STREAM = "grpc-stream"
     MQTT = "mqtt"
 
 

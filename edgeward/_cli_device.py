@@ -329,7 +329,12 @@ def device() -> None:
     help="folder of JPEG/PNG photos to send instead of the bundled ones",
 )
 @click.option("--rate", default=2.0, show_default=True, help="frames per second")
-@click.option("--transport", type=click.Choice(["grpc", "mqtt"]), default="grpc", show_default=True)
+@click.option(
+    "--transport",
+    type=click.Choice(["grpc", "grpc-stream", "mqtt"]),
+    default="grpc",
+    show_default=True,
+)
 @click.option("--duration", type=float, default=None, help="seconds to run (default: forever)")
 @click.option("--core", default=None, help="core HOST:PORT for renewal (default: from enrolment)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per event")

@@ -380,6 +380,20 @@ class GatewayService:
             return None
         return f"{host}:{self.grpc_port}"
 
+    def _advertised_mqtt_address(self) -> str | None:
+        """The devices' MQTT listener, when this gateway runs one on a known address."""
+        from gateway._mqtt._config import MqttSettings
+
+        mqtt = self.settings.section("mqtt", MqttSettings)
+        if mqtt is None or not mqtt.enabled:
+            return None
+        if not mqtt.managed:
+            return mqtt.broker_address
+        wildcard = mqtt.host in ("", "0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
+        if mqtt.port == 0 or wildcard:
+            return None
+        return f"{mqtt.host}:{mqtt.port}"
+
     async def _announce(self, address: str) -> None:
         """Announce this gateway to the core (identity from its certificate), retrying with
         jittered backoff until the core has it: devices find gateways in the directory."""
@@ -389,7 +403,10 @@ class GatewayService:
         async with self._core_channel() as channel:
             stub = core_pb2_grpc.CoreStub(channel)
             entry = common_pb2.GatewayEntry(
-                gateway_id=self.gateway_id, region=self.settings.region, grpc_address=address
+                gateway_id=self.gateway_id,
+                region=self.settings.region,
+                grpc_address=address,
+                mqtt_address=self._advertised_mqtt_address() or "",
             )
             while True:
                 try:

@@ -61,11 +61,13 @@ class DirectoryPublisher:
                 for g in self._static
             }
             for g in self._registry.list_gateways():  # announced entries win over static ones
+                static = entries.get(g.id)
                 entries[g.id] = common_pb2.GatewayEntry(
                     gateway_id=g.id,
                     region=g.region,
                     grpc_address=g.grpc_address,
-                    mqtt_address=g.mqtt_address,
+                    # A gateway that cannot tell its MQTT address keeps the configured one.
+                    mqtt_address=g.mqtt_address or (static.mqtt_address if static else ""),
                 )
             payload = common_pb2.GatewayDirectoryPayload(
                 trust_domain=self._ca.trust_domain,
