@@ -62,6 +62,26 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+async def publish_telemetry(
+    h: BrokerHarness, device: pki.IdentityFiles, payload: Path, *, qos: int, n: int
+) -> asyncio.subprocess.Process:
+    """``mosquitto_pub`` sending ``payload`` ``n`` times to the device's telemetry topic."""
+    return await asyncio.create_subprocess_exec(
+        shutil.which("mosquitto_pub") or "mosquitto_pub",
+        *cli_tls_args(device, h.port),
+        "-t",
+        f"devices/{device.directory.name}/telemetry",
+        "-f",
+        str(payload),
+        "-q",
+        str(qos),
+        "--repeat",
+        str(n),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
 async def c_baseline(
     h: BrokerHarness, device: pki.IdentityFiles, n: int, qos: int, tmp: Path
 ) -> float:
@@ -99,20 +119,7 @@ async def c_baseline(
     )
     await asyncio.sleep(0.5)
     started = time.perf_counter()
-    pub = await asyncio.create_subprocess_exec(
-        shutil.which("mosquitto_pub") or "mosquitto_pub",
-        *cli_tls_args(device, h.port),
-        "-t",
-        f"devices/{device.directory.name}/telemetry",
-        "-f",
-        str(payload),
-        "-q",
-        str(qos),
-        "--repeat",
-        str(n),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    pub = await publish_telemetry(h, device, payload, qos=qos, n=n)
     await pub.wait()
     await sub.wait()
     return n / (time.perf_counter() - started)
@@ -129,20 +136,7 @@ async def gateway_ingest(
     ) as bridge:
         await bridge.wait_ready(timeout_s=30)
         started = time.perf_counter()
-        pub = await asyncio.create_subprocess_exec(
-            shutil.which("mosquitto_pub") or "mosquitto_pub",
-            *cli_tls_args(device, h.port),
-            "-t",
-            f"devices/{device.directory.name}/telemetry",
-            "-f",
-            str(payload),
-            "-q",
-            str(qos),
-            "--repeat",
-            str(n),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        pub = await publish_telemetry(h, device, payload, qos=qos, n=n)
         last, last_at = -1, time.perf_counter()
         while True:
             got = bridge.stats.telemetry_received

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,29 +177,17 @@ def read_verified_model(manifest: Manifest, name: str) -> bytes:
     return data
 
 
-def open_session(
-    manifest: Manifest,
-    name: str,
-    *,
-    intra_op_num_threads: int = 2,
-    providers: Sequence[str] | None = None,
-) -> Any:
-    """Create an ``onnxruntime.InferenceSession`` for a verified model.
+def open_session(manifest: Manifest, name: str, *, intra_op_threads: int = 2) -> Any:
+    """A CPU ``onnxruntime.InferenceSession`` for a verified model (tools and tests).
 
-    ``providers`` defaults to CPU only. The caller should check
-    ``session.get_providers()[0]`` to learn what really runs: onnxruntime-gpu
-    silently falls back to the CPU when CUDA libraries cannot load.
+    The bytes checked against the manifest are the bytes loaded; the session options are the
+    serving ones of :func:`gateway._inference._runtime.create_session`.
     """
-    # Imported here so that reading the manifest needs no onnxruntime (a device
-    # install has none, and tooling may inspect the manifest on its own).
-    import onnxruntime as ort
+    # Imported here so that reading the manifest needs no onnxruntime (a device install has
+    # none, and tooling may inspect the manifest on its own).
+    from gateway._inference._runtime import create_session
 
-    data = read_verified_model(manifest, name)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_num_threads
-    # Inter-op parallelism only helps graphs with parallel branches; these
-    # models are chains, and extra threads compete with the event loop's host.
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        data, sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+    session, _provider = create_session(
+        read_verified_model(manifest, name), providers="cpu", intra_op_threads=intra_op_threads
     )
+    return session
