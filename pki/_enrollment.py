@@ -5,9 +5,15 @@ transport: it takes a token and CSR bytes (or the caller's verified certificate)
 address and the time, and returns the issued certificate or raises a :mod:`pki.errors` error.
 The gRPC servicer maps those errors to status codes.
 
-Every issuance, renewal, refusal, token creation and revocation is one structlog line with
-``audit=True``: device id, serial, reason, peer. Never the token, the CSR, a key or a whole
-certificate.
+Every issuance, renewal, refusal, token creation (and the tokens it voids) and revocation is
+one structlog line with ``audit=True``: device id, serial, reason, peer. Never the token, its
+hash, the CSR, a key or a whole certificate.
+
+A device id has one live identity. A new token voids the unused tokens made for the id before
+it; enrolling again (a replaced or factory-reset device) revokes the certificates of the
+identity it replaces, through the registry's revocation sequence, so gateways cut their live
+sessions, while the device itself stays active with its new certificate. Renewal is not
+re-enrolment: the certificate it renews stays valid until it expires.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pki.errors import (
     InvalidIdentity,
     PkiError,
     RateLimited,
+    RegistryError,
     TokenRejected,
 )
 
@@ -59,13 +66,18 @@ _audit = structlog.get_logger("pki.audit")
 
 @dataclass(frozen=True, slots=True)
 class IssuedCertificate:
-    """A certificate just issued, with what the device stores next to it."""
+    """A certificate just issued, with what the device stores next to it.
+
+    ``replaced`` lists the revocations of the earlier certificates an enrolment replaced
+    (empty for a first enrolment and for every renewal).
+    """
 
     certificate: x509.Certificate
     chain_pem: bytes
     ca_bundle_pem: bytes
     device: DeviceRecord
     identity: Identity
+    replaced: tuple[RevocationRecord, ...] = ()
 
     @property
     def serial(self) -> str:
@@ -129,11 +141,29 @@ def create_token(
     ttl: dt.timedelta,
     now: dt.datetime,
 ) -> str:
-    """Create a one-time token for ``device_id``; return it (the registry keeps its hash)."""
+    """Create a one-time token for ``device_id``; return it (the registry keeps its hash).
+
+    Earlier unused tokens of ``device_id`` stop working. Raises
+    :class:`~pki.errors.IdentityConflict` when a gateway or core holds the id and
+    :class:`~pki.errors.RegistryError` when the device is revoked; both are audited.
+    """
     token = generate_token(device_id)
-    registry.create_token(
-        TokenRecord(hash_token(token), device_id, device_type, region, now + ttl, None), now=now
-    )
+    try:
+        voided = registry.create_token(
+            TokenRecord(hash_token(token), device_id, device_type, region, now + ttl, None),
+            now=now,
+        )
+    except RegistryError as exc:
+        _audit.warning("token.refused", audit=True, device_id=device_id, reason=str(exc))
+        raise
+    if voided:
+        _audit.info(
+            "token.voided",
+            audit=True,
+            device_id=device_id,
+            count=voided,
+            reason="replaced by a newer token",
+        )
     _audit.info(
         "token.created",
         audit=True,
@@ -258,7 +288,7 @@ class EnrollmentAuthority:
             self.limiter.failed(peer)
             self._refused("enroll", exc.reason, device_id=device_id, peer=peer)
             raise
-        except (InvalidCsr, CertificateRevoked) as exc:
+        except (InvalidCsr, CertificateRevoked, RegistryError) as exc:
             self._refused("enroll", str(exc), device_id=device_id, peer=peer)
             raise
         device = issued.device
@@ -271,7 +301,10 @@ class EnrollmentAuthority:
             device_type=device.type,
             region=device.region,
             peer=peer,
+            replaced_serials=[r.serial for r in issued.replaced],
         )
+        for record in issued.replaced:
+            _audit_certificate_revoked(record)
         return issued
 
     def _enroll(
@@ -281,6 +314,8 @@ class EnrollmentAuthority:
         record = self.registry.get_token(token_hash)
         if record is None:
             raise TokenRejected("unknown token")
+        if record.voided_at is not None:
+            raise TokenRejected("token voided by a newer token")
         if record.used_at is not None:
             raise TokenRejected("token already used")
         if record.expires_at <= now:
@@ -291,9 +326,10 @@ class EnrollmentAuthority:
         public_key = validate_csr(csr, identity=identity)
         cert = self.ca.issue(public_key, identity=identity, now=now, lifetime=self.device_lifetime)
         # One transaction spends the token (the conditional UPDATE decides among concurrent
-        # attempts), refuses a revoked device, registers it and records the certificate. A
+        # attempts), refuses a revoked device or an id another role took meanwhile, registers
+        # the device, revokes the certificates this one replaces and records it. A
         # certificate signed for a losing attempt is dropped here, never handed out.
-        device = self.registry.complete_enrolment(
+        enrolment = self.registry.complete_enrolment(
             token_hash,
             certificate=CertificateRecord(
                 serial_hex(cert.serial_number),
@@ -305,7 +341,12 @@ class EnrollmentAuthority:
             now=now,
         )
         return IssuedCertificate(
-            cert, self.ca.chain_pem(cert), self.ca.bundle_pem, device, identity
+            cert,
+            self.ca.chain_pem(cert),
+            self.ca.bundle_pem,
+            enrolment.device,
+            identity,
+            enrolment.replaced,
         )
 
     def check_current(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -25,9 +26,11 @@ from pki._ca import CertificateAuthority, PkiLayout, serial_hex
 from pki._files import generate_private_key, write_atomic, write_private_key
 from pki._names import Identity, Role, identity_from_certificate
 from pki._registry import Registry, ServerCertificateRecord, Status
-from pki.errors import PkiNotFound
+from pki.errors import PkiNotFound, RegistryError
 
 __all__ = ["IdentityFiles", "issue_identity", "write_identity"]
+
+_audit = structlog.get_logger("pki.audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,15 +169,25 @@ def issue_identity(
         ip_addresses=ip_addresses,
     )
     if registry is not None:
-        registry.record_server_certificate(
-            ServerCertificateRecord(
-                serial_hex(cert.serial_number),
-                role,
-                id,
-                cert.not_valid_after_utc,
-                Status.ACTIVE,
-                now,
+        serial = serial_hex(cert.serial_number)
+        try:
+            registry.record_server_certificate(
+                ServerCertificateRecord(
+                    serial, role, id, cert.not_valid_after_utc, Status.ACTIVE, now
+                )
             )
+        except RegistryError as exc:  # an id another role holds, among others
+            _audit.warning(
+                "server_certificate.refused", audit=True, role=role.value, id=id, reason=str(exc)
+            )
+            raise
+        _audit.info(
+            "server_certificate.issued",
+            audit=True,
+            role=role.value,
+            id=id,
+            serial=serial,
+            not_after=cert.not_valid_after_utc.isoformat(),
         )
     out = IdentityFiles(Path(out_dir))
     _private_directory(out.directory)

@@ -16,6 +16,20 @@ key stays as it is in registries made by earlier versions. A server revocation i
 sequence number, wakes the core's feed and reaches the CRL like a device's, and a device that
 happens to share the server's id is never affected.
 
+Ids are unique across roles within the trust domain (DESIGN.md, Identity): an id is held by
+a device once the device is registered or an unused, unexpired enrolment token names it, and by
+a gateway or core once a certificate of that server is recorded (or a gateway announced itself
+in the directory). Revoked devices and servers keep their ids: a revocation entry must never
+come to mean another holder. Every writer that claims an id (:meth:`SqliteRegistry.create_token`,
+:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`)
+checks the other roles inside its own write transaction, so of two concurrent claimants in
+any processes exactly one wins and the other gets :class:`~pki.errors.IdentityConflict`.
+
+One device id has at most one live enrolment token (a new token voids the unused ones before
+it) and one live identity: enrolling again (a replaced or reset device) revokes the earlier
+certificates that are still valid, each with its own revocation sequence number, in the same
+transaction that records the new one. Renewal keeps the earlier certificate until it expires.
+
 Times are stored as UTC POSIX seconds (REAL) so that comparisons run inside SQL.
 """
 
@@ -32,11 +46,18 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pki._names import Role, validate_device_type, validate_id
-from pki.errors import CertificateRevoked, InvalidIdentity, RegistryError, TokenRejected
+from pki.errors import (
+    CertificateRevoked,
+    IdentityConflict,
+    InvalidIdentity,
+    RegistryError,
+    TokenRejected,
+)
 
 __all__ = [
     "CertificateRecord",
     "DeviceRecord",
+    "EnrolmentRecord",
     "GatewayRecord",
     "Registry",
     "RevocationRecord",
@@ -84,7 +105,10 @@ class ServerCertificateRecord:
 
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
-    """What a token grants; the token itself is never stored, only ``token_hash``."""
+    """What a token grants; the token itself is never stored, only ``token_hash``.
+
+    ``voided_at`` is set when a newer token for the same device replaced this one unused.
+    """
 
     token_hash: str
     device_id: str
@@ -92,6 +116,7 @@ class TokenRecord:
     region: str
     expires_at: dt.datetime
     used_at: dt.datetime | None
+    voided_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +133,15 @@ class RevocationRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrolmentRecord:
+    """A completed enrolment: the device as registered, and the revocations of the
+    certificates its new one replaces (empty on a first enrolment)."""
+
+    device: DeviceRecord
+    replaced: tuple[RevocationRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayRecord:
     id: str
     region: str
@@ -118,14 +152,20 @@ class GatewayRecord:
 
 @runtime_checkable
 class Registry(Protocol):
-    """What the core and the ``pki`` commands need from the registry."""
+    """What the core and the ``pki`` commands need from the registry.
 
-    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> None: ...
+    An implementation keeps the guarantees :class:`SqliteRegistry` documents: one id namespace
+    across roles, checked inside the claiming write (serialisable, so concurrent claimants
+    cannot both win); a new token voids the device's unused ones; enrolling again revokes the
+    certificates it replaces with fresh revocation sequence numbers.
+    """
+
+    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> int: ...
     def get_token(self, token_hash: str) -> TokenRecord | None: ...
     def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord: ...
     def complete_enrolment(
         self, token_hash: str, *, certificate: CertificateRecord, now: dt.datetime
-    ) -> DeviceRecord: ...
+    ) -> EnrolmentRecord: ...
     def upsert_device(
         self, device_id: str, *, type: str, region: str, now: dt.datetime
     ) -> DeviceRecord: ...
@@ -181,8 +221,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     region TEXT NOT NULL,
     expires_at REAL NOT NULL,
     used_at REAL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    voided_at REAL
 );
+CREATE INDEX IF NOT EXISTS tokens_device ON tokens(device_id);
 CREATE TABLE IF NOT EXISTS server_certificates (
     serial TEXT PRIMARY KEY,
     role TEXT NOT NULL CHECK (role IN ('gateway', 'core')),
@@ -215,6 +257,12 @@ CREATE TABLE IF NOT EXISTS counters (
 
 _MAX_REASON = 200
 _SERVER_ROLES = frozenset({Role.GATEWAY, Role.CORE})
+REPLACED_REASON = "replaced by a new enrolment"
+# Columns added after the first release: (table, column, definition), applied by _migrate.
+_ADDED_COLUMNS = (
+    ("revocations", "role", "TEXT NOT NULL DEFAULT 'device'"),
+    ("tokens", "voided_at", "REAL"),
+)
 
 
 def _ts(t: dt.datetime) -> float:
@@ -277,14 +325,14 @@ class SqliteRegistry:
 
         Checked again inside the write transaction: two processes may open an old file at once.
         """
-        if self._has_column("revocations", "role"):
+        if all(self._has_column(t, c) for t, c, _ in _ADDED_COLUMNS):
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if not self._has_column("revocations", "role"):
-                self._db.execute(
-                    "ALTER TABLE revocations ADD COLUMN role TEXT NOT NULL DEFAULT 'device'"
-                )
+            for table, column, definition in _ADDED_COLUMNS:
+                if not self._has_column(table, column):
+                    # Fixed names from _ADDED_COLUMNS above, never input.
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -333,9 +381,48 @@ class SqliteRegistry:
             except sqlite3.Error as exc:
                 raise RegistryError(f"registry read failed: {exc}") from exc
 
+    # -- one id namespace across roles ----------------------------------------------------
+
+    @staticmethod
+    def _claim_id(db: sqlite3.Connection, id: str, *, role: Role, now: dt.datetime) -> None:
+        """Raise :class:`IdentityConflict` when a role other than ``role`` holds ``id``.
+
+        Runs inside the caller's write transaction (BEGIN IMMEDIATE holds the database's one
+        write lock), so the check and the caller's insert are atomic with respect to every
+        other writer, in this process or another.
+        """
+        server = db.execute(
+            "SELECT role FROM server_certificates WHERE server_id = ? AND role != ?"
+            " ORDER BY role DESC LIMIT 1",
+            (id, role.value),
+        ).fetchone()
+        if server is not None:
+            raise IdentityConflict(id, holder=str(server[0]), wanted=role.value)
+        if (
+            role is not Role.GATEWAY
+            and db.execute("SELECT 1 FROM gateways WHERE id = ?", (id,)).fetchone()
+        ):
+            raise IdentityConflict(id, holder=Role.GATEWAY.value, wanted=role.value)
+        if role is Role.DEVICE:
+            return
+        if db.execute("SELECT 1 FROM devices WHERE id = ?", (id,)).fetchone():
+            raise IdentityConflict(id, holder=Role.DEVICE.value, wanted=role.value)
+        if db.execute(
+            "SELECT 1 FROM tokens WHERE device_id = ? AND used_at IS NULL AND voided_at IS NULL"
+            " AND expires_at > ? LIMIT 1",
+            (id, _ts(now)),
+        ).fetchone():
+            raise IdentityConflict(id, holder=Role.DEVICE.value, wanted=role.value, pending=True)
+
     # -- tokens ---------------------------------------------------------------------------
 
-    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> None:
+    def create_token(self, record: TokenRecord, *, now: dt.datetime) -> int:
+        """Store a new token (its hash) and void the device's earlier unused ones.
+
+        Returns how many live tokens were voided, so that one device id never has two ways
+        in. Raises :class:`IdentityConflict` when a gateway or core holds the id, and
+        :class:`RegistryError` when the device is revoked.
+        """
         validate_id(record.device_id, kind="device id")
         validate_device_type(record.type)
         validate_id(record.region, kind="region")
@@ -347,6 +434,12 @@ class SqliteRegistry:
                 raise RegistryError(
                     f"device {record.device_id} is revoked; enrol the hardware under a new id"
                 )
+            self._claim_id(db, record.device_id, role=Role.DEVICE, now=now)
+            voided = db.execute(
+                "UPDATE tokens SET voided_at = ? WHERE device_id = ? AND used_at IS NULL"
+                " AND voided_at IS NULL AND expires_at > ?",
+                (_ts(now), record.device_id, _ts(now)),
+            ).rowcount
             db.execute(
                 "INSERT INTO tokens (token_hash, device_id, type, region, expires_at, used_at,"
                 " created_at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
@@ -359,16 +452,17 @@ class SqliteRegistry:
                     _ts(now),
                 ),
             )
+        return int(voided)
 
     def get_token(self, token_hash: str) -> TokenRecord | None:
         rows = self._read(
-            "SELECT token_hash, device_id, type, region, expires_at, used_at FROM tokens"
-            " WHERE token_hash = ?",
+            "SELECT token_hash, device_id, type, region, expires_at, used_at, voided_at"
+            " FROM tokens WHERE token_hash = ?",
             (token_hash,),
         )
         if not rows:
             return None
-        h, dev, typ, region, exp, used = rows[0]
+        h, dev, typ, region, exp, used, voided = rows[0]
         return TokenRecord(
             str(h),
             str(dev),
@@ -376,7 +470,15 @@ class SqliteRegistry:
             str(region),
             _dt(float(exp)),
             None if used is None else _dt(float(used)),
+            None if voided is None else _dt(float(voided)),
         )
+
+    @staticmethod
+    def _unspent_reason(used_at: object, voided_at: object) -> str:
+        """Why a known token could not be spent (for the audit log only)."""
+        if voided_at is not None:
+            return "token voided by a newer token"
+        return "token already used" if used_at is not None else "token expired"
 
     def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord:
         """Mark the token used and return what it grants, or raise :class:`TokenRejected`.
@@ -387,7 +489,7 @@ class SqliteRegistry:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
-                " AND expires_at > ?",
+                " AND voided_at IS NULL AND expires_at > ?",
                 (_ts(now), token_hash, _ts(now)),
             )
             won = cur.rowcount == 1
@@ -395,38 +497,42 @@ class SqliteRegistry:
         if record is None:
             raise TokenRejected("unknown token")
         if not won:
-            if record.used_at is not None:
-                raise TokenRejected("token already used")
-            raise TokenRejected("token expired")
+            raise TokenRejected(self._unspent_reason(record.used_at, record.voided_at))
         return record
 
     def complete_enrolment(
         self, token_hash: str, *, certificate: CertificateRecord, now: dt.datetime
-    ) -> DeviceRecord:
+    ) -> EnrolmentRecord:
         """Spend the token, register the device and record its certificate, all or nothing.
 
         The certificate was signed before this call but is handed out only if this succeeds;
-        the conditional UPDATE decides among concurrent attempts with the same token.
+        the conditional UPDATE decides among concurrent attempts with the same token. The id
+        is checked again here (a gateway or core may have taken it since the token was
+        made: :class:`IdentityConflict`). Enrolling a device that is already registered
+        replaces its identity: every certificate of it that is still valid is revoked in the
+        same transaction, each with the next revocation sequence number (returned in
+        :attr:`EnrolmentRecord.replaced`), so gateways cut the old certificate's sessions.
         """
-        # Three statements in one transaction (each UPDATE/INSERT reports back with RETURNING
+        # Few statements in one transaction (each UPDATE/INSERT reports back with RETURNING
         # instead of a SELECT after it): enrolment is the core's hottest write path.
         with self._write() as db:
             spent = db.execute(
                 "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
-                " AND expires_at > ? RETURNING device_id, type, region",
+                " AND voided_at IS NULL AND expires_at > ? RETURNING device_id, type, region",
                 (_ts(now), token_hash, _ts(now)),
             ).fetchall()  # to the end: a RETURNING statement is finished only when drained
             if not spent:
                 # Lost (or never could win): say why. Only failures pay for this read.
                 row = db.execute(
-                    "SELECT used_at FROM tokens WHERE token_hash = ?", (token_hash,)
+                    "SELECT used_at, voided_at FROM tokens WHERE token_hash = ?", (token_hash,)
                 ).fetchone()
                 if row is None:
                     raise TokenRejected("unknown token")
-                raise TokenRejected("token already used" if row[0] is not None else "token expired")
+                raise TokenRejected(self._unspent_reason(row[0], row[1]))
             device_id, typ, region = (str(v) for v in spent[0])
             if device_id != certificate.device_id:
                 raise TokenRejected("token names another device")
+            self._claim_id(db, device_id, role=Role.DEVICE, now=now)
             # A revoked device stays revoked: the conditional DO UPDATE leaves its row alone and
             # returns nothing, which refuses the enrolment (and rolls the token back).
             created = db.execute(
@@ -439,6 +545,18 @@ class SqliteRegistry:
             ).fetchall()
             if not created:
                 raise CertificateRevoked(device_id)
+            # The identity this enrolment replaces: its certificates that could still be used.
+            old = db.execute(
+                "UPDATE certificates SET status = 'revoked' WHERE device_id = ?"
+                " AND status = 'active' AND not_after > ? RETURNING serial",
+                (device_id, _ts(now)),
+            ).fetchall()
+            replaced = tuple(
+                self._record_serial_revocation(
+                    db, str(serial), device_id=device_id, reason=REPLACED_REASON, now=now
+                )
+                for (serial,) in sorted(old)
+            )
             db.execute(
                 "INSERT INTO certificates (serial, device_id, not_after, status, issued_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -450,7 +568,7 @@ class SqliteRegistry:
                     _ts(certificate.issued_at),
                 ),
             )
-        return self._device(created[0])
+        return EnrolmentRecord(self._device(created[0]), replaced)
 
     # -- devices and certificates ----------------------------------------------------------
 
@@ -464,6 +582,7 @@ class SqliteRegistry:
             row = db.execute("SELECT status FROM devices WHERE id = ?", (device_id,)).fetchone()
             if row is not None and row[0] == Status.REVOKED:
                 raise CertificateRevoked(device_id)
+            self._claim_id(db, device_id, role=Role.DEVICE, now=now)
             db.execute(
                 "INSERT INTO devices (id, type, region, status, created_at)"
                 " VALUES (?, ?, ?, 'active', ?)"
@@ -581,12 +700,17 @@ class SqliteRegistry:
     # -- server (gateway, core) certificates ------------------------------------------------
 
     def record_server_certificate(self, record: ServerCertificateRecord) -> None:
-        """Record a gateway's or core's certificate, so that it can be revoked later."""
+        """Record a gateway's or core's certificate, so that it can be revoked later.
+
+        Raises :class:`IdentityConflict` when a device (registered, or named by an unused
+        token) or a server of the other role holds the id; ``issued_at`` is the time judged.
+        """
         if record.role not in _SERVER_ROLES:
             raise ValueError("device certificates are recorded by enrolment, not here")
         validate_id(record.server_id, kind=f"{record.role.value} id")
         try:
             with self._write() as db:
+                self._claim_id(db, record.server_id, role=record.role, now=record.issued_at)
                 db.execute(
                     "INSERT INTO server_certificates"
                     " (serial, role, server_id, not_after, status, issued_at)"
@@ -667,14 +791,10 @@ class SqliteRegistry:
                 "SELECT device_id FROM certificates WHERE serial = ?", (serial,)
             ).fetchone()
             if row is not None:
-                device_id = str(row[0])
                 db.execute("UPDATE certificates SET status = 'revoked' WHERE serial = ?", (serial,))
-                cur = db.execute(
-                    "INSERT INTO revocations (device_id, serial, reason, revoked_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (device_id, serial, reason, _ts(now)),
+                return self._record_serial_revocation(
+                    db, serial, device_id=str(row[0]), reason=reason, now=now
                 )
-                return RevocationRecord(int(cur.lastrowid or 0), device_id, serial, reason, now)
             server = db.execute(
                 "SELECT role, server_id FROM server_certificates WHERE serial = ?", (serial,)
             ).fetchone()
@@ -717,6 +837,17 @@ class SqliteRegistry:
                 for serial, status in rows
                 if status != Status.REVOKED
             ]
+
+    @staticmethod
+    def _record_serial_revocation(
+        db: sqlite3.Connection, serial: str, *, device_id: str, reason: str, now: dt.datetime
+    ) -> RevocationRecord:
+        """The revocation entry (next sequence number) of one device certificate."""
+        cur = db.execute(
+            "INSERT INTO revocations (device_id, serial, reason, revoked_at) VALUES (?, ?, ?, ?)",
+            (device_id, serial, reason, _ts(now)),
+        )
+        return RevocationRecord(int(cur.lastrowid or 0), device_id, serial, reason, now)
 
     @staticmethod
     def _revoke_server_serial(

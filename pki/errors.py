@@ -13,6 +13,7 @@
     ├── CertificateRevoked     the certificate or its device is revoked (final)
     ├── CertificateExpired     the certificate is outside its validity period
     ├── RegistryError          the registry refused an operation (unknown device, conflict)
+    │   └── IdentityConflict   an id another role already holds (ids are unique across roles)
     └── SignatureInvalid       a signed payload (the gateway directory) that does not verify
 
 Errors carry data (ids, serials, reasons), never a secret: no token, no key, no whole
@@ -24,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "CertificateExpired",
     "CertificateRevoked",
+    "IdentityConflict",
     "InvalidCsr",
     "InvalidIdentity",
     "InvalidName",
@@ -112,6 +114,28 @@ class CertificateExpired(PkiError):
 
 class RegistryError(PkiError):
     """The registry refused an operation."""
+
+
+class IdentityConflict(RegistryError):
+    """``id`` is already held by another role of the trust domain.
+
+    Ids are unique across roles (DESIGN.md, Identity): a device sharing a gateway's or core's
+    id would share its MQTT user name (the certificate CN) and its revocation entries.
+    ``holder`` is the role holding the id (``device``, ``gateway`` or ``core``), ``wanted``
+    the role that asked for it; ``pending`` is true when the holder is a device known only by
+    an unused enrolment token. Ids are not secret: the message names both.
+    """
+
+    def __init__(self, id: str, *, holder: str, wanted: str, pending: bool = False) -> None:
+        held = f"an unused enrolment token for device {id}" if pending else f"{holder} {id}"
+        super().__init__(
+            f"id {id} is already taken by {held}: ids are unique across devices, gateways and "
+            f"cores; choose another {wanted} id"
+        )
+        self.id = id
+        self.holder = holder
+        self.wanted = wanted
+        self.pending = pending
 
 
 class SignatureInvalid(PkiError):

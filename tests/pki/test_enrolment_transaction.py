@@ -41,7 +41,7 @@ def test_enrolment_registers_the_device_and_records_the_certificate(
     registry: pki.SqliteRegistry,
 ) -> None:
     token_hash = _token(registry, "cam-tx1")
-    device = registry.complete_enrolment(token_hash, certificate=_cert("cam-tx1"), now=NOW)
+    device = registry.complete_enrolment(token_hash, certificate=_cert("cam-tx1"), now=NOW).device
     assert (device.id, device.type, device.region, device.status) == (
         "cam-tx1",
         "pet-camera",
