@@ -146,7 +146,7 @@ def _quick_start_defaults(settings: Any) -> Any:
         else:
             mqtt_port = int(port) + 1 if 0 < int(port) < 65535 else 0
             update["mqtt"] = {
-                "host": host,
+                "host": host.strip("[]"),  # Mosquitto takes an IPv6 address bare
                 "port": mqtt_port,
                 "bridge_port": 0,
                 "data_dir": str(state / "mqtt"),
