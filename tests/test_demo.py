@@ -112,6 +112,11 @@ def test_demo_runs_and_shows_what_happens(tmp_path: Path) -> None:
     assert summary["return_s"] is not None
     assert summary["revocation_cut_s"] is not None
     assert "not observed" not in out
+    # Devices enrol with the token on standard input, never on a command line.
+    commands = (root / "commands.log").read_text()
+    assert commands.count("enroll --endpoint") == 2
+    assert "--token-file -" in commands
+    assert " --token " not in commands
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
