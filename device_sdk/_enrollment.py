@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,17 @@ def _existing(files: pki.IdentityFiles) -> EnrollmentResult | None:
     )
 
 
+def _first_missing(directory: Path) -> Path | None:
+    """The outermost of ``directory`` and its parents that does not exist yet (``None``: it
+    exists): what storing an identity there would create, and a failure must remove."""
+    missing = None
+    for candidate in (directory, *directory.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing = candidate
+    return missing
+
+
 def _check_writable(directory: Path) -> None:
     """Create ``directory`` (0700) and prove a file can be written there, or raise."""
     try:
@@ -289,28 +301,39 @@ async def enroll(
             raise AlreadyEnrolled(str(out_dir), existing.device_id)
         return existing
     # The token is spent once the core answers: make sure the answer can be stored first.
-    _check_writable(files.directory)
-    key = pki.generate_private_key(curve)
-    request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
-    credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)
+    # Whatever this creates is removed again unless an identity is stored in the end.
+    created = _first_missing(files.directory)
+    stored = False
     try:
-        async with grpc.aio.secure_channel(endpoint, credentials, options=_CORE_OPTIONS) as channel:
-            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
-            response = await stub.Enroll(request, timeout=timeout_s)
-    except grpc.aio.AioRpcError as exc:
-        raise _translate(exc, device_id=device_id) from None
-    return _store(
-        files.directory,
-        response,
-        key=key,
-        trusted_bundle_pem=ca_bundle_pem,
-        device_id=device_id,
-        metadata={
-            "enrol_endpoint": endpoint,
-            "core_address": core_address or default_core_address(endpoint),
-        },
-        now=now or _utcnow(),
-    )
+        _check_writable(files.directory)
+        key = pki.generate_private_key(curve)
+        request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
+        credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)
+        try:
+            async with grpc.aio.secure_channel(
+                endpoint, credentials, options=_CORE_OPTIONS
+            ) as channel:
+                stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+                response = await stub.Enroll(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, device_id=device_id) from None
+        result = _store(
+            files.directory,
+            response,
+            key=key,
+            trusted_bundle_pem=ca_bundle_pem,
+            device_id=device_id,
+            metadata={
+                "enrol_endpoint": endpoint,
+                "core_address": core_address or default_core_address(endpoint),
+            },
+            now=now or _utcnow(),
+        )
+        stored = True
+        return result
+    finally:
+        if not stored and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 async def renew(

@@ -61,6 +61,18 @@ def run_cmd(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(level=settings.log_level)
+    if config is None and settings.escalation is None:
+        # Quick start: the core answers escalations with its models (loaded on first use),
+        # keeping its answers beside the PKI; a configuration file decides for itself.
+        from gateway._core._escalate import CoreEscalationSettings
+
+        settings = settings.model_copy(
+            update={
+                "escalation": CoreEscalationSettings(
+                    answer_store=settings.pki_dir / "core-answers.sqlite3"
+                )
+            }
+        )
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -2,12 +2,22 @@
 
 Running it again after a success is safe: it says the device is already enrolled and exits 0
 (``--force`` enrols again, with a new token). Errors print as one line and exit non-zero; a
-revoked or expired device exits with status 3 so scripts can stop retrying.
+revoked or expired device exits with status 3 so scripts can stop retrying. A refused or failed
+enrolment leaves the file system as it was: no new ``--out`` directory, an existing one
+untouched.
+
+The one-time token is a secret until it is spent. It is read from ``--token-file PATH``
+(``-``: standard input) or the ``EDGEWARD_ENROLL_TOKEN`` environment variable; both stay out of
+the process list. ``--token T`` still works but puts the token in every local user's ``ps``
+output (``/proc/<pid>/cmdline`` is world-readable), so it prints a warning to stderr. The token
+never appears in what this command prints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -19,6 +29,13 @@ from device_sdk.errors import CertificateExpired, DeviceRevoked, DeviceSdkError
 __all__ = ["enroll"]
 
 EXIT_FINAL = 3
+TOKEN_ENV = "EDGEWARD_ENROLL_TOKEN"  # noqa: S105 - a variable name, not a secret
+#: A token is ``<device-id>.<secret>``: well under this; a bigger file is not a token.
+_MAX_TOKEN_FILE_BYTES = 4096
+_ARGV_WARNING = (
+    "warning: --token puts the enrolment token on the command line, where other local users "
+    f"can read it (ps, /proc); use --token-file PATH, --token-file - (stdin) or {TOKEN_ENV}"
+)
 
 
 class _FinalError(click.ClickException):
@@ -37,9 +54,13 @@ class _FinalError(click.ClickException):
     help="CA bundle of the trust domain (needed to enrol)",
 )
 @click.option(
+    "--token-file",
+    help="file holding the one-time token from 'edgeward pki token' ('-': standard input)",
+)
+@click.option(
     "--token",
-    envvar="EDGEWARD_ENROLL_TOKEN",
-    help="one-time token from 'edgeward pki token' (or EDGEWARD_ENROLL_TOKEN)",
+    help=f"the token itself: visible to other local users in the process list; prefer "
+    f"--token-file or {TOKEN_ENV}",
 )
 @click.option(
     "--out",
@@ -55,6 +76,7 @@ def enroll(
     *,
     endpoint: str,
     ca_bundle: Path | None,
+    token_file: str | None,
     token: str | None,
     out: Path,
     renew: bool,
@@ -62,7 +84,11 @@ def enroll(
     core_endpoint: str | None,
     timeout: float,
 ) -> None:
-    """Enrol this device (or renew its certificate with --renew)."""
+    """Enrol this device (or renew its certificate with --renew).
+
+    The token comes from --token-file (or stdin with '-'), else EDGEWARD_ENROLL_TOKEN.
+    """
+    secret = ""
     try:
         if renew:
             result = asyncio.run(sdk_renew(identity_dir=out, endpoint=endpoint, timeout_s=timeout))
@@ -71,13 +97,14 @@ def enroll(
                 f"{result.not_after:%Y-%m-%d %H:%M} UTC"
             )
             return
-        if ca_bundle is None or not token:
-            raise click.UsageError("enrolling needs --ca-bundle and --token")
+        secret = _read_token(token_file=token_file, token=token)
+        if ca_bundle is None:
+            raise click.UsageError("enrolling needs --ca-bundle")
         result = asyncio.run(
             sdk_enroll(
                 endpoint=endpoint,
                 ca_bundle_pem=ca_bundle.read_bytes(),
-                token=token,
+                token=secret,
                 out_dir=out,
                 force=force,
                 core_address=core_endpoint,
@@ -85,9 +112,9 @@ def enroll(
             )
         )
     except (DeviceRevoked, CertificateExpired) as exc:
-        raise _FinalError(str(exc)) from None
+        raise _FinalError(_redact(str(exc), secret)) from None
     except (DeviceSdkError, OSError, ValueError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+        raise click.ClickException(_redact(str(exc).splitlines()[0], secret)) from None
     if result.already_enrolled:
         click.echo(
             f"already enrolled as {result.device_id} in {out} (valid until "
@@ -99,3 +126,49 @@ def enroll(
         f"serial {result.serial}, valid until {result.not_after:%Y-%m-%d %H:%M} UTC; "
         f"identity in {out}"
     )
+
+
+def _redact(message: str, secret: str) -> str:
+    """``message`` without the token, should any layer below ever quote it."""
+    return message.replace(secret, "<token>") if secret else message
+
+
+def _read_token(*, token_file: str | None, token: str | None) -> str:
+    """The one token from exactly one source; its text never enters an error message."""
+    env = os.environ.get(TOKEN_ENV)
+    given = [name for name, v in (("--token-file", token_file), ("--token", token)) if v]
+    if len(given) > 1:
+        raise click.UsageError("give the token once: --token-file or --token, not both")
+    if token is not None:
+        click.echo(_ARGV_WARNING, err=True)
+        value = token
+    elif token_file is not None:
+        value = _read_token_file(token_file)
+    elif env:
+        value = env
+    else:
+        raise click.UsageError(
+            f"enrolling needs the token: --token-file PATH, --token-file - (stdin) or {TOKEN_ENV}"
+        )
+    value = value.strip()
+    if not value or len(value.splitlines()) != 1:
+        raise click.UsageError("the token must be one line: <device-id>.<secret>")
+    return value
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(_MAX_TOKEN_FILE_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise click.UsageError(f"cannot read --token-file {path}: {exc.strerror or exc}") from None
+    source = "standard input" if path == "-" else path
+    if len(data) > _MAX_TOKEN_FILE_BYTES:
+        raise click.UsageError(f"{source} is too large to hold an enrolment token")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise click.UsageError(f"{source} does not hold an enrolment token (not ASCII)") from None

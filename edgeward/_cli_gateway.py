@@ -11,12 +11,23 @@ validates the table and returns the :data:`gateway.GatewayPlugin` to start (or `
 the table turns it off). The mechanism is :func:`gateway._service.configured_plugins`, the same
 one an embedded ``GatewayService(settings)`` uses; a bad table stops the start-up with an
 error naming the key.
+
+Quick start (no ``--config``): a gateway started from flags alone does what the product is for.
+With ``--core`` it escalates to that core under the default region policy for its region
+(:class:`gateway._escalation.RegionPolicy`: an uncertainty band, crops only, faces blurred
+before any pixel leaves, a budget per device), and it speaks MQTT when Mosquitto is installed:
+the devices' mutual-TLS listener on the gRPC host and port + 1 (the core's enrolment port
+follows its listen port the same way). Without Mosquitto it logs one line saying MQTT is off
+and why. State goes under ``./var/<identity directory name>/``. A table set through the
+environment (``EDGEWARD_GATEWAY_MQTT__ENABLED=false``) wins over these defaults; a
+configuration file gets none of them (absent tables stay off).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +101,58 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(level=settings.log_level)
+    if config_path is None:
+        settings = _quick_start_defaults(settings)
     try:
         asyncio.run(_serve(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except (pki.PkiError, OSError, ModelIntegrityError) as exc:
         raise click.ClickException(f"gateway failed to start: {exc}") from None
+
+
+def _quick_start_defaults(settings: Any) -> Any:
+    """``settings`` with escalation (given a core) and MQTT (given Mosquitto) turned on where
+    neither flags nor the environment said anything about them."""
+    import structlog
+
+    from gateway._mqtt._config import MqttSettings
+
+    log = structlog.get_logger("edgeward.gateway")
+    state = Path("var") / settings.identity_dir.name
+    update: dict[str, Any] = {}
+    if settings.escalation is None and settings.core_address is not None:
+        update["escalation"] = {
+            "outbox_path": str(state / "escalation-outbox.sqlite3"),
+            "regions": {settings.region: {}},
+        }
+        log.info(
+            "escalation on: the default region policy, to the core",
+            region=settings.region,
+            core=settings.core_address,
+        )
+    if settings.mqtt is None:
+        host, _, port = settings.listen.rpartition(":")
+        defaults = MqttSettings()
+        binary = shutil.which(defaults.mosquitto_binary) or shutil.which(
+            defaults.mosquitto_binary, path="/usr/sbin:/usr/local/sbin"
+        )
+        if binary is None or not defaults.dynsec_plugin.exists():
+            missing = "mosquitto" if binary is None else str(defaults.dynsec_plugin)
+            log.warning(
+                f"MQTT off: {missing} not found; devices use gRPC only "
+                "(install Debian's mosquitto package to turn it on)"
+            )
+        else:
+            mqtt_port = int(port) + 1 if 0 < int(port) < 65535 else 0
+            update["mqtt"] = {
+                "host": host.strip("[]"),  # Mosquitto takes an IPv6 address bare
+                "port": mqtt_port,
+                "bridge_port": 0,
+                "data_dir": str(state / "mqtt"),
+            }
+            log.info("MQTT on: devices' mutual-TLS listener", address=f"{host}:{mqtt_port}")
+    return settings.model_copy(update=update) if update else settings
 
 
 async def _serve(settings: Any) -> None:

@@ -13,6 +13,11 @@ What it does, with the real commands (each is a subprocess you could type yourse
 6. ``edgeward pki revoke`` on the pet camera: it is cut off with a final ``DeviceRevoked``;
 7. prints a summary and stops everything it started (process groups; Ctrl-C included).
 
+The timeline is paced by ``--duration`` but driven by events: each step waits for the outcome
+of the one before (failover before the restart, the return before the revocation, the cut
+before the end), each up to :data:`EVENT_BOUND_S`, so a slow machine makes the demo longer
+rather than its outcomes "not observed".
+
 :class:`~edgeward._stack.DemoStack` is the orchestration without the view (the SDK tests and
 the benchmark use it to run real gateways as processes they can kill); this module adds the
 timeline, the live view and the summary.
@@ -63,6 +68,10 @@ __all__ = [
 
 # -- the demo itself -------------------------------------------------------------------------
 
+#: How long the demo waits for each event of its timeline (failover, return, revocation cut)
+#: before it notes the event as not observed and goes on.
+EVENT_BOUND_S = 90.0
+
 
 @dataclasses.dataclass
 class DeviceView:
@@ -93,10 +102,13 @@ class DemoView:
         self.t0 = time.monotonic()
         self.marks: dict[str, float] = {}
         self.facts: dict[str, Any] = {}
+        # Set on every note (each fact is noted as it is recorded); waiters clear it.
+        self.noted = asyncio.Event()
 
     def note(self, text: str) -> None:
         line = f"[{time.monotonic() - self.t0:6.1f}s] {text}"
         self.log.append(line)
+        self.noted.set()
         if not self.live:
             self.out(line)
 
@@ -279,7 +291,7 @@ async def _demo_steps(
             kind=device_type,
             rate=rate,
             transport=transport,
-            duration_s=duration_s,
+            duration_s=None,  # stopped after the timeline, however long it took
             on_event=sink,
             probe_interval_s=0.5,
             telemetry_every_s=2.0,
@@ -303,6 +315,16 @@ async def _demo_steps(
         async def at(fraction: float) -> None:
             await asyncio.sleep(max(t0 + duration_s * fraction - time.monotonic(), 0))
 
+        async def until(fact: str, what: str) -> None:
+            """Wait for ``fact`` in the view (up to EVENT_BOUND_S), or note its absence."""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EVENT_BOUND_S):
+                    while fact not in view.facts:
+                        view.noted.clear()
+                        await view.noted.wait()
+            if fact not in view.facts:
+                view.note(f"{what}: not observed within {EVENT_BOUND_S:.0f} s")
+
         await at(0.3)
         # Kill the gateway the camera uses now (its nearest, unless it already moved).
         nearest = view.devices[pet].gateway or nearest
@@ -312,12 +334,14 @@ async def _demo_steps(
         await asyncio.to_thread(stack.kill_gateway, nearest)
         view.gateways[nearest] = "DOWN (killed with SIGKILL)"
         view.note(f"gateway {nearest} killed (SIGKILL): its devices must fail over")
+        await until("failover_s", f"{pet} failover")
         await at(0.45)
         view.phase = f"restarting {nearest}"
         await stack.start_gateway(nearest)
         view.marks["restarted_at"] = time.monotonic()
         view.gateways[nearest] = "up again"
         view.note(f"gateway {nearest} restarted: devices come back to the nearest")
+        await until("return_s", f"{pet} back on {nearest}")
         await at(0.7)
         view.phase = f"revoking {pet}"
         view.note(f"edgeward pki revoke --device-id {pet}")
@@ -325,6 +349,10 @@ async def _demo_steps(
         view.marks["revoked_at"] = time.monotonic()
         await stack.revoke(pet, "demo: camera reported stolen")
         view.phase = "streaming frames (after the revocation)"
+        await until("revocation_cut_s", f"{pet} cut off")
+        await at(1.0)
+        for sim in sims.values():
+            sim.stop()
     view.phase = "done"
     reports = {d: r.result().as_dict() for d, r in runs.items()}
     lost = {

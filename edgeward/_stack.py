@@ -332,9 +332,9 @@ class DemoStack:
     def ca_bundle(self) -> Path:
         return self.pki_dir / "ca-bundle.pem"
 
-    async def cli(self, *args: str, timeout_s: float = 60.0) -> str:
-        """Run ``edgeward ARGS`` and return its standard output; raise with its output on
-        failure."""
+    async def cli(self, *args: str, timeout_s: float = 60.0, stdin: bytes | None = None) -> str:
+        """Run ``edgeward ARGS`` (``stdin`` on its standard input) and return its standard
+        output; raise with its output on failure."""
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / "commands.log").open("a") as log:
             shown = ["<token>" if a.count(".") == 1 and len(a) > 40 else a for a in args]
@@ -342,12 +342,12 @@ class DemoStack:
         proc = await asyncio.create_subprocess_exec(
             *self._cmd,
             *args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -506,9 +506,11 @@ class DemoStack:
             )
         ).strip().splitlines()[-1]  # fmt: skip
         out = self.devices_dir / device_id
+        # On standard input: a command line is readable by every local user.
         await self.cli(
             "enroll", "--endpoint", self.enrol_address, "--ca-bundle", str(self.ca_bundle),
-            "--token", token, "--out", str(out), "--core-endpoint", self.core_address,
+            "--token-file", "-", "--out", str(out), "--core-endpoint", self.core_address,
+            stdin=token.encode(),
         )  # fmt: skip
         return out
 

@@ -187,3 +187,47 @@ def test_the_checker_refuses_unknown_commands_and_options() -> None:
         _parse(["gateway", "run", "--no-such-option", "x"])
     with pytest.raises(AssertionError, match="unknown command"):
         _parse(["pki", "no-such-command"])
+
+
+def _published_targets(service: dict[str, Any]) -> set[int]:
+    """Container ports a service publishes on the host (docker-compose's normalised form)."""
+    targets: set[int] = set()
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            targets.add(int(entry["target"]))
+        else:  # "HOST:CONTAINER[/proto]" or "CONTAINER"
+            targets.add(int(str(entry).split("/")[0].rsplit(":", 1)[-1]))
+    return targets
+
+
+def test_no_metrics_port_is_published_or_on_the_devices_network(compose: dict[str, Any]) -> None:
+    """The Prometheus endpoint is plain HTTP without authentication: each gateway binds it to
+    its own address on an internal network that no device joins, and no service publishes it
+    on the host."""
+    services = compose["services"]
+    networks = compose.get("networks", {})
+    configs = _mounted_configs(compose)
+    gateways = [name for name in configs if name.startswith("gw-")]
+    assert gateways == ["gw-kr-seoul", "gw-us-nyc"]
+    for name in gateways:
+        settings = load_gateway_settings(configs[name])
+        assert settings.metrics_listen is not None
+        host, _, port = settings.metrics_listen.rpartition(":")
+        assert host not in {"", "0.0.0.0", "::", "[::]"}, name
+        for other in services.values():
+            assert int(port) not in _published_targets(other), name
+        joined = services[name]["networks"]
+        on = [net for net, conf in joined.items() if (conf or {}).get("ipv4_address") == host]
+        assert len(on) == 1, f"{name}: metrics_listen {host} is no address of the service"
+        assert networks[on[0]].get("internal") is True, on[0]
+        for device in ("pet-camera", "robot-vacuum"):
+            assert on[0] not in (services[device].get("networks") or {"default": None}), device
+
+
+def test_the_metrics_check_sees_a_published_port(compose: dict[str, Any]) -> None:
+    assert _published_targets({"ports": ["9464:9464", "127.0.0.1:9465:9465/tcp"]}) == {
+        9464,
+        9465,
+    }
+    assert _published_targets({"ports": [{"published": 1, "target": 9464}]}) == {9464}
+    assert 8443 in _published_targets(compose["services"]["gw-kr-seoul"])
