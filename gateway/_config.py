@@ -267,7 +267,11 @@ class GatewaySettings(ServiceSettings):
         default="info", description="Log level."
     )
     inference: InferenceSettings = Field(
-        default_factory=InferenceSettings, description="[inference] table."
+        # Validated from an empty table (not built by a factory) so that an error in a default,
+        # such as no models found, is reported as inference.models_dir.
+        default_factory=dict,
+        validate_default=True,
+        description="[inference] table.",
     )
     cache: CacheSettings = Field(default_factory=CacheSettings, description="[cache] table.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="[limits] table.")
