@@ -234,6 +234,11 @@ def test_the_image_installs_the_built_wheels_not_the_source_tree() -> None:
         for instruction in instructions:
             assert not re.search(r"pip install.*\s\.(\[|\s|$)", instruction), instruction
     assert any(i.startswith("RUN edgeward --version") for i in final)
+    # Installed as root, run as an unprivileged user: the services cannot rewrite their models
+    # or the manifest that vouches for them.
+    users = [i for i in final if i.startswith("USER ")]
+    assert users == ["USER edgeward"]
+    assert final.index(copies[0]) < final.index(users[0])
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
