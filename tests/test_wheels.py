@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,47 @@ def test_the_device_install_enrols_against_a_core(
             os.killpg(core.pid, signal.SIGKILL)
             core.wait(timeout=30)
         log.close()
+
+
+def _impostor_models_wheel(directory: Path, version: str) -> Path:
+    """A wheel named edgeward-models with a higher version, as a squatter on an index would
+    publish (empty: only its name and version matter to the resolver)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"edgeward_models-{version}-py3-none-any.whl"
+    info = f"edgeward_models-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("edgeward_models/__init__.py", "")
+        zf.writestr(
+            f"{info}/METADATA",
+            f"Metadata-Version: 2.1\nName: edgeward-models\nVersion: {version}\n",
+        )
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        zf.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_installing_by_file_name_ignores_a_higher_version_elsewhere(
+    work: Path, elsewhere: Path, wheels: dict[str, Path], device_venv: Path
+) -> None:
+    """Dependency confusion: an index offering edgeward-models 1.0.99 does not replace the
+    built wheel when the wheels are installed by file name (README, Dockerfile); installing
+    by project name would take the impostor."""
+    impostor = _impostor_models_wheel(work / "impostor", "1.0.99")
+
+    def resolved(*requirements: str | Path) -> str:
+        report = work / "report.json"
+        _run(["python", "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+              "--find-links", impostor.parent, "--report", report, *requirements],
+             venv=device_venv, cwd=elsewhere, timeout=300)  # fmt: skip
+        chosen = {
+            item["metadata"]["name"]: item["metadata"]["version"]
+            for item in json.loads(report.read_text())["install"]
+        }
+        return chosen["edgeward-models"]
+
+    assert resolved(wheels["models"], f"{wheels['edgeward']}[gateway]") == "1.0.0"
+    # The check can fail: by name, the resolver prefers the impostor.
+    assert resolved("--find-links", wheels["models"].parent, "edgeward-models~=1.0") == "1.0.99"
