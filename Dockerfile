@@ -1,7 +1,36 @@
 # edgeward: core, gateways and simulated devices from one image.
 #   docker build -t edgeward .
-# Gateways and the core install the `gateway` extra (onnxruntime on the CPU); Mosquitto comes
-# from Debian and is started and supervised by each gateway (the [mqtt] table, managed = true).
+# Built in two stages: the first builds the release wheels (scripts/build_dist.sh: edgeward
+# and edgeward-models, each from its sdist), the second installs those wheels and nothing of
+# the source tree. Gateways and the core use the `gateway` extra (onnxruntime on the CPU, the
+# models from the edgeward-models wheel); Mosquitto comes from Debian and is started and
+# supervised by each gateway (the [mqtt] table, managed = true).
+
+FROM python:3.11-slim AS wheels
+RUN pip install --no-cache-dir "build>=1.2"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY scripts/build_dist.sh ./scripts/
+COPY pki ./pki
+COPY gateway ./gateway
+COPY device_sdk ./device_sdk
+COPY protos ./protos
+COPY edgeward ./edgeward
+# The pretrained ONNX models with their manifest and licences (see models/README.md), packaged
+# as the edgeward-models distribution by models/pyproject.toml.
+COPY models ./models
+RUN PYTHON=python bash scripts/build_dist.sh /wheels
+
+# The wheels installed into a virtual environment, copied whole into the final image (no wheel
+# files or build tools left in its layers).
+FROM python:3.11-slim AS install
+COPY --from=wheels /wheels /wheels
+# The wheels by file name, never by project name from an index: an index could offer another
+# "edgeward" or "edgeward-models" (dependency confusion); third-party dependencies come from PyPI.
+RUN python -m venv /opt/edgeward \
+    && /opt/edgeward/bin/pip install --no-cache-dir \
+        /wheels/edgeward_models-*.whl "$(echo /wheels/edgeward-*.whl)[gateway]"
+
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -10,16 +39,9 @@ RUN apt-get update \
     # Debian's package would start a system broker; the gateways run their own.
     && rm -f /etc/mosquitto/conf.d/*
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY pki ./pki
-COPY gateway ./gateway
-COPY device_sdk ./device_sdk
-COPY protos ./protos
-COPY edgeward ./edgeward
-RUN pip install --no-cache-dir ".[gateway]"
-# The pretrained ONNX models with their manifest and licences (see models/README.md).
-COPY models ./models
+COPY --from=install /opt/edgeward /opt/edgeward
+ENV PATH=/opt/edgeward/bin:$PATH
+RUN edgeward --version
 
 # Run as an unprivileged user; the volumes below are created owned by it.
 RUN useradd --system --uid 10001 --home-dir /var/lib/edgeward --create-home edgeward \
@@ -27,5 +49,6 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/edgeward --create-home edge
         /var/lib/edgeward \
     && chown -R edgeward:edgeward /pki /gateways /devices /device /bootstrap /var/lib/edgeward
 USER edgeward
+WORKDIR /var/lib/edgeward
 ENTRYPOINT ["edgeward"]
 CMD ["--help"]

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway._models import NOT_FOUND_HINT, find_models_dir
 from gateway._ports import free_port
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "wait_port",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 TRUST_DOMAIN = "demo.example"
 #: (gateway id, region) of the demo's gateways, nearest first for a device of that region.
 DEMO_GATEWAYS: tuple[tuple[str, str], ...] = (("kr-seoul", "kr-seoul"), ("us-nyc", "us-nyc"))
@@ -293,8 +293,13 @@ class DemoStack:
         log_level: str = "info",
         standalone: bool = False,
         gateway_overrides: Mapping[str, Any] | None = None,
+        models_dir: Path | None = None,
     ) -> None:
         self.root = Path(root)
+        # Written into the configurations only when given: by default each service finds the
+        # models itself (the installed edgeward-models package, or models/ in a checkout), as
+        # the docker-compose configurations do. Checked against the manifest either way.
+        self.models_dir = models_dir
         self.gateway_overrides = dict(gateway_overrides or {})
         self.trust_domain = trust_domain
         self.pki_dir = self.root / "pki"
@@ -364,11 +369,8 @@ class DemoStack:
 
     async def setup(self) -> None:
         """PKI, gateway identities and every configuration file."""
-        if not (ROOT / "models" / "manifest.json").is_file():
-            raise RuntimeError(
-                f"the models are not in {ROOT / 'models'}: run the demo from a checkout of "
-                "the repository (scripts/demo.sh), where they are committed"
-            )
+        if self.models_dir is None and find_models_dir() is None:
+            raise RuntimeError(NOT_FOUND_HINT)
         await self.cli(
             "pki", "init", "--dir", str(self.pki_dir), "--trust-domain", self.trust_domain
         )
@@ -421,10 +423,9 @@ class DemoStack:
         }
         if self.escalation:
             # Core.Escalate: the larger models answer what the edge was unsure of.
-            data["escalation"] = {
-                "models_dir": str(ROOT / "models"),
-                "answer_store": str(self.root / "core-answers.sqlite3"),
-            }
+            data["escalation"] = {"answer_store": str(self.root / "core-answers.sqlite3")}
+            if self.models_dir is not None:
+                data["escalation"]["models_dir"] = str(self.models_dir)
         return data
 
     def gateway_config(self, gateway_id: str) -> dict[str, Any]:
@@ -439,9 +440,10 @@ class DemoStack:
             "revocation_max_staleness_s": 15.0,
             "shutdown_grace_s": 2.0,
             "log_level": self.log_level,
-            "inference": {"models_dir": str(ROOT / "models")},
             "cache": {"enabled": self.cache},
         }
+        if self.models_dir is not None:
+            data["inference"] = {"models_dir": str(self.models_dir)}
         if self.standalone:
             data["pki_dir"] = str(self.pki_dir)
             data["revocation_poll_interval_s"] = 0.1

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from edgeward import __version__
+
 __all__ = ["main"]
 
 # gRPC's C core logs handshake details straight to stderr, outside structlog; keep only its
@@ -58,6 +60,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="edgeward")
+# The version of this code, not of whatever distribution metadata happens to be installed.
+@click.version_option(version=__version__, prog_name="edgeward")
 def main() -> None:
     """edgeward: zero-trust edge gateway for camera-carrying IoT devices."""

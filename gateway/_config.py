@@ -18,12 +18,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway._models import models_dir_or_default
 from gateway._settings import ConfigError, ServiceSettings, load_settings
-
-# The models/ directory beside the packages (a checkout, or an image built from it). Computed
-# here rather than imported from the inference package so that reading a configuration does
-# not import onnxruntime.
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 __all__ = [
     "DEVICE_METHODS",
@@ -66,9 +62,11 @@ class InferenceSettings(_Section):
     """The edge model and how it is served."""
 
     models_dir: Path = Field(
-        default=DEFAULT_MODELS_DIR,
-        description="Directory holding the ONNX models and manifest.json (sha256-verified); "
-        "default: the models/ directory beside the packages.",
+        default=None,
+        validate_default=True,
+        description="Directory holding the ONNX models and manifest.json (every file "
+        "sha256-verified against it); unset: the installed edgeward-models package "
+        "(the models/ directory in a checkout).",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
@@ -111,6 +109,8 @@ class InferenceSettings(_Section):
     score_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Detections scoring below this are dropped."
     )
+
+    _default_models_dir = field_validator("models_dir", mode="before")(models_dir_or_default)
 
 
 class CacheSettings(_Section):
@@ -267,7 +267,11 @@ class GatewaySettings(ServiceSettings):
         default="info", description="Log level."
     )
     inference: InferenceSettings = Field(
-        default_factory=InferenceSettings, description="[inference] table."
+        # Validated from an empty table (not built by a factory) so that an error in a default,
+        # such as no models found, is reported as inference.models_dir.
+        default_factory=dict,
+        validate_default=True,
+        description="[inference] table.",
     )
     cache: CacheSettings = Field(default_factory=CacheSettings, description="[cache] table.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="[limits] table.")

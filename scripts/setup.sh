@@ -30,4 +30,6 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[gateway,dev]"
+# The models are their own distribution (models/pyproject.toml), installed editable first so
+# that the gateway extra finds it here rather than on an index.
+.venv/bin/python -m pip install -q -e ./models -e ".[gateway,dev]"

@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,94 @@ def test_the_metrics_check_sees_a_published_port(compose: dict[str, Any]) -> Non
     }
     assert _published_targets({"ports": [{"published": 1, "target": 9464}]}) == {9464}
     assert 8443 in _published_targets(compose["services"]["gw-kr-seoul"])
+
+
+# -- the image ----------------------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _dockerfile_stages() -> list[tuple[str, list[str]]]:
+    """(stage name, instructions) per ``FROM``; continuation lines joined, comments dropped."""
+    instructions: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line.removesuffix(chr(92)).strip()}".strip()
+        if not line.endswith("\\"):
+            instructions.append(pending)
+            pending = ""
+    stages: list[tuple[str, list[str]]] = []
+    for instruction in instructions:
+        if instruction.upper().startswith("FROM "):
+            words = instruction.split()
+            name = words[3] if len(words) >= 4 and words[2].upper() == "AS" else ""
+            stages.append((name, []))
+        else:
+            stages[-1][1].append(instruction)
+    return stages
+
+
+def test_the_image_installs_the_built_wheels_not_the_source_tree() -> None:
+    stages = _dockerfile_stages()
+    assert [name for name, _ in stages] == ["wheels", "install", ""]
+    (_, build), (_, install), (_, final) = stages
+    assert any(i.startswith("RUN") and "scripts/build_dist.sh /wheels" in i for i in build)
+    install_runs = " ".join(i for i in install if i.startswith("RUN"))
+    # By file name: no index can offer another edgeward or edgeward-models.
+    assert "/wheels/edgeward_models-*.whl" in install_runs
+    assert '"$(echo /wheels/edgeward-*.whl)[gateway]"' in install_runs
+    # The final image gets the installed environment and nothing of the source tree.
+    copies = [i for i in final if i.split()[0] in {"COPY", "ADD"}]
+    assert copies == ["COPY --from=install /opt/edgeward /opt/edgeward"]
+    for _, instructions in stages:
+        for instruction in instructions:
+            assert not re.search(r"pip install.*\s\.(\[|\s|$)", instruction), instruction
+    assert any(i.startswith("RUN edgeward --version") for i in final)
+    # Installed as root, run as an unprivileged user: the services cannot rewrite their models
+    # or the manifest that vouches for them.
+    users = [i for i in final if i.startswith("USER ")]
+    assert users == ["USER edgeward"]
+    assert final.index(copies[0]) < final.index(users[0])
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    parts = Path(path).parts
+    for pattern in patterns:
+        bare = pattern.removeprefix("**/")
+        if pattern.startswith("**/") and any(fnmatch(part, bare) for part in parts):
+            return True
+        if any(fnmatch("/".join(parts[: n + 1]), pattern) for n in range(len(parts))):
+            return True
+    return False
+
+
+def test_the_build_context_holds_what_the_wheels_stage_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    (_, build) = _dockerfile_stages()[0]
+    sources = [
+        src for i in build if i.startswith("COPY ") and "--from" not in i for src in i.split()[1:-1]
+    ]
+    assert {"pyproject.toml", "models", "scripts/build_dist.sh", "edgeward"} <= set(sources)
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        assert not _ignored(src, patterns), src
+    # Local build leftovers stay out of the image.
+    for leftover in ("dist", "build", "models/build", "models/edgeward_models.egg-info"):
+        assert _ignored(leftover, patterns), leftover
+
+
+def test_compose_configurations_use_the_models_installed_in_the_image(
+    compose: dict[str, Any],
+) -> None:
+    """The image has no checkout: a models_dir in a mounted configuration would point at
+    nothing. Unset, the services use the installed edgeward-models package."""
+    for name, path in _mounted_configs(compose).items():
+        assert "models_dir" not in _keys(tomllib.loads(path.read_text())), name
+        assert not any(k.endswith(".models_dir") for k in _keys(tomllib.loads(path.read_text())))

@@ -36,19 +36,19 @@ from typing import Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pki
 from gateway._core._status import Context, InvalidArgument, ResourceExhausted
 from gateway._inference._classifier import preprocess_efficientnet, top_k
 from gateway._inference._image import InvalidImage, decode_image
 from gateway._inference._manifest import (
-    DEFAULT_MODELS_DIR,
     Manifest,
     load_manifest,
     read_verified_model,
 )
 from gateway._inference._nanodet import postprocess_nanodet, preprocess_nanodet
+from gateway._models import models_dir_or_default
 from protos.edgeward.v1 import common_pb2, core_pb2
 
 __all__ = [
@@ -171,9 +171,11 @@ class CoreEscalationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models_dir: Path = Field(
-        default=DEFAULT_MODELS_DIR,
-        description="Directory with the ONNX models and manifest.json; "
-        "default: the models/ directory beside the packages.",
+        default=None,
+        validate_default=True,
+        description="Directory with the ONNX models and manifest.json (every file "
+        "sha256-verified against it); unset: the installed edgeward-models package "
+        "(the models/ directory in a checkout).",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="onnxruntime execution providers: auto, cpu or cuda."
@@ -228,6 +230,8 @@ class CoreEscalationSettings(BaseModel):
         description="Seconds an answer is kept for retries; longer than any gateway's "
         "delivery_ttl_s.",
     )
+
+    _default_models_dir = field_validator("models_dir", mode="before")(models_dir_or_default)
 
 
 # ------------------------------------------------------------------------------ models

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "DEFAULT_MODELS_DIR",
     "Manifest",
     "ModelEntry",
     "ModelInput",
@@ -31,9 +30,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
-# The models ship beside the packages in a checkout or an image built from it (the Dockerfile
-# copies the repository); a service can point elsewhere with ``inference.models_dir``.
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+# Which directory is read (the installed ``edgeward-models`` package by default, or the
+# ``models_dir`` key) is decided by the configuration: ``gateway._models``.
 
 
 class ModelIntegrityError(Exception):

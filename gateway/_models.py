@@ -1,0 +1,71 @@
+"""Where the ONNX models are, when the configuration does not say.
+
+The models ship as their own distribution, ``edgeward-models`` (the package
+``edgeward_models``: the ``models/`` directory of the repository, data only), which the
+``gateway`` and ``gateway-gpu`` extras install and a device never does. In a checkout of the
+repository the ``models/`` directory beside the packages is used instead, so the code and the
+models it was written for come from the same tree.
+
+This module imports nothing heavy: reading a configuration must not import onnxruntime. It
+only finds the directory; every file in it is still checked against its manifest's sha256
+before it is loaded (``gateway._inference._manifest``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+__all__ = ["MODELS_PACKAGE", "NOT_FOUND_HINT", "find_models_dir", "models_dir_or_default"]
+
+#: The import name of the ``edgeward-models`` distribution.
+MODELS_PACKAGE = "edgeward_models"
+MANIFEST_NAME = "manifest.json"
+# A checkout: the repository root holds the packages, pyproject.toml and models/.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+NOT_FOUND_HINT = (
+    "no models found: install them with the gateway extra "
+    "(pip install 'edgeward[gateway]', which brings edgeward-models), "
+    "or set models_dir to a directory holding manifest.json and the ONNX files"
+)
+
+
+def _checkout_models_dir() -> Path | None:
+    models = _CHECKOUT / "models"
+    if (_CHECKOUT / "pyproject.toml").is_file() and (models / MANIFEST_NAME).is_file():
+        return models
+    return None
+
+
+def _installed_models_dir() -> Path | None:
+    try:
+        root = importlib.resources.files(MODELS_PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    # onnxruntime and the sha256 check read plain files: a package installed as files (as pip
+    # does) gives a Path; anything else (a zip import) is not usable and reported as missing.
+    if not isinstance(root, Path) or not (root / MANIFEST_NAME).is_file():
+        return None
+    return root
+
+
+def find_models_dir() -> Path | None:
+    """The default models directory: a checkout's ``models/``, else the installed package.
+
+    ``None`` when neither holds a manifest (:data:`NOT_FOUND_HINT` says what to do).
+    """
+    return _checkout_models_dir() or _installed_models_dir()
+
+
+def models_dir_or_default(value: object) -> object:
+    """A settings validator (mode "before") for a ``models_dir`` key: unset means the default.
+
+    Raises ``ValueError`` (reported against the key at start-up) when there is no default.
+    """
+    if value is not None:
+        return value
+    found = find_models_dir()
+    if found is None:
+        raise ValueError(NOT_FOUND_HINT)
+    return found
