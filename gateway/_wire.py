@@ -92,26 +92,35 @@ def check_listen(address: str, *, setting: str) -> None:
     """Raise :class:`ListenError` when ``address`` (``host:port``) cannot be bound now.
 
     A plain socket with ``SO_REUSEADDR`` (as gRPC, Mosquitto and the metrics server use) and
-    without ``SO_REUSEPORT``: it fails exactly when something listens there already. Port 0
-    and names that do not resolve are left to the server itself.
+    without ``SO_REUSEPORT``: it fails exactly when something listens there already. Only that
+    is reported here; port 0, names that do not resolve and addresses of a name the server may
+    skip (``localhost``'s ``::1`` on a host without IPv6) are left to the server itself.
     """
+    exc = _probe(address)
+    if exc is not None and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        raise ListenError.from_os_error(exc, setting=setting, address=address)
+
+
+def _probe(address: str) -> OSError | None:
+    """The first error binding one of ``address``'s resolved addresses, if any."""
     parts = _split(address)
     if parts is None or parts[1] == 0:
-        return
+        return None
     host, port = parts
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror:
-        return
+        return None
     for family, kind, proto, _name, sockaddr in infos:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(sockaddr)
             except OSError as exc:
-                raise ListenError.from_os_error(exc, setting=setting, address=address) from None
+                return exc
+    return None
 
 
 def bind(
@@ -133,7 +142,9 @@ def bind(
     except RuntimeError:  # grpcio raises this when no address could be bound
         port = 0
     if not port:
-        check_listen(address, setting=setting)
+        exc = _probe(address)
+        if exc is not None:
+            raise ListenError.from_os_error(exc, setting=setting, address=address)
         raise ListenError(
             setting=setting, address=address, reason="address in use or not available"
         )

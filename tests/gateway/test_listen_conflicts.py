@@ -129,3 +129,16 @@ async def test_a_second_managed_broker_on_a_busy_port_names_the_setting(
             assert caught.value.setting == setting
             assert "address already in use" in str(caught.value)
         assert first.broker.pid is not None
+
+
+async def test_an_address_not_on_this_machine_names_the_setting(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """192.0.2.1 is TEST-NET-1 (RFC 5737): never assigned to a host."""
+    with pytest.raises(ListenError) as caught:
+        async with running_core(pki_dir, tmp_path, enrol_listen="192.0.2.1:7444"):
+            pass
+    assert caught.value.setting == "enrol_listen"
+    assert str(caught.value) == (
+        "cannot listen on 192.0.2.1:7444 (enrol_listen): address not available on this machine"
+    )
