@@ -196,14 +196,13 @@ class CoreService(core_pb2_grpc.CoreServicer):
         self, request: core_pb2.EscalationRequest, context: Context
     ) -> core_pb2.EscalationResult:
         gateway, _ = await self._gateway(context, "Escalate")
-        if self._escalate is None:
-            raise Unimplemented("escalation is not enabled on this core")
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return await self._escalate(request, context, gateway=gateway)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            return await self._answer(request, context, gateway)
+        except grpc.aio.AbortError:  # a handler that aborted by hand: its status, if known
+            found = context.code()
+            code = found if isinstance(found, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
             code = status_for(exc)[0]
@@ -211,6 +210,13 @@ class CoreService(core_pb2_grpc.CoreServicer):
         finally:
             self._metrics.escalations.labels(code=code.name).inc()
             self._metrics.escalation_seconds.observe(time.perf_counter() - started)
+
+    async def _answer(
+        self, request: core_pb2.EscalationRequest, context: Context, gateway: pki.Identity
+    ) -> core_pb2.EscalationResult:
+        if self._escalate is None:
+            raise Unimplemented("escalation is not enabled on this core")
+        return await self._escalate(request, context, gateway=gateway)
 
     @server_stream
     async def WatchRevocations(

@@ -107,7 +107,8 @@ async def test_core_metrics_count_what_the_core_did(
     assert d("edgeward_core_refusals_total", method="Renew", reason="revoked") == 1
     assert d("edgeward_core_refusals_total", method="GetDevice", reason="permission_denied") == 1
     assert d("edgeward_core_revocations_total") == 1
-    assert d("edgeward_core_escalations_total", code="UNIMPLEMENTED") == 0  # no handler: refused
+    assert d("edgeward_core_escalations_total", code="UNIMPLEMENTED") == 1  # no handler here
+    assert d("edgeward_core_escalation_seconds_count") == 1
     refusals = sum(
         value - before.get(key, 0.0)
         for key, value in after.items()
