@@ -121,6 +121,7 @@ async def main() -> None:
         core = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from edgeward.cli import main; main()",
             "core", "run", "--pki-dir", str(pki_dir), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
             "--enrol-listen", f"127.0.0.1:{port}",
             stderr=subprocess.PIPE, env=env, cwd=ROOT,
         )  # fmt: skip

@@ -120,6 +120,7 @@ class Bench:
             core_id="core-bench",
             listen=f"127.0.0.1:{port}",
             enrol_listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
             registry=self.work / "registry.sqlite3",
             shutdown_grace_s=0.5,
         )

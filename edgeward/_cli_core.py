@@ -2,7 +2,8 @@
 
 ``--config FILE`` (TOML, every key overridable by ``EDGEWARD_CORE_…``), or for a quick start on
 one machine just ``--pki-dir DIR --listen HOST:PORT``: the core then issues its own server
-certificate. Stops in order on SIGTERM or SIGINT.
+certificate. Stops in order on SIGTERM or SIGINT. A port already in use (``listen``,
+``enrol_listen``, ``metrics_listen``) stops the start-up with one line naming the setting.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def core() -> None:
 @click.option("--pki-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--listen", help="HOST:PORT of the mutual-TLS port (Renew, Core API)")
 @click.option("--enrol-listen", help="HOST:PORT of the enrolment port (default: listen + 1)")
+@click.option("--metrics-listen", help="HOST:PORT of the Prometheus endpoint (/metrics)")
 @click.option("--core-id", help="this core's id (default core-1)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def run_cmd(
@@ -37,6 +39,7 @@ def run_cmd(
     pki_dir: Path | None,
     listen: str | None,
     enrol_listen: str | None,
+    metrics_listen: str | None,
     core_id: str | None,
     log_level: str | None,
 ) -> None:
@@ -55,6 +58,7 @@ def run_cmd(
             pki_dir=pki_dir,
             listen=listen,
             enrol_listen=enrol_listen,
+            metrics_listen=metrics_listen,
             core_id=core_id,
             log_level=log_level,
         )
@@ -81,10 +85,14 @@ def run_cmd(
             loop.add_signal_handler(sig, stop.set)
         escalate = None if settings.escalation is None else EscalateService(settings.escalation)
         async with CoreServer(settings, escalate=escalate) as server:
+            metrics = ""
+            if settings.metrics_listen is not None:
+                mhost = settings.metrics_listen.rpartition(":")[0]
+                metrics = f", metrics http://{mhost}:{server.metrics_port}/metrics"
             click.echo(
                 f"core {settings.core_id} serving trust domain {server.trust_domain}: "
                 f"enrolment {server.enrol_address} (server TLS), "
-                f"service {server.address} (mutual TLS)",
+                f"service {server.address} (mutual TLS){metrics}",
                 err=True,
             )
             await stop.wait()

@@ -315,6 +315,7 @@ class DemoStack:
         self.standalone = standalone
         self.core_port = free_port()
         self.enrol_port = free_port()
+        self.core_metrics_port = free_port()
         self.plans = {
             gid: GatewayPlan(
                 gid, region, free_port(), free_port(), free_port(), free_port(), mqtt=self.mqtt
@@ -406,6 +407,7 @@ class DemoStack:
             "core_id": "core-1",
             "listen": self.core_address,
             "enrol_listen": self.enrol_address,
+            "metrics_listen": f"127.0.0.1:{self.core_metrics_port}",
             "identity_dir": str(self.root / "identities" / "core-core-1"),
             "feed_heartbeat_s": 1.0,
             "shutdown_grace_s": 1.0,

@@ -1,8 +1,9 @@
-"""Prometheus metrics of one gateway, served as text on an HTTP port (``/metrics``).
+"""Prometheus metrics of one gateway or one core, served as text on an HTTP port (``/metrics``).
 
-Each :class:`GatewayMetrics` has its own :class:`~prometheus_client.CollectorRegistry` (not the
-process-global one), so several gateways can run in one process (tests, the demo) without
-their series colliding. It doubles as the inference engine's ``EngineObserver``.
+Each :class:`GatewayMetrics` and :class:`CoreMetrics` has its own
+:class:`~prometheus_client.CollectorRegistry` (not the process-global one), so several
+gateways and cores can run in one process (tests, the demo) without their series colliding.
+:class:`GatewayMetrics` doubles as the inference engine's ``EngineObserver``.
 
 Series (all prefixed ``edgeward_gateway_``):
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,15 +42,23 @@ from prometheus_client import (
 )
 
 from gateway._inference import CacheKind, EngineObserver
+from gateway._wire import ListenError
 
-__all__ = ["GatewayMetrics", "MetricsServer"]
+__all__ = ["CoreMetrics", "GatewayMetrics", "MetricsServer"]
 
 _NS = "edgeward_gateway"
+_CORE_NS = "edgeward_core"
 # Frame latencies: a cache hit is well under a millisecond, a model run on a CPU tens of ms.
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+# Escalations: a model load takes seconds, a warm run tens to hundreds of milliseconds.
+_ESCALATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
+# Registry operations: SQLite in microseconds to milliseconds, PostgreSQL over a network more.
+_REGISTRY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
 
 
 class GatewayMetrics(EngineObserver):
@@ -110,6 +119,17 @@ class GatewayMetrics(EngineObserver):
         self.cut_calls = Counter(
             "cut_calls", "Live calls ended by a revocation.", namespace=_NS, registry=r
         )
+        self.malformed_requests = Counter(
+            "malformed_requests",
+            "Requests that were not a valid protobuf message (answered INVALID_ARGUMENT).",
+            ["method"],
+            namespace=_NS,
+            registry=r,
+        )
+
+    def on_malformed(self, method: str) -> None:
+        """``gateway._wire`` hook: a request to ``method`` did not parse."""
+        self.malformed_requests.labels(method=method).inc()
 
     # -- EngineObserver ---------------------------------------------------------------------
 
@@ -130,6 +150,86 @@ class GatewayMetrics(EngineObserver):
         return generate_latest(self.registry)
 
 
+class CoreMetrics:
+    """The core's metric families, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.enrolments = Counter(
+            "enrolments", "Device certificates issued by Enroll.", namespace=_CORE_NS, registry=r
+        )
+        self.renewals = Counter(
+            "renewals", "Device certificates issued by Renew.", namespace=_CORE_NS, registry=r
+        )
+        self.refusals = Counter(
+            "refusals",
+            "Requests refused, by method and reason.",
+            ["method", "reason"],
+            namespace=_CORE_NS,
+            registry=r,
+        )
+        self.revocations = Counter(
+            "revocations",
+            "Revocations recorded in the registry (sequence numbers the feed saw).",
+            namespace=_CORE_NS,
+            registry=r,
+        )
+        self.escalations = Counter(
+            "escalations",
+            "Core.Escalate calls answered, by gRPC status.",
+            ["code"],
+            namespace=_CORE_NS,
+            registry=r,
+        )
+        self.escalation_seconds = Histogram(
+            "escalation_seconds",
+            "Core.Escalate latency.",
+            namespace=_CORE_NS,
+            registry=r,
+            buckets=_ESCALATION_BUCKETS,
+        )
+        self.registry_seconds = Histogram(
+            "registry_seconds",
+            "Registry operation latency, by operation.",
+            ["operation"],
+            namespace=_CORE_NS,
+            registry=r,
+            buckets=_REGISTRY_BUCKETS,
+        )
+        self.revocation_streams = Gauge(
+            "revocation_streams",
+            "Open WatchRevocations streams.",
+            namespace=_CORE_NS,
+            registry=r,
+        )
+        self.malformed_requests = Counter(
+            "malformed_requests",
+            "Requests that were not a valid protobuf message (answered INVALID_ARGUMENT).",
+            ["method"],
+            namespace=_CORE_NS,
+            registry=r,
+        )
+
+    def on_malformed(self, method: str) -> None:
+        """``gateway._wire`` hook: a request to ``method`` did not parse."""
+        self.malformed_requests.labels(method=method).inc()
+
+    def refused(self, method: str, reason: str) -> None:
+        self.refusals.labels(method=method, reason=reason).inc()
+
+    def on_registry(self, operation: str, seconds: float) -> None:
+        self.registry_seconds.labels(operation=operation).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+class _HasRegistry(Protocol):
+    registry: CollectorRegistry
+
+
 class MetricsServer:
     """Serves ``metrics`` over HTTP on ``host:port`` (port 0: a free one, see ``port``).
 
@@ -137,7 +237,7 @@ class MetricsServer:
     event loop. An async context manager so it has the same lifecycle as everything else.
     """
 
-    def __init__(self, metrics: GatewayMetrics, *, host: str, port: int) -> None:
+    def __init__(self, metrics: _HasRegistry, *, host: str, port: int) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
@@ -151,9 +251,9 @@ class MetricsServer:
                 self._port, addr=self._host, registry=self._metrics.registry
             )
         except OSError as exc:
-            raise OSError(
-                f"cannot serve metrics on {self._host}:{self._port} (metrics_listen): "
-                f"{exc.strerror or exc}"
+            host = f"[{self._host}]" if ":" in self._host else self._host
+            raise ListenError.from_os_error(
+                exc, setting="metrics_listen", address=f"{host}:{self._port}"
             ) from None
         self._server, self._thread = server, thread
         self.port = int(server.server_port)

@@ -328,6 +328,7 @@ class GatewayService:
                     listen=s.listen,
                     max_message_bytes=s.limits.max_message_bytes,
                     grace_s=s.shutdown_grace_s,
+                    metrics=self.metrics,
                 )
             )
             self.grpc_port = self.server.port

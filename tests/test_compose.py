@@ -202,18 +202,19 @@ def _published_targets(service: dict[str, Any]) -> set[int]:
 
 
 def test_no_metrics_port_is_published_or_on_the_devices_network(compose: dict[str, Any]) -> None:
-    """The Prometheus endpoint is plain HTTP without authentication: each gateway binds it to
-    its own address on an internal network that no device joins, and no service publishes it
-    on the host."""
+    """The Prometheus endpoint is plain HTTP without authentication: the core and each gateway
+    bind it to their own address on an internal network that no device joins, and no service
+    publishes it on the host."""
     services = compose["services"]
     networks = compose.get("networks", {})
     configs = _mounted_configs(compose)
     gateways = [name for name in configs if name.startswith("gw-")]
     assert gateways == ["gw-kr-seoul", "gw-us-nyc"]
-    for name in gateways:
-        settings = load_gateway_settings(configs[name])
-        assert settings.metrics_listen is not None
-        host, _, port = settings.metrics_listen.rpartition(":")
+    listens = {name: load_gateway_settings(configs[name]).metrics_listen for name in gateways}
+    listens["core"] = load_core_settings(configs["core"]).metrics_listen
+    for name, metrics_listen in listens.items():
+        assert metrics_listen is not None
+        host, _, port = metrics_listen.rpartition(":")
         assert host not in {"", "0.0.0.0", "::", "[::]"}, name
         for other in services.values():
             assert int(port) not in _published_targets(other), name

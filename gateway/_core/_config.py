@@ -108,6 +108,11 @@ class CoreSettings(ServiceSettings):
         description="HOST:PORT of the server-authenticated enrolment port (Enroll, "
         "GetCACertificates, GetCrl, health); default: listen's port + 1 (0 stays 0)",
     )
+    metrics_listen: str | None = Field(
+        "127.0.0.1:9465",
+        description="HOST:PORT of the Prometheus endpoint (/metrics, plain HTTP: keep it on "
+        "loopback or a private network); port 0: a free port",
+    )
     identity_dir: Path | None = Field(
         None,
         description="the core's own identity directory; default PKI_DIR/servers/core-<id>, "
@@ -161,7 +166,7 @@ class CoreSettings(ServiceSettings):
     def _core_id(cls, v: str) -> str:
         return pki.validate_id(v, kind="core id")
 
-    @field_validator("listen", "enrol_listen")
+    @field_validator("listen", "enrol_listen", "metrics_listen")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
         if v is not None:

@@ -17,6 +17,10 @@ set, ``sequence`` = the last sequence sent) follows the replay and then comes ev
 ``heartbeat_s`` without events, so a gateway can tell a quiet feed from a dead one.
 Revocations of gateway and core certificates take sequence numbers too but are not sent: the
 feed is of devices; a gateway sees a gap in the sequence, which it does not need to fill.
+
+Metrics (:class:`gateway._metrics.CoreMetrics`): refusals by method and reason, revocations
+(each sequence number the feed sees), escalations by status with their latency, and the
+number of open revocation streams.
 """
 
 from __future__ import annotations
@@ -27,22 +31,27 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn, Protocol
 
+import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import pki
 from gateway._core._config import split_address
+from gateway._core._observe import refusal_reason
 from gateway._core._publish import DirectoryPublisher
 from gateway._core._status import (
     Context,
     NotFound,
     PermissionDenied,
+    RequestError,
     Unimplemented,
     peer_host,
     require_peer,
     server_stream,
+    status_for,
     unary,
 )
+from gateway._metrics import CoreMetrics
 from protos.edgeward.v1 import common_pb2, core_pb2, core_pb2_grpc
 
 __all__ = ["CoreService", "EscalateHandler", "RevocationFeed"]
@@ -67,9 +76,12 @@ class EscalateHandler(Protocol):
 class RevocationFeed:
     """Follows the registry's last revocation sequence and wakes waiting streams."""
 
-    def __init__(self, registry: pki.Registry, *, poll_s: float) -> None:
+    def __init__(
+        self, registry: pki.Registry, *, poll_s: float, metrics: CoreMetrics | None = None
+    ) -> None:
         self._registry = registry
         self._poll_s = poll_s
+        self._metrics = metrics if metrics is not None else CoreMetrics()
         self._last = registry.last_sequence()
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()
@@ -86,6 +98,8 @@ class RevocationFeed:
         while True:
             seq = await asyncio.to_thread(self._registry.last_sequence)
             if seq != self._last:
+                if seq > self._last:
+                    self._metrics.revocations.inc(seq - self._last)
                 self._last = seq
                 async with self._changed:
                     self._changed.notify_all()
@@ -128,7 +142,9 @@ class CoreService(core_pb2_grpc.CoreServicer):
         heartbeat_s: float,
         clock: Callable[[], dt.datetime],
         escalate: EscalateHandler | None = None,
+        metrics: CoreMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else CoreMetrics()
         self._trust_domain = trust_domain
         self._registry = registry
         self._feed = feed
@@ -139,9 +155,13 @@ class CoreService(core_pb2_grpc.CoreServicer):
 
     async def _gateway(self, context: Context, method: str) -> tuple[pki.Identity, str]:
         """The calling gateway's identity and certificate serial, unless it is revoked."""
-        gateway, serial = require_peer(
-            context, trust_domain=self._trust_domain, role=pki.Role.GATEWAY
-        )
+        try:
+            gateway, serial = require_peer(
+                context, trust_domain=self._trust_domain, role=pki.Role.GATEWAY
+            )
+        except (pki.PkiError, RequestError) as exc:
+            self._metrics.refused(method, refusal_reason(exc))
+            raise
         if await asyncio.to_thread(self._revoked, serial):
             self._refuse(context, gateway, serial, method)
         return gateway, serial
@@ -153,8 +173,10 @@ class CoreService(core_pb2_grpc.CoreServicer):
         record = self._registry.get_server_certificate(serial)
         return record is not None and record.status is pki.Status.REVOKED
 
-    @staticmethod
-    def _refuse(context: Context, gateway: pki.Identity, serial: str, method: str) -> NoReturn:
+    def _refuse(
+        self, context: Context, gateway: pki.Identity, serial: str, method: str
+    ) -> NoReturn:
+        self._metrics.refused(method, "gateway_revoked")
         _audit.warning(
             "gateway.refused",
             audit=True,
@@ -174,6 +196,24 @@ class CoreService(core_pb2_grpc.CoreServicer):
         self, request: core_pb2.EscalationRequest, context: Context
     ) -> core_pb2.EscalationResult:
         gateway, _ = await self._gateway(context, "Escalate")
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._answer(request, context, gateway)
+        except grpc.aio.AbortError:  # a handler that aborted by hand: its status, if known
+            found = context.code()
+            code = found if isinstance(found, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:
+            code = status_for(exc)[0]
+            raise
+        finally:
+            self._metrics.escalations.labels(code=code.name).inc()
+            self._metrics.escalation_seconds.observe(time.perf_counter() - started)
+
+    async def _answer(
+        self, request: core_pb2.EscalationRequest, context: Context, gateway: pki.Identity
+    ) -> core_pb2.EscalationResult:
         if self._escalate is None:
             raise Unimplemented("escalation is not enabled on this core")
         return await self._escalate(request, context, gateway=gateway)
@@ -183,6 +223,20 @@ class CoreService(core_pb2_grpc.CoreServicer):
         self, request: core_pb2.WatchRevocationsRequest, context: Context
     ) -> AsyncIterator[core_pb2.RevocationEvent]:
         gateway, serial = await self._gateway(context, "WatchRevocations")
+        self._metrics.revocation_streams.inc()
+        try:
+            async for event in self._watch(request, context, gateway, serial):
+                yield event
+        finally:
+            self._metrics.revocation_streams.dec()
+
+    async def _watch(
+        self,
+        request: core_pb2.WatchRevocationsRequest,
+        context: Context,
+        gateway: pki.Identity,
+        serial: str,
+    ) -> AsyncIterator[core_pb2.RevocationEvent]:
         sent = int(request.since_sequence)
         _log.info("revocations.watch", gateway_id=gateway.id, since_sequence=sent)
         last_beat = float("-inf")  # the first heartbeat marks the end of the replay

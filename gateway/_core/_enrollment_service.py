@@ -4,7 +4,8 @@
 server-authenticated TLS); ``Renew`` requires the device's current certificate, which only the
 mutual-TLS port can see. Decisions run in a worker thread: they sign and touch SQLite, and the
 event loop must keep serving other calls meanwhile. Errors become statuses in
-:mod:`gateway._core._status`.
+:mod:`gateway._core._status`. Issued certificates and refusals (by reason) are counted in
+:class:`gateway._metrics.CoreMetrics`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from collections.abc import Callable
 import structlog
 
 import pki
+from gateway._core._observe import refusal_reason
 from gateway._core._publish import CrlPublisher, DirectoryPublisher
 from gateway._core._status import (
     Context,
+    RequestError,
     Unauthenticated,
     peer_certificate,
     peer_host,
     unary,
 )
+from gateway._metrics import CoreMetrics
 from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 __all__ = ["EnrollmentService"]
@@ -37,11 +41,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         directory: DirectoryPublisher,
         crl: CrlPublisher,
         clock: Callable[[], dt.datetime],
+        metrics: CoreMetrics | None = None,
     ) -> None:
         self._authority = authority
         self._directory = directory
         self._crl = crl
         self._clock = clock
+        self._metrics = metrics if metrics is not None else CoreMetrics()
 
     def _response(self, issued: pki.IssuedCertificate) -> enrollment_pb2.EnrollResponse:
         return enrollment_pb2.EnrollResponse(
@@ -56,6 +62,17 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
 
     @unary
     async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: Context
+    ) -> enrollment_pb2.EnrollResponse:
+        try:
+            response = await self._enroll(request, context)
+        except (pki.PkiError, RequestError) as exc:
+            self._metrics.refused("Enroll", refusal_reason(exc))
+            raise
+        self._metrics.enrolments.inc()
+        return response
+
+    async def _enroll(
         self, request: enrollment_pb2.EnrollRequest, context: Context
     ) -> enrollment_pb2.EnrollResponse:
         # Cheap size check before any work; the CSR parser checks again.
@@ -77,6 +94,17 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
 
     @unary
     async def Renew(
+        self, request: enrollment_pb2.RenewRequest, context: Context
+    ) -> enrollment_pb2.EnrollResponse:
+        try:
+            response = await self._renew(request, context)
+        except (pki.PkiError, RequestError) as exc:
+            self._metrics.refused("Renew", refusal_reason(exc))
+            raise
+        self._metrics.renewals.inc()
+        return response
+
+    async def _renew(
         self, request: enrollment_pb2.RenewRequest, context: Context
     ) -> enrollment_pb2.EnrollResponse:
         if len(request.csr) > pki.MAX_CSR_BYTES:

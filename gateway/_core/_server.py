@@ -10,6 +10,12 @@ The same servicers answer on both ports; each method checks the caller's identit
 auth context, so ``Renew`` and every Core method refuse a caller on the enrolment port
 (``UNAUTHENTICATED``), and Core methods refuse any identity but a gateway.
 
+Each port is this process's alone (no ``SO_REUSEPORT``): a second core started on a port in use
+stops with an error naming the setting (``listen``, ``enrol_listen``, ``metrics_listen``).
+Requests that are not valid protobuf get ``INVALID_ARGUMENT`` on both ports
+(:mod:`gateway._wire`). Prometheus metrics (:class:`gateway._metrics.CoreMetrics`) are served
+on ``metrics_listen``.
+
 Quick start: with only ``pki_dir`` and ``listen`` set, the core issues itself a server
 certificate ``core/<id>`` naming the listen addresses into ``PKI_DIR/servers/core-<id>/``, and
 records it in the registry so that it can be revoked like any other.
@@ -36,7 +42,10 @@ import pki
 from gateway._core._config import CoreSettings, is_ip, split_address
 from gateway._core._core_service import CoreService, EscalateHandler, RevocationFeed
 from gateway._core._enrollment_service import EnrollmentService
+from gateway._core._observe import timed_registry
 from gateway._core._publish import CrlPublisher, DirectoryPublisher
+from gateway._metrics import CoreMetrics, MetricsServer
+from gateway._wire import SERVER_OPTIONS, add_service, bind, check_listen
 from protos.edgeward.v1 import core_pb2_grpc, enrollment_pb2_grpc
 
 __all__ = ["CoreServer", "ensure_server_identity"]
@@ -158,6 +167,10 @@ class CoreServer:
         self._feed_task: asyncio.Task[None] | None = None
         self.address = ""
         self.enrol_address = ""
+        #: The core's metric families (served on ``metrics_listen`` while it runs).
+        self.metrics = CoreMetrics()
+        #: The metrics endpoint's bound port; 0 when ``metrics_listen`` is unset.
+        self.metrics_port = 0
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
@@ -187,8 +200,15 @@ class CoreServer:
         # Spell out AEAD-only suites for TLS 1.2 (gRPC's defaults already are; see pki._tls).
         os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", pki.AEAD_CIPHERS_TLS12)
         self.ca = pki.CertificateAuthority.load(s.pki_dir)
+        # Before any work: a second core on a busy port must fail fast, naming the setting.
+        check_listen(s.listen, setting="listen")
+        check_listen(s.enrol_address, setting="enrol_listen")
+        if s.metrics_listen is not None:
+            check_listen(s.metrics_listen, setting="metrics_listen")
         self.registry = pki.SqliteRegistry(s.registry_path)
         self._stack.callback(self.registry.close)
+        # What the services use: the same registry, each operation timed for the metrics.
+        registry = timed_registry(self.registry, self.metrics.on_registry)
         self.identity = ensure_server_identity(
             pki_dir=s.pki_dir,
             directory=s.identity_path,
@@ -203,7 +223,7 @@ class CoreServer:
             limiter_kwargs["clock"] = self._limiter_clock
         self.authority = pki.EnrollmentAuthority(
             ca=self.ca,
-            registry=self.registry,
+            registry=registry,
             device_lifetime=s.device_certificate_lifetime,
             limiter=pki.FailureLimiter(
                 burst=s.token_attempts.burst,
@@ -212,12 +232,12 @@ class CoreServer:
             ),
         )
         directory = DirectoryPublisher(
-            ca=self.ca, registry=self.registry, static=s.gateways, clock=self._clock
+            ca=self.ca, registry=registry, static=s.gateways, clock=self._clock
         )
         crl = CrlPublisher(
-            ca=self.ca, registry=self.registry, validity=s.crl_validity, clock=self._clock
+            ca=self.ca, registry=registry, validity=s.crl_validity, clock=self._clock
         )
-        self.feed = RevocationFeed(self.registry, poll_s=s.feed_poll_s)
+        self.feed = RevocationFeed(registry, poll_s=s.feed_poll_s, metrics=self.metrics)
         if self._escalate is not None and hasattr(self._escalate, "__aenter__"):
             await self._stack.enter_async_context(self._escalate)  # type: ignore[arg-type]
 
@@ -225,43 +245,48 @@ class CoreServer:
             options=[
                 ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
                 ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+                *SERVER_OPTIONS,
             ]
         )
-        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-            EnrollmentService(
-                authority=self.authority, directory=directory, crl=crl, clock=self._clock
-            ),
+        malformed = self.metrics.on_malformed
+        add_service(
             server,
+            enrollment_pb2_grpc.add_EnrollmentServicer_to_server,
+            EnrollmentService(
+                authority=self.authority,
+                directory=directory,
+                crl=crl,
+                clock=self._clock,
+                metrics=self.metrics,
+            ),
+            on_malformed=malformed,
         )
-        core_pb2_grpc.add_CoreServicer_to_server(
+        add_service(
+            server,
+            core_pb2_grpc.add_CoreServicer_to_server,
             CoreService(
                 trust_domain=self.ca.trust_domain,
-                registry=self.registry,
+                registry=registry,
                 feed=self.feed,
                 directory=directory,
                 heartbeat_s=s.feed_heartbeat_s,
                 clock=self._clock,
                 escalate=self._escalate,
+                metrics=self.metrics,
             ),
-            server,
+            on_malformed=malformed,
         )
         health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        add_service(
+            server, health_pb2_grpc.add_HealthServicer_to_server, health, on_malformed=malformed
+        )
 
         mtls = pki.grpc_server_credentials(self.identity, require_client_auth=True)
         server_auth = pki.grpc_server_credentials(self.identity, require_client_auth=False)
         host, _ = split_address(s.listen)
         ehost, _ = split_address(s.enrol_address)
-        try:  # grpcio raises RuntimeError when a bind fails
-            port = server.add_secure_port(s.listen, mtls)
-            eport = server.add_secure_port(s.enrol_address, server_auth)
-        except RuntimeError:
-            port = eport = 0
-        if not port or not eport:
-            raise OSError(
-                f"cannot listen on {s.listen} and {s.enrol_address}: "
-                "address in use or not available"
-            )
+        port = bind(server, s.listen, mtls, setting="listen")
+        eport = bind(server, s.enrol_address, server_auth, setting="enrol_listen")
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.enrol_address = f"{ehost}:{eport}" if ":" not in ehost else f"[{ehost}]:{eport}"
         await server.start()
@@ -271,6 +296,12 @@ class CoreServer:
         for name in ("edgeward.v1.Enrollment", "edgeward.v1.Core"):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health
+        if s.metrics_listen is not None:
+            mhost, mport = split_address(s.metrics_listen)
+            metrics_server = await self._stack.enter_async_context(
+                MetricsServer(self.metrics, host=mhost, port=mport)
+            )
+            self.metrics_port = metrics_server.port
 
         task_group = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._feed_task = task_group.create_task(self.feed.run(), name="core-revocation-feed")
@@ -281,6 +312,7 @@ class CoreServer:
             trust_domain=self.ca.trust_domain,
             address=self.address,
             enrol_address=self.enrol_address,
+            metrics_port=self.metrics_port or None,
         )
 
     async def _stop_server(self) -> None:

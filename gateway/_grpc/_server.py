@@ -5,6 +5,10 @@ a certificate of the trust domain's CAs fails the handshake (the client sees UNA
 before any handler runs. gRPC's BoringSSL offers TLS 1.2+ with AEAD suites only; the entry
 point also pins ``GRPC_SSL_CIPHER_SUITES`` to :data:`pki.AEAD_CIPHERS_TLS12`.
 
+A request that is not valid protobuf is answered ``INVALID_ARGUMENT``, logged and counted
+(``malformed_requests_total``); a port already in use stops the start with an error naming
+``listen`` (both: :mod:`gateway._wire`).
+
 Messages larger than ``max_message_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED)
 before they are parsed, so an oversized frame costs the gateway no allocation of its size.
 
@@ -27,6 +31,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 import pki
 from gateway._grpc._servicer import DeviceGatewayServicer
+from gateway._metrics import GatewayMetrics
+from gateway._wire import SERVER_OPTIONS, add_service, bind
 from protos.edgeward.v1 import gateway_pb2, gateway_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "GatewayServer"]
@@ -51,6 +57,7 @@ class GatewayServer:
         max_message_bytes: int,
         grace_s: float,
         max_concurrent_rpcs: int | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._servicer = servicer
         self._identity = identity
@@ -64,23 +71,29 @@ class GatewayServer:
                 # Keepalive pings from devices at most every 10 s, so a silent NAT drop is
                 # noticed without letting a client ping-flood the server.
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.so_reuseport", 0),
+                *SERVER_OPTIONS,
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
-        gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        on_malformed = None if metrics is None else metrics.on_malformed
+        add_service(
+            self._server,
+            gateway_pb2_grpc.add_DeviceGatewayServicer_to_server,
+            servicer,
+            on_malformed=on_malformed,
+        )
+        add_service(
+            self._server,
+            health_pb2_grpc.add_HealthServicer_to_server,
+            self._health,
+            on_malformed=on_malformed,
+        )
         self.port = 0
         self._stopped = False
 
     async def __aenter__(self) -> Self:
         creds = pki.grpc_server_credentials(self._identity, require_client_auth=True)
-        try:
-            self.port = self._server.add_secure_port(self._listen, creds)
-        except RuntimeError:  # grpcio raises this when the bind fails
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self._listen}: address in use or not available")
+        self.port = bind(self._server, self._listen, creds, setting="listen")
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

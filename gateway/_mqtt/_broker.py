@@ -77,6 +77,7 @@ import pki
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._tasks import TaskSet
 from gateway._ports import free_port
+from gateway._wire import check_listen
 
 __all__ = [
     "BrokerControl",
@@ -445,6 +446,7 @@ class MosquittoBroker:
         self.files.data_dir.chmod(0o700)
         self.files.persistence.mkdir(exist_ok=True)
         await self._stop_stale_broker()
+        self._check_ports()
         await self._write_crl(await self._crl_source())
         self._write_config()
         await self._start()
@@ -463,6 +465,15 @@ class MosquittoBroker:
             await self._terminate()
         finally:
             await self._tasks.close()
+
+    def _check_ports(self) -> None:
+        """A configured port already in use stops the start with an error naming its key
+        (Mosquitto itself would only exit with status 1)."""
+        for (host, port), key in (
+            (self.device_address, "mqtt.port"),
+            (self.bridge_address, "mqtt.bridge_port"),
+        ):
+            check_listen(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", setting=key)
 
     def _write_config(self) -> None:
         creds = self.credentials

@@ -96,6 +96,7 @@ async def running_core(
         "pki_dir": pki_dir,
         "listen": "127.0.0.1:0",
         "enrol_listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
         "identity_dir": tmp_path / f"core-identity-{n}",
         "shutdown_grace_s": 0.2,
         "feed_heartbeat_s": 1.0,

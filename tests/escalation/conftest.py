@@ -99,6 +99,7 @@ class Cores:
             core_id="core-esc",
             listen=f"127.0.0.1:{port}",
             enrol_listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
             identity_dir=self.tmp_path / "core-identity",
             registry=self.tmp_path / "registry.sqlite3",
             shutdown_grace_s=0.2,

@@ -430,6 +430,7 @@ async def test_core_run_and_gateway_run_escalate_a_motorcycle(
     (tmp_path / "core.toml").write_text(
         f'pki_dir = "{pki_dir}"\ncore_id = "core-e2e"\n'
         f'listen = "127.0.0.1:{core_port}"\nenrol_listen = "127.0.0.1:0"\n'
+        'metrics_listen = "127.0.0.1:0"\n'
         f'identity_dir = "{tmp_path / "core-identity"}"\n'
         f'registry = "{tmp_path / "core-registry.sqlite3"}"\n'
         "shutdown_grace_s = 0.5\nfeed_heartbeat_s = 1.0\n"

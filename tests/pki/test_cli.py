@@ -190,6 +190,8 @@ async def test_quick_start_core_run_enroll_renew_revoke(cli_pki: Path, tmp_path:
     core = await asyncio.create_subprocess_exec(
         *EDGEWARD, "core", "run", "--pki-dir", str(cli_pki), "--listen", f"127.0.0.1:{port}",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # A free metrics port: the default one may be taken by another core on this machine.
+        env={**os.environ, "EDGEWARD_CORE_METRICS_LISTEN": "127.0.0.1:0"},
     )  # fmt: skip
     try:
         assert core.stderr is not None
