@@ -164,6 +164,18 @@ class LimitsSettings(_Section):
     telemetry_max_readings: int = Field(
         default=32, ge=0, le=1024, description="Most keys in Telemetry.readings."
     )
+    refusal_log_interval_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Refused messages of one device are logged at most once per this many "
+        "seconds (with their count), after the first of each reason.",
+    )
+    refusal_events_per_interval: int = Field(
+        default=5,
+        ge=0,
+        description="Error events about refused messages sent to one device per "
+        "refusal_log_interval_s at most (MQTT); then one event with the count of the rest.",
+    )
 
 
 class AuthorisationSettings(_Section):

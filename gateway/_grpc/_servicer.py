@@ -13,8 +13,11 @@ Every call goes through the same steps, in this order, before any of its work:
 Streams re-judge the identity (time, revocation) on every message. Protobuf stops here: the
 engine, the event hub and the telemetry store see domain objects only. Handlers raise domain
 errors; :meth:`DeviceGatewayServicer._finish` maps them through :func:`gateway.errors.grpc_status`
-(the one mapping) and aborts — nothing else calls ``context.abort``. One log line per call,
-with the device id bound through structlog's contextvars.
+(the one mapping) and aborts — nothing else calls ``context.abort``. One log line per answered
+call, with the device id bound through structlog's contextvars; refused calls are audited
+through :class:`~gateway._refusals.RefusalLog` (shared with the MQTT bridge), which logs the
+first refusal of each reason at once and then a count per device per interval, so a device
+cannot flood the log. Prometheus still counts every refusal.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from gateway._grpc._identity import IdentityJudge, PeerIdentity
 from gateway._grpc._limits import LiveCall, LiveCalls, RateLimiter
 from gateway._inference import InferenceResult
 from gateway._metrics import GatewayMetrics
+from gateway._refusals import RefusalLog
 from gateway._revocation import RevocationEvent, RevocationState
 from gateway._telemetry import InvalidTelemetry, validate_telemetry
 from gateway.errors import (
@@ -48,6 +52,7 @@ from gateway.errors import (
     GrpcStatus,
     InvalidRequest,
     StreamIdle,
+    Unauthenticated,
     grpc_status,
 )
 from protos.edgeward.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -67,6 +72,10 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_DENIAL_CODES = frozenset(
+    {"PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+)
 Frame = npt.NDArray[np.uint8]
 
 # Telemetry bounds: physically plausible values; anything else is a broken or hostile device.
@@ -254,6 +263,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         telemetry: TelemetryStore | None = None,
         detection_hook: DetectionHook | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._settings = settings
         self._gateway_id = gateway_id
@@ -270,6 +280,11 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self.live = LiveCalls(max_streams_per_device=limits.max_streams_per_device)
+        #: Audit of refused calls and messages, bounded per device (the MQTT bridge shares it).
+        self.refusals = refusals or RefusalLog(
+            interval_s=limits.refusal_log_interval_s,
+            events_per_interval=limits.refusal_events_per_interval,
+        )
         revocation.add_listener(self._on_revocation)
 
     def take_token(self, device_id: str, method: str) -> None:
@@ -279,6 +294,15 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         whichever transport it uses.
         """
         (self._reports if method == "ReportTelemetry" else self._frames).take(device_id)
+
+    def count_refusal(self, code: str, reason: str) -> None:
+        """Count one refused call or message in ``denials_total`` (the MQTT bridge's too).
+
+        Denials are refusals of who is asking or how much: not authenticated, not allowed,
+        revoked, over budget, or a gateway that cannot judge (stale feed, no registry).
+        """
+        if code in _DENIAL_CODES:
+            self._metrics.denials.labels(reason=reason).inc()
 
     # -- revocation -------------------------------------------------------------------------
 
@@ -313,13 +337,19 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if status is None:
             _log.exception("unexpected error", method=method)
             return GrpcStatus(grpc.StatusCode.INTERNAL, "internal error", (), "internal")
-        if status.code in (
-            grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        ):
-            self._metrics.denials.labels(reason=status.reason).inc()
+        self.count_refusal(status.code.name, status.reason)
+        if status.reason != "idle":
+            # The call's line: the first of each reason per device at once, then counted.
+            fields: dict[str, Any] = {"method": method, "code": status.code.name}
+            if isinstance(exc, Unauthenticated):
+                fields["detail"] = exc.reason  # for the audit only, never for the caller
+            device_id = structlog.contextvars.get_contextvars().get("device_id")
+            self.refusals.refused(
+                device_id if isinstance(device_id, str) else None,
+                status.reason,
+                transport="grpc",
+                **fields,
+            )
         return status
 
     async def _finish(
@@ -336,6 +366,10 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self._metrics.requests.labels(method=method, code=code).inc()
         if not method.endswith("Detect") or method == "Detect":
             self._metrics.request_seconds.labels(method=method).observe(elapsed)
+        if status is not None and status.reason not in ("idle", "internal"):
+            # Refused: audited by ``_status`` through the refusal log, bounded per device.
+            await context.abort(status.code, status.message, status.trailing_metadata)
+            return
         level = _log.info if status is None or status.reason in ("idle",) else _log.warning
         level(
             "rpc",
