@@ -63,6 +63,7 @@ __all__ = [
     "Detector",
     "DeviceGatewayServicer",
     "EscalationMarks",
+    "EscalationMemory",
     "TelemetryRecord",
     "TelemetryStore",
     "event_to_pb",
@@ -104,8 +105,9 @@ class DetectionHook(Protocol):
 
     The hook's policy decides what escalates: detections, or (``None`` key) the whole frame,
     e.g. when the edge found nothing. The servicer marks them ``escalated`` in the answer.
-    It must not block (store work, return). Not called for answers from the response cache
-    (the same picture was already judged) nor when no hook is installed.
+    It must not block (store work, return). Called through :class:`EscalationMemory`: not
+    again for a device's repeat of a picture it already had judged (the response cache
+    answers it, and the first answer's marks are given again), nor when no hook is installed.
     """
 
     async def __call__(
@@ -117,6 +119,68 @@ class DetectionHook(Protocol):
         result: InferenceResult,
         frame: Frame | None,
     ) -> EscalationMarks: ...
+
+
+class EscalationMemory:
+    """The escalation marks given with each answer, so that a cached answer carries them too.
+
+    The response cache repeats the engine's result (same detections, same ``result_id``) but
+    not what the detection hook decided about it. This remembers, per (device, result), the
+    marks of the first answer: when the same device sends the same picture again and the
+    cache answers, the answer carries the same ``escalated`` flags and the *same* escalation
+    ids. The picture is not escalated a second time: the core's final answer for that id
+    comes once, on ``Subscribe`` or ``devices/<id>/events``, and answers both.
+
+    Another device whose frame hits the cache entry gets its own judgement (the hook is
+    called for it, with the decoded frame when there is one; an exact-cache hit has none, so
+    nothing can be cropped and nothing escalates for it): escalation answers go to the
+    device that was given the id, never to another. Bounded: the least recently used of
+    ``max_entries`` is forgotten (a forgotten repeat is judged again, as a fresh one).
+    Both transports (gRPC servicer, MQTT bridge) share one. Event-loop only.
+    """
+
+    def __init__(self, *, max_entries: int = 8192) -> None:
+        self._max_entries = max_entries
+        self._marks: OrderedDict[tuple[str, str], EscalationMarks] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    async def marks(
+        self,
+        hook: DetectionHook | None,
+        *,
+        device_id: str,
+        region: str | None,
+        frame_id: str,
+        result: InferenceResult,
+        frame: Frame | None,
+    ) -> EscalationMarks:
+        """The marks for this answer: remembered for a cached repeat, else the hook's."""
+        if hook is None:
+            # No hook (escalation not configured): no call, nothing added to the hot path.
+            return {}
+        key = (device_id, result.result_id)
+        if result.from_cache and result.result_id:
+            known = self._marks.get(key)
+            if known is not None:
+                self._marks.move_to_end(key)
+                return known
+        # Empty results too: the region's policy may escalate frames the edge found nothing
+        # in.
+        try:
+            marks = await hook(
+                device_id=device_id, region=region, frame_id=frame_id, result=result, frame=frame
+            )
+        except Exception:  # noqa: BLE001 - escalation is best effort: the edge answer stands
+            _log.exception("detection hook failed", device_id=device_id, frame_id=frame_id)
+            return {}
+        if result.result_id:
+            self._marks[key] = dict(marks)
+            self._marks.move_to_end(key)
+            while len(self._marks) > self._max_entries:
+                self._marks.popitem(last=False)
+        return marks
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +344,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self.live = LiveCalls(max_streams_per_device=limits.max_streams_per_device)
+        #: Escalation marks of answers, given again with cached repeats (the bridge shares it).
+        self.escalations = EscalationMemory()
         #: Audit of refused calls and messages, bounded per device (the MQTT bridge shares it).
         self.refusals = refusals or RefusalLog(
             interval_s=limits.refusal_log_interval_s,
@@ -396,21 +462,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         result, decoded = await call.guard(
             self._engine.detect_with_frame(frame.image, deadline=self._deadline(context))
         )
-        escalated: EscalationMarks = {}
-        hook = self.detection_hook
-        # Empty results too: the region's policy may escalate frames the edge found nothing
-        # in. No hook (escalation not configured): no call, nothing added to the hot path.
-        if hook is not None and not result.from_cache:
-            try:
-                escalated = await hook(
-                    device_id=call.device_id,
-                    region=region,
-                    frame_id=frame.frame_id,
-                    result=result,
-                    frame=decoded,
-                )
-            except Exception:  # noqa: BLE001 - escalation is best effort: the edge answer stands
-                _log.exception("detection hook failed", frame_id=frame.frame_id)
+        escalated = await self.escalations.marks(
+            self.detection_hook,
+            device_id=call.device_id,
+            region=region,
+            frame_id=frame.frame_id,
+            result=result,
+            frame=decoded,
+        )
         return result_to_pb(
             result, frame_id=frame.frame_id, gateway_id=self._gateway_id, escalated=escalated
         )

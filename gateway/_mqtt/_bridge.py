@@ -64,7 +64,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import pki
 from gateway._events import DeviceEvent, ErrorEvent, EventHub
-from gateway._grpc._servicer import DetectionHook, EscalationMarks, event_to_pb, result_to_pb
+from gateway._grpc._servicer import (
+    DetectionHook,
+    EscalationMemory,
+    event_to_pb,
+    result_to_pb,
+)
 from gateway._inference import (
     InferenceError,
     InferenceResult,
@@ -280,6 +285,7 @@ class MqttBridge:
         end_sessions: Sequence[str] = (),
         refusals: RefusalLog | None = None,
         on_refused: RefusalCounter | None = None,
+        escalations: EscalationMemory | None = None,
     ) -> None:
         self.settings = settings
         self._end_sessions = tuple(end_sessions)
@@ -296,6 +302,7 @@ class MqttBridge:
         self.refusals = refusals if refusals is not None else RefusalLog()
         self.refusals.on_suppressed = self._on_suppressed_events
         self._on_refused = on_refused
+        self.escalations = escalations if escalations is not None else EscalationMemory()
         self._latest: OrderedDict[str, TelemetryReading] = OrderedDict()
         self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
             OrderedDict()
@@ -736,21 +743,15 @@ class MqttBridge:
         except (InvalidImage, InferenceError) as exc:
             raise _rejected(exc, frame_id) from None
         self.stats.frames_inferred += 1
-        escalated: EscalationMarks = {}
-        hook = self._hook_source() if self._hook_source is not None else None
-        # As on gRPC: every fresh result, empty ones included (a region may escalate frames
-        # the edge found nothing in); none from the cache; no hook, no call.
-        if hook is not None and not result.from_cache:
-            try:
-                escalated = await hook(
-                    device_id=device_id,
-                    region=region,
-                    frame_id=frame_id,
-                    result=result,
-                    frame=frame,
-                )
-            except Exception:  # escalation is best effort: the edge answer stands
-                log.exception("detection hook failed")
+        # As on gRPC, through the same memory: a cached repeat carries its first marks.
+        escalated = await self.escalations.marks(
+            self._hook_source() if self._hook_source is not None else None,
+            device_id=device_id,
+            region=region,
+            frame_id=frame_id,
+            result=result,
+            frame=frame,
+        )
         msg = result_to_pb(
             result, frame_id=frame_id, gateway_id=self._gateway_id, escalated=escalated
         )

@@ -185,6 +185,7 @@ def plugin(
                     end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
                     refusals=servicer.refusals,
                     on_refused=servicer.count_refusal,
+                    escalations=servicer.escalations,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
