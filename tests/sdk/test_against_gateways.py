@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,13 +194,20 @@ async def test_revoked_device_gets_a_final_error_and_stops_retrying(stack: DemoS
         with pytest.raises(DeviceRevoked):
             await client.detect(IMAGES[0], timeout_s=1)
         # No retrying: nothing more reaches any gateway from this device.
-        log = stack.gateways[gateway].log_path
+        url = f"http://127.0.0.1:{stack.plans[gateway].metrics_port}/metrics"
 
-        def mentions() -> int:
-            """Requests from this device the gateway logged (one line per call)."""
+        def mentions() -> float:
+            """Calls the gateway has ended, answered or refused (no other device is active).
+
+            Counted in Prometheus rather than in the log: refusals of one device are logged
+            once per reason and then as a count per interval, so retries would not show.
+            """
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
             return sum(
-                device_id in line and '"event": "rpc"' in line
-                for line in log.read_text().splitlines()
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("edgeward_gateway_requests_total{")
             )
 
         before = mentions()
