@@ -137,6 +137,7 @@ class DeviceClient:
         )
         self._plan: RenewalPlan | None = None
         self._n = dict.fromkeys(("sub", "fail", "ren"), 0)
+        self._carried_over = 0
 
     # -- public state ----------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class DeviceClient:
                 if self._selector.status(g.gateway_id).up(now)
             ),
             answers_repeated=self._inbox.duplicates,
+            carried_over=self._carried_over,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -214,6 +216,8 @@ class DeviceClient:
             max_bytes=opts.queue_max_bytes,
             durable=opts.durable_queue,
         )
+        # Counted before the sender starts: their outcomes arrive in this run.
+        self._carried_over = self._queue.stats().frames
         await self._inbox.load()
         self._channels = ChannelPool(await asyncio.to_thread(self._credentials))
         self._plan = self._replan(self.identity.not_before, self.identity.not_after)

@@ -63,7 +63,12 @@ class ClientOptions:
 
 @dataclass(frozen=True, slots=True)
 class ClientStats:
-    """Counters since the client started."""
+    """Counters since the client started.
+
+    Every frame the client is responsible for is in exactly one place, so at rest
+    ``answered + rejected + queue.frames == carried_over + submitted`` (a frame leaves the
+    outbox when its outcome is counted): ``answered`` can never pass what was sent.
+    """
 
     state: ClientState
     gateway_id: str | None
@@ -79,6 +84,10 @@ class ClientStats:
     #: Escalation answers heard again (gateway restart, another gateway) and not handed
     #: to the application a second time.
     answers_repeated: int = 0
+    #: Frames already waiting in the outbox when the client started (submitted by an
+    #: earlier run): sent by this client, so their outcomes count in ``answered`` and
+    #: ``rejected`` although ``submitted`` does not include them.
+    carried_over: int = 0
 
 
 def options_with(options: ClientOptions | None, **changes: Any) -> ClientOptions:

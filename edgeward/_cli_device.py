@@ -65,7 +65,10 @@ class SimulatorReport:
     device_id: str
     kind: str
     transport: str
+    #: Frames sent in this run: those submitted now and those found waiting in the outbox
+    #: from an earlier run (``carried_over``), so ``answered + rejected + queued`` is this.
     submitted: int = 0
+    carried_over: int = 0
     answered: int = 0
     rejected: int = 0
     cache_hits: int = 0
@@ -149,6 +152,10 @@ class Simulator:
         self.report.device_id = client.device_id
         try:
             async with client:
+                # Frames left from an earlier run go out now: counted as sent before any of
+                # their outcomes can be counted as answered.
+                self.report.carried_over = client.stats().carried_over
+                self.report.submitted = self.report.carried_over
                 self.on_event(
                     "started",
                     {
@@ -172,8 +179,13 @@ class Simulator:
                     self._final(group.exceptions[0])
                 if client.final_error is not None:
                     self._final(client.final_error)
+                # The summary is the SDK's own count (an outcome is counted as it arrives,
+                # also one the results reader had not printed yet when it was stopped).
                 stats = client.stats()
                 self.report.failovers = stats.failovers
+                self.report.submitted = stats.carried_over + stats.submitted
+                self.report.answered = stats.answered
+                self.report.rejected = stats.rejected
                 self.report.queued = stats.queue.frames
         except DeviceSdkError as exc:
             self._final(exc)
@@ -375,7 +387,9 @@ def simulate(  # noqa: PLR0917 - click passes options as arguments
         click.echo(json.dumps({"event": "summary", **summary}))
     else:
         click.echo(
-            f"{report.device_id}: {report.submitted} frames sent, {report.answered} answered "
+            f"{report.device_id}: {report.submitted} frames sent"
+            + (f" ({report.carried_over} from before)" if report.carried_over else "")
+            + f", {report.answered} answered "
             f"({report.cache_hits} from cache), {report.escalated} escalated, "
             f"{report.answers} answers, {report.rejected} rejected, {report.queued} still queued"
         )

@@ -284,6 +284,9 @@ async def _demo_steps(
         view.devices[device_id] = DeviceView(device_id, device_type, transport, region)
 
         def sink(kind_: str, data: dict[str, Any], _d: str = device_id) -> None:
+            # "sent" is read when an outcome is shown, not only by the counters task: a
+            # frame is counted as sent before its answer can arrive, so answered <= sent.
+            view.devices[_d].sent = sims[_d].report.submitted
             view.device_event(_d, kind_, data)
 
         sims[device_id] = simulator(

@@ -466,7 +466,7 @@ class DemoStack:
             data["escalation"] = {
                 "outbox_path": str(self.root / "outbox" / f"{gateway_id}.sqlite3"),
                 "regions": {
-                    region: {"band_low": 0.3, "band_high": 0.7}
+                    region: {"band_low": 0.5, "band_high": 0.7}
                     for region in sorted({q.region for q in self.plans.values()})
                 },
             }

@@ -164,6 +164,18 @@ class LimitsSettings(_Section):
     telemetry_max_readings: int = Field(
         default=32, ge=0, le=1024, description="Most keys in Telemetry.readings."
     )
+    refusal_log_interval_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Refused messages of one device are logged at most once per this many "
+        "seconds (with their count), after the first of each reason.",
+    )
+    refusal_events_per_interval: int = Field(
+        default=5,
+        ge=0,
+        description="Error events about refused messages sent to one device per "
+        "refusal_log_interval_s at most (MQTT); then one event with the count of the rest.",
+    )
 
 
 class AuthorisationSettings(_Section):
@@ -335,7 +347,54 @@ def load_gateway_settings(
             "feed) or pki_dir (standalone) (environment override: "
             f"{ENV_PREFIX}CORE_ADDRESS / {ENV_PREFIX}PKI_DIR)"
         )
+    _check_bands(settings)
     return settings
+
+
+#: ``band_low``'s default in ``[escalation.regions.<r>]`` (``gateway._escalation._config``).
+_DEFAULT_BAND = (0.5, 0.65)
+
+
+def _check_bands(settings: GatewaySettings) -> None:
+    """Refuse an uncertainty band that starts below the engine's score threshold.
+
+    The engine drops every detection scoring under ``inference.score_threshold`` before any
+    policy sees it, so the part of a band below it can never escalate anything: a
+    ``band_low = 0.3`` under the default threshold of 0.5 would silently behave as 0.5.
+    Refused rather than honoured by lowering the engine's threshold, because that would
+    change what every device is told (and what the cache holds) as a side effect of an
+    escalation key. An empty band (``band_low == band_high``) escalates nothing and is
+    accepted whatever its value. Only the two numbers are read here; the rest of the table
+    is validated by the escalation component.
+    """
+    raw = settings.escalation
+    if not isinstance(raw, dict) or raw.get("enabled", True) is False:
+        return
+    regions = raw.get("regions")
+    if not isinstance(regions, dict):
+        return
+    threshold = settings.inference.score_threshold
+    lines = []
+    for name, table in regions.items():
+        if not isinstance(table, dict) or table.get("enabled", True) is False:
+            continue
+        try:
+            low = float(table.get("band_low", _DEFAULT_BAND[0]))
+            high = float(table.get("band_high", _DEFAULT_BAND[1]))
+        except (TypeError, ValueError):
+            continue  # reported by the escalation component's own validation
+        if low < high and low < threshold:
+            key = f"escalation.regions.{name}.band_low"
+            env = ENV_PREFIX + f"ESCALATION__REGIONS__{name}__BAND_LOW".replace("-", "_").upper()
+            lines.append(
+                f"  {key}: {low:g} is below inference.score_threshold ({threshold:g}); the "
+                "engine reports no detection under its threshold, so that part of the band "
+                f"would never escalate: set {key} to at least {threshold:g} or lower "
+                f"inference.score_threshold (environment overrides: {env}, "
+                f"{ENV_PREFIX}INFERENCE__SCORE_THRESHOLD)"
+            )
+    if lines:
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
 
 
 def describe_settings(model: type[BaseModel] = GatewaySettings, prefix: str = "") -> list[str]:

@@ -307,6 +307,8 @@ class GatewayService:
                 metrics=self.metrics,
                 clock=self._clock,
             )
+            # The last interval's refusal counts are logged when the gateway stops.
+            self._stack.callback(self.servicer.refusals.close)
             runtime = GatewayRuntime(
                 settings=s,
                 identity=self.identity,

@@ -44,7 +44,8 @@ class RegionPolicy(BaseModel):
         le=1.0,
         description="Lower end (inclusive) of the uncertainty band: an edge detection scoring "
         "in [band_low, band_high) is escalated. The edge model reports nothing below its own "
-        "score threshold (inference.score_threshold), so a lower band_low needs a lower one.",
+        "score threshold (inference.score_threshold), so a band_low under it is refused at "
+        "start-up.",
     )
     band_high: float = Field(
         default=0.65,

@@ -5,8 +5,10 @@ to, stops the start-up with a :class:`~gateway.errors.ConfigError` naming it) an
 factory the :class:`~gateway._service.GatewayService` calls with its runtime (the component
 contract of :mod:`gateway._service`). Entering the plug-in opens the outbox, starts delivery
 and installs the detection hook on the device servicer, which calls it for every fresh
-result, empty ones included; leaving removes the hook, then stops delivery (what is pending
-stays in the outbox for the next start).
+result, empty ones included (a device's repeat answered from the response cache gets the
+first answer's marks again instead, see ``gateway._grpc.EscalationMemory``); leaving
+removes the hook, then stops delivery (what is pending stays in the outbox for the next
+start).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import structlog
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -34,7 +33,6 @@ from gateway.errors import DeviceRevoked, PermissionDenied, Unauthenticated
 
 __all__ = ["IdentityJudge", "PeerIdentity"]
 
-_log = structlog.get_logger(__name__)
 
 AuthContext = Mapping[str, Iterable[bytes]]
 
@@ -65,8 +63,8 @@ class IdentityJudge:
 
     Raises :class:`Unauthenticated` (no certificate, not of this trust domain, no clientAuth,
     outside its validity period), :class:`PermissionDenied` (a gateway or core identity), or
-    :class:`DeviceRevoked`. Each refusal is logged once per call with ``audit=True`` and the
-    reason; the caller is told little.
+    :class:`DeviceRevoked`. The servicer audits each refusal with its reason (through
+    :class:`~gateway._refusals.RefusalLog`, bounded per device); the caller is told little.
     """
 
     def __init__(
@@ -87,10 +85,10 @@ class IdentityJudge:
         """The calling device, checked now (time, revocation)."""
         pems = list(auth_context.get("x509_pem_cert", ()))
         if len(pems) != 1:
-            raise self._refuse(Unauthenticated("no client certificate"))
+            raise Unauthenticated("no client certificate")
         parsed = self._parse(pems[0])
         if parsed.refusal is not None:
-            raise self._refuse(parsed.refusal)
+            raise parsed.refusal
         assert parsed.peer is not None  # noqa: S101 - no refusal implies a peer
         return self.recheck(parsed.peer)
 
@@ -98,23 +96,12 @@ class IdentityJudge:
         """Judge an already-parsed identity again (each message of a stream)."""
         now = self._clock()
         if not peer.not_before <= now <= peer.not_after:
-            raise self._refuse(
-                Unauthenticated(
-                    f"certificate outside its validity period (not after "
-                    f"{peer.not_after.isoformat()})"
-                ),
-                device_id=peer.device_id,
+            raise Unauthenticated(
+                f"certificate outside its validity period (not after {peer.not_after.isoformat()})"
             )
         if self._revocation.is_revoked(peer.device_id, peer.serial):
-            raise self._refuse(DeviceRevoked(peer.device_id, peer.serial), device_id=peer.device_id)
+            raise DeviceRevoked(peer.device_id, peer.serial)
         return peer
-
-    def _refuse(
-        self, exc: Unauthenticated | PermissionDenied, *, device_id: str | None = None
-    ) -> Unauthenticated | PermissionDenied:
-        reason = exc.reason
-        _log.warning("call refused", audit=True, reason=reason, peer_device_id=device_id)
-        return exc
 
     def _parse(self, pem: bytes) -> _Parsed:
         hit = self._cache.get(pem)

@@ -13,8 +13,11 @@ Every call goes through the same steps, in this order, before any of its work:
 Streams re-judge the identity (time, revocation) on every message. Protobuf stops here: the
 engine, the event hub and the telemetry store see domain objects only. Handlers raise domain
 errors; :meth:`DeviceGatewayServicer._finish` maps them through :func:`gateway.errors.grpc_status`
-(the one mapping) and aborts — nothing else calls ``context.abort``. One log line per call,
-with the device id bound through structlog's contextvars.
+(the one mapping) and aborts — nothing else calls ``context.abort``. One log line per answered
+call, with the device id bound through structlog's contextvars; refused calls are audited
+through :class:`~gateway._refusals.RefusalLog` (shared with the MQTT bridge), which logs the
+first refusal of each reason at once and then a count per device per interval, so a device
+cannot flood the log. Prometheus still counts every refusal.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from gateway._grpc._identity import IdentityJudge, PeerIdentity
 from gateway._grpc._limits import LiveCall, LiveCalls, RateLimiter
 from gateway._inference import InferenceResult
 from gateway._metrics import GatewayMetrics
+from gateway._refusals import RefusalLog
 from gateway._revocation import RevocationEvent, RevocationState
 from gateway._telemetry import InvalidTelemetry, validate_telemetry
 from gateway.errors import (
@@ -48,6 +52,7 @@ from gateway.errors import (
     GrpcStatus,
     InvalidRequest,
     StreamIdle,
+    Unauthenticated,
     grpc_status,
 )
 from protos.edgeward.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -58,6 +63,7 @@ __all__ = [
     "Detector",
     "DeviceGatewayServicer",
     "EscalationMarks",
+    "EscalationMemory",
     "TelemetryRecord",
     "TelemetryStore",
     "event_to_pb",
@@ -67,6 +73,10 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_DENIAL_CODES = frozenset(
+    {"PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+)
 Frame = npt.NDArray[np.uint8]
 
 # Telemetry bounds: physically plausible values; anything else is a broken or hostile device.
@@ -95,8 +105,9 @@ class DetectionHook(Protocol):
 
     The hook's policy decides what escalates: detections, or (``None`` key) the whole frame,
     e.g. when the edge found nothing. The servicer marks them ``escalated`` in the answer.
-    It must not block (store work, return). Not called for answers from the response cache
-    (the same picture was already judged) nor when no hook is installed.
+    It must not block (store work, return). Called through :class:`EscalationMemory`: not
+    again for a device's repeat of a picture it already had judged (the response cache
+    answers it, and the first answer's marks are given again), nor when no hook is installed.
     """
 
     async def __call__(
@@ -108,6 +119,68 @@ class DetectionHook(Protocol):
         result: InferenceResult,
         frame: Frame | None,
     ) -> EscalationMarks: ...
+
+
+class EscalationMemory:
+    """The escalation marks given with each answer, so that a cached answer carries them too.
+
+    The response cache repeats the engine's result (same detections, same ``result_id``) but
+    not what the detection hook decided about it. This remembers, per (device, result), the
+    marks of the first answer: when the same device sends the same picture again and the
+    cache answers, the answer carries the same ``escalated`` flags and the *same* escalation
+    ids. The picture is not escalated a second time: the core's final answer for that id
+    comes once, on ``Subscribe`` or ``devices/<id>/events``, and answers both.
+
+    Another device whose frame hits the cache entry gets its own judgement (the hook is
+    called for it, with the decoded frame when there is one; an exact-cache hit has none, so
+    nothing can be cropped and nothing escalates for it): escalation answers go to the
+    device that was given the id, never to another. Bounded: the least recently used of
+    ``max_entries`` is forgotten (a forgotten repeat is judged again, as a fresh one).
+    Both transports (gRPC servicer, MQTT bridge) share one. Event-loop only.
+    """
+
+    def __init__(self, *, max_entries: int = 8192) -> None:
+        self._max_entries = max_entries
+        self._marks: OrderedDict[tuple[str, str], EscalationMarks] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    async def marks(
+        self,
+        hook: DetectionHook | None,
+        *,
+        device_id: str,
+        region: str | None,
+        frame_id: str,
+        result: InferenceResult,
+        frame: Frame | None,
+    ) -> EscalationMarks:
+        """The marks for this answer: remembered for a cached repeat, else the hook's."""
+        if hook is None:
+            # No hook (escalation not configured): no call, nothing added to the hot path.
+            return {}
+        key = (device_id, result.result_id)
+        if result.from_cache and result.result_id:
+            known = self._marks.get(key)
+            if known is not None:
+                self._marks.move_to_end(key)
+                return known
+        # Empty results too: the region's policy may escalate frames the edge found nothing
+        # in.
+        try:
+            marks = await hook(
+                device_id=device_id, region=region, frame_id=frame_id, result=result, frame=frame
+            )
+        except Exception:  # noqa: BLE001 - escalation is best effort: the edge answer stands
+            _log.exception("detection hook failed", device_id=device_id, frame_id=frame_id)
+            return {}
+        if result.result_id:
+            self._marks[key] = dict(marks)
+            self._marks.move_to_end(key)
+            while len(self._marks) > self._max_entries:
+                self._marks.popitem(last=False)
+        return marks
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +327,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         telemetry: TelemetryStore | None = None,
         detection_hook: DetectionHook | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._settings = settings
         self._gateway_id = gateway_id
@@ -270,6 +344,13 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self.live = LiveCalls(max_streams_per_device=limits.max_streams_per_device)
+        #: Escalation marks of answers, given again with cached repeats (the bridge shares it).
+        self.escalations = EscalationMemory()
+        #: Audit of refused calls and messages, bounded per device (the MQTT bridge shares it).
+        self.refusals = refusals or RefusalLog(
+            interval_s=limits.refusal_log_interval_s,
+            events_per_interval=limits.refusal_events_per_interval,
+        )
         revocation.add_listener(self._on_revocation)
 
     def take_token(self, device_id: str, method: str) -> None:
@@ -279,6 +360,15 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         whichever transport it uses.
         """
         (self._reports if method == "ReportTelemetry" else self._frames).take(device_id)
+
+    def count_refusal(self, code: str, reason: str) -> None:
+        """Count one refused call or message in ``denials_total`` (the MQTT bridge's too).
+
+        Denials are refusals of who is asking or how much: not authenticated, not allowed,
+        revoked, over budget, or a gateway that cannot judge (stale feed, no registry).
+        """
+        if code in _DENIAL_CODES:
+            self._metrics.denials.labels(reason=reason).inc()
 
     # -- revocation -------------------------------------------------------------------------
 
@@ -313,13 +403,19 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if status is None:
             _log.exception("unexpected error", method=method)
             return GrpcStatus(grpc.StatusCode.INTERNAL, "internal error", (), "internal")
-        if status.code in (
-            grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        ):
-            self._metrics.denials.labels(reason=status.reason).inc()
+        self.count_refusal(status.code.name, status.reason)
+        if status.reason != "idle":
+            # The call's line: the first of each reason per device at once, then counted.
+            fields: dict[str, Any] = {"method": method, "code": status.code.name}
+            if isinstance(exc, Unauthenticated):
+                fields["detail"] = exc.reason  # for the audit only, never for the caller
+            device_id = structlog.contextvars.get_contextvars().get("device_id")
+            self.refusals.refused(
+                device_id if isinstance(device_id, str) else None,
+                status.reason,
+                transport="grpc",
+                **fields,
+            )
         return status
 
     async def _finish(
@@ -336,6 +432,10 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self._metrics.requests.labels(method=method, code=code).inc()
         if not method.endswith("Detect") or method == "Detect":
             self._metrics.request_seconds.labels(method=method).observe(elapsed)
+        if status is not None and status.reason not in ("idle", "internal"):
+            # Refused: audited by ``_status`` through the refusal log, bounded per device.
+            await context.abort(status.code, status.message, status.trailing_metadata)
+            return
         level = _log.info if status is None or status.reason in ("idle",) else _log.warning
         level(
             "rpc",
@@ -362,21 +462,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         result, decoded = await call.guard(
             self._engine.detect_with_frame(frame.image, deadline=self._deadline(context))
         )
-        escalated: EscalationMarks = {}
-        hook = self.detection_hook
-        # Empty results too: the region's policy may escalate frames the edge found nothing
-        # in. No hook (escalation not configured): no call, nothing added to the hot path.
-        if hook is not None and not result.from_cache:
-            try:
-                escalated = await hook(
-                    device_id=call.device_id,
-                    region=region,
-                    frame_id=frame.frame_id,
-                    result=result,
-                    frame=decoded,
-                )
-            except Exception:  # noqa: BLE001 - escalation is best effort: the edge answer stands
-                _log.exception("detection hook failed", frame_id=frame.frame_id)
+        escalated = await self.escalations.marks(
+            self.detection_hook,
+            device_id=call.device_id,
+            region=region,
+            frame_id=frame.frame_id,
+            result=result,
+            frame=decoded,
+        )
         return result_to_pb(
             result, frame_id=frame.frame_id, gateway_id=self._gateway_id, escalated=escalated
         )

@@ -12,7 +12,10 @@ alone catches little. Two lookups, cheapest first:
   64: re-encodes, halving and noise measured 0–2 bits on the test photos; different photos 19–38).
 
 Entries are keyed by model name and version too, so an answer from another model is never
-returned. They expire ``ttl`` seconds after they were stored, and the cache holds at most
+returned. A hit is the stored result itself (``from_cache`` set), with the ``result_id`` of the
+model run it repeats: the gateway finds the escalation marks it gave that answer by it
+(``gateway._grpc.EscalationMemory``), so a cached answer is the same answer, marks included.
+Entries expire ``ttl`` seconds after they were stored, and the cache holds at most
 ``max_entries`` entries and about ``max_bytes`` bytes, evicting the least recently used first.
 
 Thread-safe: every method takes one lock, so the event loop and worker threads may share a

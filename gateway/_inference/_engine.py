@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import enum
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class InferenceResult:
     from_cache: bool
     width: int
     height: int
+    #: Names this model run; an answer from the cache keeps the id of the run it repeats, so
+    #: what was decided about that answer (its escalation marks) can be found again.
+    result_id: str = ""
 
 
 class EngineObserver(Protocol):
@@ -358,6 +362,7 @@ class InferenceEngine:
             from_cache=False,
             width=width,
             height=height,
+            result_id=uuid.uuid4().hex,
         )
         if self._cache is not None and prepared.digest is not None:
             self._cache.put(

@@ -14,6 +14,11 @@ managed broker, the per-start bridge password) and:
 * publishes errors about rejected messages, and every event of the gateway's
   :class:`~gateway._events.EventHub`, to ``devices/<id>/events``.
 
+**Refusals** are audited through the gateway's :class:`~gateway._refusals.RefusalLog` (shared
+with gRPC): the first of each reason per device at once, then one line per device per interval
+with the count. Error events about them are bounded per device per interval the same way (the
+rest are summed up in one more event), and ``on_refused`` counts every one for metrics.
+
 **Where the device id comes from.** Identity is read from the TLS layer only; the bridge never
 sees the publisher's certificate, but the broker does: its ACL lets a certificate with CN
 ``X`` write only ``devices/X/frames`` and ``devices/X/telemetry`` (``_broker``), so the topic's
@@ -59,14 +64,16 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import pki
 from gateway._events import DeviceEvent, ErrorEvent, EventHub
-from gateway._grpc._servicer import DetectionHook, EscalationMarks, event_to_pb, result_to_pb
+from gateway._grpc._servicer import (
+    DetectionHook,
+    EscalationMemory,
+    event_to_pb,
+    result_to_pb,
+)
 from gateway._inference import (
-    DeadlineExceeded,
     InferenceError,
     InferenceResult,
     InvalidImage,
-    Overloaded,
-    ShuttingDown,
 )
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._tasks import TaskSet
@@ -81,6 +88,7 @@ from gateway._mqtt._telemetry import (
     run_worker,
     spawn_context,
 )
+from gateway._refusals import RefusalLog
 from gateway.errors import GatewayError, grpc_status
 from protos.edgeward.v1 import common_pb2
 
@@ -175,12 +183,25 @@ class _Answer:
     correlation: bytes | None
 
 
+#: ``on_refused(code, reason)``: one refused message (``code`` a gRPC status name), for metrics.
+RefusalCounter = Callable[[str, str], None]
+
+
 class _Rejected(Exception):
-    def __init__(self, code: str, message: str, frame_id: str = "") -> None:
+    def __init__(self, code: str, message: str, frame_id: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.frame_id = frame_id
+        self.reason = reason or code.lower()
+
+
+def _rejected(exc: BaseException, frame_id: str) -> _Rejected:
+    """A domain or inference error as a rejection, through the one mapping (``grpc_status``)."""
+    status = grpc_status(exc)
+    if status is None:  # pragma: no cover - callers pass mapped errors only
+        raise exc
+    return _Rejected(status.code.name, status.message, frame_id, status.reason)
 
 
 class _Ack:
@@ -262,6 +283,9 @@ class MqttBridge:
         detection_hook: HookSource | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         end_sessions: Sequence[str] = (),
+        refusals: RefusalLog | None = None,
+        on_refused: RefusalCounter | None = None,
+        escalations: EscalationMemory | None = None,
     ) -> None:
         self.settings = settings
         self._end_sessions = tuple(end_sessions)
@@ -275,6 +299,10 @@ class MqttBridge:
         self._hook_source = detection_hook
         self._clock = clock
         self.stats = BridgeStats()
+        self.refusals = refusals if refusals is not None else RefusalLog()
+        self.refusals.on_suppressed = self._on_suppressed_events
+        self._on_refused = on_refused
+        self.escalations = escalations if escalations is not None else EscalationMemory()
         self._latest: OrderedDict[str, TelemetryReading] = OrderedDict()
         self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
             OrderedDict()
@@ -383,11 +411,11 @@ class MqttBridge:
         """Keep the readings of devices whose type may ``ReportTelemetry`` (as on gRPC)."""
         while True:
             reading = await self._unchecked.get()
-            log = _log.bind(device_id=reading.device_id, transport="mqtt")
             try:
-                await self._admission(reading.device_id, "ReportTelemetry", "", log)
+                await self._admission(reading.device_id, "ReportTelemetry", "")
             except _Rejected as rej:
                 self.stats.telemetry_rejected += 1
+                self._refused(reading.device_id, rej.code, rej.reason, method="ReportTelemetry")
                 self._prefer(reading.device_id, reading.protobuf)
                 self._error(reading.device_id, rej.code, rej.message, "")
                 continue
@@ -557,8 +585,15 @@ class MqttBridge:
 
     def _reject_topic(self, topic: str) -> None:
         self.stats.rejected_topics += 1
-        # Not an audit event of a device: the CN is not a device id (or the ACL is wrong).
-        _log.warning("mqtt message on a topic without a valid device id", audit=True)
+        # Not a device's refusal: the CN is not a device id (or the ACL is wrong).
+        self._refused(None, "INVALID_ARGUMENT", "bad_topic", method="publish")
+
+    def _refused(self, device_id: str | None, code: str, reason: str, **fields: Any) -> None:
+        """Count one refused message, and audit it (bounded per device)."""
+        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        if self._on_refused is not None:
+            self._on_refused(code, reason)
+        self.refusals.refused(device_id, reason, transport="mqtt", code=code, **fields)
 
     async def _handle_frame(self, message: aiomqtt.Message) -> None:
         device_id = device_from_topic(message.topic.value, "frames")
@@ -569,7 +604,7 @@ class MqttBridge:
         log = _log.bind(device_id=device_id, transport="mqtt")
         if self._is_revoked(device_id):
             self.stats.frames_rejected += 1
-            log.warning("frame from a revoked device dropped", audit=True)
+            self._refused(device_id, "PERMISSION_DENIED", "revoked", method="Detect")
             return
         props = message.properties
         content_type = getattr(props, "ContentType", None) if props is not None else None
@@ -583,23 +618,31 @@ class MqttBridge:
         try:
             if correlation is not None:
                 if len(correlation) > MAX_FRAME_ID:
-                    raise _Rejected("INVALID_ARGUMENT", "correlation data (frame id) too long")  # noqa: TRY301
+                    raise _Rejected(  # noqa: TRY301
+                        "INVALID_ARGUMENT",
+                        "correlation data (frame id) too long",
+                        reason="invalid_frame_id",
+                    )
                 frame_id = correlation.decode("utf-8", errors="replace")
             if protobuf:
                 frame = common_pb2.Frame()
                 try:
                     frame.ParseFromString(data)
                 except (DecodeError, ValueError):
-                    raise _Rejected("INVALID_ARGUMENT", "not a valid Frame protobuf") from None
+                    raise _Rejected(
+                        "INVALID_ARGUMENT", "not a valid Frame protobuf", reason="invalid_frame"
+                    ) from None
                 if len(frame.frame_id) > MAX_FRAME_ID:
-                    raise _Rejected("INVALID_ARGUMENT", "frame_id too long")  # noqa: TRY301
+                    raise _Rejected(  # noqa: TRY301
+                        "INVALID_ARGUMENT", "frame_id too long", reason="invalid_frame_id"
+                    )
                 frame_id = frame.frame_id or frame_id
                 image = frame.image
                 if correlation is None and frame_id:
                     correlation = frame_id.encode()
             else:
                 image = data
-            region = await self._admission(device_id, "Detect", frame_id, log)
+            region = await self._admission(device_id, "Detect", frame_id)
             answer = await self._answer(
                 device_id=device_id,
                 region=region,
@@ -611,8 +654,7 @@ class MqttBridge:
             )
         except _Rejected as rej:
             self.stats.frames_rejected += 1
-            self.stats.by_reason[rej.code] = self.stats.by_reason.get(rej.code, 0) + 1
-            log.info("frame rejected", code=rej.code, reason=rej.message)
+            self._refused(device_id, rej.code, rej.reason, method="Detect", message=rej.message)
             self._error(device_id, rej.code, rej.message, rej.frame_id or frame_id)
             return
         if answer is None:
@@ -624,7 +666,7 @@ class MqttBridge:
             correlation=answer.correlation,
         )
 
-    async def _admission(self, device_id: str, method: str, frame_id: str, log: Any) -> str | None:
+    async def _admission(self, device_id: str, method: str, frame_id: str) -> str | None:
         """The device's region when it may call ``method``; else :class:`_Rejected`.
 
         The same checks, in the same order, as a gRPC call (``gateway/_grpc/_servicer.py``):
@@ -635,12 +677,7 @@ class MqttBridge:
         try:
             return await self._admit(device_id, method)
         except GatewayError as exc:
-            status = grpc_status(exc)
-            if status is None:  # pragma: no cover - every GatewayError has a status
-                raise
-            self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + 1
-            log.warning("mqtt message refused", method=method, reason=status.reason, audit=True)
-            raise _Rejected(status.code.name, status.message, frame_id) from None
+            raise _rejected(exc, frame_id) from None
 
     async def _answer(
         self,
@@ -703,34 +740,18 @@ class MqttBridge:
             result, frame = await self._engine.detect_with_frame(
                 image, deadline=started + self.settings.frame_deadline_s
             )
-        except InvalidImage as exc:
-            raise _Rejected("INVALID_ARGUMENT", f"invalid image: {exc.reason}", frame_id) from None
-        except Overloaded:
-            raise _Rejected(
-                "RESOURCE_EXHAUSTED", "gateway overloaded; retry later", frame_id
-            ) from None
-        except DeadlineExceeded:
-            raise _Rejected("DEADLINE_EXCEEDED", "deadline exceeded", frame_id) from None
-        except ShuttingDown:
-            raise _Rejected("UNAVAILABLE", "gateway is shutting down", frame_id) from None
-        except InferenceError:
-            raise _Rejected("UNAVAILABLE", "inference unavailable", frame_id) from None
+        except (InvalidImage, InferenceError) as exc:
+            raise _rejected(exc, frame_id) from None
         self.stats.frames_inferred += 1
-        escalated: EscalationMarks = {}
-        hook = self._hook_source() if self._hook_source is not None else None
-        # As on gRPC: every fresh result, empty ones included (a region may escalate frames
-        # the edge found nothing in); none from the cache; no hook, no call.
-        if hook is not None and not result.from_cache:
-            try:
-                escalated = await hook(
-                    device_id=device_id,
-                    region=region,
-                    frame_id=frame_id,
-                    result=result,
-                    frame=frame,
-                )
-            except Exception:  # escalation is best effort: the edge answer stands
-                log.exception("detection hook failed")
+        # As on gRPC, through the same memory: a cached repeat carries its first marks.
+        escalated = await self.escalations.marks(
+            self._hook_source() if self._hook_source is not None else None,
+            device_id=device_id,
+            region=region,
+            frame_id=frame_id,
+            result=result,
+            frame=frame,
+        )
         msg = result_to_pb(
             result, frame_id=frame_id, gateway_id=self._gateway_id, escalated=escalated
         )
@@ -769,6 +790,9 @@ class MqttBridge:
         except InvalidTelemetry as exc:
             self.stats.telemetry_rejected += 1
             self._prefer(device_id, content_type == PROTOBUF_CONTENT_TYPE)
+            self._refused(
+                device_id, "INVALID_ARGUMENT", "invalid_telemetry", method="ReportTelemetry"
+            )
             self._error(device_id, "INVALID_ARGUMENT", str(exc), "")
             return
         self._store_reading(reading)
@@ -825,12 +849,37 @@ class MqttBridge:
         for device_id, message, protobuf in batch.errors:
             self.stats.telemetry_rejected += 1
             self._prefer(device_id, protobuf)
+            self._refused(
+                device_id, "INVALID_ARGUMENT", "invalid_telemetry", method="ReportTelemetry"
+            )
             self._error(device_id, "INVALID_ARGUMENT", message, "")
 
     # -- events ----------------------------------------------------------------------------
 
     def _error(self, device_id: str, code: str, message: str, frame_id: str) -> None:
-        error = ErrorEvent(code=code, message=message, frame_id=frame_id)
+        """Tell the device about a refused message, within its events per interval."""
+        held = self.refusals.allow_event(device_id, code)
+        if held is None:
+            return  # counted; reported in one event when the interval ends
+        if held:
+            message = f"{message} ({held} earlier refused messages not reported)"
+        self._send_error(device_id, ErrorEvent(code=code, message=message, frame_id=frame_id))
+
+    def _on_suppressed_events(self, device_id: str, count: int, code: str) -> None:
+        if pki.ID_PATTERN.fullmatch(device_id) is None:
+            return
+        interval = self.refusals.interval_s
+        self._send_error(
+            device_id,
+            ErrorEvent(
+                code=code,
+                message=f"{count} more refused messages not reported in the last "
+                f"{interval:g} s (at most {self.refusals.events_per_interval} errors are "
+                "reported per interval)",
+            ),
+        )
+
+    def _send_error(self, device_id: str, error: ErrorEvent) -> None:
         if self._hub is not None:
             self._hub.publish(device_id, error)  # comes back through _on_hub_event
             return

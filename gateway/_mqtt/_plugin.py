@@ -183,6 +183,9 @@ def plugin(
                     admit=admit,
                     detection_hook=hook,
                     end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
+                    refusals=servicer.refusals,
+                    on_refused=servicer.count_refusal,
+                    escalations=servicer.escalations,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)

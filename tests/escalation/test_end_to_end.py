@@ -249,6 +249,55 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
     assert len(handler.images) == 2
 
 
+async def test_a_repeated_frame_answered_from_the_cache_keeps_its_escalation_marks(
+    pki_dir: Path, tmp_path: Path, issue: IssueFn
+) -> None:
+    """The cache gives the same answer: same detections, same escalated flags, same ids.
+
+    A repeat is not escalated again (the core's answer for the id comes once); another
+    device's frame that hits the same cache entry never gets the first device's ids.
+    """
+    handler = core_handler(tmp_path)
+    async with (
+        running_core(pki_dir, tmp_path, escalate=handler) as core,
+        start_gateway(
+            issue=issue,
+            tmp_path=tmp_path,
+            gateway_id="gw-cache",
+            plugins=None,
+            overrides={
+                "region": GATEWAY_REGION,
+                "cache": {"enabled": True, "ttl_s": 600.0},
+                "escalation": escalation_table(tmp_path, core.address),
+            },
+        ) as gw,
+    ):
+        cam_id, cam = device(gw, issue, "home")
+        for photo in ("dog.jpg", "motorcycle.jpg"):
+            first = await detect(gw, cam, photo, f"{photo}-1")
+            again = await detect(gw, cam, photo, f"{photo}-2")
+            assert not first.from_cache
+            assert again.from_cache
+            assert pending_of(first), first  # a Dog outside the edge set; a whole frame
+            assert list(again.detections) == list(first.detections)
+        (moto,) = first.detections
+        assert (moto.label, moto.escalated) == ("unknown", True)
+        # Escalated once per picture: one answer per id, nothing more.
+        events = await next_events(gw, cam, 2)
+        assert len({e.escalation.escalation_id for e in events}) == 2
+        await asyncio.sleep(0.3)
+        assert len(gw.service.events.stored(cam_id)) == 2
+        assert handler.runs == 2
+        # Another device of the region sends the same bytes: an exact-cache hit of its own,
+        # never marked with the first device's escalation ids.
+        _, other = device(gw, issue, "home")
+        theirs = await detect(gw, other, "dog.jpg", "theirs-1")
+        assert theirs.from_cache
+        ids = {d.escalation_id for d in (*first.detections, *again.detections) if d.escalated}
+        ids |= {e.escalation.escalation_id for e in events}
+        assert not ids & {d.escalation_id for d in theirs.detections if d.escalated}
+
+
 async def test_answer_waits_for_an_offline_device_and_survives_a_gateway_restart(
     pki_dir: Path, tmp_path: Path, issue: IssueFn
 ) -> None:

@@ -107,3 +107,61 @@ def test_plugin_entry_point(tmp_path: Path) -> None:
         plugin(GatewaySettings(identity_dir=tmp_path, escalation={"regions": {"home": {}}}))
     with pytest.raises(ConfigError, match=r"escalation\.outbox: unknown key"):
         plugin(GatewaySettings(identity_dir=tmp_path, escalation={"outbox": "x"}))
+
+
+_GATEWAY_TOML = """
+gateway_id = "gw-1"
+identity_dir = "{identity}"
+core_address = "127.0.0.1:7443"
+{inference}
+[escalation.regions.home-eu]
+band_low = {low}
+band_high = 0.7
+"""
+
+
+def _write_config(tmp_path: Path, *, low: float, inference: str = "") -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(_GATEWAY_TOML.format(identity=tmp_path, inference=inference, low=low))
+    return path
+
+
+def test_a_band_below_the_engine_threshold_is_refused_naming_both_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway._config import load_gateway_settings
+
+    # The engine (threshold 0.5 by default) never reports a 0.3 detection: refused.
+    with pytest.raises(ConfigError) as info:
+        load_gateway_settings(_write_config(tmp_path, low=0.3))
+    message = str(info.value)
+    assert "escalation.regions.home-eu.band_low: 0.3 is below inference.score_threshold (0.5)" in (
+        message
+    )
+    assert "EDGEWARD_GATEWAY_ESCALATION__REGIONS__HOME_EU__BAND_LOW" in message
+    assert "EDGEWARD_GATEWAY_INFERENCE__SCORE_THRESHOLD" in message
+    # A threshold raised by the environment makes the default band (0.5) refused as well.
+    monkeypatch.setenv("EDGEWARD_GATEWAY_INFERENCE__SCORE_THRESHOLD", "0.6")
+    with pytest.raises(ConfigError, match=r"band_low: 0\.5 is below .*score_threshold \(0\.6\)"):
+        load_gateway_settings(_write_config(tmp_path, low=0.5))
+    monkeypatch.delenv("EDGEWARD_GATEWAY_INFERENCE__SCORE_THRESHOLD")
+    # Valid: the band starts at the threshold, or the threshold was lowered to the band.
+    ok = load_gateway_settings(_write_config(tmp_path, low=0.5))
+    section = ok.section("escalation", EscalationSettings)
+    assert section is not None
+    assert section.regions["home-eu"].band_low == 0.5
+    lowered = load_gateway_settings(
+        _write_config(tmp_path, low=0.3, inference="[inference]\nscore_threshold = 0.3\n")
+    )
+    assert lowered.inference.score_threshold == 0.3
+    # An empty band escalates nothing, whatever its value; a disabled region is not judged.
+    empty = tmp_path / "empty.toml"
+    empty.write_text(
+        _GATEWAY_TOML.format(identity=tmp_path, inference="", low=0.0).replace(
+            "band_high = 0.7", "band_high = 0.0"
+        )
+    )
+    assert load_gateway_settings(empty).escalation is not None
+    off = tmp_path / "off.toml"
+    off.write_text(_write_config(tmp_path, low=0.3).read_text() + "enabled = false\n")
+    assert load_gateway_settings(off).escalation is not None

@@ -11,11 +11,13 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,13 +194,20 @@ async def test_revoked_device_gets_a_final_error_and_stops_retrying(stack: DemoS
         with pytest.raises(DeviceRevoked):
             await client.detect(IMAGES[0], timeout_s=1)
         # No retrying: nothing more reaches any gateway from this device.
-        log = stack.gateways[gateway].log_path
+        url = f"http://127.0.0.1:{stack.plans[gateway].metrics_port}/metrics"
 
-        def mentions() -> int:
-            """Requests from this device the gateway logged (one line per call)."""
+        def mentions() -> float:
+            """Calls the gateway has ended, answered or refused (no other device is active).
+
+            Counted in Prometheus rather than in the log: refusals of one device are logged
+            once per reason and then as a count per interval, so retries would not show.
+            """
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
             return sum(
-                device_id in line and '"event": "rpc"' in line
-                for line in log.read_text().splitlines()
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("edgeward_gateway_requests_total{")
             )
 
         before = mentions()
@@ -312,3 +321,74 @@ async def test_revoked_mqtt_device_gets_the_final_error_too(stack: DemoStack) ->
         assert client.state is ClientState.FAILED
         with pytest.raises(DeviceRevoked):
             await client.submit(IMAGES[0])
+
+
+async def _leave_frames_waiting(device: Path, n: int, *, run: str = "earlier") -> None:
+    """An earlier run that could reach no gateway: ``n`` frames stay in the device's outbox."""
+    async with DeviceClient(device, _options(gateways=[], subscribe_events=False)) as client:
+        for i in range(n):
+            await client.submit(IMAGES[i % 3], frame_id=f"{run}-{i}")
+        assert client.stats().queue.frames == n
+
+
+async def test_frames_from_an_earlier_run_count_as_sent_so_answered_never_passes_sent(
+    stack: DemoStack,
+) -> None:
+    """The SDK's counters add up: answered + rejected + queued == carried_over + submitted."""
+    device = await stack.enrol(unique_id("cam"), device_type="pet_camera", region="kr-seoul")
+    await _ensure_up(stack, "us-nyc")
+    await _ensure_up(stack, "kr-seoul")
+    await _leave_frames_waiting(device, 3)
+    async with DeviceClient(device, _options()) as client:
+        for i in range(2):
+            await client.submit(IMAGES[i], frame_id=f"now-{i}")
+        assert await client.flush(timeout_s=30)
+        stats = client.stats()
+    assert (stats.carried_over, stats.submitted, stats.answered, stats.rejected) == (3, 2, 5, 0)
+    assert stats.queue.frames == 0
+    assert stats.answered + stats.rejected + stats.queue.frames == (
+        stats.carried_over + stats.submitted
+    )
+
+
+async def test_device_simulate_numbers_add_up_with_frames_from_an_earlier_run(
+    stack: DemoStack,
+) -> None:
+    device = await stack.enrol(unique_id("vac"), device_type="robot_vacuum", region="us-nyc")
+    await _ensure_up(stack, "us-nyc")
+    await _ensure_up(stack, "kr-seoul")
+    for as_json in (True, False):
+        await _leave_frames_waiting(device, 2, run=f"earlier-{as_json}")
+        proc = await asyncio.create_subprocess_exec(
+            *edgeward_command(),
+            *("device", "simulate", "--identity", str(device), "--kind", "robot_vacuum"),
+            *("--rate", "10", "--duration", "2", *(["--json"] if as_json else [])),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        if as_json:
+            events = [json.loads(line) for line in out.decode().splitlines() if line[:1] == "{"]
+            summary = events[-1]
+            assert summary["event"] == "summary"
+            sent, answered = summary["submitted"], summary["answered"]
+            rejected, queued = summary["rejected"], summary["queued"]
+            assert summary["carried_over"] == 2
+            # Every outcome the command printed is in the summary, and none twice.
+            printed = {e["frame"] for e in events if e["event"] in ("detection", "rejected")}
+            assert len(printed) <= answered + rejected
+        else:
+            # The line a user reads: "<id>: N frames sent (2 from before), M answered (…)
+            # …, R rejected, Q still queued".
+            line = out.decode().strip().splitlines()[-1]
+            match = re.search(
+                r": (\d+) frames sent \(2 from before\), (\d+) answered .* (\d+) rejected, "
+                r"(\d+) still queued$",
+                line,
+            )
+            assert match is not None, line
+            sent, answered, rejected, queued = (int(g) for g in match.groups())
+        assert sent >= 2 + 15
+        assert 0 <= answered <= sent
+        assert queued == sent - answered - rejected >= 0

@@ -19,7 +19,7 @@ from tests.conftest import PHOTOS
 pytestmark = pytest.mark.slow
 
 GATEWAY = "kr-seoul"
-#: Photos whose edge detections fall in the demo's uncertainty band (0.3-0.7).
+#: Photos whose edge detections fall in the demo's uncertainty band (0.5-0.7).
 UNSURE = [(PHOTOS / n).read_bytes() for n in ("dog.jpg", "person.jpg")]
 
 
@@ -81,7 +81,7 @@ async def test_each_answer_once_across_gateway_and_device_restarts(stack: DemoSt
     async with DeviceClient(device, _options()) as client:
         collector = asyncio.create_task(collect(client))
         expected = escalations([await client.detect(img, timeout_s=20) for img in UNSURE])
-        assert expected, "the photos must escalate (uncertainty band 0.3-0.7)"
+        assert expected, "the photos must escalate (uncertainty band 0.5-0.7)"
         await _until(lambda: set(given) >= expected, "every escalation is answered")
 
         # The gateway crashes and restarts: it hands its stored answers out again, under
