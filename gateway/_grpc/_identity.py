@@ -6,6 +6,8 @@ layer has already checked the chain against the trust domain's CA bundle and the
 period against the system clock at the handshake; this module re-judges what a long-lived
 connection may have outlived, on every call and every stream message:
 
+- the certificate was issued by the device issuing CA (the TLS layer trusts the whole bundle;
+  the MQTT device listener trusts the device CA alone, and both admit the same certificates);
 - the certificate carries exactly one SPIFFE URI of this trust domain with role ``device``
   (a gateway or core identity may not call device methods: ``PermissionDenied``);
 - its extended key usage includes ``clientAuth`` (RFC 5280 §4.2.1.12);
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import pki
@@ -76,8 +79,11 @@ class IdentityJudge:
         revocation: RevocationState,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         cache_size: int = 4096,
+        device_cas: Sequence[x509.Certificate] | None = None,
     ) -> None:
         self._trust_domain = trust_domain
+        # None: the issuer is not checked (unit tests of the other rules).
+        self._device_cas = None if device_cas is None else tuple(device_cas)
         self._revocation = revocation
         self._clock = clock
         self._cache: OrderedDict[bytes, _Parsed] = OrderedDict()
@@ -132,6 +138,10 @@ class IdentityJudge:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             return _Parsed(None, Unauthenticated("peer certificate unreadable"))
+        if self._device_cas is not None and not any(
+            _issued_by(cert, ca) for ca in self._device_cas
+        ):
+            return _Parsed(None, Unauthenticated("certificate not issued by the device CA"))
         try:
             identity = pki.identity_from_certificate(cert, trust_domain=self._trust_domain)
         except pki.InvalidIdentity as exc:
@@ -157,3 +167,11 @@ class IdentityJudge:
             not_after=cert.not_valid_after_utc,
         )
         return _Parsed(peer, None)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
