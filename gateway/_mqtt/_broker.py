@@ -69,6 +69,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -403,6 +404,10 @@ def _issuer_in(
     return None
 
 
+def _signed_crl(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
 class TrustAnchors:
     """What each listener trusts, taken from the gateway's CA bundle and own certificate."""
@@ -434,9 +439,7 @@ class TrustAnchors:
         CAs have one (OpenSSL refuses every client whose issuer has no CRL)."""
         issuers: list[x509.Certificate] = []
         for crl in snapshot.crls:
-            ca = _issuer_in(
-                self.bundle, crl.issuer, lambda c, crl=crl: crl.is_signature_valid(c.public_key())
-            )
+            ca = _issuer_in(self.bundle, crl.issuer, functools.partial(_signed_crl, crl))
             if ca is None:
                 raise ValueError(f"a CRL from {crl.issuer.rfc4514_string()} is not signed by a CA")
             issuers.append(ca)
