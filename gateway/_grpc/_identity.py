@@ -6,11 +6,11 @@ layer has already checked the chain against the trust domain's CA bundle and the
 period against the system clock at the handshake; this module re-judges what a long-lived
 connection may have outlived, on every call and every stream message:
 
-- the certificate was issued by the device issuing CA (the TLS layer trusts the whole bundle;
-  the MQTT device listener trusts the device CA alone, and both admit the same certificates);
 - the certificate carries exactly one SPIFFE URI of this trust domain with role ``device``
   (a gateway or core identity may not call device methods: ``PermissionDenied``);
 - its extended key usage includes ``clientAuth`` (RFC 5280 §4.2.1.12);
+- the device issuing CA issued it (the TLS layer trusts the whole bundle; the MQTT device
+  listener trusts the device CA alone, and both admit the same certificates);
 - it is within its validity period at ``clock()`` (injected; a connection opened a minute
   before expiry must not carry calls for hours after it);
 - neither the device nor this serial is revoked (:class:`RevocationState`).
@@ -138,10 +138,6 @@ class IdentityJudge:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             return _Parsed(None, Unauthenticated("peer certificate unreadable"))
-        if self._device_cas is not None and not any(
-            _issued_by(cert, ca) for ca in self._device_cas
-        ):
-            return _Parsed(None, Unauthenticated("certificate not issued by the device CA"))
         try:
             identity = pki.identity_from_certificate(cert, trust_domain=self._trust_domain)
         except pki.InvalidIdentity as exc:
@@ -160,6 +156,10 @@ class IdentityJudge:
             return _Parsed(None, Unauthenticated("certificate has no extended key usage"))
         if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
             return _Parsed(None, Unauthenticated("certificate is not for client authentication"))
+        if self._device_cas is not None and not any(
+            _issued_by(cert, ca) for ca in self._device_cas
+        ):
+            return _Parsed(None, Unauthenticated("certificate not issued by the device CA"))
         peer = PeerIdentity(
             identity=identity,
             serial=pki.serial_hex(cert.serial_number),
