@@ -435,17 +435,20 @@ class TrustAnchors:
         return cls(tuple(device_cas), gateway_ca, bundle)
 
     def check(self, snapshot: CrlSnapshot) -> None:
-        """Raise ValueError unless a CA of the bundle signed every CRL and both listeners'
-        CAs have one (OpenSSL refuses every client whose issuer has no CRL)."""
+        """Raise :class:`pki.SignatureInvalid` unless a CA of the bundle signed every CRL, and
+        :class:`pki.PkiNotFound` unless both listeners' CAs have one (OpenSSL refuses every
+        client whose issuer has no CRL)."""
         issuers: list[x509.Certificate] = []
         for crl in snapshot.crls:
             ca = _issuer_in(self.bundle, crl.issuer, functools.partial(_signed_crl, crl))
             if ca is None:
-                raise ValueError(f"a CRL from {crl.issuer.rfc4514_string()} is not signed by a CA")
+                raise pki.SignatureInvalid(
+                    f"a CRL from {crl.issuer.rfc4514_string()} is not signed by a CA of the bundle"
+                )
             issuers.append(ca)
         for needed in (*self.device_cas, self.gateway_ca):
             if needed not in issuers:
-                raise ValueError(
+                raise pki.PkiNotFound(
                     f"the CRL source gave no CRL of {needed.subject.rfc4514_string()} "
                     "(a core older than this gateway?)"
                 )

@@ -5,6 +5,7 @@ any CONNECT is read or any topic touched, against the real broker with the real 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 import pki
 from gateway._grpc._identity import IdentityJudge
-from gateway._mqtt import MqttBridge
+from gateway._mqtt import CrlSnapshot, MqttBridge
 from gateway._revocation import RevocationState
 from gateway.errors import PermissionDenied, Unauthenticated
 from tests._support.mqtt import (
@@ -203,3 +204,33 @@ async def test_broker_refuses_to_start_with_a_bundle_without_device_ca(
     with pytest.raises(pki.PkiNotFound, match="add-device-ca"):
         async with h.run():
             pass
+
+
+async def test_broker_refuses_crls_it_cannot_enforce(
+    issue: IssueFn, pki_dir: Path, other_pki_dir: Path, tmp_path: Path
+) -> None:
+    """No CRL of the device CA (a core older than the gateway) would make OpenSSL refuse every
+    device; a CRL another CA signed would make it refuse everyone: neither is written."""
+    require_tool("mosquitto")
+    gateway = issue("gateway", "gw-crls")
+    ca = pki.CertificateAuthority.load(pki_dir)
+    foreign = pki.CertificateAuthority.load(other_pki_dir)  # same trust domain, other keys
+    now = dt.datetime.now(dt.UTC)
+
+    async def only_issuing() -> CrlSnapshot:
+        return CrlSnapshot((ca.build_crl([], now=now),), 1)
+
+    async def foreign_device_crl() -> CrlSnapshot:
+        crls = (ca.build_crl([], now=now), foreign.build_crl([], now=now, devices=True))
+        return CrlSnapshot(crls, 1)
+
+    for name, source, error in (
+        ("old-core", only_issuing, pki.PkiNotFound),
+        ("foreign", foreign_device_crl, pki.SignatureInvalid),
+    ):
+        h = BrokerHarness(pki_dir=pki_dir, gateway=gateway, data_dir=tmp_path / name)
+        h.crl = source  # type: ignore[method-assign]
+        with pytest.raises(error):
+            async with h.run():
+                pass
+        assert not (tmp_path / name / "crl.pem").exists()
