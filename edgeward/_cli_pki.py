@@ -78,12 +78,26 @@ def pki() -> None:
 @click.option("--trust-domain", required=True, help="DNS-like name, e.g. home.example")
 @one_line_errors
 def init_cmd(pki_dir: Path, trust_domain: str) -> None:
-    """Create the root and issuing CA; refuses to overwrite an existing PKI."""
+    """Create the root, the issuing CA and the device issuing CA; refuses to overwrite."""
     layout = pkilib.init_pki(pki_dir, trust_domain=trust_domain)
     pkilib.SqliteRegistry(layout.registry).close()
     click.echo(f"PKI for {trust_domain} created in {pki_dir}")
     click.echo(f"  CA bundle (give it to devices): {layout.ca_bundle}")
     click.echo(f"  root key (keep offline):        {layout.root_key}")
+
+
+@pki.command("add-device-ca")
+@_DIR
+@one_line_errors
+def add_device_ca_cmd(pki_dir: Path) -> None:
+    """Give a PKI made by an older edgeward its device issuing CA (needs the root key).
+
+    Devices enrolled before must enrol again; gateways need the new ca-bundle.pem.
+    """
+    layout = pkilib.add_device_ca(pki_dir)
+    click.echo(f"device issuing CA created in {layout.device_cert.parent}")
+    click.echo(f"  new CA bundle (give it to gateways and devices): {layout.ca_bundle}")
+    click.echo("  devices enrolled before must enrol again: device listeners refuse them")
 
 
 @pki.command("issue-server")
@@ -219,15 +233,33 @@ def revoke_cmd(
 @pki.command("crl")
 @_DIR
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--der", is_flag=True, help="write DER instead of PEM")
+@click.option(
+    "--der",
+    is_flag=True,
+    help="write DER: FILE gets the issuing CA's CRL, FILE with '-device' before its suffix the "
+    "device CA's",
+)
 @one_line_errors
 def crl_cmd(pki_dir: Path, out: Path, der: bool) -> None:
-    """Write the current CRL (every revoked certificate), signed by the issuing CA."""
+    """Write the current CRLs: the device CA's (devices) and the issuing CA's (gateways, cores).
+
+    PEM (default): both in FILE, one after the other, as Mosquitto's crlfile reads them.
+    """
     ca = pkilib.CertificateAuthority.load(pki_dir)
     with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
-        crl = pkilib.build_crl(ca, registry, now=_now())
-    pkilib.write_atomic(out, pkilib.crl_bytes(crl, der=der))
-    click.echo(f"CRL with {len(list(crl))} revoked certificate(s) written to {out}")
+        crls = pkilib.build_crl(ca, registry, now=_now())
+    if der:
+        device_out = out.with_name(f"{out.stem}-device{out.suffix}")
+        pkilib.write_atomic(out, pkilib.crl_bytes(crls.issuing, der=True))
+        pkilib.write_atomic(device_out, pkilib.crl_bytes(crls.device, der=True))
+        written = f"{out} (gateways, cores) and {device_out} (devices)"
+    else:
+        pkilib.write_atomic(out, pkilib.crl_bytes(crls))
+        written = str(out)
+    click.echo(
+        f"CRLs with {len(crls.device)} device and {len(crls.issuing)} gateway/core "
+        f"certificate(s) written to {written}"
+    )
 
 
 @pki.command("list")

@@ -17,7 +17,10 @@ Two feeds fill it, each an async context manager owning one background task:
 - :class:`CoreRevocationFeed`: the core's ``Core.WatchRevocations`` stream over mutual TLS
   with the gateway's own identity. After a disconnect it resumes from the last sequence seen,
   with jittered exponential backoff (so a core restart is not met by every gateway at once).
-  Heartbeats (``heartbeat=true``, no device) keep the state fresh.
+  Heartbeats (``heartbeat=true``, no device) keep the state fresh; one whose sequence is beyond
+  the last event seen means gateway or core certificates were revoked (the feed does not carry
+  those): listeners hear of it (:meth:`RevocationState.advance`) and the broker fetches the
+  CRLs that list them.
 - :class:`RegistryRevocationPoller`: standalone gateways poll the PKI registry
   (``Registry.revocations_since``, sequence-ordered) every ``interval_s``. Each successful
   poll counts as a heartbeat.
@@ -135,6 +138,37 @@ class RevocationState:
         self._fresh_at = self._clock()
         self._fresh.set()
 
+    async def advance(self, sequence: int) -> bool:
+        """The feed passed revocations it does not carry (gateways', cores') up to ``sequence``.
+
+        Listeners get an event without a device (``device_id`` ""), so that CRL holders
+        refresh; False when ``sequence`` brings nothing new.
+        """
+        self.mark_fresh()
+        if sequence <= self._last_sequence:
+            return False
+        self._last_sequence = sequence
+        _log.info("server certificate revocations seen", sequence=sequence)
+        await self._notify(
+            RevocationEvent(
+                sequence=sequence,
+                device_id="",
+                serial=None,
+                reason="gateway or core certificate revoked",
+            )
+        )
+        return True
+
+    async def _notify(self, event: RevocationEvent) -> None:
+        for cb in list(self._listeners):
+            try:
+                result = cb(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - isolate listeners from each other
+                # One broken listener must not keep the others from cutting the device.
+                _log.exception("revocation listener failed", device_id=event.device_id)
+
     async def apply(self, event: RevocationEvent) -> bool:
         """Record ``event`` and notify listeners; False if it was already applied."""
         self.mark_fresh()
@@ -153,14 +187,7 @@ class RevocationState:
             sequence=event.sequence,
             reason=event.reason,
         )
-        for cb in list(self._listeners):
-            try:
-                result = cb(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # noqa: BLE001 - isolate listeners from each other
-                # One broken listener must not keep the others from cutting the device.
-                _log.exception("revocation listener failed", device_id=event.device_id)
+        await self._notify(event)
         return True
 
 
@@ -239,7 +266,7 @@ class CoreRevocationFeed(_Background):
                     async for message in _with_silence_bound(call, self._stream_timeout_s):
                         attempt = 0
                         if message.heartbeat or not message.device_id:
-                            self._state.mark_fresh()
+                            await self._state.advance(int(message.sequence))
                             continue
                         await self._state.apply(
                             RevocationEvent(

@@ -245,6 +245,17 @@ class GatewayService:
             interval_s=s.revocation_poll_interval_s,
         )
 
+    def _device_cas(self) -> list[x509.Certificate]:
+        """The device issuing CAs of the gateway's bundle; never the whole bundle."""
+        cas = pki.device_ca_certificates(self.identity.ca_bundle.read_bytes())
+        if not cas:
+            raise pki.PkiNotFound(
+                f"{self.identity.ca_bundle} holds no device issuing CA (a PKI made by an older "
+                "edgeward): run 'edgeward pki add-device-ca' and give this gateway the new "
+                "ca-bundle.pem"
+            )
+        return cas
+
     async def _directory(self) -> DeviceDirectory:
         if self._device_directory is not None:
             return self._device_directory
@@ -299,7 +310,10 @@ class GatewayService:
                 gateway_id=self.gateway_id,
                 engine=self.engine,
                 judge=IdentityJudge(
-                    trust_domain=self.trust_domain, revocation=self.revocation, clock=self._clock
+                    trust_domain=self.trust_domain,
+                    revocation=self.revocation,
+                    clock=self._clock,
+                    device_cas=self._device_cas(),
                 ),
                 authoriser=authoriser,
                 revocation=self.revocation,

@@ -9,10 +9,13 @@ from pki._ca import (
     DEFAULT_SERVER_LIFETIME,
     CertificateAuthority,
     PkiLayout,
+    add_device_ca,
+    device_ca_certificates,
     init_pki,
     serial_hex,
+    trusted_client_anchor_pem,
 )
-from pki._crl import DEFAULT_CRL_VALIDITY, build_crl, crl_bytes
+from pki._crl import DEFAULT_CRL_VALIDITY, CrlSet, build_crl, crl_bytes
 from pki._csr import MAX_CSR_BYTES, load_csr, validate_csr
 from pki._directory import SignedPayload, sign_payload, verify_signed_payload
 from pki._enrollment import (
@@ -95,6 +98,7 @@ __all__ = [
     "CertificateExpired",
     "CertificateRecord",
     "CertificateRevoked",
+    "CrlSet",
     "DeviceRecord",
     "EnrollmentAuthority",
     "EnrolmentRecord",
@@ -123,11 +127,13 @@ __all__ = [
     "Status",
     "TokenRecord",
     "TokenRejected",
+    "add_device_ca",
     "build_crl",
     "client_ssl_context",
     "core_server_name",
     "create_token",
     "crl_bytes",
+    "device_ca_certificates",
     "gateway_server_name",
     "generate_private_key",
     "generate_token",
@@ -151,6 +157,7 @@ __all__ = [
     "server_ssl_context",
     "sign_payload",
     "token_device_id",
+    "trusted_client_anchor_pem",
     "validate_csr",
     "validate_device_type",
     "validate_id",

@@ -357,7 +357,7 @@ class EnrollmentAuthority:
             current, trust_domain=self.trust_domain, role=Role.DEVICE
         )
         try:
-            current.verify_directly_issued_by(self.ca.certificate)
+            current.verify_directly_issued_by(self.ca.issuer_certificate(Role.DEVICE))
         except Exception:  # noqa: BLE001 - any failure means "not ours"
             raise InvalidIdentity("certificate was not issued by this core's CA") from None
         serial = serial_hex(current.serial_number)

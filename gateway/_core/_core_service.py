@@ -16,7 +16,8 @@ reconnects with the last sequence it saw gets no gap and no repeat. A heartbeat 
 set, ``sequence`` = the last sequence sent) follows the replay and then comes every
 ``heartbeat_s`` without events, so a gateway can tell a quiet feed from a dead one.
 Revocations of gateway and core certificates take sequence numbers too but are not sent: the
-feed is of devices; a gateway sees a gap in the sequence, which it does not need to fill.
+feed is of devices. A heartbeat follows them at once instead; its sequence, beyond the last
+event the gateway saw, tells it that newer CRLs exist (its broker fetches them at once).
 
 Metrics (:class:`gateway._metrics.CoreMetrics`): refusals by method and reason, revocations
 (each sequence number the feed sees), escalations by status with their latency, and the
@@ -252,14 +253,19 @@ class CoreService(core_pb2_grpc.CoreServicer):
             revoked, records = await asyncio.to_thread(read, sent)
             if revoked:
                 self._refuse(context, gateway, serial, "WatchRevocations")
+            servers = False
             for record in records:
                 sent = record.sequence
                 if record.role is pki.Role.DEVICE:
                     yield _event(record)
+                else:
+                    servers = True
             if len(records) == _REPLAY_BATCH:
                 continue
             wait = self._heartbeat_s - (time.monotonic() - last_beat)
-            if wait <= 0:
+            # A heartbeat at once after gateway or core revocations: its sequence tells the
+            # gateway that CRLs newer than its own exist, and its broker fetches them now.
+            if wait <= 0 or servers:
                 yield core_pb2.RevocationEvent(sequence=sent, heartbeat=True)
                 last_beat = time.monotonic()
                 continue

@@ -142,5 +142,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def GetCrl(
         self, request: enrollment_pb2.GetCrlRequest, context: Context
     ) -> enrollment_pb2.Crl:
-        der, sequence = await asyncio.to_thread(self._crl.current)
-        return enrollment_pb2.Crl(crl_der=der, revocation_sequence=sequence)
+        issuing, device, sequence = await asyncio.to_thread(self._crl.current)
+        return enrollment_pb2.Crl(
+            crl_der=issuing, device_crl_der=device, revocation_sequence=sequence
+        )

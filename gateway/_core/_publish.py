@@ -86,7 +86,8 @@ class DirectoryPublisher:
 
 
 class CrlPublisher:
-    """The current CRL (DER) and the revocation sequence it reflects."""
+    """The current CRLs (DER: the issuing CA's, the device CA's) and the revocation sequence
+    they reflect."""
 
     def __init__(
         self,
@@ -101,18 +102,19 @@ class CrlPublisher:
         self._validity = validity
         self._clock = clock
         self._lock = threading.Lock()
-        self._cached: tuple[int, dt.datetime, bytes] | None = None
+        self._cached: tuple[int, dt.datetime, bytes, bytes] | None = None
 
-    def current(self) -> tuple[bytes, int]:
+    def current(self) -> tuple[bytes, bytes, int]:
         sequence = self._registry.last_sequence()
         now = self._clock()
         with self._lock:
             if self._cached is not None:
-                seq, built, der = self._cached
+                seq, built, issuing, device = self._cached
                 # Rebuild at half the validity so clients never hold a CRL past nextUpdate.
                 if seq == sequence and now - built < self._validity / 2:
-                    return der, seq
-            crl = pki.build_crl(self._ca, self._registry, now=now, validity=self._validity)
-            der = pki.crl_bytes(crl, der=True)
-            self._cached = (sequence, now, der)
-            return der, sequence
+                    return issuing, device, seq
+            crls = pki.build_crl(self._ca, self._registry, now=now, validity=self._validity)
+            issuing = pki.crl_bytes(crls.issuing, der=True)
+            device = pki.crl_bytes(crls.device, der=True)
+            self._cached = (sequence, now, issuing, device)
+            return issuing, device, sequence

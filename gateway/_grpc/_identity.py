@@ -9,6 +9,8 @@ connection may have outlived, on every call and every stream message:
 - the certificate carries exactly one SPIFFE URI of this trust domain with role ``device``
   (a gateway or core identity may not call device methods: ``PermissionDenied``);
 - its extended key usage includes ``clientAuth`` (RFC 5280 §4.2.1.12);
+- the device issuing CA issued it (the TLS layer trusts the whole bundle; the MQTT device
+  listener trusts the device CA alone, and both admit the same certificates);
 - it is within its validity period at ``clock()`` (injected; a connection opened a minute
   before expiry must not carry calls for hours after it);
 - neither the device nor this serial is revoked (:class:`RevocationState`).
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import pki
@@ -74,8 +77,11 @@ class IdentityJudge:
         revocation: RevocationState,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         cache_size: int = 4096,
+        device_cas: Sequence[x509.Certificate] | None = None,
     ) -> None:
         self._trust_domain = trust_domain
+        # None: the issuer is not checked (unit tests of the other rules).
+        self._device_cas = None if device_cas is None else tuple(device_cas)
         self._revocation = revocation
         self._clock = clock
         self._cache: OrderedDict[bytes, _Parsed] = OrderedDict()
@@ -137,6 +143,10 @@ class IdentityJudge:
             return _Parsed(None, Unauthenticated("certificate has no extended key usage"))
         if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
             return _Parsed(None, Unauthenticated("certificate is not for client authentication"))
+        if self._device_cas is not None and not any(
+            _issued_by(cert, ca) for ca in self._device_cas
+        ):
+            return _Parsed(None, Unauthenticated("certificate not issued by the device CA"))
         peer = PeerIdentity(
             identity=identity,
             serial=pki.serial_hex(cert.serial_number),
@@ -144,3 +154,11 @@ class IdentityJudge:
             not_after=cert.not_valid_after_utc,
         )
         return _Parsed(peer, None)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

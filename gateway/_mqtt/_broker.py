@@ -2,8 +2,16 @@
 
 What the written configuration guarantees (Mosquitto 2.0, ``per_listener_settings true``):
 
-* **Devices' listener** (``host:port``): mutual TLS only (``require_certificate``), the trust
-  domain's CA bundle only, a CRL (``crlfile``) kept current, TLS 1.2 floor with AEAD-only
+* **Devices' listener** (``host:port``): mutual TLS only (``require_certificate``), trusting
+  the device issuing CA *alone*, written as an OpenSSL ``TRUSTED CERTIFICATE`` with explicit
+  ``clientAuth`` trust (:func:`pki.trusted_client_anchor_pem`): OpenSSL takes it as the anchor
+  and builds no path past it to the root, so only certificates the device CA issued get through
+  the handshake. A gateway's or core's certificate, or anything else the other issuing CA
+  signed (no EKU, two SPIFFE URIs, another role), is refused at TLS time, exactly as the gRPC
+  device listener refuses it per call (``gateway/_grpc/_identity.py``). The device CA issues
+  the device profile only (one device URI, ``clientAuth``) from token-bound CSRs. A CRL file
+  (``crlfile``: the CRL of each issuing CA, one after the other) kept current, TLS 1.2 floor
+  with AEAD-only
   ciphers (Mosquitto's default list still offers CBC suites; RFC 7457 §2.8), ``set_tcp_nodelay``
   (without it each connect pays tens of milliseconds of Nagle delay). The certificate CN is the
   MQTT username (``use_identity_as_username``) *and* the client id (``use_username_as_clientid``,
@@ -25,26 +33,34 @@ What the written configuration guarantees (Mosquitto 2.0, ``per_listener_setting
   no pattern ends in a wildcard (``devices/%u/#`` *would* let it: ``a/#`` also matches ``a``).
   ``$SYS`` is neither published (``sys_interval 0``) nor readable. No ``user`` lines: a device
   whose id equals the gateway's gets no more than any device.
-* **The gateway's listener** (``bridge_host:bridge_port``, loopback): mutual TLS with the same
-  CA *and* a username/password that is random per broker start, checked by the dynamic security
-  plugin, whose roles give the bridge exactly ``devices/+/frames``, ``devices/+/telemetry``
-  (read) and ``devices/+/detections``, ``devices/+/events`` (write), and give a separate control
-  user ``$CONTROL/dynamic-security/v1`` (to disconnect revoked devices). No certificate CN can
-  reach these rights: they live on another listener and need a secret that never leaves the
-  gateway's data directory.
+* **The gateway's listener** (``bridge_host:bridge_port``, loopback): mutual TLS trusting only
+  the CA that issued the gateway's own certificate (the same ``clientAuth`` anchor form, so no
+  device certificate gets through) *and* a username/password that is random per broker start,
+  checked by the dynamic security plugin, whose roles give the bridge exactly
+  ``devices/+/frames``, ``devices/+/telemetry`` (read) and ``devices/+/detections``,
+  ``devices/+/events`` (write), and give a separate control user
+  ``$CONTROL/dynamic-security/v1`` (to disconnect revoked devices). No certificate CN can reach
+  these rights: they live on another listener and need a secret that never leaves the gateway's
+  data directory.
 
-Revocation (:class:`RevocationEnforcer`): each event refreshes the CRL and reloads the broker
-(``SIGHUP``: new connections of the certificate are refused, ``anchors.md``) and, at the same
+Revocation (:class:`RevocationEnforcer`): each event (a device's, a serial's, a gateway's or a
+core's) refreshes the CRLs and reloads the broker (``SIGHUP``: new connections of the
+certificate are refused, ``anchors.md``) and, at the same
 time, removes the live connection through the dynamic security plugin (``createClient`` +
 ``deleteClient`` of the device's username kicks every connection with that username, MQTT 5
 reason 0x98); it refuses any username that is not a device id, so no revocation can delete
 the gateway's own users. With certificate identities the plugin cannot keep a client out (its
 password check is skipped), so the CRL is what refuses the reconnect; a second kick after the
-reload closes the gap between the two.
+reload closes the gap between the two. A refresh that fails, or returns CRLs that do not yet
+reflect the event (its revocation sequence, its serial), is retried at once with jittered
+doubling backoff (0.1 s up to 5 s) until they do: the periodic refresh is no safety net for a
+revocation.
 
-Where the CRL comes from (:data:`CrlSource`): the core's ``Enrollment.GetCrl`` (gateways in the
-field never hold the issuing key), or, on a standalone gateway next to the PKI directory, built
-locally from the registry with the issuing CA (:func:`registry_crl_source`).
+Where the CRLs come from (:data:`CrlSource`): the core's ``Enrollment.GetCrl`` (gateways in the
+field never hold the CA keys), or, on a standalone gateway next to the PKI directory, built
+locally from the registry (:func:`registry_crl_source`). Every CRL must be signed by a CA of the
+bundle, and there must be one for the device CA and one for the gateway's own issuing CA:
+OpenSSL refuses every connection whose issuer has no CRL when checking is on.
 """
 
 from __future__ import annotations
@@ -52,11 +68,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
 import pwd
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -71,6 +90,7 @@ from typing import Any, Self
 import aiomqtt
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 import pki
@@ -83,6 +103,7 @@ __all__ = [
     "BrokerControl",
     "BrokerCredentials",
     "BrokerFiles",
+    "CrlSnapshot",
     "CrlSource",
     "MosquittoBroker",
     "RevocationEnforcer",
@@ -96,8 +117,56 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-#: Returns the current CRL of the issuing CA, PEM or DER.
-CrlSource = Callable[[], Awaitable[bytes]]
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlSnapshot:
+    """The CRLs a broker enforces (one per issuing CA) and what they are known to reflect.
+
+    ``sequence``: the registry's revocation sequence the CRLs include (``None`` when the source
+    does not say). ``fetched_at``: the monotonic time the fetch began (set by the broker).
+    """
+
+    crls: tuple[x509.CertificateRevocationList, ...]
+    sequence: int | None = None
+    fetched_at: float = 0.0
+
+    @classmethod
+    def parse(cls, *blobs: bytes, sequence: int | None = None) -> CrlSnapshot:
+        """CRLs from ``blobs``, each DER (one CRL) or PEM (one or more); empty blobs skipped."""
+        crls: list[x509.CertificateRevocationList] = []
+        for blob in blobs:
+            if not blob:
+                continue
+            if blob.lstrip().startswith(b"-----BEGIN"):
+                pems = _PEM_CRL.findall(blob)
+                if not pems:
+                    raise ValueError("no PEM CRL in the CRL source's answer")
+                crls += [x509.load_pem_x509_crl(p) for p in pems]
+            else:
+                crls.append(x509.load_der_x509_crl(blob))
+        if not crls:
+            raise ValueError("the CRL source gave no CRL")
+        return cls(tuple(crls), sequence)
+
+    def pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.crls)
+
+    def lists(self, serial: str) -> bool:
+        """True when a CRL lists ``serial`` (hex)."""
+        number = int(serial, 16)
+        return any(c.get_revoked_certificate_by_serial_number(number) for c in self.crls)
+
+    def reflects(self, sequence: int, serial: str | None) -> bool:
+        """False when these CRLs provably predate revocation ``sequence`` or miss ``serial``."""
+        if sequence and self.sequence is not None and self.sequence < sequence:
+            return False
+        return serial is None or self.lists(serial)
+
+
+#: Returns the current CRLs of the issuing CAs.
+CrlSource = Callable[[], Awaitable[CrlSnapshot]]
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 CONTROL_RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
@@ -156,6 +225,16 @@ class BrokerFiles:
     @property
     def conf(self) -> Path:
         return self.data_dir / "mosquitto.conf"
+
+    @property
+    def device_cafile(self) -> Path:
+        """The devices' listener's only trust anchor: the device CA, trusted for clientAuth."""
+        return self.data_dir / "device-ca.pem"
+
+    @property
+    def gateway_cafile(self) -> Path:
+        """The gateway's listener's only trust anchor: its own issuing CA, for clientAuth."""
+        return self.data_dir / "gateway-ca.pem"
 
     @property
     def acl(self) -> Path:
@@ -234,9 +313,11 @@ def dynsec_config(creds: BrokerCredentials, *, shared_group: str) -> dict[str, A
     }
 
 
-def _tls_lines(settings: MqttSettings, identity: pki.IdentityFiles, crl: Path) -> list[str]:
+def _tls_lines(
+    settings: MqttSettings, identity: pki.IdentityFiles, cafile: Path, crl: Path
+) -> list[str]:
     return [
-        f"cafile {identity.ca_bundle}",
+        f"cafile {cafile}",
         f"certfile {identity.chain}",
         f"keyfile {identity.key}",
         f"crlfile {crl}",
@@ -291,7 +372,7 @@ def render_mosquitto_conf(
         "# are one namespace across listeners: a device must not pick one (session takeover).",
         f"listener {port} {settings.host}",
         f"max_connections {settings.max_connections}",
-        *_tls_lines(settings, identity, settings.crl_file),
+        *_tls_lines(settings, identity, files.device_cafile, settings.crl_file),
         "use_identity_as_username true",
         "use_username_as_clientid true",
         f"acl_file {files.acl}",
@@ -299,7 +380,7 @@ def render_mosquitto_conf(
         "# The gateway's own bridge: loopback, mutual TLS and a per-start password; its",
         "# client ids (_edgeward.*) are free here and never a device's CN.",
         f"listener {bridge_port} {settings.bridge_host}",
-        *_tls_lines(settings, identity, settings.crl_file),
+        *_tls_lines(settings, identity, files.gateway_cafile, settings.crl_file),
         "use_identity_as_username false",
         f"plugin {settings.dynsec_plugin}",
         f"plugin_opt_config_file {files.dynsec}",
@@ -308,45 +389,109 @@ def render_mosquitto_conf(
     return "\n".join(lines)
 
 
-def _to_pem(crl: bytes) -> bytes:
-    if crl.lstrip().startswith(b"-----BEGIN"):
-        parsed = x509.load_pem_x509_crl(crl)
-    else:
-        parsed = x509.load_der_x509_crl(crl)
-    return parsed.public_bytes(serialization.Encoding.PEM)
+def _issuer_in(
+    bundle: Sequence[x509.Certificate], issuer: x509.Name, signed: Callable[[Any], object]
+) -> x509.Certificate | None:
+    """The CA of ``bundle`` named ``issuer`` for which ``signed(ca)`` neither raises nor is
+    False."""
+    for ca in bundle:
+        if ca.subject != issuer:
+            continue
+        try:
+            if signed(ca) is not False:
+                return ca
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return None
+
+
+def _signed_crl(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnchors:
+    """What each listener trusts, taken from the gateway's CA bundle and own certificate."""
+
+    device_cas: tuple[x509.Certificate, ...]
+    gateway_ca: x509.Certificate
+    bundle: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def of(cls, identity: pki.IdentityFiles) -> TrustAnchors:
+        bundle_pem = identity.ca_bundle.read_bytes()
+        device_cas = pki.device_ca_certificates(bundle_pem)
+        if not device_cas:
+            # Never fall back to the whole bundle: gateways and cores would be devices again.
+            raise pki.PkiNotFound(
+                f"{identity.ca_bundle} holds no device issuing CA (a PKI made by an older "
+                "edgeward): run 'edgeward pki add-device-ca' and give this gateway the new "
+                "ca-bundle.pem"
+            )
+        bundle = tuple(x509.load_pem_x509_certificates(bundle_pem))
+        own = identity.certificate()
+        gateway_ca = _issuer_in(bundle, own.issuer, own.verify_directly_issued_by)
+        if gateway_ca is None:
+            raise pki.PkiNotFound(f"{identity.ca_bundle} holds no CA that issued {identity.cert}")
+        return cls(tuple(device_cas), gateway_ca, bundle)
+
+    def check(self, snapshot: CrlSnapshot) -> None:
+        """Raise :class:`pki.SignatureInvalid` unless a CA of the bundle signed every CRL, and
+        :class:`pki.PkiNotFound` unless both listeners' CAs have one (OpenSSL refuses every
+        client whose issuer has no CRL)."""
+        issuers: list[x509.Certificate] = []
+        for crl in snapshot.crls:
+            ca = _issuer_in(self.bundle, crl.issuer, functools.partial(_signed_crl, crl))
+            if ca is None:
+                raise pki.SignatureInvalid(
+                    f"a CRL from {crl.issuer.rfc4514_string()} is not signed by a CA of the bundle"
+                )
+            issuers.append(ca)
+        for needed in (*self.device_cas, self.gateway_ca):
+            if needed not in issuers:
+                raise pki.PkiNotFound(
+                    f"the CRL source gave no CRL of {needed.subject.rfc4514_string()} "
+                    "(a core older than this gateway?)"
+                )
 
 
 def registry_crl_source(pki_dir: Path) -> CrlSource:
-    """A CRL built here from ``pki_dir``'s registry with its issuing CA (standalone only).
+    """CRLs built here from ``pki_dir``'s registry with its CAs (standalone only).
 
-    Only where the issuing key sits on this machine (a demo, a gateway beside the PKI); a
-    gateway in the field fetches the core's CRL instead (:func:`core_crl_source`).
+    Only where the CA keys sit on this machine (a demo, a gateway beside the PKI); a gateway in
+    the field fetches the core's CRLs instead (:func:`core_crl_source`).
     """
 
-    def build() -> bytes:
+    def build() -> CrlSnapshot:
         import datetime as dt
 
         ca = pki.CertificateAuthority.load(pki_dir)
         with pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry) as registry:
-            crl = pki.build_crl(ca, registry, now=dt.datetime.now(dt.UTC))
-        return pki.crl_bytes(crl)
+            # Read before building: the CRLs hold at least this much.
+            sequence = registry.last_sequence()
+            crls = pki.build_crl(ca, registry, now=dt.datetime.now(dt.UTC))
+        return CrlSnapshot(tuple(crls), sequence)
 
-    async def source() -> bytes:
+    async def source() -> CrlSnapshot:
         return await asyncio.to_thread(build)
 
     return source
 
 
 def core_crl_source(channel_factory: Callable[[], Any], *, timeout_s: float) -> CrlSource:
-    """The core's CRL (``Enrollment.GetCrl``) over ``channel_factory()``'s channel."""
+    """The core's CRLs (``Enrollment.GetCrl``) over ``channel_factory()``'s channel."""
     from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
 
-    async def source() -> bytes:
+    async def source() -> CrlSnapshot:
         channel = channel_factory()
         try:
             stub = enrollment_pb2_grpc.EnrollmentStub(channel)
             reply = await stub.GetCrl(enrollment_pb2.GetCrlRequest(), timeout=timeout_s)
-            return bytes(reply.crl_der)
+            return CrlSnapshot.parse(
+                bytes(reply.crl_der),
+                bytes(reply.device_crl_der),
+                sequence=int(reply.revocation_sequence),
+            )
         finally:
             await channel.close()
 
@@ -406,6 +551,9 @@ class MosquittoBroker:
         self._stopping = False
         self._running = asyncio.Event()
         self._crl_lock = asyncio.Lock()
+        self.trust = TrustAnchors.of(self.identity)
+        #: The CRLs the broker enforces now (``None`` before the first fetch).
+        self.crl_snapshot: CrlSnapshot | None = None
         self.restarts = 0
         self.crl_reloads = 0
         #: The broker's latest log lines (connections, takeovers, errors), for diagnostics.
@@ -447,7 +595,7 @@ class MosquittoBroker:
         self.files.persistence.mkdir(exist_ok=True)
         await self._stop_stale_broker()
         self._check_ports()
-        await self._write_crl(await self._crl_source())
+        await self.refresh_crl()
         self._write_config()
         await self._start()
         self._tasks.spawn(self._supervise(), name="mosquitto-supervisor")
@@ -487,6 +635,13 @@ class MosquittoBroker:
             "port": self.bridge_port,
         }
         pki.write_atomic(self.files.bridge_secret, json.dumps(secret).encode(), mode=0o600)
+        pki.write_atomic(
+            self.files.device_cafile,
+            b"".join(pki.trusted_client_anchor_pem(c) for c in self.trust.device_cas),
+        )
+        pki.write_atomic(
+            self.files.gateway_cafile, pki.trusted_client_anchor_pem(self.trust.gateway_ca)
+        )
         conf = render_mosquitto_conf(
             self.settings,
             identity=self.identity,
@@ -635,17 +790,27 @@ class MosquittoBroker:
 
     # -- CRL -------------------------------------------------------------------------------
 
-    async def _write_crl(self, crl: bytes) -> None:
-        pem = _to_pem(crl)
-        await asyncio.to_thread(pki.write_atomic, self.settings.crl_file, pem)
+    async def refresh_crl(
+        self, *, unless: Callable[[CrlSnapshot], bool] | None = None
+    ) -> CrlSnapshot:
+        """Fetch the CRLs, check them, write them atomically and make the broker reload them
+        (SIGHUP); the CRLs now enforced.
 
-    async def refresh_crl(self) -> None:
-        """Fetch the CRL, write it atomically and make the broker reload it (SIGHUP)."""
+        ``unless``: skip the fetch when the CRLs enforced by the time the lock is ours already
+        satisfy it (a burst of revocations then costs one fetch, not one each).
+        """
         async with self._crl_lock:
-            crl = await self._crl_source()
-            await self._write_crl(crl)
+            current = self.crl_snapshot
+            if unless is not None and current is not None and unless(current):
+                return current
+            started = time.monotonic()
+            snapshot = dataclasses.replace(await self._crl_source(), fetched_at=started)
+            self.trust.check(snapshot)
+            await asyncio.to_thread(pki.write_atomic, self.settings.crl_file, snapshot.pem())
+            self.crl_snapshot = snapshot
             self.reload()
             self.crl_reloads += 1
+            return snapshot
 
     def reload(self) -> None:
         """SIGHUP: the broker re-reads its CRL, certificates and ACLs (new connections only)."""
@@ -810,23 +975,46 @@ class BrokerControl:
             raise RuntimeError(f"broker refused to drop {username}: {errors[0]}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    device_id: str  # "" when the event names no device (a gateway's, a core's)
+    sequence: int
+    serial: str | None
+    at: float
+
+
 class RevocationEnforcer:
-    """Applies revocation events to a managed broker: refreshed CRL + reload, and a kick.
+    """Applies revocation events to a managed broker: refreshed CRLs + reload, and a kick.
 
     Register :meth:`on_revocation` with ``RevocationState.add_listener``; it only queues the
     event (revocation listeners run one after another, so none may hold the others up). A
     worker then kicks the device's live connection at once and, concurrently, refreshes the
-    CRL and reloads the broker; once the reload is done it kicks again, so a reconnect that
-    slipped in before the reload is cut too. ``last_latency_s`` holds, per device id, the time
-    from the event reaching the enforcer to the first kick's confirmation.
+    CRLs and reloads the broker; once the reload is done it kicks again, so a reconnect that
+    slipped in before the reload is cut too. Every event refreshes the CRLs, whoever it names:
+    a gateway's or core's certificate is refused by the broker's own listener as soon as a
+    device's is. A refresh that fails or brings CRLs that do not reflect the event (an older
+    revocation sequence, the serial missing) is retried with jittered doubling backoff from
+    ``retry_min_s`` to ``retry_max_s`` until they do. ``last_latency_s`` holds, per device id,
+    the time from the event reaching the enforcer to the first kick's confirmation.
     """
 
-    def __init__(self, broker: MosquittoBroker, control: BrokerControl) -> None:
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        control: BrokerControl,
+        *,
+        retry_min_s: float = 0.1,
+        retry_max_s: float = 5.0,
+    ) -> None:
         self._broker = broker
         self._control = control
-        self._queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue(maxsize=10_000)
+        self._retry_min_s = retry_min_s
+        self._retry_max_s = retry_max_s
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-revocation")
         self.last_latency_s: dict[str, float] = {}
+        #: Failed or not-yet-current CRL fetches retried so far (for metrics and tests).
+        self.crl_retries = 0
 
     async def __aenter__(self) -> Self:
         self._tasks.spawn(self._worker(), name="mqtt-revocation")
@@ -836,55 +1024,95 @@ class RevocationEnforcer:
         await self._tasks.close()
 
     def on_revocation(self, event: Any) -> None:
-        """``RevocationState`` listener: queue ``event.device_id`` for enforcement."""
-        device_id = getattr(event, "device_id", "")
+        """``RevocationState`` listener: queue ``event`` for enforcement."""
+        device_id = getattr(event, "device_id", "") or ""
+        if device_id:
+            try:
+                pki.validate_id(device_id, kind="device id")
+            except pki.InvalidName:
+                _log.warning("revocation event without a valid device id; CRL refresh only")
+                device_id = ""
+        serial = getattr(event, "serial", None) or None
+        if serial is not None:
+            try:
+                int(serial, 16)
+            except ValueError:
+                _log.warning("revocation event with an unreadable serial", device_id=device_id)
+                serial = None
+        pending = _Pending(
+            device_id, int(getattr(event, "sequence", 0) or 0), serial, time.monotonic()
+        )
         try:
-            pki.validate_id(device_id, kind="device id")
-        except pki.InvalidName:
-            _log.warning("revocation event without a valid device id; CRL refresh only")
-            device_id = ""
-        try:
-            self._queue.put_nowait((device_id, time.monotonic()))
+            self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             _log.error("revocation queue full", device_id=device_id)
 
-    async def revoke(self, device_id: str) -> float:
+    async def revoke(
+        self, device_id: str, *, sequence: int = 0, serial: str | None = None
+    ) -> float:
         """Enforce a revocation of ``device_id`` now; seconds until the live session was cut.
 
         Raises :class:`pki.InvalidName` when ``device_id`` is not a device id.
         """
         pki.validate_id(device_id, kind="device id")
-        return await self._enforce(device_id, time.monotonic())
+        return await self._enforce(_Pending(device_id, sequence, serial, time.monotonic()))
 
     async def _worker(self) -> None:
         while True:
-            device_id, at = await self._queue.get()
-            self._tasks.spawn(self._enforce(device_id, at), name=f"mqtt-revoke-{device_id}")
+            pending = await self._queue.get()
+            name = f"mqtt-revoke-{pending.device_id or pending.sequence}"
+            self._tasks.spawn(self._enforce(pending), name=name)
 
-    async def _enforce(self, device_id: str, at: float) -> float:
+    async def _enforce(self, pending: _Pending) -> float:
+        device_id = pending.device_id
         latency = 0.0
         async with asyncio.TaskGroup() as tg:
-            refresh = tg.create_task(self._refresh())
+            refresh = tg.create_task(self._refresh(pending))
             if device_id:
-                latency = await self._kick(device_id, at)
+                latency = await self._kick(device_id, pending.at)
+                self.last_latency_s[device_id] = latency
+                _log.info(
+                    "mqtt session removed",
+                    audit=True,
+                    device_id=device_id,
+                    latency_ms=round(latency * 1000, 1),
+                )
             await refresh
             if device_id:
-                await self._kick(device_id, at)
-        if device_id:
-            self.last_latency_s[device_id] = latency
-            _log.info(
-                "mqtt session removed",
-                audit=True,
-                device_id=device_id,
-                latency_ms=round(latency * 1000, 1),
-            )
+                await self._kick(device_id, pending.at)
         return latency
 
-    async def _refresh(self) -> None:
-        try:
-            await self._broker.refresh_crl()
-        except Exception as exc:  # noqa: BLE001 - the kick still happens; retried on next refresh
-            _log.error("crl refresh after revocation failed", error=str(exc))
+    async def _refresh(self, pending: _Pending) -> None:
+        """Refresh until the enforced CRLs were fetched after the event and reflect it."""
+
+        def current(snapshot: CrlSnapshot) -> bool:
+            return snapshot.fetched_at >= pending.at and snapshot.reflects(
+                pending.sequence, pending.serial
+            )
+
+        delay = self._retry_min_s
+        while True:
+            try:
+                snapshot = await self._broker.refresh_crl(unless=current)
+            except Exception as exc:  # noqa: BLE001 - keep trying: a revocation must land
+                _log.error(
+                    "crl refresh after revocation failed; retrying",
+                    device_id=pending.device_id,
+                    sequence=pending.sequence,
+                    error=str(exc),
+                )
+            else:
+                if current(snapshot):
+                    return
+                _log.warning(
+                    "crl does not reflect the revocation yet; retrying",
+                    device_id=pending.device_id,
+                    sequence=pending.sequence,
+                    crl_sequence=snapshot.sequence,
+                )
+            self.crl_retries += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+            delay = min(delay * 2, self._retry_max_s)
 
     async def _kick(self, device_id: str, at: float) -> float:
         try:

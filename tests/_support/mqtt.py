@@ -5,8 +5,9 @@ gateway identity from the test PKI and a CRL the test controls (``revoke(identit
 certificate's serial), plus the control client and the revocation enforcer.
 :func:`device_client` gives an aiomqtt client presenting a device identity;
 :func:`cli_tls_args` the ``mosquitto_pub``/``mosquitto_sub`` options for the same.
-:func:`mint_odd_certificate` signs a certificate with any CN (``#``, ``+``, ``a/b``) with the
-issuing CA's key directly: our CA refuses such ids, and the broker must refuse them too.
+:func:`mint_odd_certificate` signs a certificate with any CN (``#``, ``+``, ``a/b``), SANs and EKU
+with a CA's key directly (the device CA by default): our CA refuses such certificates, and the
+broker must refuse them too.
 :func:`mqtt_gateway` runs a whole :class:`gateway._service.GatewayService` whose ``[mqtt]``
 table starts the broker and the bridge, with a registry the test drives (devices, revocations).
 """
@@ -36,6 +37,7 @@ from gateway._mqtt import (
     NODELAY,
     BridgeConnection,
     BrokerControl,
+    CrlSnapshot,
     MosquittoBroker,
     MqttSettings,
     RevocationEnforcer,
@@ -60,15 +62,29 @@ MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 def mint_odd_certificate(
-    pki_dir: Path, out_dir: Path, *, common_name: str, lifetime: dt.timedelta | None = None
+    pki_dir: Path,
+    out_dir: Path,
+    *,
+    common_name: str,
+    lifetime: dt.timedelta | None = None,
+    issuer: str = "device",
+    uris: tuple[str, ...] = (),
+    eku: tuple[x509.ObjectIdentifier, ...] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
 ) -> pki.IdentityFiles:
-    """A client certificate with an arbitrary CN, signed by the issuing CA (for negative tests)."""
+    """A client certificate signed with a CA's key directly, bypassing every profile check
+    (for negative tests): ``issuer`` "device" (the device CA) or "issuing" (the issuing CA);
+    ``uris`` its URI SANs; ``eku`` its extended key usages (``None``: no EKU extension)."""
     layout = pki.PkiLayout(pki_dir)
-    ca_key = pki.load_private_key(layout.issuing_key)
-    ca_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+    key_path, cert_path = (
+        (layout.device_key, layout.device_cert)
+        if issuer == "device"
+        else (layout.issuing_key, layout.issuing_cert)
+    )
+    ca_key = pki.load_private_key(key_path)
+    ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
@@ -77,9 +93,15 @@ def mint_odd_certificate(
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + (lifetime or dt.timedelta(days=1)))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -105,21 +127,56 @@ class BrokerHarness:
     data_dir: Path
     settings_overrides: dict[str, Any] = field(default_factory=dict)
     revoked: list[tuple[int, dt.datetime]] = field(default_factory=list)
+    #: Revocations so far: the sequence the CRLs report.
+    sequence: int = 0
+    #: The next fetches that fail (a core that does not answer), then the next that serve the
+    #: CRLs as they were before the latest revocation (a lagging replica): seams of our own.
+    failing_fetches: int = 0
+    stale_fetches: int = 0
+    fetches: int = 0
 
     broker: MosquittoBroker = field(init=False)
     control: BrokerControl = field(init=False)
     enforcer: RevocationEnforcer = field(init=False)
     settings: MqttSettings = field(init=False)
 
-    async def crl(self) -> bytes:
+    async def crl(self) -> CrlSnapshot:
+        """Both CRLs, each listing the revoked serials its CA issued (as the core builds them)."""
+        self.fetches += 1
+        if self.failing_fetches > 0:
+            self.failing_fetches -= 1
+            raise ConnectionError("CRL source unavailable (test)")
+        revoked, sequence = list(self.revoked), self.sequence
+        if self.stale_fetches > 0 and revoked:
+            self.stale_fetches -= 1
+            revoked, sequence = revoked[:-1], sequence - 1
         ca = pki.CertificateAuthority.load(self.pki_dir)
         now = dt.datetime.now(dt.UTC)
-        built = await asyncio.to_thread(ca.build_crl, list(self.revoked), now=now)
-        return built.public_bytes(serialization.Encoding.PEM)
+        serials = {s for s, _ in revoked}
+        ours = {
+            s for s in serials if self._issued_by_device_ca.get(s, True)
+        }  # unknown serials: devices'
 
-    def revoke_serial(self, identity: pki.IdentityFiles) -> None:
-        """Add the identity's certificate to the CRL (what the core's registry would do)."""
-        self.revoked.append((identity.certificate().serial_number, dt.datetime.now(dt.UTC)))
+        def build() -> CrlSnapshot:
+            device = ca.build_crl([r for r in revoked if r[0] in ours], now=now, devices=True)
+            issuing = ca.build_crl([r for r in revoked if r[0] not in ours], now=now)
+            return CrlSnapshot((issuing, device), sequence)
+
+        return await asyncio.to_thread(build)
+
+    def revoke_serial(self, identity: pki.IdentityFiles) -> int:
+        """Add the identity's certificate to its CA's CRL (what the core's registry would do);
+        the revocation's sequence."""
+        cert = identity.certificate()
+        device_ca = x509.load_pem_x509_certificate(
+            pki.PkiLayout(self.pki_dir).device_cert.read_bytes()
+        )
+        self._issued_by_device_ca[cert.serial_number] = cert.issuer == device_ca.subject
+        self.revoked.append((cert.serial_number, dt.datetime.now(dt.UTC)))
+        self.sequence += 1
+        return self.sequence
+
+    _issued_by_device_ca: dict[int, bool] = field(default_factory=dict, init=False)
 
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[BrokerHarness]:

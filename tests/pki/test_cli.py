@@ -139,13 +139,27 @@ def test_issue_server_revoke_crl_and_list(cli_pki: Path, tmp_path: Path) -> None
     assert "robot-vacuum" in out
     assert issued.serial in out
     assert "revoked" in out
+    serial = int(issued.serial, 16)
     for fmt in ([], ["--der"]):
-        out_file = tmp_path / f"crl{len(fmt)}"
-        code, _, err = cli("pki", "crl", "--dir", d, "--out", str(out_file), *fmt)
+        out_file = tmp_path / f"crl{len(fmt)}.{'der' if fmt else 'pem'}"
+        code, out, err = cli("pki", "crl", "--dir", d, "--out", str(out_file), *fmt)
         assert code == 0, err
-        data = out_file.read_bytes()
-        crl = x509.load_der_x509_crl(data) if fmt else x509.load_pem_x509_crl(data)
-        assert crl.get_revoked_certificate_by_serial_number(int(issued.serial, 16)) is not None
+        assert "1 device and 0 gateway/core" in out
+        if fmt:  # one DER file per issuing CA
+            issuing = x509.load_der_x509_crl(out_file.read_bytes())
+            device = x509.load_der_x509_crl((tmp_path / "crl1-device.der").read_bytes())
+        else:  # both in one PEM file, as Mosquitto's crlfile reads them
+            end = b"-----END X509 CRL-----\n"
+            first, second, rest = out_file.read_bytes().split(end)
+            assert rest == b""
+            issuing, device = (x509.load_pem_x509_crl(p + end) for p in (first, second))
+        layout = pki.PkiLayout(cli_pki)
+        device_ca = x509.load_pem_x509_certificate(layout.device_cert.read_bytes())
+        issuing_ca = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+        assert device.is_signature_valid(device_ca.public_key())  # type: ignore[arg-type]
+        assert issuing.is_signature_valid(issuing_ca.public_key())  # type: ignore[arg-type]
+        assert device.get_revoked_certificate_by_serial_number(serial) is not None
+        assert issuing.get_revoked_certificate_by_serial_number(serial) is None
 
 
 def test_commands_on_a_missing_pki_fail_in_one_line(tmp_path: Path) -> None:
@@ -224,7 +238,7 @@ async def test_quick_start_core_run_enroll_renew_revoke(cli_pki: Path, tmp_path:
         files = pki.IdentityFiles(out_dir)
         verify = await asyncio.create_subprocess_exec(
             openssl, "verify", "-CAfile", str(pki.PkiLayout(cli_pki).root_cert),
-            "-untrusted", str(pki.PkiLayout(cli_pki).issuing_cert), str(files.cert),
+            "-untrusted", str(pki.PkiLayout(cli_pki).device_cert), str(files.cert),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         v_out, v_err = await verify.communicate()

@@ -453,7 +453,7 @@ async def test_revoke_from_another_process_reaches_the_feed_and_crl(
             )
         from cryptography import x509
 
-        parsed = x509.load_der_x509_crl(crl.crl_der)
+        parsed = x509.load_der_x509_crl(crl.device_crl_der)  # a device's: the device CA's CRL
         assert parsed.get_revoked_certificate_by_serial_number(int(result.serial, 16)) is not None
         assert crl.revocation_sequence == 1
 

@@ -360,7 +360,7 @@ def test_init_refuses_to_overwrite_and_keys_are_0600(fresh_pki: Path, tmp_path: 
     with pytest.raises(pki.PkiExists):
         pki.init_pki(fresh_pki, trust_domain="unit.example")
     layout = pki.PkiLayout(fresh_pki)
-    for key in (layout.root_key, layout.issuing_key):
+    for key in (layout.root_key, layout.issuing_key, layout.device_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     files = pki.issue_identity(fresh_pki, tmp_path / "gw", role=pki.Role.GATEWAY, id="gw-keys")
     assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
@@ -376,8 +376,8 @@ def test_issued_chain_and_crl_interoperate_with_openssl(fresh_pki: Path, tmp_pat
         good = auth.enroll(token_now(reg, "cam-good"), make_csr("cam-good"), peer="p", now=now)
         bad = auth.enroll(token_now(reg, "cam-bad"), make_csr("cam-bad"), peer="p", now=now)
         auth.revoke_device("cam-bad", reason="stolen", now=now)
-        crl1 = pki.build_crl(ca, reg, now=now)
-        crl2 = pki.build_crl(ca, reg, now=now)
+        crl1 = pki.build_crl(ca, reg, now=now).device
+        crl2 = pki.build_crl(ca, reg, now=now).device
     number = crl1.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert crl2.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
     assert crl1.get_revoked_certificate_by_serial_number(bad.certificate.serial_number)
@@ -392,7 +392,7 @@ def test_issued_chain_and_crl_interoperate_with_openssl(fresh_pki: Path, tmp_pat
     )
     assert run("crl", "-in", "crl.pem", "-noout", "-text").returncode == 0
     assert run("crl", "-inform", "DER", "-in", "crl.der", "-noout").returncode == 0
-    untrusted = ["-untrusted", str(layout.issuing_cert)]
+    untrusted = ["-untrusted", str(layout.device_cert)]
     ok = run("verify", "-CAfile", str(layout.root_cert), *untrusted, "good.pem")
     assert ok.returncode == 0, ok.stderr + ok.stdout
     crl_file = tmp_path / "crl+ca.pem"

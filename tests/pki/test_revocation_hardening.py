@@ -35,8 +35,8 @@ def enrol(
 
 
 def crl_serials(pki_dir: Path, registry: pki.SqliteRegistry) -> set[int]:
-    crl = pki.build_crl(pki.CertificateAuthority.load(pki_dir), registry, now=NOW)
-    return {r.serial_number for r in crl}
+    crls = pki.build_crl(pki.CertificateAuthority.load(pki_dir), registry, now=NOW)
+    return {r.serial_number for crl in crls for r in crl}
 
 
 # -- 1. a renewal that races a revocation ---------------------------------------------------

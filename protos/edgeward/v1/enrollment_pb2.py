@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.edgeward.v1 import common_pb2 as protos_dot_edgeward_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/edgeward/v1/enrollment.proto\x12\x0b\x65\x64geward.v1\x1a\x1fprotos/edgeward/v1/common.proto\"+\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\xd1\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\t\x12\x15\n\rca_bundle_pem\x18\x04 \x01(\t\x12>\n\x11gateway_directory\x18\x05 \x01(\x0b\x32#.edgeward.v1.SignedGatewayDirectory\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x07 \x01(\t\"\x1a\n\x18GetCACertificatesRequest\"U\n\x0e\x43\x41\x43\x65rtificates\x12\x15\n\rca_bundle_pem\x18\x01 \x01(\t\x12\x16\n\x0eissuing_ca_pem\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\"\x0f\n\rGetCrlRequest\"3\n\x03\x43rl\x12\x0f\n\x07\x63rl_der\x18\x01 \x01(\x0c\x12\x1b\n\x13revocation_sequence\x18\x02 \x01(\x04\x32\xa1\x02\n\nEnrollment\x12\x41\n\x06\x45nroll\x12\x1a.edgeward.v1.EnrollRequest\x1a\x1b.edgeward.v1.EnrollResponse\x12?\n\x05Renew\x12\x19.edgeward.v1.RenewRequest\x1a\x1b.edgeward.v1.EnrollResponse\x12W\n\x11GetCACertificates\x12%.edgeward.v1.GetCACertificatesRequest\x1a\x1b.edgeward.v1.CACertificates\x12\x36\n\x06GetCrl\x12\x1a.edgeward.v1.GetCrlRequest\x1a\x10.edgeward.v1.Crlb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/edgeward/v1/enrollment.proto\x12\x0b\x65\x64geward.v1\x1a\x1fprotos/edgeward/v1/common.proto\"+\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\xd1\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\t\x12\x15\n\rca_bundle_pem\x18\x04 \x01(\t\x12>\n\x11gateway_directory\x18\x05 \x01(\x0b\x32#.edgeward.v1.SignedGatewayDirectory\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x07 \x01(\t\"\x1a\n\x18GetCACertificatesRequest\"U\n\x0e\x43\x41\x43\x65rtificates\x12\x15\n\rca_bundle_pem\x18\x01 \x01(\t\x12\x16\n\x0eissuing_ca_pem\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\"\x0f\n\rGetCrlRequest\"K\n\x03\x43rl\x12\x0f\n\x07\x63rl_der\x18\x01 \x01(\x0c\x12\x1b\n\x13revocation_sequence\x18\x02 \x01(\x04\x12\x16\n\x0e\x64\x65vice_crl_der\x18\x03 \x01(\x0c\x32\xa1\x02\n\nEnrollment\x12\x41\n\x06\x45nroll\x12\x1a.edgeward.v1.EnrollRequest\x1a\x1b.edgeward.v1.EnrollResponse\x12?\n\x05Renew\x12\x19.edgeward.v1.RenewRequest\x1a\x1b.edgeward.v1.EnrollResponse\x12W\n\x11GetCACertificates\x12%.edgeward.v1.GetCACertificatesRequest\x1a\x1b.edgeward.v1.CACertificates\x12\x36\n\x06GetCrl\x12\x1a.edgeward.v1.GetCrlRequest\x1a\x10.edgeward.v1.Crlb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,7 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCRLREQUEST']._serialized_start=486
   _globals['_GETCRLREQUEST']._serialized_end=501
   _globals['_CRL']._serialized_start=503
-  _globals['_CRL']._serialized_end=554
-  _globals['_ENROLLMENT']._serialized_start=557
-  _globals['_ENROLLMENT']._serialized_end=846
+  _globals['_CRL']._serialized_end=578
+  _globals['_ENROLLMENT']._serialized_start=581
+  _globals['_ENROLLMENT']._serialized_end=870
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,7 @@ class EnrollResponse(_message.Message):
     device_id: _builtins.str
     spiffe_id: _builtins.str
     certificate_chain_pem: _builtins.str
-    """Leaf first, then the issuing CA."""
+    """Leaf first, then the device issuing CA."""
     ca_bundle_pem: _builtins.str
     """Roots to trust for gateways and the core."""
     region: _builtins.str
@@ -156,21 +156,28 @@ Global___GetCrlRequest: _TypeAlias = GetCrlRequest  # noqa: Y015
 
 @_typing.final
 class Crl(_message.Message):
+    """One CRL per issuing CA, both reflecting the registry up to revocation_sequence."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CRL_DER_FIELD_NUMBER: _builtins.int
     REVOCATION_SEQUENCE_FIELD_NUMBER: _builtins.int
+    DEVICE_CRL_DER_FIELD_NUMBER: _builtins.int
     crl_der: _builtins.bytes
+    """The issuing CA's CRL: revoked gateway and core certificates."""
     revocation_sequence: _builtins.int
+    device_crl_der: _builtins.bytes
+    """The device issuing CA's CRL: revoked device certificates."""
     def __init__(
         self,
         *,
         crl_der: _builtins.bytes = ...,
         revocation_sequence: _builtins.int = ...,
+        device_crl_der: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "revocation_sequence", b"revocation_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "device_crl_der", b"device_crl_der", "revocation_sequence", b"revocation_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
