@@ -12,12 +12,12 @@ Used by the gateway's device server (:mod:`gateway._grpc._server`) and the core'
   with one line naming the setting (:class:`ListenError`), before gRPC logs anything.
 * **Malformed requests.** gRPC answers a request its deserializer cannot parse with
   ``UNKNOWN`` and the name of a Python exception, and nothing of ours logs or counts it.
-  :func:`add_service`
-  registers a service with every request deserializer wrapped: bytes that do not parse become
-  a marker, and the method is answered ``INVALID_ARGUMENT`` ("malformed request: not a valid
-  <message>") without running the handler, logged once (method, message type, peer address; never the
-  payload) and counted through ``on_malformed``. On a request stream the marker arrives in
-  order: the messages before it are served, and the handler then sees
+  :func:`add_service` registers a service with every request deserializer wrapped: bytes that
+  do not parse become a marker, and the method is answered ``INVALID_ARGUMENT`` ("malformed
+  request: not a valid <message>") without running the handler, logged once (method, message
+  type, peer address; never the payload) and counted through ``on_malformed``. On a request
+  stream the marker arrives in order: the messages before it are served, and the handler then
+  sees
   :class:`MalformedRequest` from its request iterator, an :class:`~gateway.errors.InvalidRequest`
   that it answers like any other (``INVALID_ARGUMENT``); a handler that lets it through or
   ignores it is answered by the wrapper.
