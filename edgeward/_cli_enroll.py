@@ -29,7 +29,9 @@ class _FinalError(click.ClickException):
 @click.option(
     "--endpoint",
     required=True,
-    help="core HOST:PORT: the enrolment port, or with --renew the mutual-TLS port",
+    multiple=True,
+    help="core HOST:PORT: the enrolment port, or with --renew the mutual-TLS port; repeat it "
+    "(or give a comma list) for replicas, tried in order when one is down",
 )
 @click.option(
     "--ca-bundle",
@@ -49,11 +51,14 @@ class _FinalError(click.ClickException):
 )
 @click.option("--renew", is_flag=True, help="renew the identity in --out (new key)")
 @click.option("--force", is_flag=True, help="enrol again even if --out holds an identity")
-@click.option("--core-endpoint", help="the core's mutual-TLS HOST:PORT, kept for renewal")
+@click.option(
+    "--core-endpoint",
+    help="the core's mutual-TLS HOST:PORT (or a comma list of replicas), kept for renewal",
+)
 @click.option("--timeout", default=15.0, show_default=True, help="seconds to wait for the core")
 def enroll(
     *,
-    endpoint: str,
+    endpoint: tuple[str, ...],
     ca_bundle: Path | None,
     token: str | None,
     out: Path,
@@ -65,7 +70,9 @@ def enroll(
     """Enrol this device (or renew its certificate with --renew)."""
     try:
         if renew:
-            result = asyncio.run(sdk_renew(identity_dir=out, endpoint=endpoint, timeout_s=timeout))
+            result = asyncio.run(
+                sdk_renew(identity_dir=out, endpoint=list(endpoint), timeout_s=timeout)
+            )
             click.echo(
                 f"renewed {result.device_id}: serial {result.serial}, valid until "
                 f"{result.not_after:%Y-%m-%d %H:%M} UTC"
@@ -75,7 +82,7 @@ def enroll(
             raise click.UsageError("enrolling needs --ca-bundle and --token")
         result = asyncio.run(
             sdk_enroll(
-                endpoint=endpoint,
+                endpoint=list(endpoint),
                 ca_bundle_pem=ca_bundle.read_bytes(),
                 token=token,
                 out_dir=out,
