@@ -19,7 +19,7 @@ from gateway._config import GatewaySettings, load_gateway_settings
 from gateway._core_endpoints import CoreEndpoints, parse_core_addresses
 from gateway._grpc._auth import CoreDeviceDirectory
 from gateway._ports import free_port
-from gateway._revocation import RevocationEvent
+from gateway._revocation import CoreRevocationFeed, RevocationEvent, RevocationState
 from gateway._settings import ConfigError
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway
@@ -188,3 +188,52 @@ async def test_feed_resumes_on_the_next_core_without_missing_or_repeating(
                 assert state.last_sequence == r2.sequence
     finally:
         await a_stack.aclose()
+
+
+async def test_the_staleness_bound_holds_across_failovers(
+    issue, pki_dir: Path, tmp_path: Path
+) -> None:
+    """With every replica gone the feed goes stale after its bound, however often it fails
+    over; when one replica returns, the feed recovers with what was revoked meanwhile."""
+    shared = tmp_path / "shared-registry.sqlite3"
+    ports = [free_port(), free_port()]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    state = RevocationState(max_staleness_s=0.8)
+    gone = unique_id("cam")
+    both = contextlib.AsyncExitStack()
+    for port in ports:
+        await both.enter_async_context(
+            running_core(
+                pki_dir,
+                tmp_path,
+                registry=shared,
+                listen=f"127.0.0.1:{port}",
+                feed_heartbeat_s=0.2,
+            )
+        )
+    async with (
+        CoreEndpoints.for_identity(addresses, issue("gateway", "gw-stale")) as cores,
+        CoreRevocationFeed(state, endpoints=cores, stream_timeout_s=1.0) as feed,
+    ):
+        try:
+            await wait_until(state.healthy)
+        finally:
+            await both.aclose()  # every replica goes away
+        await wait_until(lambda: not state.healthy(), timeout_s=30)
+        await asyncio.sleep(1.0)  # failing over and over does not make it fresh
+        assert not state.healthy()
+        with pki.SqliteRegistry(shared) as registry:
+            registry.upsert_device(
+                gone, type="pet-camera", region="home", now=dt.datetime.now(dt.UTC)
+            )
+            revoked = pki.revoke_device(
+                registry, gone, reason="stolen", now=dt.datetime.now(dt.UTC)
+            )
+        async with running_core(
+            pki_dir, tmp_path, registry=shared, listen=addresses[1], feed_heartbeat_s=0.2
+        ):
+            await wait_until(lambda: state.is_revoked(gone, "00"))
+            assert state.healthy()
+            assert state.last_sequence == revoked.sequence
+            assert cores.current == addresses[1]
+            assert feed.address == addresses[1]
