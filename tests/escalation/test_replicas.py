@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from gateway._events import EscalationAnswer
+from tests.conftest import IssueFn
+from tests.pki.test_role_pinning import serving
 
-from .conftest import ROOT, EscalatorFactory, Recorder, frame_of, region
+from .conftest import ROOT, Cores, EscalatorFactory, Recorder, frame_of, region
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
 
 FRAMES = region(escalate_empty_frames=True, send="frame")
 
@@ -81,6 +83,7 @@ async def replica(
             await proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hold", ["before", "after"])
 async def test_killed_replica_mid_request_the_other_answers_once(
     pki_dir: Path, tmp_path: Path, make_escalator: EscalatorFactory, hold: str
@@ -119,3 +122,27 @@ async def test_killed_replica_mid_request_the_other_answers_once(
     assert [(d, p.escalation_id) for d, p in sink.events] == [("dev-1", eid)]
     assert len(answers) == 1
     assert answers[0].label == "motorcycle"
+
+
+async def test_the_outbox_skips_a_gateway_posing_as_a_replica(
+    cores: Cores, make_escalator: EscalatorFactory, issue: IssueFn
+) -> None:
+    """A stolen gateway key at the first listed address never receives a crop: the pin holds
+    at every address, and the escalation is answered by the real core behind it."""
+    sink = Recorder()
+    async with (
+        serving(issue("gateway", "gw-rogue-esc"), require_client_auth=True) as (rogue_addr, rogue),
+        cores.run() as core,
+        make_escalator(f"{rogue_addr},{core.address}", sink, policy=FRAMES) as esc,
+    ):
+        outcome = await esc.escalate(
+            device_id="dev-1", frame_id="f1", detections=(), frame=frame_of("motorcycle.jpg")
+        )
+        (pending,) = outcome.pending
+        async with asyncio.timeout(60):
+            while not sink.events:  # noqa: ASYNC110 - the sink is a plain callable
+                await asyncio.sleep(0.02)
+        assert esc.counts["retries"] == 0
+    assert [p.escalation_id for _, p in sink.events] == [pending.escalation_id]
+    assert rogue.calls == []
+    assert cores.runs == 1
