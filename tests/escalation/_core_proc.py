@@ -65,6 +65,7 @@ async def main() -> int:
     parser.add_argument("--identity", type=Path, required=True)
     parser.add_argument("--core-id", default="core-replica")
     parser.add_argument("--hold", choices=["none", "before", "after"], default="none")
+    parser.add_argument("--feed-heartbeat-s", type=float, default=5.0)
     args = parser.parse_args()
     configure_logging(level="warning", json=True)
     settings = load_core_settings(
@@ -76,6 +77,7 @@ async def main() -> int:
         identity_dir=args.identity,
         registry=args.registry,
         shutdown_grace_s=0.2,
+        feed_heartbeat_s=args.feed_heartbeat_s,
     )
     service = EscalateService(
         CoreEscalationSettings(

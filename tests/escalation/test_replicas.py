@@ -49,7 +49,7 @@ class Replica:
 
 @asynccontextmanager
 async def replica(
-    pki_dir: Path, tmp_path: Path, name: str, *, hold: str = "none"
+    pki_dir: Path, tmp_path: Path, name: str, *, hold: str = "none", feed_heartbeat_s: float = 5.0
 ) -> AsyncIterator[Replica]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -67,6 +67,8 @@ async def replica(
         name,
         "--hold",
         hold,
+        "--feed-heartbeat-s",
+        str(feed_heartbeat_s),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,3 +238,41 @@ async def test_the_staleness_bound_holds_across_failovers(
             assert state.last_sequence == revoked.sequence
             assert cores.current == addresses[1]
             assert feed.address == addresses[1]
+
+
+@pytest.mark.slow
+async def test_a_hung_replica_is_left_for_the_next_by_the_silence_bound(
+    issue, pki_dir: Path, tmp_path: Path
+) -> None:
+    """A replica that stops answering without closing its connections (SIGSTOP) is noticed
+    by the stream's silence bound; a revocation made meanwhile arrives through the next
+    replica within the staleness bound."""
+    from tests.escalation.test_replicas import replica
+
+    bound_s = 6.0
+    state = RevocationState(max_staleness_s=bound_s)
+    async with (
+        replica(pki_dir, tmp_path, "core-hung", feed_heartbeat_s=0.2) as a,
+        replica(pki_dir, tmp_path, "core-next", feed_heartbeat_s=0.2) as b,
+        CoreEndpoints.for_identity([a.address, b.address], issue("gateway", "gw-hung")) as cores,
+        # As the gateway sets it: half the staleness bound.
+        CoreRevocationFeed(state, endpoints=cores, stream_timeout_s=bound_s / 2) as feed,
+    ):
+        await wait_until(state.healthy)
+        assert feed.address == a.address
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            device = unique_id("cam")
+            with pki.SqliteRegistry(tmp_path / "shared-registry.sqlite3") as registry:
+                now = dt.datetime.now(dt.UTC)
+                registry.upsert_device(device, type="pet-camera", region="home", now=now)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                pki.revoke_device(registry, device, reason="stolen", now=now)
+            await wait_until(lambda: state.is_revoked(device, "00"), timeout_s=bound_s * 4)
+            elapsed = loop.time() - started
+            assert elapsed <= bound_s, f"revocation took {elapsed:.2f}s past a hung replica"
+            assert feed.address == b.address
+            assert cores.current == b.address
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
