@@ -15,14 +15,17 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway._core._escalate import AnswerStore, CoreEscalationSettings, EscalateService
 from gateway._events import EscalationAnswer
-from tests.conftest import IssueFn
+from protos.edgeward.v1 import common_pb2, core_pb2
+from tests.conftest import PHOTOS, IssueFn
 from tests.pki.test_role_pinning import serving
 
-from .conftest import ROOT, Cores, EscalatorFactory, Recorder, frame_of, region
+from .conftest import MODELS, ROOT, Cores, EscalatorFactory, Recorder, frame_of, region
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -148,3 +151,49 @@ async def test_the_outbox_skips_a_gateway_posing_as_a_replica(
     assert [p.escalation_id for _, p in sink.events] == [pending.escalation_id]
     assert rogue.calls == []
     assert cores.runs == 1
+
+
+class _RacedStore(AnswerStore):
+    """The shared store as a replica sees it when another replica stores the same id while
+    its own models run: the first look finds nothing, the answer lands meanwhile."""
+
+    def __init__(self, *args: Any, other: core_pb2.EscalationResult, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.other = other
+        self.looks = 0
+
+    def get(self, gateway_id: str, escalation_id: str) -> core_pb2.EscalationResult | None:
+        self.looks += 1
+        if self.looks == 1:
+            return None
+        return super().get(gateway_id, escalation_id)
+
+    def put(self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult) -> None:
+        super().put(gateway_id, escalation_id, self.other)  # the other replica was first
+        super().put(gateway_id, escalation_id, result)  # first write wins: ignored
+
+
+async def test_replicas_racing_on_one_id_return_the_first_stored_answer(tmp_path: Path) -> None:
+    first = core_pb2.EscalationResult(
+        answer=common_pb2.EscalationAnswer(escalation_id="esc-1", label="from-the-other"),
+        model_ms=1.0,
+    )
+    settings = CoreEscalationSettings(models_dir=MODELS, providers="cpu")
+    store = _RacedStore(
+        tmp_path / "shared-answers.sqlite3", max_entries=100, ttl_s=3600, other=first
+    )
+    async with EscalateService(settings, store=store) as service:
+        result = await asyncio.wrap_future(
+            service.models.run_in_worker(
+                lambda: service._answer_sync(
+                    ("gw-1", "esc-1"),
+                    (PHOTOS / "motorcycle.jpg").read_bytes(),
+                    True,
+                    frame_id="f1",
+                    edge=("", 0.0),
+                )
+            )
+        )
+    assert service.models.runs == 1  # this replica did run its models ...
+    assert result == first  # ... and still answers with what the shared store holds
+    store.close()
