@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -215,10 +217,11 @@ class Fleet:
         return out
 
     @contextlib.asynccontextmanager
-    async def enrol_stubs(self) -> AsyncIterator[list[enrollment_pb2_grpc.EnrollmentStub]]:
+    async def enrol_stubs(self) -> AsyncIterator[list[Any]]:
+        """One ``Enrollment`` stub per replica (typed ``Any``: grpc-stubs types them sync)."""
         creds = pki.grpc_channel_credentials(ca_bundle_pem=self.ca_bundle)
         async with contextlib.AsyncExitStack() as stack:
-            stubs = []
+            stubs: list[Any] = []
             for r in self.replicas:
                 channel = await stack.enter_async_context(
                     grpc.aio.secure_channel(r.enrol_address, creds, options=CORE_PIN)
@@ -321,12 +324,12 @@ def enrolled_devices(fleet: Fleet, n: int) -> list[str]:
 
 async def revoke_fanout(fleet: Fleet, n: int) -> list[float]:
     """ms from a revocation's commit to a gateway on replica 1 having applied it."""
-    times = []
+    times: list[float] = []
     async with gateway_feed(fleet, [fleet.replicas[1].address]) as (state, _feed):
         for device_id in enrolled_devices(fleet, n):
             started = time.perf_counter()
             await asyncio.to_thread(revoke, fleet, device_id)
-            await until(lambda d=device_id: state.is_revoked(d, "00"))
+            await until(functools.partial(state.is_revoked, device_id, "00"))
             times.append((time.perf_counter() - started) * 1000.0)
     return times
 
