@@ -10,6 +10,15 @@ identity or the new one.
 ``enroll`` talks to the core's enrolment port (server-authenticated TLS: the device has no
 certificate yet); ``renew`` to its mutual-TLS port with the current certificate. Both demand
 the core's role-pinned name (``core.edgeward.internal``), which no gateway certificate carries.
+
+Both take several endpoints (replicas of the core on one registry: a sequence or a comma
+list). They are tried in order with the same request (same key, same CSR, same token); only
+an unreachable or silent replica (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``) makes the device
+try the next, any other answer is final for this attempt. A token is spent only in the
+transaction that records the new certificate, so an attempt that failed on one replica
+leaves it usable on the next. One gap remains: a replica that committed and then died
+before replying has spent the token without the device receiving the certificate; such a
+device needs a new token.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import grpc
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
@@ -42,7 +53,18 @@ from device_sdk.errors import (
 )
 from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
 
-__all__ = ["EnrollmentResult", "default_core_address", "enroll", "renew", "verify_chain"]
+__all__ = [
+    "EnrollmentResult",
+    "default_core_address",
+    "endpoint_list",
+    "enroll",
+    "renew",
+    "verify_chain",
+]
+
+_log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 FINAL_METADATA_KEY = "edgeward-final"
 DEFAULT_TIMEOUT_S = 15.0
@@ -70,12 +92,59 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def endpoint_list(endpoints: str | Sequence[str]) -> list[str]:
+    """``"a:1,b:2"`` or ``["a:1", "b:2,c:3"]`` → ``["a:1", "b:2", "c:3"]`` (order kept)."""
+    items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    out: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            address = part.strip()
+            if address and address not in out:
+                out.append(address)
+    return out
+
+
 def default_core_address(enrol_endpoint: str) -> str:
-    """The core's mutual-TLS address by the default layout: the enrolment port minus one."""
+    """The core's mutual-TLS address by the default layout: the enrolment port minus one.
+
+    For a comma list of enrolment endpoints, the list of their mutual-TLS addresses.
+    """
+    if "," in enrol_endpoint:
+        return ",".join(default_core_address(e) for e in endpoint_list(enrol_endpoint))
     host, _, port = enrol_endpoint.rpartition(":")
     if not host or not port.isdigit() or int(port) < 2:
         return enrol_endpoint
     return f"{host}:{int(port) - 1}"
+
+
+#: Codes after which the same request may succeed at another replica.
+_TRY_NEXT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+async def _first_answer(
+    endpoints: Sequence[str],
+    credentials: grpc.ChannelCredentials,
+    send: Callable[[enrollment_pb2_grpc.EnrollmentStub], Awaitable[T]],
+) -> T:
+    """``send`` on each endpoint in turn until one answers; the last error if none does."""
+    last: grpc.aio.AioRpcError | None = None
+    for address in endpoints:
+        try:
+            async with grpc.aio.secure_channel(
+                address, credentials, options=_CORE_OPTIONS
+            ) as channel:
+                return await send(enrollment_pb2_grpc.EnrollmentStub(channel))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _TRY_NEXT:
+                raise
+            _log.warning(
+                "core replica did not answer; trying the next",
+                endpoint=address,
+                code=exc.code().name,
+            )
+            last = exc
+    assert last is not None  # noqa: S101 - callers pass at least one endpoint
+    raise last
 
 
 def _csr(key: pki._files.PrivateKey, device_id: str) -> bytes:
@@ -271,7 +340,7 @@ def _check_writable(directory: Path) -> None:
 
 async def enroll(
     *,
-    endpoint: str,
+    endpoint: str | Sequence[str],
     ca_bundle_pem: bytes,
     token: str,
     out_dir: Path,
@@ -285,9 +354,14 @@ async def enroll(
 
     Safe to run again: when ``out_dir`` already holds this device's identity, nothing is sent
     and the result has ``already_enrolled`` set (``force`` enrols again, which needs a new
-    token). ``core_address`` is the core's mutual-TLS address used later by :func:`renew`
-    (default: :func:`default_core_address` of ``endpoint``).
+    token). ``endpoint`` is one enrolment endpoint or several replicas (a sequence or a comma
+    list), tried in order. ``core_address`` is the core's mutual-TLS address (or a comma
+    list of them) used later by :func:`renew` (default: :func:`default_core_address` of each
+    endpoint).
     """
+    endpoints = endpoint_list(endpoint)
+    if not endpoints:
+        raise EnrollmentRefused("no enrolment endpoint given")
     try:
         device_id = pki.token_device_id(token)
     except pki.TokenRejected:
@@ -309,12 +383,14 @@ async def enroll(
         key = pki.generate_private_key(curve)
         request = enrollment_pb2.EnrollRequest(token=token, csr=_csr(key, device_id))
         credentials = pki.grpc_channel_credentials(ca_bundle_pem=ca_bundle_pem)
+
+        async def send(stub: enrollment_pb2_grpc.EnrollmentStub) -> enrollment_pb2.EnrollResponse:
+            method: Any = stub.Enroll  # grpc-stubs types it synchronous; on aio it is awaitable
+            response: enrollment_pb2.EnrollResponse = await method(request, timeout=timeout_s)
+            return response
+
         try:
-            async with grpc.aio.secure_channel(
-                endpoint, credentials, options=_CORE_OPTIONS
-            ) as channel:
-                stub = enrollment_pb2_grpc.EnrollmentStub(channel)
-                response = await stub.Enroll(request, timeout=timeout_s)
+            response = await _first_answer(endpoints, credentials, send)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, device_id=device_id) from None
         result = _store(
@@ -324,8 +400,10 @@ async def enroll(
             trusted_bundle_pem=ca_bundle_pem,
             device_id=device_id,
             metadata={
-                "enrol_endpoint": endpoint,
-                "core_address": core_address or default_core_address(endpoint),
+                "enrol_endpoint": ",".join(endpoints),
+                "core_address": ",".join(endpoint_list(core_address))
+                if core_address
+                else default_core_address(",".join(endpoints)),
             },
             now=now or _utcnow(),
         )
@@ -339,14 +417,15 @@ async def enroll(
 async def renew(
     *,
     identity_dir: Path,
-    endpoint: str | None = None,
+    endpoint: str | Sequence[str] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     now: dt.datetime | None = None,
     curve: str = "P-256",
 ) -> EnrollmentResult:
     """Renew the identity in ``identity_dir`` with a new key, over mutual TLS.
 
-    ``endpoint`` defaults to the ``core_address`` stored at enrolment. Raises
+    ``endpoint`` (one or several replicas, tried in order) defaults to the ``core_address``
+    stored at enrolment. Raises
     :class:`DeviceRevoked` or :class:`CertificateExpired` (both final), or
     :class:`EnrollmentRefused`/:class:`EnrollmentUnavailable`.
     """
@@ -358,24 +437,28 @@ async def renew(
     if not current.not_before <= now <= current.not_after:
         raise CertificateExpired(current.device_id, current.not_after.isoformat())
     meta = files.read_metadata()
-    address = endpoint or str(meta.get("core_address") or "")
-    if not address:
+    addresses = endpoint_list(endpoint or str(meta.get("core_address") or ""))
+    if not addresses:
         raise EnrollmentRefused("no core address known for renewal; pass the endpoint")
     key = pki.generate_private_key(curve)
     request = enrollment_pb2.RenewRequest(csr=_csr(key, current.device_id))
     credentials = pki.grpc_channel_credentials(
         ca_bundle_pem=files.ca_bundle.read_bytes(), identity=files
     )
+
+    async def send(stub: enrollment_pb2_grpc.EnrollmentStub) -> enrollment_pb2.EnrollResponse:
+        method: Any = stub.Renew  # grpc-stubs types it synchronous; on aio it is awaitable
+        response: enrollment_pb2.EnrollResponse = await method(request, timeout=timeout_s)
+        return response
+
     try:
-        async with grpc.aio.secure_channel(address, credentials, options=_CORE_OPTIONS) as channel:
-            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
-            response = await stub.Renew(request, timeout=timeout_s)
+        response = await _first_answer(addresses, credentials, send)
     except grpc.aio.AioRpcError as exc:
         raise _translate(
             exc, device_id=current.device_id, not_after=current.not_after.isoformat()
         ) from None
     keep = {k: v for k, v in meta.items() if k in {"enrol_endpoint", "core_address"}}
-    keep["core_address"] = address
+    keep["core_address"] = ",".join(addresses)
     return _store(
         files.directory,
         response,

@@ -46,7 +46,9 @@ class _FinalError(click.ClickException):
 @click.option(
     "--endpoint",
     required=True,
-    help="core HOST:PORT: the enrolment port, or with --renew the mutual-TLS port",
+    multiple=True,
+    help="core HOST:PORT: the enrolment port, or with --renew the mutual-TLS port; repeat it "
+    "(or give a comma list) for replicas, tried in order when one is down",
 )
 @click.option(
     "--ca-bundle",
@@ -70,11 +72,14 @@ class _FinalError(click.ClickException):
 )
 @click.option("--renew", is_flag=True, help="renew the identity in --out (new key)")
 @click.option("--force", is_flag=True, help="enrol again even if --out holds an identity")
-@click.option("--core-endpoint", help="the core's mutual-TLS HOST:PORT, kept for renewal")
+@click.option(
+    "--core-endpoint",
+    help="the core's mutual-TLS HOST:PORT (or a comma list of replicas), kept for renewal",
+)
 @click.option("--timeout", default=15.0, show_default=True, help="seconds to wait for the core")
 def enroll(
     *,
-    endpoint: str,
+    endpoint: tuple[str, ...],
     ca_bundle: Path | None,
     token_file: str | None,
     token: str | None,
@@ -91,7 +96,9 @@ def enroll(
     secret = ""
     try:
         if renew:
-            result = asyncio.run(sdk_renew(identity_dir=out, endpoint=endpoint, timeout_s=timeout))
+            result = asyncio.run(
+                sdk_renew(identity_dir=out, endpoint=list(endpoint), timeout_s=timeout)
+            )
             click.echo(
                 f"renewed {result.device_id}: serial {result.serial}, valid until "
                 f"{result.not_after:%Y-%m-%d %H:%M} UTC"
@@ -102,7 +109,7 @@ def enroll(
             raise click.UsageError("enrolling needs --ca-bundle")
         result = asyncio.run(
             sdk_enroll(
-                endpoint=endpoint,
+                endpoint=list(endpoint),
                 ca_bundle_pem=ca_bundle.read_bytes(),
                 token=secret,
                 out_dir=out,

@@ -56,7 +56,12 @@ def gateway() -> None:
     default=None,
     help="This gateway's identity directory.",
 )
-@click.option("--core", default=None, help="host:port of the core (revocation feed, registry).")
+@click.option(
+    "--core",
+    multiple=True,
+    help="host:port of the core (revocation feed, registry); repeat it, or give a comma "
+    "list, for replicas the gateway fails over between.",
+)
 @click.option(
     "--pki-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -69,7 +74,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     config_path: Path | None,
     listen: str | None,
     identity: Path | None,
-    core: str | None,
+    core: tuple[str, ...],
     pki_dir: Path | None,
     metrics_listen: str | None,
     region: str | None,
@@ -89,7 +94,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
         for key, value in (
             ("listen", listen),
             ("identity_dir", identity),
-            ("core_address", core),
+            ("core_address", _core_option(core)),
             ("pki_dir", pki_dir),
             ("metrics_listen", metrics_listen),
             ("region", region),
@@ -153,6 +158,11 @@ def _quick_start_defaults(settings: Any) -> Any:
             }
             log.info("MQTT on: devices' mutual-TLS listener", address=f"{host}:{mqtt_port}")
     return settings.model_copy(update=update) if update else settings
+
+
+def _core_option(values: tuple[str, ...]) -> str | None:
+    """``--core A --core B,C`` → ``A,B,C`` (the settings validate each address)."""
+    return ",".join(values) if values else None
 
 
 async def _serve(settings: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway._core_endpoints import join_core_addresses, parse_core_addresses
 from gateway._models import models_dir_or_default
 from gateway._settings import ConfigError, ServiceSettings, load_settings
 
@@ -243,8 +244,10 @@ class GatewaySettings(ServiceSettings):
     )
     core_address: str | None = Field(
         default=None,
-        description="host:port of the core (revocation feed, device registry). Unset: "
-        "standalone, reading pki_dir's registry.",
+        description="host:port of the core (revocation feed, device registry), or several "
+        "replicas of it: a comma list or a TOML list, tried in order with failover (the "
+        "gateway stays on the one that answers). Unset: standalone, reading pki_dir's "
+        "registry.",
     )
     pki_dir: Path | None = Field(
         default=None,
@@ -306,10 +309,23 @@ class GatewaySettings(ServiceSettings):
     def _check_listen(cls, value: str) -> str:
         return _host_port(value)
 
-    @field_validator("core_address", "metrics_listen", "advertise_address")
+    @field_validator("metrics_listen", "advertise_address")
     @classmethod
     def _check_optional_address(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value)
+
+    @field_validator("core_address", mode="before")
+    @classmethod
+    def _check_core_addresses(cls, value: Any) -> str | None:
+        """One address, a comma list or a TOML list; held as ``a:1,b:2``."""
+        if value is None:
+            return None
+        return join_core_addresses(parse_core_addresses(value))
+
+    @property
+    def core_addresses(self) -> tuple[str, ...]:
+        """The core replicas in order (empty when standalone)."""
+        return () if self.core_address is None else parse_core_addresses(self.core_address)
 
     def section(self, name: Literal["mqtt", "escalation"], model: type[M]) -> M | None:
         """Validate the raw ``[name]`` table with its owner's ``model``; ``None`` when absent.

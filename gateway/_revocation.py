@@ -16,7 +16,8 @@ Two feeds fill it, each an async context manager owning one background task:
 
 - :class:`CoreRevocationFeed`: the core's ``Core.WatchRevocations`` stream over mutual TLS
   with the gateway's own identity. After a disconnect it resumes from the last sequence seen,
-  with jittered exponential backoff (so a core restart is not met by every gateway at once).
+  on the next of the gateway's cores, with jittered exponential backoff (so a core restart is
+  not met by every gateway at once).
   Heartbeats (``heartbeat=true``, no device) keep the state fresh; one whose sequence is beyond
   the last event seen means gateway or core certificates were revoked (the feed does not carry
   those): listeners hear of it (:meth:`RevocationState.advance`) and the broker fetches the
@@ -42,6 +43,7 @@ import grpc
 import structlog
 
 import pki
+from gateway._core_endpoints import CoreEndpoints
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 
 __all__ = [
@@ -230,11 +232,15 @@ class _Background:
 
 
 class CoreRevocationFeed(_Background):
-    """Keeps ``state`` current from the core's ``WatchRevocations`` stream.
+    """Keeps ``state`` current from the cores' ``WatchRevocations`` stream.
 
-    ``channel_factory`` returns a new mTLS channel to the core (the caller builds it from the
-    gateway's identity). ``stream_timeout_s`` bounds a single stream's silence: if neither an
-    event nor a heartbeat arrives for that long, the stream is dropped and re-opened.
+    ``endpoints`` are the gateway's cores (:class:`~gateway._core_endpoints.CoreEndpoints`:
+    pinned mTLS channels, failover order). The feed streams from one core at a time; when the
+    stream fails (the core is unreachable, cuts it, ends it, or is silent for
+    ``stream_timeout_s``) it moves to the next core and resumes from the last sequence it
+    applied. Replicas share one registry and so one global sequence: nothing is missed, and
+    an event the new core sends again is dropped by :meth:`RevocationState.apply`. The
+    state's staleness bound does not reset on a failover, only on an event or heartbeat.
     """
 
     _task_name = "edgeward-revocation-feed"
@@ -243,28 +249,34 @@ class CoreRevocationFeed(_Background):
         self,
         state: RevocationState,
         *,
-        channel_factory: Callable[[], grpc.aio.Channel],
+        endpoints: CoreEndpoints,
         stream_timeout_s: float,
     ) -> None:
         self._state = state
-        self._channel_factory = channel_factory
+        self._endpoints = endpoints
         self._stream_timeout_s = stream_timeout_s
         super().__init__()
         self.connects = 0
+        #: The core the feed is streaming from (or trying next).
+        self.address = endpoints.current
 
     async def _run(self) -> None:
         attempt = 0
         while True:
-            channel = self._channel_factory()
+            address = self.address = self._endpoints.current
+            reason = "ended"
             try:
-                async with channel:
+                async with self._endpoints.channel(address) as channel:
                     stub = core_pb2_grpc.CoreStub(channel)
                     call = stub.WatchRevocations(
                         core_pb2.WatchRevocationsRequest(since_sequence=self._state.last_sequence)
                     )
                     self.connects += 1
                     async for message in _with_silence_bound(call, self._stream_timeout_s):
+                        if attempt:
+                            _log.info("revocation feed connected", core=address)
                         attempt = 0
+                        self._endpoints.succeeded(address)
                         if message.heartbeat or not message.device_id:
                             await self._state.advance(int(message.sequence))
                             continue
@@ -276,10 +288,13 @@ class CoreRevocationFeed(_Background):
                                 reason=message.reason,
                             )
                         )
-                    _log.info("revocation feed ended by the core; reconnecting")
+                    _log.info("revocation feed ended by the core; reconnecting", core=address)
             except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-                code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc)
-                _log.warning("revocation feed lost", error=str(code), attempt=attempt)
+                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "silent"
+                _log.warning("revocation feed lost", core=address, error=reason, attempt=attempt)
+            # A replica that is going away (or gone) is left for the next one, which resumes
+            # from the same sequence.
+            self._endpoints.failed(address, reason)
             delay = _backoff(attempt)
             attempt += 1
             await asyncio.sleep(delay)

@@ -3,8 +3,9 @@
 :class:`GatewayService` is an async context manager. Entering starts, in this order (each
 part ready before the next one that uses it):
 
-1. the metrics registry, the event hub, the revocation state and its feed (the core's
-   ``WatchRevocations`` stream, or the PKI registry when standalone), waiting up to
+1. the metrics registry, the event hub, the revocation state and its feed (the cores'
+   ``WatchRevocations`` stream, failing over between the replicas listed in
+   ``core_address``, or the PKI registry when standalone), waiting up to
    ``core_timeout_s`` for it to become fresh (until then new sessions are refused);
 2. the inference engine (model verified, session created, provider logged once) and cache;
 3. the plug-ins, in the order given (the MQTT bridge, the escalation outbox);
@@ -60,6 +61,7 @@ from cryptography import x509
 
 import pki
 from gateway._config import GatewaySettings
+from gateway._core_endpoints import CoreEndpoints
 from gateway._events import EventHub
 from gateway._grpc._auth import (
     Authoriser,
@@ -198,6 +200,7 @@ class GatewayService:
         self.events = EventHub()
         self.revocation = RevocationState(max_staleness_s=settings.revocation_max_staleness_s)
         self._stack = contextlib.AsyncExitStack()
+        self._core_endpoints: CoreEndpoints | None = None
         self._registry: pki.Registry | None = None
         self.engine: InferenceEngine | None = None
         self.servicer: DeviceGatewayServicer | None = None
@@ -207,18 +210,18 @@ class GatewayService:
 
     # -- assembly ---------------------------------------------------------------------------
 
-    def _core_channel(self) -> grpc.aio.Channel:
-        assert self.settings.core_address is not None  # noqa: S101 - only with a core
-        creds = pki.grpc_channel_credentials(
-            ca_bundle_pem=self.identity.ca_bundle.read_bytes(), identity=self.identity
-        )
-        # Demand the core's role-pinned name: every gateway certificate names localhost too,
-        # so the address alone would let a stolen gateway key pose as the core.
-        return grpc.aio.secure_channel(
-            self.settings.core_address,
-            creds,
-            options=[pki.server_name_option(pki.core_server_name())],
-        )
+    @property
+    def core_endpoints(self) -> CoreEndpoints | None:
+        """The cores this gateway talks to, and the one it is on (``None``: standalone)."""
+        return self._core_endpoints
+
+    def _cores(self) -> CoreEndpoints:
+        """The gateway's cores: one pinned channel recipe, failover between the replicas."""
+        if self._core_endpoints is None:
+            self._core_endpoints = CoreEndpoints.for_identity(
+                self.settings.core_addresses, self.identity
+            )
+        return self._core_endpoints
 
     def _open_registry(self) -> pki.Registry:
         if self._registry is None:
@@ -234,7 +237,7 @@ class GatewayService:
         if s.core_address is not None:
             return CoreRevocationFeed(
                 self.revocation,
-                channel_factory=self._core_channel,
+                endpoints=self._cores(),
                 # The core sends a heartbeat at least every few seconds; twice the bound of
                 # silence on one stream means it is dead even if TCP has not noticed.
                 stream_timeout_s=max(2.0, s.revocation_max_staleness_s / 2),
@@ -260,8 +263,7 @@ class GatewayService:
         if self._device_directory is not None:
             return self._device_directory
         if self.settings.core_address is not None:
-            channel = await self._stack.enter_async_context(self._core_channel())
-            return CoreDeviceDirectory(channel, timeout_s=self.settings.core_timeout_s)
+            return CoreDeviceDirectory(self._cores(), timeout_s=self.settings.core_timeout_s)
         return RegistryDeviceDirectory(self._open_registry())
 
     def _engine(self) -> InferenceEngine:
@@ -295,6 +297,8 @@ class GatewayService:
         log = _log.bind(gateway_id=self.gateway_id, region=s.region)
         try:
             await self._stack.__aenter__()
+            if s.core_address is not None:
+                await self._stack.enter_async_context(self._cores())
             await self._stack.enter_async_context(self._revocation_feed())
             try:
                 async with asyncio.timeout(s.core_timeout_s):
@@ -412,34 +416,40 @@ class GatewayService:
         return f"{mqtt.host}:{mqtt.port}"
 
     async def _announce(self, address: str) -> None:
-        """Announce this gateway to the core (identity from its certificate), retrying with
-        jittered backoff until the core has it: devices find gateways in the directory."""
-        from protos.edgeward.v1 import common_pb2, core_pb2_grpc
+        """Announce this gateway to a core (identity from its certificate), retrying with
+        jittered backoff, over every replica, until one has it: devices find gateways in
+        the directory (replicas share it)."""
+        from protos.edgeward.v1 import common_pb2
+
+        cores = self._cores()
+        entry = common_pb2.GatewayEntry(
+            gateway_id=self.gateway_id,
+            region=self.settings.region,
+            grpc_address=address,
+            mqtt_address=self._advertised_mqtt_address() or "",
+        )
+
+        async def announce(core: str) -> None:
+            # grpc-stubs types the stub's methods as synchronous; on aio they are awaitable.
+            method: Any = cores.stub(core).AnnounceGateway
+            await method(entry, timeout=self.settings.core_timeout_s)
 
         delay = 0.5
-        async with self._core_channel() as channel:
-            stub = core_pb2_grpc.CoreStub(channel)
-            entry = common_pb2.GatewayEntry(
-                gateway_id=self.gateway_id,
-                region=self.settings.region,
-                grpc_address=address,
-                mqtt_address=self._advertised_mqtt_address() or "",
-            )
-            while True:
-                try:
-                    await stub.AnnounceGateway(entry, timeout=self.settings.core_timeout_s)
-                except grpc.aio.AioRpcError as exc:
-                    _log.warning(
-                        "announcing to the core failed; retrying",
-                        code=exc.code().name,
-                        details=exc.details(),
-                        retry_in_s=round(delay, 1),
-                    )
-                    await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
-                    delay = min(delay * 2, 30.0)
-                    continue
-                _log.info("announced to the core", grpc_address=address)
-                return
+        while True:
+            try:
+                await cores.call(announce)
+            except grpc.aio.AioRpcError as exc:
+                _log.warning(
+                    "announcing to the core failed; retrying",
+                    code=exc.code().name,
+                    details=exc.details(),
+                    retry_in_s=round(delay, 1),
+                )
+                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
+                delay = min(delay * 2, 30.0)
+                continue
+            _log.info("announced to the core", grpc_address=address, core=cores.current)
+            return
 
     async def _watch_feed(self) -> None:
         while True:

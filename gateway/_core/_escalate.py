@@ -714,4 +714,6 @@ class EscalateService:
             model_ms=answer.model_ms,
         )
         self.store.put(*key, result)
-        return result
+        # Replicas sharing the store may have raced on this id: the first stored answer is
+        # the one every replica returns.
+        return self.store.get(*key) or result

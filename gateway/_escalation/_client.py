@@ -1,4 +1,4 @@
-"""The gateway's client of ``Core.Escalate``: one mTLS channel per core address.
+"""The gateway's client of ``Core.Escalate``: pinned mTLS channels, failover between replicas.
 
 The call's outcome is sorted once, here, into "try again later" (:class:`CoreUnavailable`)
 and "never" (:class:`EscalationFailed`), so the outbox never has to read gRPC codes.
@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 
-import pki
-from protos.edgeward.v1 import core_pb2, core_pb2_grpc
+from gateway._core_endpoints import CoreEndpoints
+from protos.edgeward.v1 import core_pb2
 
 from ._errors import EscalationError, EscalationFailed
 
@@ -43,54 +43,69 @@ class CoreUnavailable(EscalationError):
 
 
 class CoreClient:
-    """Calls ``Core.Escalate`` over mTLS with the gateway's own certificate."""
+    """Calls ``Core.Escalate`` over mTLS with the gateway's own certificate.
+
+    An outbox entry names its core as a target: one ``host:port`` or a comma list of
+    replicas. Within one attempt the client tries the target's replicas in failover order
+    (:class:`~gateway._core_endpoints.CoreEndpoints`): the one that answered last first, and
+    on any retryable failure (the replica died mid-request, is unreachable, overloaded or
+    slow) the next, with the same escalation id. Replicas share one answer store keyed by
+    (gateway, escalation id), so a replica that already answered the id, or is still
+    running it, is never run twice and the device gets one answer. Only when every replica
+    failed does the outbox back off (:class:`CoreUnavailable`).
+    """
 
     def __init__(self, *, credentials: grpc.ChannelCredentials, timeout_s: float) -> None:
         self._credentials = credentials
         self._timeout_s = timeout_s
-        self._channels: dict[str, tuple[grpc.aio.Channel, core_pb2_grpc.CoreStub]] = {}
+        self._targets: dict[str, CoreEndpoints] = {}
 
-    def _stub(self, address: str) -> core_pb2_grpc.CoreStub:
-        entry = self._channels.get(address)
-        if entry is None:
-            channel = grpc.aio.secure_channel(
-                address,
-                self._credentials,
+    def _endpoints(self, target: str) -> CoreEndpoints:
+        endpoints = self._targets.get(target)
+        if endpoints is None:
+            endpoints = CoreEndpoints(
+                target,
+                credentials=self._credentials,
                 options=[
-                    # Only a core may answer: demand its role-pinned name (a gateway's
-                    # certificate also names localhost, so the address alone is not enough).
-                    pki.server_name_option(pki.core_server_name()),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    # Reconnect quickly once the core is back: the outbox has its own backoff.
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
                 ],
             )
-            entry = (channel, core_pb2_grpc.CoreStub(channel))
-            self._channels[address] = entry
-        return entry[1]
+            self._targets[target] = endpoints
+        return endpoints
 
     async def escalate(
-        self, address: str, request: core_pb2.EscalationRequest
+        self, target: str, request: core_pb2.EscalationRequest
     ) -> core_pb2.EscalationResult:
-        """Send one escalation; raise :class:`CoreUnavailable` or :class:`EscalationFailed`."""
-        stub = self._stub(address)
-        try:
-            # grpc-stubs types the stub's methods as synchronous; on an aio channel they
-            # return awaitables.
-            call: Any = stub.Escalate
-            result: core_pb2.EscalationResult = await call(request, timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            details = exc.details() or ""
-            if code in _FINAL:
-                raise EscalationFailed(code.name, details) from exc
-            raise CoreUnavailable(code.name, details) from exc
-        return result
+        """Send one escalation to ``target``'s replicas in turn.
+
+        Raises :class:`EscalationFailed` on a final refusal, :class:`CoreUnavailable` when no
+        replica answered.
+        """
+        endpoints = self._endpoints(target)
+        last: CoreUnavailable | None = None
+        for address in endpoints.order():
+            stub = endpoints.stub(address)
+            try:
+                # grpc-stubs types the stub's methods as synchronous; on an aio channel they
+                # return awaitables.
+                call: Any = stub.Escalate
+                result: core_pb2.EscalationResult = await call(request, timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                details = exc.details() or ""
+                if code in _FINAL:
+                    raise EscalationFailed(code.name, details) from exc
+                last = CoreUnavailable(code.name, details)
+                endpoints.failed(address, code.name)
+                continue
+            endpoints.succeeded(address)
+            return result
+        assert last is not None  # noqa: S101 - a target has at least one address
+        raise last
 
     async def aclose(self) -> None:
         """Close every channel."""
-        channels, self._channels = self._channels, {}
-        for channel, _stub in channels.values():
-            await channel.close(None)
+        targets, self._targets = self._targets, {}
+        for endpoints in targets.values():
+            await endpoints.aclose()

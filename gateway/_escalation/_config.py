@@ -17,19 +17,14 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway._core_endpoints import join_core_addresses, parse_core_addresses
+
 __all__ = ["EscalationSettings", "RegionPolicy", "region_key"]
 
 
 def region_key(name: str) -> str:
     """A region name as ``regions`` holds it: registry spelling, ``_`` read as ``-``."""
     return name.replace("_", "-")
-
-
-def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError("must be host:port")
-    return value
 
 
 class RegionPolicy(BaseModel):
@@ -111,14 +106,15 @@ class RegionPolicy(BaseModel):
     )
     core_address: str | None = Field(
         default=None,
-        description="host:port of the core this region's escalations are pinned to; unset = "
+        description="host:port of the core this region's escalations are pinned to (a comma "
+        "or TOML list: replicas, with failover); unset = "
         "escalation.core_address, then the gateway's core_address.",
     )
 
-    @field_validator("core_address")
+    @field_validator("core_address", mode="before")
     @classmethod
-    def _check_core(cls, value: str | None) -> str | None:
-        return None if value is None else _host_port(value)
+    def _check_core(cls, value: Any) -> str | None:
+        return None if value is None else join_core_addresses(parse_core_addresses(value))
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -139,7 +135,8 @@ class EscalationSettings(BaseModel):
     enabled: bool = Field(default=True, description="Escalation on or off for this gateway.")
     core_address: str | None = Field(
         default=None,
-        description="host:port of the core to escalate to; unset = the gateway's core_address.",
+        description="host:port of the core to escalate to (a comma or TOML list: replicas, "
+        "with failover); unset = the gateway's core_address.",
     )
     regions: dict[str, RegionPolicy] = Field(
         default_factory=dict,
@@ -195,10 +192,10 @@ class EscalationSettings(BaseModel):
         default=16_000_000, ge=1, description="Pixel bound for frames the escalator decodes."
     )
 
-    @field_validator("core_address")
+    @field_validator("core_address", mode="before")
     @classmethod
-    def _check_core(cls, value: str | None) -> str | None:
-        return None if value is None else _host_port(value)
+    def _check_core(cls, value: Any) -> str | None:
+        return None if value is None else join_core_addresses(parse_core_addresses(value))
 
     @field_validator("regions", mode="before")
     @classmethod

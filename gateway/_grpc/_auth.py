@@ -19,15 +19,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 import pki
 from gateway._config import AuthorisationSettings
+from gateway._core_endpoints import CoreEndpoints
 from gateway.errors import DeviceRevoked, PermissionDenied, RegistryUnavailable
-from protos.edgeward.v1 import core_pb2, core_pb2_grpc
+from protos.edgeward.v1 import core_pb2
 
 __all__ = [
     "Authoriser",
@@ -75,17 +76,22 @@ class StaticDeviceDirectory:
 
 
 class CoreDeviceDirectory:
-    """Facts from the core's ``Core.GetDevice`` over the gateway's mTLS channel."""
+    """Facts from the cores' ``Core.GetDevice`` (pinned mTLS, failover between replicas)."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float) -> None:
-        self._stub = core_pb2_grpc.CoreStub(channel)
+    def __init__(self, endpoints: CoreEndpoints, *, timeout_s: float) -> None:
+        self._endpoints = endpoints
         self._timeout_s = timeout_s
 
     async def get_device(self, device_id: str) -> DeviceInfo | None:
+        request = core_pb2.GetDeviceRequest(device_id=device_id)
+
+        async def get(address: str) -> Any:
+            # grpc-stubs types the stub's methods as synchronous; on aio they are awaitable.
+            method: Any = self._endpoints.stub(address).GetDevice
+            return await method(request, timeout=self._timeout_s)
+
         try:
-            info = await self._stub.GetDevice(
-                core_pb2.GetDeviceRequest(device_id=device_id), timeout=self._timeout_s
-            )
+            info = await self._endpoints.call(get)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 return None

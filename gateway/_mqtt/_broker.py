@@ -107,7 +107,6 @@ __all__ = [
     "CrlSource",
     "MosquittoBroker",
     "RevocationEnforcer",
-    "core_crl_source",
     "device_acl",
     "dynsec_config",
     "free_port",
@@ -474,26 +473,6 @@ def registry_crl_source(pki_dir: Path) -> CrlSource:
 
     async def source() -> CrlSnapshot:
         return await asyncio.to_thread(build)
-
-    return source
-
-
-def core_crl_source(channel_factory: Callable[[], Any], *, timeout_s: float) -> CrlSource:
-    """The core's CRLs (``Enrollment.GetCrl``) over ``channel_factory()``'s channel."""
-    from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
-
-    async def source() -> CrlSnapshot:
-        channel = channel_factory()
-        try:
-            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
-            reply = await stub.GetCrl(enrollment_pb2.GetCrlRequest(), timeout=timeout_s)
-            return CrlSnapshot.parse(
-                bytes(reply.crl_der),
-                bytes(reply.device_crl_der),
-                sequence=int(reply.revocation_sequence),
-            )
-        finally:
-            await channel.close()
 
     return source
 

@@ -19,19 +19,18 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 import pki
 from gateway._config import GatewaySettings
+from gateway._core_endpoints import CoreEndpoints
 from gateway._grpc._servicer import DetectionHook
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
     BrokerFiles,
+    CrlSnapshot,
     CrlSource,
     MosquittoBroker,
     RevocationEnforcer,
-    core_crl_source,
     registry_crl_source,
 )
 from gateway._mqtt._config import MqttSettings
@@ -57,18 +56,26 @@ def _legacy_consumer_ids(gateway_id: str) -> list[str]:
 
 def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSource:
     if settings.core_address is not None:
-        address = settings.core_address
+        # The CRL must come from a core (pinned name), from whichever replica answers.
+        cores = CoreEndpoints.for_identity(settings.core_addresses, identity)
+        timeout_s = settings.core_timeout_s
 
-        def channel() -> grpc.aio.Channel:
-            creds = pki.grpc_channel_credentials(
-                ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
-            )
-            # The CRL must come from the core, not from any server of the trust domain.
-            return grpc.aio.secure_channel(
-                address, creds, options=[pki.server_name_option(pki.core_server_name())]
-            )
+        async def source() -> CrlSnapshot:
+            from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
 
-        return core_crl_source(channel, timeout_s=settings.core_timeout_s)
+            async def fetch(address: str) -> CrlSnapshot:
+                async with cores.channel(address) as channel:
+                    stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+                    reply = await stub.GetCrl(enrollment_pb2.GetCrlRequest(), timeout=timeout_s)
+                return CrlSnapshot.parse(
+                    bytes(reply.crl_der),
+                    bytes(reply.device_crl_der),
+                    sequence=int(reply.revocation_sequence),
+                )
+
+            return await cores.call(fetch)
+
+        return source
     assert settings.pki_dir is not None  # noqa: S101 - load_gateway_settings requires one
     return registry_crl_source(Path(settings.pki_dir))
 
