@@ -132,6 +132,7 @@ class Replica:
             f'core_id = "core-{index}"\n'
             f'listen = "{self.address}"\n'
             f'enrol_listen = "{self.enrol_address}"\n'
+            'metrics_listen = "127.0.0.1:0"\n'  # several cores on one machine
             f'identity_dir = "{work / f"core-{index}-identity"}"\n'
             "feed_heartbeat_s = 0.5\n"
             "shutdown_grace_s = 0.5\n"

@@ -74,6 +74,7 @@ async def main() -> int:
         core_id=args.core_id,
         listen="127.0.0.1:0",
         enrol_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",  # several cores on one machine
         identity_dir=args.identity,
         registry=args.registry,
         shutdown_grace_s=0.2,
