@@ -253,7 +253,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     result = json.loads(mqtt.strip().splitlines()[-1])
     assert result["gatewayId"] == "gw-seoul"
     assert any(d["label"] == "Cat" for d in result["detections"]), result
-    assert "CRL with 1 revoked certificate(s)" in text
+    assert "CRLs with 1 device and 0 gateway/core certificate(s)" in text
     # The token went through a file: it never reached a command line or any output.
     (scratch,) = (d for d in scratch_root.iterdir() if (d / "trust").is_dir())
     token = (scratch / "cam-1.token").read_text().strip()

@@ -156,9 +156,10 @@ def test_enrolling_again_revokes_the_replaced_certificates(
     assert not [e for e in logs if e["event"] == "device.revoked"]
 
     crl = pki.build_crl(pki.CertificateAuthority.load(pki_dir), registry, now=NOW)
-    listed = {r.serial_number for r in crl}
+    listed = {r.serial_number for r in crl.device}
     assert {int(s, 16) for s in replaced} <= listed
     assert second.certificate.serial_number not in listed
+    assert len(crl.issuing) == 0
     # The replaced certificates cannot renew; the new one can, and keeps working after it.
     for old in (first, renewed):
         with pytest.raises(pki.CertificateRevoked):
