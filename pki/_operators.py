@@ -71,13 +71,13 @@ def redeem_operator_token(
     try:
         name = token_device_id(token)
     except TokenRejected as exc:
-        _audit.warning("operator.login_refused", audit=True, reason=str(exc), peer=peer)
+        _audit.warning("operator.login_refused", audit=True, reason=exc.reason, peer=peer)
         raise
     try:
         record = registry.consume_operator_token(hash_token(token), now=now)
     except TokenRejected as exc:
         _audit.warning(
-            "operator.login_refused", audit=True, operator=name, reason=str(exc), peer=peer
+            "operator.login_refused", audit=True, operator=name, reason=exc.reason, peer=peer
         )
         raise
     _audit.info(

@@ -26,7 +26,15 @@ import pki
 from gateway._console._audit import AuditRing
 from gateway._console._links import mint_link
 from gateway._console._records import EscalationLog
-from gateway._console._web import Operator, WebConsole, admin_only, audit, form_text
+from gateway._console._web import (
+    SESSION,
+    Operator,
+    WebConsole,
+    admin_only,
+    audit,
+    form_text,
+    read_form,
+)
 
 if TYPE_CHECKING:
     from gateway._core._server import CoreServer
@@ -272,7 +280,7 @@ class CoreConsole(WebConsole):
 
     async def _revoke_device(self, request: web.Request) -> web.StreamResponse:
         device = self._device_or_404(request)
-        form = await request.post()
+        form = await read_form(request)
         reason = form_text(form, "reason") or "revoked from the console"
         try:
             record = self.server.revoke_device(device.id, reason=reason)
@@ -295,7 +303,7 @@ class CoreConsole(WebConsole):
         raise web.HTTPSeeOther(f"/devices/{device.id}")
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await read_form(request)
         device_id = form_text(form, "device_id", max_len=64)
         device_type = form_text(form, "type", max_len=32)
         region = form_text(form, "region", max_len=64)
@@ -351,7 +359,7 @@ class CoreConsole(WebConsole):
         gateway_id = request.match_info["id"]
         if gateway_id not in {g["id"] for g in self.gateways()}:
             raise web.HTTPNotFound(text="no such gateway")
-        form = await request.post()
+        form = await read_form(request)
         reason = form_text(form, "reason") or "revoked from the console"
         try:
             records = self.server.revoke_gateway(gateway_id, reason=reason)
@@ -378,7 +386,7 @@ class CoreConsole(WebConsole):
         url = self._gateway_consoles.get(gateway_id)
         if url is None:
             raise web.HTTPNotFound(text="no console known for this gateway")
-        session = request["session"]
+        session = request[SESSION]
         link = mint_link(
             self.server.ca,
             gateway_id=gateway_id,

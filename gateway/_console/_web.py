@@ -96,6 +96,10 @@ class _Session:
     last_seen: float
 
 
+#: Where the middleware puts the request's session for the handlers.
+SESSION = web.RequestKey("session", _Session)
+
+
 def _digest(sid: str) -> str:
     return hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -156,7 +160,7 @@ class SessionStore:
 def audit(event: str, request: web.Request | None = None, **fields: Any) -> None:
     """One audit line for a console action or refusal."""
     if request is not None:
-        session: _Session | None = request.get("session")
+        session: _Session | None = request.get(SESSION)
         if session is not None:
             fields.setdefault("operator", session.operator.name)
             fields.setdefault("operator_role", session.operator.role.value)
@@ -171,7 +175,7 @@ def admin_only(handler: Handler) -> Handler:
     """Refuse (403, audited) unless the session's operator is an admin."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        session: _Session = request["session"]
+        session = request[SESSION]
         if session.operator.role is not pki.OperatorRole.ADMIN:
             audit("console.refused", request, reason="admin role required")
             raise web.HTTPForbidden(text="this action needs the admin role")
@@ -333,7 +337,7 @@ class WebConsole(abc.ABC):
     def render(
         self, request: web.Request, template: str, http_status: int = 200, **context: Any
     ) -> web.Response:
-        session: _Session | None = request.get("session")
+        session: _Session | None = request.get(SESSION)
         text = self._jinja.get_template(template).render(
             operator=session.operator if session else None,
             csrf=session.csrf if session else "",
@@ -413,14 +417,14 @@ class WebConsole(abc.ABC):
             if request.method == "GET" and not path.startswith("/api/"):
                 raise web.HTTPSeeOther("/login")
             raise web.HTTPUnauthorized(text="log in first")
-        request["session"] = session
+        request[SESSION] = session
         if unsafe:
             sent = request.headers.get("X-CSRF-Token", "")
             if not sent and request.content_type in (
                 "application/x-www-form-urlencoded",
                 "multipart/form-data",
             ):
-                form = await request.post()
+                form = await read_form(request)
                 value = form.get("csrf", "")
                 sent = value if isinstance(value, str) else ""
             if not sent or not hmac.compare_digest(sent.encode(), session.csrf.encode()):
@@ -453,7 +457,7 @@ class WebConsole(abc.ABC):
         return self.render(request, "login.html", error="")
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await read_form(request)
         secret = form.get("token", "")
         if not isinstance(secret, str) or not 0 < len(secret) <= 4096:
             audit("console.login_refused", request, reason="malformed login")
@@ -502,6 +506,15 @@ def _when(value: Any) -> str:
 
         value = dt.datetime.fromtimestamp(value, dt.UTC)
     return f"{value:%Y-%m-%d %H:%M:%S} UTC"
+
+
+async def read_form(request: web.Request) -> Mapping[str, Any]:
+    """The posted form; 400 for a body that is not one (bad encoding, broken multipart)."""
+    try:
+        return await request.post()
+    except ValueError:
+        audit("console.refused", request, reason="malformed form")
+        raise web.HTTPBadRequest(text="malformed form") from None
 
 
 def form_text(form: Mapping[str, Any], name: str, *, max_len: int = 200) -> str:
