@@ -15,7 +15,7 @@ Security model (the console is a listener like the others: nothing is anonymous)
   time) *and* an ``Origin`` (or, lacking it, ``Referer``) of this very console (OWASP CSRF
   cheat sheet: defence in depth). Login forms, which have no session yet, need the origin.
 * **Headers**: a strict Content-Security-Policy (no inline script or style, no framing),
-  ``nosniff``, no referrer, no caching of pages, HSTS.
+  ``nosniff``, no referrer to other sites, no caching of pages, HSTS.
 * **Bounds**: request bodies over ``max_body_bytes`` get 413 before they are read; static
   files are a fixed set read from the package at start, looked up by exact name, so no path
   can reach anything else.
@@ -358,7 +358,9 @@ class WebConsole(abc.ABC):
         h = response.headers
         h.setdefault("Content-Security-Policy", _CSP)
         h.setdefault("X-Content-Type-Options", "nosniff")
-        h.setdefault("Referrer-Policy", "no-referrer")
+        # same-origin, not no-referrer: under no-referrer browsers send "Origin: null" with
+        # form posts, and the origin check needs the real one. Nothing leaves for other sites.
+        h.setdefault("Referrer-Policy", "same-origin")
         h.setdefault("X-Frame-Options", "DENY")
         h.setdefault("Cache-Control", "no-store")
         h.setdefault("Strict-Transport-Security", "max-age=31536000")
