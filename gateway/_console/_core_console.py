@@ -13,11 +13,15 @@ lines, plus one ``console.*`` line naming the operator.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 from cryptography import x509
@@ -43,6 +47,9 @@ __all__ = ["CoreConsole", "DeviceRow"]
 
 _log = structlog.get_logger(__name__)
 _TTL_CHOICES = ("1h", "24h", "7d")
+#: How often the core reads each gateway console's figures, and how long it waits for them.
+_POLL_S = 2.0
+_POLL_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,8 @@ class DeviceRow:
     created_at: dt.datetime
     last_escalation: dt.datetime | None
     gateway: str
+    last_seen: dt.datetime | None = None
+    transport: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +75,8 @@ class DeviceRow:
             "serial": self.serial,
             "not_after": self.not_after.isoformat() if self.not_after else None,
             "gateway": self.gateway,
+            "transport": self.transport,
+            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
         }
 
 
@@ -98,6 +109,59 @@ class CoreConsole(WebConsole):
         self.audit_ring = audit_ring
         self._clock = clock
         self._gateway_consoles = dict(s.console_gateways)
+        #: Gateway id → (monotonic time read, what its console reported), see _poll_gateways.
+        self.edge: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def started(self) -> None:
+        if not self._gateway_consoles:
+            return
+        tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        poller = tasks.create_task(self._poll_gateways(), name="edgeward-console-gateways")
+        self._stack.callback(poller.cancel)
+
+    async def stopping(self) -> None:
+        await self._stack.aclose()
+
+    async def _poll_gateways(self) -> None:
+        """Read each gateway console's figures (no pixels) over mutual TLS: the core presents
+        its certificate, and demands the gateway's role-pinned name, whatever the URL's host."""
+        identity = self.server.identity
+        contexts = {
+            gid: pki.client_ssl_context(identity, server_name=pki.gateway_server_name(gid))
+            for gid in self._gateway_consoles
+        }
+        timeout = aiohttp.ClientTimeout(total=_POLL_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+
+            async def read(gid: str, url: str) -> None:
+                try:
+                    async with http.get(
+                        f"{url.rstrip('/')}/internal/devices", ssl=contexts[gid]
+                    ) as r:
+                        if r.status == 200:
+                            self.edge[gid] = (time.monotonic(), await r.json())
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    _log.debug("gateway console unreachable", gateway_id=gid, error=str(exc))
+
+            while True:
+                await asyncio.gather(*(read(g, u) for g, u in self._gateway_consoles.items()))
+                await asyncio.sleep(_POLL_S)
+
+    def edge_view(self, max_age_s: float = 3 * _POLL_S + _POLL_TIMEOUT_S) -> dict[str, Any]:
+        """What fresh gateway reports say: per gateway its figures, per device where it is."""
+        now = time.monotonic()
+        gateways: dict[str, dict[str, Any]] = {}
+        devices: dict[str, tuple[float, str, str]] = {}
+        for gid, (at, report) in self.edge.items():
+            if now - at > max_age_s:
+                continue
+            gateways[gid] = report.get("stats", {})
+            for device_id, d in report.get("devices", {}).items():
+                seen = float(d.get("last_seen", 0))
+                if device_id not in devices or seen > devices[device_id][0]:
+                    devices[device_id] = (seen, gid, str(d.get("transport", "")))
+        return {"gateways": gateways, "devices": devices}
 
     @property
     def registry(self) -> pki.SqliteRegistry:
@@ -134,6 +198,7 @@ class CoreConsole(WebConsole):
         last: dict[str, tuple[dt.datetime, str]] = {}
         for e in reversed(self.escalations.recent(limit=10_000)):
             last[e.device_id] = (e.at, e.gateway_id)
+        edge = self.edge_view()["devices"]
         rows = []
         for d in self.registry.list_devices():
             mine = sorted(certs.get(d.id, []), key=lambda c: c.issued_at)
@@ -145,6 +210,7 @@ class CoreConsole(WebConsole):
             if status == "active" and (current is None or current.not_after <= now):
                 status = "expired"
             seen = last.get(d.id)
+            where = edge.get(d.id)
             rows.append(
                 DeviceRow(
                     d.id,
@@ -155,7 +221,9 @@ class CoreConsole(WebConsole):
                     current.not_after if current else None,
                     d.created_at,
                     seen[0] if seen else None,
-                    seen[1] if seen else "",
+                    where[1] if where else (seen[1] if seen else ""),
+                    dt.datetime.fromtimestamp(where[0], dt.UTC) if where else None,
+                    where[2] if where else "",
                 )
             )
         return sorted(rows, key=lambda r: r.id)
@@ -179,6 +247,7 @@ class CoreConsole(WebConsole):
                 "announced": r.updated_at,
             }
         certs = self.registry.list_server_certificates(pki.Role.GATEWAY)
+        edge_stats = self.edge_view()["gateways"]
         for gid, entry in entries.items():
             mine = [c for c in certs if c.server_id == gid]
             entry["status"] = (
@@ -187,6 +256,7 @@ class CoreConsole(WebConsole):
                 else "active"
             )
             entry["console"] = gid in self._gateway_consoles
+            entry["edge"] = edge_stats.get(gid)
         return [entries[k] for k in sorted(entries)]
 
     def trail(self, text: str) -> list[dict[str, Any]]:

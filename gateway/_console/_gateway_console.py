@@ -89,6 +89,14 @@ class GatewayConsole(WebConsole):
                 servicer.detection_hook = previous
 
         self._stack.callback(restore)
+        live = servicer.live
+        # A frame inside a live Detect or StreamDetect call came over gRPC; other frames
+        # reaching the hook came through the MQTT bridge (a device's Subscribe stream for its
+        # events says nothing about how its frames travel).
+        self.feed.on_grpc = lambda device_id: (
+            live.count(device_id, method="Detect") + live.count(device_id, method="StreamDetect")
+            > 0
+        )
         self.runtime.events.add_listener(self.feed.on_event)
         self.runtime.revocation.add_listener(self._on_revocation)
         self._stack.callback(self.runtime.revocation.remove_listener, self._on_revocation)
@@ -134,7 +142,7 @@ class GatewayConsole(WebConsole):
         rt = self.runtime
         m = rt.metrics
         now = time.monotonic()
-        frames = _total(m.frames)
+        frames = _total(m.frames) + self.feed.mqtt_frames
         self._frames.append((now, frames))
         t0, f0 = self._frames[0]
         fps = (frames - f0) / (now - t0) if now - t0 > 0.5 else 0.0
@@ -143,7 +151,7 @@ class GatewayConsole(WebConsole):
         live = rt.servicer.live
         wall = time.time()
         devices = sorted(
-            {d for d, t in self.feed.seen.items() if wall - t < 10}
+            {d for d, (t, _) in self.feed.seen.items() if wall - t < 10}
             | set(getattr(live, "_calls", {}))
         )
         return {
@@ -156,7 +164,7 @@ class GatewayConsole(WebConsole):
             "fps": round(fps, 1),
             "cache_hit_rate": round(hits / lookups, 3) if lookups else None,
             "provider": rt.engine.provider,
-            "model": next((f.model for f in self.feed.latest.values()), ""),
+            "model": self.feed.model,
             "devices": devices,
             "grpc_calls": live.count(),
             "revoked": sorted(self._revoked),
@@ -170,6 +178,7 @@ class GatewayConsole(WebConsole):
             web.get("/live", self._live_page),
             web.get("/api/live", self._live_stream),
             web.get("/api/stats", self._stats),
+            web.get("/internal/devices", self._devices),
         ]
 
     async def _index(self, _request: web.Request) -> web.StreamResponse:
@@ -182,6 +191,15 @@ class GatewayConsole(WebConsole):
 
     async def _stats(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response(self.stats())
+
+    async def _devices(self, _request: web.Request) -> web.StreamResponse:
+        """For the core's console (a core certificate): this gateway's figures and, per
+        device, when its last frame was judged here and over which transport. No pixels."""
+        seen = {
+            d: {"last_seen": t, "transport": transport, "revoked": d in self._revoked}
+            for d, (t, transport) in self.feed.seen.items()
+        }
+        return web.json_response({"stats": self.stats(), "devices": seen})
 
     async def _live_stream(self, request: web.Request) -> web.StreamResponse:
         sid = request.cookies.get(self.cookie_name, "")

@@ -78,8 +78,15 @@ class LiveFeed:
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._last_sent: dict[str, float] = {}
         self.latest: dict[str, LiveFrame] = {}
-        self.seen: dict[str, float] = {}
+        #: Device id → (wall time of its last freshly judged frame, transport).
+        self.seen: dict[str, tuple[float, str]] = {}
+        #: Tells whether a device's frame came over gRPC (it has a live call right now).
+        self.on_grpc: Any = lambda _device_id: False
         self.dropped = 0
+        #: Frames judged afresh over MQTT (gRPC frames are counted by the metrics).
+        self.mqtt_frames = 0
+        #: The edge model that judged the last frame.
+        self.model = ""
 
     @property
     def watched(self) -> bool:
@@ -114,7 +121,10 @@ class LiveFeed:
     def offer(self, device_id: str, frame_id: str, result: Any, frame: Any, marks: Any) -> None:
         """Take one judged frame (never blocks; drops when unwatched, too soon or busy)."""
         now = time.monotonic()
-        self.seen[device_id] = time.time()
+        transport = "grpc" if self.on_grpc(device_id) else "mqtt"
+        self.seen[device_id] = (time.time(), transport)
+        self.mqtt_frames += transport == "mqtt"
+        self.model = f"{result.model_name} {result.model_version}".strip()
         if not self._watchers or frame is None:
             return
         if now - self._last_sent.get(device_id, 0.0) < self._min_gap:

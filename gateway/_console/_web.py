@@ -51,6 +51,8 @@ from cryptography import x509
 import pki
 
 __all__ = [
+    "PEER",
+    "SESSION",
     "ConsoleError",
     "Operator",
     "SessionStore",
@@ -98,6 +100,8 @@ class _Session:
 
 #: Where the middleware puts the request's session for the handlers.
 SESSION = web.RequestKey("session", _Session)
+#: Where it puts the verified peer of a machine call (``/internal/``): a core identity.
+PEER = web.RequestKey("peer", pki.Identity)
 
 
 def _digest(sid: str) -> str:
@@ -387,6 +391,20 @@ class WebConsole(abc.ABC):
             audit("console.refused", request, reason="cross-origin or origin-less request")
             raise web.HTTPForbidden(text="cross-origin request refused")
         if public:
+            return await handler(request)
+        if path.startswith("/internal/"):
+            # Machine calls (the core reading a gateway's figures): a core's client certificate
+            # verified by TLS, nothing else; no cookie, no operator, read-only.
+            cert = peer_certificate(request)
+            try:
+                if cert is None or unsafe:
+                    raise pki.InvalidIdentity("a core's client certificate is required")
+                request[PEER] = pki.identity_from_certificate(
+                    cert, trust_domain=self.trust_domain, role=pki.Role.CORE
+                )
+            except pki.PkiError as exc:
+                audit("console.refused", request, reason=str(exc))
+                raise web.HTTPUnauthorized(text="refused") from None
             return await handler(request)
         sid = request.cookies.get(self.cookie_name, "")
         session, why = self.sessions.get(sid)

@@ -187,3 +187,23 @@ async def test_the_live_feed_chains_the_escalation_hook_and_costs_nothing_unwatc
     async with feed.watch():
         feed.offer("d-1", "f-3", Result(), frame, {})
         assert feed._work.qsize() == 1
+
+
+async def test_only_a_core_certificate_reads_the_gateways_figures(
+    issue: Any, tmp_path: Path, pki_dir: Path
+) -> None:
+    async with start_gateway(issue=issue, tmp_path=tmp_path, use_registry=False) as gw:
+        url, ca = gw.service.console.url, pki_dir / "ca-bundle.pem"
+        core = issue("core", "core-1")
+        async with console_client(url, ca, core) as c:
+            status, _, body = await c.get("/internal/devices")
+            assert status == 200
+            assert json.loads(body)["stats"]["gateway"] == "gw-test"
+            assert (await c.post("/internal/devices", data={}))[0] in (401, 403)
+            assert (await c.get("/live"))[0] == 303  # a core is no operator
+        for other in (issue("device", "cam-x"), issue("gateway", "gw-other"), None):
+            async with console_client(url, ca, other) as c:
+                assert (await c.get("/internal/devices"))[0] == 401
+        async with console_client(url, ca) as c:
+            await c.login(_link(pki_dir))  # an operator's session is not a core's certificate
+            assert (await c.get("/internal/devices"))[0] == 401

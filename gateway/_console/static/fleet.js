@@ -15,6 +15,10 @@
           badge.textContent = d.status;
           badge.className = "status " + d.status;
           badge.dataset.status = d.status;
+          row.querySelector(".gateway").textContent = d.gateway;
+          row.querySelector(".transport").textContent = d.transport;
+          row.querySelector(".last-seen").textContent =
+            d.last_seen ? d.last_seen.slice(0, 19).replace("T", " ") + " UTC" : "";
         });
       })
       .catch(function () {});
