@@ -450,6 +450,8 @@ class DemoStack:
             "console_listen": f"127.0.0.1:{self.core_console_port}",
             # Live views: each gateway's own console (frames never reach the core).
             "console_gateways": {p.gateway_id: p.console_url for p in self.plans.values()},
+            # Where the core reads their figures: the same addresses on one machine.
+            "console_gateways_internal": {p.gateway_id: p.console_url for p in self.plans.values()},
             # Static entries of the signed directory devices receive at enrolment.
             "gateways": [
                 {

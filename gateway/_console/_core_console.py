@@ -109,12 +109,13 @@ class CoreConsole(WebConsole):
         self.audit_ring = audit_ring
         self._clock = clock
         self._gateway_consoles = dict(s.console_gateways)
+        self._gateway_reads = {**self._gateway_consoles, **s.console_gateways_internal}
         #: Gateway id → (monotonic time read, what its console reported), see _poll_gateways.
         self.edge: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     async def started(self) -> None:
-        if not self._gateway_consoles:
+        if not self._gateway_reads:
             return
         tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         poller = tasks.create_task(self._poll_gateways(), name="edgeward-console-gateways")
@@ -129,7 +130,7 @@ class CoreConsole(WebConsole):
         identity = self.server.identity
         contexts = {
             gid: pki.client_ssl_context(identity, server_name=pki.gateway_server_name(gid))
-            for gid in self._gateway_consoles
+            for gid in self._gateway_reads
         }
         timeout = aiohttp.ClientTimeout(total=_POLL_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -145,7 +146,7 @@ class CoreConsole(WebConsole):
                     _log.debug("gateway console unreachable", gateway_id=gid, error=str(exc))
 
             while True:
-                await asyncio.gather(*(read(g, u) for g, u in self._gateway_consoles.items()))
+                await asyncio.gather(*(read(g, u) for g, u in self._gateway_reads.items()))
                 await asyncio.sleep(_POLL_S)
 
     def edge_view(self, max_age_s: float = 3 * _POLL_S + _POLL_TIMEOUT_S) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class CoreConsole(WebConsole):
         now = time.monotonic()
         gateways: dict[str, dict[str, Any]] = {}
         devices: dict[str, tuple[float, str, str]] = {}
+        details: dict[str, dict[str, Any]] = {}
         for gid, (at, report) in self.edge.items():
             if now - at > max_age_s:
                 continue
@@ -161,7 +163,8 @@ class CoreConsole(WebConsole):
                 seen = float(d.get("last_seen", 0))
                 if device_id not in devices or seen > devices[device_id][0]:
                     devices[device_id] = (seen, gid, str(d.get("transport", "")))
-        return {"gateways": gateways, "devices": devices}
+                    details[device_id] = d
+        return {"gateways": gateways, "devices": devices, "details": details}
 
     @property
     def registry(self) -> pki.SqliteRegistry:
@@ -344,6 +347,7 @@ class CoreConsole(WebConsole):
             device=row,
             certificates=self.registry.list_certificates(device.id),
             escalations=self.escalations.recent(device.id, limit=50),
+            edge=self.edge_view()["details"].get(device.id, {}),
             trail=self.trail(device.id)[:100],
             ttl_choices=_TTL_CHOICES,
         )

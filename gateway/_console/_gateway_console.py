@@ -195,10 +195,24 @@ class GatewayConsole(WebConsole):
     async def _devices(self, _request: web.Request) -> web.StreamResponse:
         """For the core's console (a core certificate): this gateway's figures and, per
         device, when its last frame was judged here and over which transport. No pixels."""
-        seen = {
-            d: {"last_seen": t, "transport": transport, "revoked": d in self._revoked}
-            for d, (t, transport) in self.feed.seen.items()
-        }
+        telemetry = self.runtime.servicer.telemetry
+        seen: dict[str, Any] = {}
+        for d, (t, transport) in self.feed.seen.items():
+            latest = telemetry.latest(d)
+            seen[d] = {
+                "last_seen": t,
+                "transport": transport,
+                "revoked": d in self._revoked,
+                "detections": list(self.feed.recent.get(d, ())),
+                "telemetry": None
+                if latest is None
+                else {
+                    "received_at": latest.received_at.timestamp(),
+                    "battery_percent": latest.battery_percent,
+                    "temperature_c": latest.temperature_c,
+                    "firmware_version": latest.firmware_version[:64],
+                },
+            }
         return web.json_response({"stats": self.stats(), "devices": seen})
 
     async def _live_stream(self, request: web.Request) -> web.StreamResponse:

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import io
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from gateway._events import DeviceEvent, EscalationAnswer
 __all__ = ["LiveFeed", "LiveFrame"]
 
 _MAX_SIDE = 640
+_MAX_DEVICES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,8 @@ class LiveFeed:
         self.mqtt_frames = 0
         #: The edge model that judged the last frame.
         self.model = ""
+        #: Per device, what its last frames held (labels and scores, never pixels).
+        self.recent: dict[str, deque[dict[str, Any]]] = {}
 
     @property
     def watched(self) -> bool:
@@ -125,6 +129,20 @@ class LiveFeed:
         self.seen[device_id] = (time.time(), transport)
         self.mqtt_frames += transport == "mqtt"
         self.model = f"{result.model_name} {result.model_version}".strip()
+        recent = self.recent.get(device_id)
+        if recent is None:
+            if len(self.recent) >= _MAX_DEVICES:
+                self.recent.pop(next(iter(self.recent)))
+            recent = self.recent[device_id] = deque(maxlen=10)
+        recent.append(
+            {
+                "at": time.time(),
+                "frame_id": frame_id[:64],
+                "transport": transport,
+                "labels": [[d.label, round(float(d.score), 2)] for d in result.detections][:10],
+                "escalated": len(marks or {}),
+            }
+        )
         if not self._watchers or frame is None:
             return
         if now - self._last_sent.get(device_id, 0.0) < self._min_gap:

@@ -177,6 +177,12 @@ class CoreSettings(ServiceSettings):
         description="gateway id = base URL of that gateway's console (https://HOST:PORT): the "
         "fleet's live views, opened with a one-time link signed by the issuing CA",
     )
+    console_gateways_internal: dict[str, str] = Field(
+        default_factory=dict,
+        description="gateway id = base URL at which the core itself reaches that console to "
+        "read its figures (mutual TLS), where it differs from what browsers open (a container "
+        "network); default: console_gateways",
+    )
     escalation: CoreEscalationSettings | None = Field(
         None,
         description="[escalation] table: Core.Escalate's models, thresholds and bounds; "
@@ -188,7 +194,7 @@ class CoreSettings(ServiceSettings):
     def _core_id(cls, v: str) -> str:
         return pki.validate_id(v, kind="core id")
 
-    @field_validator("console_gateways")
+    @field_validator("console_gateways", "console_gateways_internal")
     @classmethod
     def _console_gateways(cls, v: dict[str, str]) -> dict[str, str]:
         for gateway_id, url in v.items():

@@ -276,6 +276,12 @@ def test_a_viewer_is_refused_an_admin_action(browser: Any, stack: DemoStack) -> 
     _login(browser, stack, "ops-viewer", "viewer")
     browser.get(stack.console_url + f"/devices/{VACUUM}")
     assert not _by_css(browser, "#revoke-form")  # no admin forms for a viewer
+    # What the vacuum's gateway reported: its recent detections (labels only, no pixels).
+    _wait(
+        browser,
+        lambda d: d.refresh() or bool(_by_css(d, "table.detections td.mono")),
+        what="the vacuum's recent detections",
+    )
     # Try anyway, as the page's own script could: the session's CSRF token, same origin.
     status = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
