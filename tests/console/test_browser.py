@@ -142,9 +142,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _wait(driver: Any, predicate: Any, within_s: float = WAIT_S, what: str = "") -> Any:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, within_s, poll_frequency=0.2).until(
-        lambda d: predicate(d), message=what
-    )
+    return WebDriverWait(driver, within_s, poll_frequency=0.2).until(predicate, message=what)
 
 
 def _by_css(driver: Any, selector: str) -> list[Any]:

@@ -76,7 +76,7 @@ def test_role_changes_with_a_new_token_and_bad_values_are_refused(
     pki.create_operator_token(registry, name="ops-carol", role="admin", now=NOW)
     pki.create_operator_token(registry, name="ops-carol", role="viewer", now=NOW)
     assert registry.get_operator("ops-carol").role is pki.OperatorRole.VIEWER  # type: ignore[union-attr]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="root"):
         pki.create_operator_token(registry, name="ops-carol", role="root", now=NOW)
     with pytest.raises(ValueError, match="at most 1 day"):
         pki.create_operator_token(
