@@ -337,3 +337,35 @@ async def test_admin_issues_an_enrolment_token_shown_once(core: RunningCore) -> 
     assert record.device_id == device_id
     assert _audit(core, "token.created")[0]["device_id"] == device_id
     assert token not in str([e.fields for e in core.server.audit_ring.entries()])
+
+
+async def test_admin_revokes_a_gateway_with_the_clis_audit_line(core: RunningCore) -> None:
+    gateway_id = unique_id("gw")
+    serial = secrets.token_hex(8)
+    core.registry.record_server_certificate(
+        pki.ServerCertificateRecord(
+            serial,
+            pki.Role.GATEWAY,
+            gateway_id,
+            now() + dt.timedelta(days=30),
+            pki.Status.ACTIVE,
+            now(),
+        )
+    )
+    core.registry.upsert_gateway(pki.GatewayRecord(gateway_id, "home", "127.0.0.1:1", "", now()))
+    async with console_client(core.server.console.url, core.pki_dir / "ca-bundle.pem") as c:
+        await c.login(operator_token(core, "ops-hank", "admin"))
+        csrf = await c.csrf("/gateways")
+        assert (await c.post("/gateways/gw-nope/revoke", data={"csrf": csrf}))[0] == 404
+        status, headers, _ = await c.post(
+            f"/gateways/{gateway_id}/revoke", data={"csrf": csrf, "reason": "decommissioned"}
+        )
+        assert (status, headers["Location"]) == (303, "/gateways")
+        _, _, body = await c.get("/gateways")
+    record = core.registry.get_server_certificate(serial.lstrip("0"))
+    assert record is not None
+    assert record.status is pki.Status.REVOKED
+    assert f'data-gateway="{gateway_id}"' in body
+    revoked = _audit(core, "certificate.revoked")
+    assert revoked[0]["gateway_id"] == gateway_id
+    assert _audit(core, "console.gateway_revoked")[0]["operator"] == "ops-hank"
