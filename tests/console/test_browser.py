@@ -216,6 +216,12 @@ def test_a_detection_with_its_box_appears_live(browser: Any, stack: DemoStack, s
     assert filled
     assert _by_css(browser, "#s-provider")[0].text  # the gateway's figures arrived too
     _wait(browser, lambda d: float(_by_css(d, "#s-fps")[0].text or 0) > 0, what="frames/s")
+    # For the screenshot, one of the camera's photos with several things in it.
+    _wait(
+        browser,
+        lambda d: int(_by_css(d, f"{tile} canvas")[0].get_attribute("data-boxes") or 0) >= 3,
+        what="a frame with several boxes",
+    )
     browser.save_screenshot(str(shots / "live.png"))
 
 
