@@ -144,6 +144,8 @@ class CoreConsole(WebConsole):
                             self.edge[gid] = (time.monotonic(), await r.json())
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     _log.debug("gateway console unreachable", gateway_id=gid, error=str(exc))
+                except Exception:  # noqa: BLE001 - figures are best effort; the core runs on
+                    _log.exception("reading a gateway console failed", gateway_id=gid)
 
             while True:
                 await asyncio.gather(*(read(g, u) for g, u in self._gateway_reads.items()))
@@ -269,7 +271,8 @@ class CoreConsole(WebConsole):
             if e.matches(text)
         ]
         # Revocations made by other processes (the CLI) reach the trail through the registry.
-        for r in reversed(self.registry.revocations_since(0, limit=100_000)[-500:]):
+        since = max(0, self.registry.last_sequence() - 500)
+        for r in reversed(self.registry.revocations_since(since, limit=500)):
             fields = {
                 "id": r.device_id,
                 "role": r.role.value,

@@ -25,7 +25,7 @@ from cryptography import x509
 import pki
 from gateway._console._links import LinkVerifier
 from gateway._console._live import LiveFeed
-from gateway._console._web import Operator, WebConsole
+from gateway._console._web import Operator, WebConsole, audit
 
 if TYPE_CHECKING:
     from gateway._revocation import RevocationEvent
@@ -117,8 +117,6 @@ class GatewayConsole(WebConsole):
         try:
             link = self._links.verify(secret.removeprefix("link="))
         except pki.SignatureInvalid as exc:
-            from gateway._console._web import audit
-
             audit(
                 "console.login_refused",
                 None,

@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 from PIL import Image
 
 from gateway._events import DeviceEvent, EscalationAnswer
 
 __all__ = ["LiveFeed", "LiveFrame"]
 
+_log = structlog.get_logger(__name__)
 _MAX_SIDE = 640
 _MAX_DEVICES = 10_000
 
@@ -186,7 +188,11 @@ class LiveFeed:
         """The worker: encode frames off the event loop and fan them out."""
         while True:
             device_id, frame_id, result, (frame, marks) = await self._work.get()
-            jpeg, width, height = await asyncio.to_thread(_encode, frame)
+            try:
+                jpeg, width, height = await asyncio.to_thread(_encode, frame)
+            except (ValueError, OSError, TypeError):  # not an RGB frame: skip it, keep serving
+                _log.exception("live view: frame not shown", device_id=device_id)
+                continue
             detections = tuple(
                 {
                     "label": d.label,
