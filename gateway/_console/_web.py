@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import importlib.resources
@@ -306,9 +307,7 @@ class WebConsole(abc.ABC):
                 runner, host, int(port), ssl_context=self.ssl_context(), reuse_port=False
             )
             await site.start()
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1]) if sockets else int(port)
+            self.port = int(runner.addresses[0][1])
             await self.started()
         except BaseException:
             await runner.cleanup()
@@ -522,8 +521,6 @@ def _when(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (int, float)):
-        import datetime as dt
-
         value = dt.datetime.fromtimestamp(value, dt.UTC)
     return f"{value:%Y-%m-%d %H:%M:%S} UTC"
 
