@@ -33,6 +33,7 @@ def core() -> None:
 @click.option("--metrics-listen", help="HOST:PORT of the Prometheus endpoint (/metrics)")
 @click.option("--core-id", help="this core's id (default core-1)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--console-listen", help="HOST:PORT of the operator console (HTTPS)")
 def run_cmd(
     *,
     config: Path | None,
@@ -42,6 +43,7 @@ def run_cmd(
     metrics_listen: str | None,
     core_id: str | None,
     log_level: str | None,
+    console_listen: str | None,
 ) -> None:
     """Start the core and serve until SIGTERM or SIGINT."""
     # Imported here: the core needs the service side of the package (grpc health, pydantic
@@ -61,6 +63,7 @@ def run_cmd(
             metrics_listen=metrics_listen,
             core_id=core_id,
             log_level=log_level,
+            console_listen=console_listen,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
@@ -89,6 +92,8 @@ def run_cmd(
             if settings.metrics_listen is not None:
                 mhost = settings.metrics_listen.rpartition(":")[0]
                 metrics = f", metrics http://{mhost}:{server.metrics_port}/metrics"
+            if server.console is not None:
+                metrics += f", console {server.console.url}"
             click.echo(
                 f"core {settings.core_id} serving trust domain {server.trust_domain}: "
                 f"enrolment {server.enrol_address} (server TLS), "

@@ -70,6 +70,7 @@ def gateway() -> None:
 )
 @click.option("--metrics-listen", default=None, help="host:port of the Prometheus endpoint.")
 @click.option("--region", default=None, help="Region this gateway serves.")
+@click.option("--console-listen", default=None, help="host:port of the operator console (HTTPS).")
 def run(  # noqa: PLR0917 - click passes options as arguments
     config_path: Path | None,
     listen: str | None,
@@ -78,6 +79,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     pki_dir: Path | None,
     metrics_listen: str | None,
     region: str | None,
+    console_listen: str | None,
 ) -> None:
     """Serve devices until SIGTERM/SIGINT, then drain and exit."""
     import pki
@@ -98,6 +100,7 @@ def run(  # noqa: PLR0917 - click passes options as arguments
             ("pki_dir", pki_dir),
             ("metrics_listen", metrics_listen),
             ("region", region),
+            ("console_listen", console_listen),
         )
         if value is not None
     }
@@ -170,6 +173,8 @@ async def _serve(settings: Any) -> None:
 
     # The plug-ins the settings configure ([mqtt], [escalation]) start with the service.
     async with GatewayService(settings) as service:
+        if service.console is not None:
+            click.echo(f"gateway {service.gateway_id}: console {service.console.url}", err=True)
         await service.run_until_signalled()
 
 

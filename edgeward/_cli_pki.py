@@ -178,6 +178,28 @@ def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl:
     click.echo(token)
 
 
+@pki.command("operator-token")
+@_DIR
+@click.option("--name", required=True, callback=validated_id("operator name"))
+@click.option("--role", type=click.Choice(["viewer", "admin"]), required=True)
+@click.option("--ttl", default="10m", show_default=True, help="lifetime: 90s, 10m, 1h (at most 1d)")
+@one_line_errors
+def operator_token_cmd(pki_dir: Path, name: str, role: str, ttl: str) -> None:
+    """Create a one-time console login token for operator NAME; printed once, hash stored.
+
+    The operator's role (viewer: look; admin: also revoke and issue tokens) is recorded in the
+    registry. Refused when a device, gateway or core holds the name. Exchange it at the
+    console's /login page for a session.
+    """
+    lifetime = pkilib.parse_ttl(ttl)
+    pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
+    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+        token = pkilib.create_operator_token(
+            registry, name=name, role=role, ttl=lifetime, now=_now()
+        )
+    click.echo(token)
+
+
 def _revoked_text(record: pkilib.RevocationRecord) -> str:
     owner = (
         record.device_id

@@ -99,6 +99,8 @@ class DemoView:
         self.gateways: dict[str, str] = {}
         self.log: deque[str] = deque(maxlen=12)
         self.phase = "starting"
+        #: The console's URL and one-time login link, once the core runs.
+        self.console = ""
         self.t0 = time.monotonic()
         self.marks: dict[str, float] = {}
         self.facts: dict[str, Any] = {}
@@ -202,8 +204,9 @@ class DemoView:
         gateways.add_column("status")
         for gid, status in self.gateways.items():
             gateways.add_row(gid, status)
+        head = f"phase: {self.phase}" + (f"\n{self.console}" if self.console else "")
         return Group(
-            Panel(Text(f"phase: {self.phase}"), title="edgeward demo"),
+            Panel(Text(head), title="edgeward demo"),
             gateways,
             devices,
             # Text, not markup: event lines contain brackets.
@@ -274,6 +277,14 @@ async def _demo_steps(
             f", MQTT {plan.mqtt_address}" if plan.mqtt else ""
         )
         view.note(f"gateway {gid} ({plan.region}) running")
+    token = await stack.operator_token()
+    view.console = (
+        f"console: {stack.console_url} (runs while the demo does)\n"
+        f"one-time login link: {stack.login_link(token)}"
+    )
+    if not view.live:
+        for line in view.console.splitlines():
+            view.out(line)
 
     view.phase = "enrolling devices"
     sims: dict[str, Any] = {}

@@ -253,6 +253,11 @@ class GatewayPlan:
     mqtt_port: int
     bridge_port: int
     mqtt: bool = True
+    console_port: int = 0
+
+    @property
+    def console_url(self) -> str:
+        return f"https://127.0.0.1:{self.console_port}"
 
     @property
     def grpc_address(self) -> str:
@@ -316,12 +321,14 @@ class DemoStack:
         self.core_port = free_port()
         self.enrol_port = free_port()
         self.core_metrics_port = free_port()
+        self.core_console_port = free_port()
         self.plans = {
             gid: GatewayPlan(
-                gid, region, free_port(), free_port(), free_port(), free_port(), mqtt=self.mqtt
+                gid, region, free_port(), free_port(), free_port(), free_port(), mqtt=self.mqtt,
+                console_port=free_port(),
             )
             for gid, region in gateways
-        }
+        }  # fmt: skip
         self.core: ServiceProcess | None = None
         self.gateways: dict[str, ServiceProcess] = {}
         self._cmd = edgeward_command()
@@ -337,6 +344,34 @@ class DemoStack:
     @property
     def ca_bundle(self) -> Path:
         return self.pki_dir / "ca-bundle.pem"
+
+    @property
+    def console_url(self) -> str:
+        """The core's operator console (every page needs a login)."""
+        return f"https://127.0.0.1:{self.core_console_port}"
+
+    async def operator_token(
+        self, name: str = "demo-admin", role: str = "admin", ttl: str = "30m"
+    ) -> str:
+        """A one-time console login token (``edgeward pki operator-token``)."""
+        out = await self.cli(
+            "pki",
+            "operator-token",
+            "--dir",
+            str(self.pki_dir),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--ttl",
+            ttl,
+        )
+        return out.strip().splitlines()[-1]
+
+    def login_link(self, token: str) -> str:
+        """The console's login page with ``token`` in the fragment, which the browser keeps
+        to itself (never sent to the server, never in a log); the page posts it."""
+        return f"{self.console_url}/login#token={token}"
 
     async def cli(self, *args: str, timeout_s: float = 60.0, stdin: bytes | None = None) -> str:
         """Run ``edgeward ARGS`` (``stdin`` on its standard input) and return its standard
@@ -412,6 +447,11 @@ class DemoStack:
             "feed_heartbeat_s": 1.0,
             "shutdown_grace_s": 1.0,
             "log_level": self.log_level,
+            "console_listen": f"127.0.0.1:{self.core_console_port}",
+            # Live views: each gateway's own console (frames never reach the core).
+            "console_gateways": {p.gateway_id: p.console_url for p in self.plans.values()},
+            # Where the core reads their figures: the same addresses on one machine.
+            "console_gateways_internal": {p.gateway_id: p.console_url for p in self.plans.values()},
             # Static entries of the signed directory devices receive at enrolment.
             "gateways": [
                 {
@@ -439,6 +479,7 @@ class DemoStack:
             "listen": p.grpc_address,
             "identity_dir": str(self.gateway_identity(gateway_id)),
             "metrics_listen": f"127.0.0.1:{p.metrics_port}",
+            "console_listen": f"127.0.0.1:{p.console_port}",
             "revocation_max_staleness_s": 15.0,
             "shutdown_grace_s": 2.0,
             "log_level": self.log_level,
@@ -477,23 +518,29 @@ class DemoStack:
     async def start_core(self, timeout_s: float = 60.0) -> None:
         self.core = ServiceProcess(
             "core",
-            [*self._cmd, "core", "run", "--config", str(self.core_config_path)],
+            # The console's address as a flag too: it wins over an EDGEWARD_CORE_CONSOLE_LISTEN
+            # in the environment, so the printed URL is where it listens.
+            [*self._cmd, "core", "run", "--config", str(self.core_config_path),
+             "--console-listen", f"127.0.0.1:{self.core_console_port}"],
             self.log_dir / "core.log",
-        )
+        )  # fmt: skip
         self.core.start()
         await wait_port(self.core_port, timeout_s=timeout_s, process=self.core)
         await wait_port(self.enrol_port, timeout_s=timeout_s, process=self.core)
+        await wait_port(self.core_console_port, timeout_s=timeout_s, process=self.core)
 
     async def start_gateway(self, gateway_id: str, timeout_s: float = 60.0) -> None:
+        plan = self.plans[gateway_id]
         proc = ServiceProcess(
             gateway_id,
-            [*self._cmd, "gateway", "run", "--config", str(self.gateway_config_path(gateway_id))],
+            [*self._cmd, "gateway", "run", "--config", str(self.gateway_config_path(gateway_id)),
+             "--console-listen", f"127.0.0.1:{plan.console_port}"],
             self.log_dir / f"gateway-{gateway_id}.log",
-        )
+        )  # fmt: skip
         self.gateways[gateway_id] = proc
         proc.start()
-        plan = self.plans[gateway_id]
         await wait_port(plan.grpc_port, timeout_s=timeout_s, process=proc)
+        await wait_port(plan.console_port, timeout_s=timeout_s, process=proc)
         if plan.mqtt:
             await wait_port(plan.mqtt_port, timeout_s=timeout_s, process=proc)
 

@@ -273,6 +273,30 @@ class GatewaySettings(ServiceSettings):
         default="127.0.0.1:9464",
         description="host:port of the Prometheus endpoint (/metrics); unset disables it.",
     )
+    console_enabled: bool = Field(
+        default=True,
+        description="Serve the operator console (live detections; HTTPS, operator login).",
+    )
+    console_listen: str = Field(
+        default="127.0.0.1:9444",
+        description="host:port of the operator console (TLS with the gateway's certificate); "
+        "port 0: a free port.",
+    )
+    console_session_ttl_s: float = Field(
+        default=900.0, ge=30, le=86_400, description="Console sessions end after this long idle."
+    )
+    console_session_max_age_s: float = Field(
+        default=8 * 3600.0,
+        ge=60,
+        le=7 * 86_400,
+        description="Console sessions end this long after login.",
+    )
+    console_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description="Largest console request."
+    )
+    console_live_fps: float = Field(
+        default=2.0, gt=0, le=30, description="Live view: at most this many frames/s per device."
+    )
     shutdown_grace_s: float = Field(
         default=10.0,
         ge=0.0,
@@ -304,7 +328,7 @@ class GatewaySettings(ServiceSettings):
         "escalation component); absent = no escalation.",
     )
 
-    @field_validator("listen")
+    @field_validator("listen", "console_listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         return _host_port(value)

@@ -80,6 +80,7 @@ from gateway._revocation import (
     RevocationState,
     registry_revocation_reader,
 )
+from gateway._wire import check_listen
 
 __all__ = [
     "COMPONENTS",
@@ -207,6 +208,8 @@ class GatewayService:
         self.server: GatewayServer | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
+        #: The operator console while it runs (``console_enabled``), else ``None``.
+        self.console: Any = None
 
     # -- assembly ---------------------------------------------------------------------------
 
@@ -297,6 +300,8 @@ class GatewayService:
         log = _log.bind(gateway_id=self.gateway_id, region=s.region)
         try:
             await self._stack.__aenter__()
+            if s.console_enabled:
+                check_listen(s.console_listen, setting="console_listen")
             if s.core_address is not None:
                 await self._stack.enter_async_context(self._cores())
             await self._stack.enter_async_context(self._revocation_feed())
@@ -341,6 +346,12 @@ class GatewayService:
             )
             for plugin in self._plugins:
                 await self._stack.enter_async_context(plugin(runtime))
+            if s.console_enabled:
+                # After the plug-ins: the console's live view wraps the detection hook the
+                # escalation plug-in installed, and leaves before it.
+                from gateway._console import GatewayConsole
+
+                self.console = await self._stack.enter_async_context(GatewayConsole(runtime))
             self.server = await self._stack.enter_async_context(
                 GatewayServer(
                     self.servicer,
@@ -372,6 +383,7 @@ class GatewayService:
             "gateway started",
             grpc_port=self.grpc_port,
             metrics_port=self.metrics_port,
+            console=self.console.url if self.console is not None else None,
             standalone=s.core_address is None,
         )
         return self

@@ -16,6 +16,9 @@ Profiles (RFC 5280 §4.2.1.3 key usage, §4.2.1.12 extended key usage):
 
 * device: ``digitalSignature``; EKU ``clientAuth`` only, so a device certificate can never
   serve TLS; URI SAN ``spiffe://td/device/<id>``; CN = id; default lifetime 7 days.
+* operator: as a device (``clientAuth`` only, no DNS or IP names), URI SAN
+  ``spiffe://td/operator/<name>``; it logs in to the console; its viewer or admin role lives
+  in the registry.
 * gateway, core: ``digitalSignature``; EKU ``serverAuth`` and ``clientAuth``; DNS and IP SANs
   plus the URI SAN; default lifetime 90 days. Each also carries its role-pinned DNS name
   (``core.edgeward.internal``, ``<gateway-id>.gateway.edgeward.internal``; see ``_names``),
@@ -87,6 +90,8 @@ _CLIENT_AUTH_TRUST_AUX = bytes.fromhex("300c300a06082b06010505070302")
 # Tolerate small clock differences between the core and devices (RFC 5280 allows any
 # notBefore; backdating a minute avoids "not yet valid" on a device a little behind).
 _BACKDATE = dt.timedelta(minutes=1)
+# Identities that only ever act as TLS clients: EKU clientAuth, no DNS or IP names.
+_CLIENT_ONLY_ROLES = frozenset({Role.DEVICE, Role.OPERATOR})
 
 
 def serial_hex(serial: int) -> str:
@@ -460,12 +465,14 @@ class CertificateAuthority:
             raise ValueError("identity belongs to another trust domain")
         if lifetime is None:
             lifetime = (
-                DEFAULT_DEVICE_LIFETIME if identity.role is Role.DEVICE else DEFAULT_SERVER_LIFETIME
+                DEFAULT_DEVICE_LIFETIME
+                if identity.role in _CLIENT_ONLY_ROLES
+                else DEFAULT_SERVER_LIFETIME
             )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
-        if identity.role is Role.DEVICE:
+        if identity.role in _CLIENT_ONLY_ROLES:
             if dns_names or ip_addresses:
-                raise ValueError("device certificates carry no DNS or IP names")
+                raise ValueError(f"{identity.role.value} certificates carry no DNS or IP names")
             eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
         else:
             for d in dns_names:

@@ -64,6 +64,8 @@ class Role(enum.StrEnum):
     DEVICE = "device"
     GATEWAY = "gateway"
     CORE = "core"
+    #: A person using the console; viewer or admin is recorded in the registry, not here.
+    OPERATOR = "operator"
 
 
 def validate_id(value: str, *, kind: str = "id") -> str:

@@ -60,6 +60,9 @@ __all__ = [
     "DeviceRecord",
     "EnrolmentRecord",
     "GatewayRecord",
+    "OperatorRecord",
+    "OperatorRegistry",
+    "OperatorRole",
     "Registry",
     "RevocationRecord",
     "ServerCertificateRecord",
@@ -72,6 +75,24 @@ __all__ = [
 class Status(enum.StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"
+
+
+class OperatorRole(enum.StrEnum):
+    """What a console operator may do: look (viewer), or also act (admin)."""
+
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorRecord:
+    """A console operator (``spiffe://td/operator/<id>``); the role is kept here, not in any
+    certificate, so it can change without reissuing."""
+
+    id: str
+    role: OperatorRole
+    status: Status
+    created_at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +220,25 @@ class Registry(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class OperatorRegistry(Protocol):
+    """Operators and their one-time login tokens (the console). Operator ids share the one
+    id namespace with devices, gateways and cores."""
+
+    def create_operator_token(
+        self,
+        token_hash: str,
+        *,
+        operator_id: str,
+        role: OperatorRole,
+        expires_at: dt.datetime,
+        now: dt.datetime,
+    ) -> None: ...
+    def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord: ...
+    def get_operator(self, operator_id: str) -> OperatorRecord | None: ...
+    def list_operators(self) -> list[OperatorRecord]: ...
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
@@ -249,6 +289,19 @@ CREATE TABLE IF NOT EXISTS gateways (
     grpc_address TEXT NOT NULL,
     mqtt_address TEXT NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operators (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('viewer', 'admin')),
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operator_tokens (
+    token_hash TEXT PRIMARY KEY,
+    operator_id TEXT NOT NULL REFERENCES operators(id),
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -403,6 +456,11 @@ class SqliteRegistry:
             and db.execute("SELECT 1 FROM gateways WHERE id = ?", (id,)).fetchone()
         ):
             raise IdentityConflict(id, holder=Role.GATEWAY.value, wanted=role.value)
+        if (
+            role is not Role.OPERATOR
+            and db.execute("SELECT 1 FROM operators WHERE id = ?", (id,)).fetchone()
+        ):
+            raise IdentityConflict(id, holder=Role.OPERATOR.value, wanted=role.value)
         if role is Role.DEVICE:
             return
         if db.execute("SELECT 1 FROM devices WHERE id = ?", (id,)).fetchone():
@@ -413,6 +471,77 @@ class SqliteRegistry:
             (id, _ts(now)),
         ).fetchone():
             raise IdentityConflict(id, holder=Role.DEVICE.value, wanted=role.value, pending=True)
+
+    # -- operators (the console) -----------------------------------------------------------
+
+    def create_operator_token(
+        self,
+        token_hash: str,
+        *,
+        operator_id: str,
+        role: OperatorRole,
+        expires_at: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        """Store a login token's hash for ``operator_id``, registering the operator (or setting
+        its role) in the same transaction. Raises :class:`IdentityConflict` when a device,
+        gateway or core holds the id, :class:`RegistryError` when the operator is revoked."""
+        validate_id(operator_id, kind="operator name")
+        role = OperatorRole(role)
+        with self._write() as db:
+            self._claim_id(db, operator_id, role=Role.OPERATOR, now=now)
+            row = db.execute("SELECT status FROM operators WHERE id = ?", (operator_id,)).fetchone()
+            if row is not None and row[0] == Status.REVOKED:
+                raise RegistryError(f"operator {operator_id} is revoked")
+            db.execute(
+                "INSERT INTO operators (id, role, status, created_at) VALUES (?, ?, 'active', ?)"
+                " ON CONFLICT(id) DO UPDATE SET role = excluded.role",
+                (operator_id, role.value, _ts(now)),
+            )
+            db.execute(
+                "INSERT INTO operator_tokens (token_hash, operator_id, expires_at, used_at,"
+                " created_at) VALUES (?, ?, ?, NULL, ?)",
+                (token_hash, operator_id, _ts(expires_at), _ts(now)),
+            )
+
+    def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord:
+        """Spend a login token (once, even under concurrent attempts) and return its operator;
+        :class:`TokenRejected` for an unknown, used or expired token or a revoked operator."""
+        with self._write() as db:
+            won = (
+                db.execute(
+                    "UPDATE operator_tokens SET used_at = ? WHERE token_hash = ?"
+                    " AND used_at IS NULL AND expires_at > ?",
+                    (_ts(now), token_hash, _ts(now)),
+                ).rowcount
+                == 1
+            )
+            row = db.execute(
+                "SELECT operator_id, used_at FROM operator_tokens WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+        if row is None:
+            raise TokenRejected("unknown token")
+        if not won:
+            raise TokenRejected(self._unspent_reason(row[1], None))
+        operator = self.get_operator(str(row[0]))
+        if operator is None or operator.status is not Status.ACTIVE:
+            raise TokenRejected("operator is revoked")
+        return operator
+
+    def get_operator(self, operator_id: str) -> OperatorRecord | None:
+        rows = self._read(
+            "SELECT id, role, status, created_at FROM operators WHERE id = ?", (operator_id,)
+        )
+        return self._operator(rows[0]) if rows else None
+
+    def list_operators(self) -> list[OperatorRecord]:
+        rows = self._read("SELECT id, role, status, created_at FROM operators ORDER BY id")
+        return [self._operator(r) for r in rows]
+
+    @staticmethod
+    def _operator(row: tuple[Any, ...]) -> OperatorRecord:
+        return OperatorRecord(str(row[0]), OperatorRole(row[1]), Status(row[2]), _dt(float(row[3])))
 
     # -- tokens ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgeward needs on a Debian/Ubuntu machine with Python >= 3.11:
-# Mosquitto and its clients, OpenSSL, then a virtual environment in .venv with
+# Mosquitto and its clients, OpenSSL, Chromium and its driver (the console's browser
+# tests), then a virtual environment in .venv with
 # the project (gateway extra) and the development tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# A real headless browser for tests/console/ (Debian's packages; Selenium drives them).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [[ "${EDGEWARD_SETUP_COMPOSE:-1}" == "1" ]]; then
   command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 fi

@@ -22,6 +22,12 @@ PHOTOS = ROOT / "tests" / "data" / "photos"
 
 IssueFn = Callable[..., pki.IdentityFiles]
 
+# Every core and gateway a test starts (in this process or as an ``edgeward`` subprocess, which
+# inherits the environment) serves its console on a free port rather than the fixed default,
+# so tests running side by side never compete for 9443/9444. Flags still win (the demo stack).
+os.environ.setdefault("EDGEWARD_CORE_CONSOLE_LISTEN", "127.0.0.1:0")
+os.environ.setdefault("EDGEWARD_GATEWAY_CONSOLE_LISTEN", "127.0.0.1:0")
+
 
 def require_tool(name: str) -> str:
     """Path of an external tool; missing fails under CI=true and skips on a developer machine."""

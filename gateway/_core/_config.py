@@ -155,6 +155,34 @@ class CoreSettings(ServiceSettings):
         5.0, ge=0, le=300, description="time open calls get to finish on shutdown"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    console_enabled: bool = Field(
+        True, description="serve the operator console (HTTPS, operator login) on console_listen"
+    )
+    console_listen: str = Field(
+        "127.0.0.1:9443",
+        description="HOST:PORT of the operator console (TLS with the core's certificate; "
+        "every page needs an operator login); port 0: a free port",
+    )
+    console_session_ttl_s: float = Field(
+        900.0, ge=30, le=86_400, description="console sessions end after this long idle"
+    )
+    console_session_max_age_s: float = Field(
+        8 * 3600.0, ge=60, le=7 * 86_400, description="console sessions end this long after login"
+    )
+    console_max_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest console request body"
+    )
+    console_gateways: dict[str, str] = Field(
+        default_factory=dict,
+        description="gateway id = base URL of that gateway's console (https://HOST:PORT): the "
+        "fleet's live views, opened with a one-time link signed by the issuing CA",
+    )
+    console_gateways_internal: dict[str, str] = Field(
+        default_factory=dict,
+        description="gateway id = base URL at which the core itself reaches that console to "
+        "read its figures (mutual TLS), where it differs from what browsers open (a container "
+        "network); default: console_gateways",
+    )
     escalation: CoreEscalationSettings | None = Field(
         None,
         description="[escalation] table: Core.Escalate's models, thresholds and bounds; "
@@ -166,7 +194,16 @@ class CoreSettings(ServiceSettings):
     def _core_id(cls, v: str) -> str:
         return pki.validate_id(v, kind="core id")
 
-    @field_validator("listen", "enrol_listen", "metrics_listen")
+    @field_validator("console_gateways", "console_gateways_internal")
+    @classmethod
+    def _console_gateways(cls, v: dict[str, str]) -> dict[str, str]:
+        for gateway_id, url in v.items():
+            pki.validate_id(gateway_id, kind="gateway id")
+            if not url.startswith("https://") or any(c in url for c in " #?\x00\n"):
+                raise ValueError(f"{url!r} is not an https://HOST:PORT URL")
+        return v
+
+    @field_validator("listen", "enrol_listen", "metrics_listen", "console_listen")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
         if v is not None:

@@ -171,6 +171,8 @@ class CoreServer:
         self.metrics = CoreMetrics()
         #: The metrics endpoint's bound port; 0 when ``metrics_listen`` is unset.
         self.metrics_port = 0
+        #: The operator console while it runs (``console_enabled``), else ``None``.
+        self.console: Any = None
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
@@ -205,6 +207,22 @@ class CoreServer:
         check_listen(s.enrol_address, setting="enrol_listen")
         if s.metrics_listen is not None:
             check_listen(s.metrics_listen, setting="metrics_listen")
+        escalate = self._escalate
+        if s.console_enabled:
+            check_listen(s.console_listen, setting="console_listen")
+            from gateway._console import (
+                AuditRing,
+                EscalationLog,
+                install_audit_ring,
+                uninstall_audit_ring,
+            )
+
+            self.audit_ring = AuditRing()
+            install_audit_ring(self.audit_ring)
+            self._stack.callback(uninstall_audit_ring, self.audit_ring)
+            self.escalation_log = EscalationLog()
+            if escalate is not None:
+                escalate = self.escalation_log.wrap(escalate)
         self.registry = pki.SqliteRegistry(s.registry_path)
         self._stack.callback(self.registry.close)
         # What the services use: the same registry, each operation timed for the metrics.
@@ -271,7 +289,7 @@ class CoreServer:
                 directory=directory,
                 heartbeat_s=s.feed_heartbeat_s,
                 clock=self._clock,
-                escalate=self._escalate,
+                escalate=escalate,
                 metrics=self.metrics,
             ),
             on_malformed=malformed,
@@ -303,6 +321,13 @@ class CoreServer:
             )
             self.metrics_port = metrics_server.port
 
+        if s.console_enabled:
+            from gateway._console import CoreConsole
+
+            self.console = await self._stack.enter_async_context(
+                CoreConsole(self, escalations=self.escalation_log, audit_ring=self.audit_ring)
+            )
+
         task_group = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._feed_task = task_group.create_task(self.feed.run(), name="core-revocation-feed")
         self._stack.callback(self._feed_task.cancel)
@@ -313,6 +338,7 @@ class CoreServer:
             address=self.address,
             enrol_address=self.enrol_address,
             metrics_port=self.metrics_port or None,
+            console=self.console.url if self.console is not None else None,
         )
 
     async def _stop_server(self) -> None:

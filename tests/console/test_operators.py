@@ -1,0 +1,188 @@
+"""Operators in the PKI: their certificate profile, their one id namespace with devices,
+gateways and cores, one-time login tokens, and ``edgeward pki operator-token``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+import pki
+from edgeward.cli import main
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> pki.SqliteRegistry:
+    r = pki.SqliteRegistry(tmp_path / "registry.sqlite3")
+    yield r  # type: ignore[misc]
+    r.close()
+
+
+def test_an_operator_certificate_is_a_client_certificate_only(pki_dir: Path) -> None:
+    ca = pki.CertificateAuthority.load(pki_dir)
+    key = pki.generate_private_key()
+    identity = pki.Identity(ca.trust_domain, pki.Role.OPERATOR, "ops-alice")
+    cert = ca.issue(key.public_key(), identity=identity, now=NOW)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == []
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://test.example/operator/ops-alice"
+    ]
+    assert cert.not_valid_after_utc - NOW == pki.DEFAULT_DEVICE_LIFETIME
+    parsed = pki.identity_from_certificate(cert, trust_domain="test.example")
+    assert parsed.role is pki.Role.OPERATOR
+    with pytest.raises(ValueError, match="operator certificates carry no DNS"):
+        ca.issue(key.public_key(), identity=identity, now=NOW, dns_names=["console.example"])
+
+
+def test_a_login_token_works_once_and_names_its_role(registry: pki.SqliteRegistry) -> None:
+    token = pki.create_operator_token(registry, name="ops-alice", role="admin", now=NOW)
+    assert token.startswith("ops-alice.")
+    assert len(token) > 40
+    record = pki.redeem_operator_token(registry, token, now=NOW)
+    assert (record.id, record.role, record.status) == (
+        "ops-alice",
+        pki.OperatorRole.ADMIN,
+        pki.Status.ACTIVE,
+    )
+    with pytest.raises(pki.TokenRejected) as info:
+        pki.redeem_operator_token(registry, token, now=NOW)
+    assert info.value.reason == "token already used"
+    assert "ops-alice." not in str(info.value)
+
+
+def test_a_login_token_expires_to_the_second(registry: pki.SqliteRegistry) -> None:
+    ttl = dt.timedelta(minutes=10)
+    early = pki.create_operator_token(registry, name="ops-bob", role="viewer", ttl=ttl, now=NOW)
+    late = pki.create_operator_token(registry, name="ops-bob", role="viewer", ttl=ttl, now=NOW)
+    pki.redeem_operator_token(registry, early, now=NOW + ttl - dt.timedelta(seconds=1))
+    with pytest.raises(pki.TokenRejected) as info:
+        pki.redeem_operator_token(registry, late, now=NOW + ttl)
+    assert info.value.reason == "token expired"
+
+
+def test_role_changes_with_a_new_token_and_bad_values_are_refused(
+    registry: pki.SqliteRegistry,
+) -> None:
+    pki.create_operator_token(registry, name="ops-carol", role="admin", now=NOW)
+    pki.create_operator_token(registry, name="ops-carol", role="viewer", now=NOW)
+    assert registry.get_operator("ops-carol").role is pki.OperatorRole.VIEWER  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="root"):
+        pki.create_operator_token(registry, name="ops-carol", role="root", now=NOW)
+    with pytest.raises(ValueError, match="at most 1 day"):
+        pki.create_operator_token(
+            registry, name="ops-carol", role="viewer", ttl=dt.timedelta(days=2), now=NOW
+        )
+    for bad in ("Ops", "a/b", "ops+", "o#", "x"):
+        with pytest.raises(pki.InvalidName):
+            pki.create_operator_token(registry, name=bad, role="viewer", now=NOW)
+    with pytest.raises(pki.TokenRejected):
+        pki.redeem_operator_token(registry, "no-dot-here", now=NOW)
+
+
+def test_operators_share_the_id_namespace_with_every_role(registry: pki.SqliteRegistry) -> None:
+    pki.create_operator_token(registry, name="ops-dave", role="viewer", now=NOW)
+    with pytest.raises(pki.IdentityConflict):
+        pki.create_token(
+            registry,
+            device_id="ops-dave",
+            device_type="pet_camera",
+            region="home",
+            ttl=dt.timedelta(hours=1),
+            now=NOW,
+        )
+    with pytest.raises(pki.IdentityConflict):
+        registry.record_server_certificate(
+            pki.ServerCertificateRecord(
+                "abc1",
+                pki.Role.GATEWAY,
+                "ops-dave",
+                NOW + dt.timedelta(days=1),
+                pki.Status.ACTIVE,
+                NOW,
+            )
+        )
+    pki.create_token(
+        registry,
+        device_id="cam-erin",
+        device_type="pet_camera",
+        region="home",
+        ttl=dt.timedelta(hours=1),
+        now=NOW,
+    )
+    with pytest.raises(pki.IdentityConflict):
+        pki.create_operator_token(registry, name="cam-erin", role="admin", now=NOW)
+    registry.record_server_certificate(
+        pki.ServerCertificateRecord(
+            "abc2", pki.Role.CORE, "core-9", NOW + dt.timedelta(days=1), pki.Status.ACTIVE, NOW
+        )
+    )
+    with pytest.raises(pki.IdentityConflict):
+        pki.create_operator_token(registry, name="core-9", role="admin", now=NOW)
+
+
+def test_cli_operator_token_prints_the_token_once_and_audits(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            main, ["pki", "init", "--dir", str(d), "--trust-domain", "t.example"]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        main,
+        [
+            "pki",
+            "operator-token",
+            "--dir",
+            str(d),
+            "--name",
+            "ops-frank",
+            "--role",
+            "admin",
+            "--ttl",
+            "5m",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[-1]
+    assert token.startswith("ops-frank.")
+    audit = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    created = next(a for a in audit if a["event"] == "operator_token.created")
+    assert (created["operator"], created["operator_role"]) == ("ops-frank", "admin")
+    assert token not in result.stderr
+    with pki.SqliteRegistry(pki.PkiLayout(d).registry) as registry:
+        assert pki.redeem_operator_token(registry, token, now=dt.datetime.now(dt.UTC)).id == (
+            "ops-frank"
+        )
+    bad = runner.invoke(
+        main, ["pki", "operator-token", "--dir", str(d), "--name", "ops-g", "--role", "root"]
+    )
+    assert bad.exit_code != 0
+    clash = runner.invoke(
+        main,
+        [
+            "pki",
+            "token",
+            "--dir",
+            str(d),
+            "--device-id",
+            "ops-frank",
+            "--type",
+            "pet_camera",
+            "--region",
+            "home",
+        ],
+    )
+    assert clash.exit_code == 1
+    assert "ops-frank" in clash.output
