@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "AnsweredObject",
     "Command",
     "DeviceEvent",
     "ErrorEvent",
@@ -35,6 +36,15 @@ __all__ = [
     "EventHub",
     "EventPayload",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredObject:
+    """One object the core is confident about; ``box`` relative to what was escalated."""
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,8 @@ class EscalationAnswer:
     still_unknown: bool = False
     edge_label: str = ""
     edge_score: float = 0.0
+    #: Every confident object, most probable first (empty when ``still_unknown``).
+    objects: tuple[AnsweredObject, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway._events import ErrorEvent, EscalationAnswer
+from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer
 
 from ._errors import OutboxFull
 
@@ -104,7 +104,13 @@ def _encode(payload: EscalationAnswer | ErrorEvent) -> tuple[str, str]:
 def _decode(kind: str, text: str) -> EscalationAnswer | ErrorEvent:
     data: dict[str, Any] = json.loads(text)
     if kind == "answer":
-        return EscalationAnswer(**data)
+        objects = tuple(
+            AnsweredObject(
+                o["label"], o["score"], (o["box"][0], o["box"][1], o["box"][2], o["box"][3])
+            )
+            for o in data.pop("objects", ())
+        )
+        return EscalationAnswer(**data, objects=objects)
     return ErrorEvent(**data)
 
 

@@ -295,6 +295,16 @@ def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
                 still_unknown=p.still_unknown,
                 edge_label=p.edge_label,
                 edge_score=p.edge_score,
+                objects=[
+                    common_pb2.Detection(
+                        label=o.label,
+                        score=o.score,
+                        box=common_pb2.Box(
+                            x_min=o.box[0], y_min=o.box[1], x_max=o.box[2], y_max=o.box[3]
+                        ),
+                    )
+                    for o in p.objects
+                ],
             )
         )
     elif isinstance(p, Command):
