@@ -204,11 +204,15 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class Escalated:
-    """The candidates of one image the core saw: the frame region it covers, the photo."""
+    """The candidates of one image the core saw: the frame region it covers, the photo.
+
+    ``sent``: whether the policy escalates it (images only used for fitting are not).
+    """
 
     photo: str
     region: Box
     candidates: tuple[Candidate, ...]
+    sent: bool = True
 
 
 def examples_of(escalated: Sequence[Escalated], photos: dict[str, Labelled]) -> list[Example]:
@@ -230,21 +234,47 @@ def answers_of(esc: Escalated, calibration: Calibration) -> tuple[list[ObjectAns
 
 
 def leave_one_out(
-    escalated: Sequence[Escalated], photos: dict[str, Labelled], **fit_args: float
+    escalated: Sequence[Escalated],
+    photos: dict[str, Labelled],
+    edge: dict[str, list[tuple[str, Box, float]]],
+    **fit_args: float,
 ) -> dict[str, float]:
-    """Figures for each photo judged by a fit made without it, summed over photos."""
+    """Figures for each photo judged by a fit made without it, summed over photos.
+
+    A photo's answers are the edge's for what it did not escalate (``edge``) and the core's
+    for what the policy sent (``Escalated.sent``), as a device gets them.
+    """
     examples = examples_of(escalated, photos)
     tally = Tally()
     for name, photo in photos.items():
         held = fit([e for e in examples if e.photo != name], **fit_args)
-        answers: list[tuple[str, Box, float]] = []
+        answers: list[tuple[str, Box, float]] = list(edge.get(name, ()))
         unknowns = 0
-        for esc in (e for e in escalated if e.photo == name):
+        for esc in (e for e in escalated if e.photo == name and e.sent):
             objects, unknown = answers_of(esc, held)
             unknowns += int(unknown)
             answers += [(o.concept, to_frame(o.box, esc.region), o.probability) for o in objects]
         tally.add_photo(photo, answers, unknowns)
     return tally.report()
+
+
+def ceiling(
+    escalated: Sequence[Escalated], photos: dict[str, Labelled], *, sent_only: bool
+) -> float:
+    """Recall if every correct candidate were answered: what the models could reach at best.
+
+    ``sent_only``: only the images the policy escalates (else every image looked at).
+    """
+    named = {(name, c) for name, p in photos.items() for c, _ in p.objects}
+    found: set[tuple[str, str]] = set()
+    for esc in escalated:
+        if sent_only and not esc.sent:
+            continue
+        for cand in esc.candidates:
+            _verdict, label = judge(cand.concept, to_frame(cand.box, esc.region), photos[esc.photo])
+            if label is not None:
+                found.add((esc.photo, label))
+    return round(len(found & named) / len(named), 3) if named else 0.0
 
 
 def calibration_json(calibration: Calibration, fit_info: dict[str, object]) -> str:

@@ -263,12 +263,18 @@ class CoreModels:
         manifest = load_manifest(self.settings.models_dir)
         self._detector_labels = manifest.entry(DETECTOR).labels
         self._classifier_labels = manifest.entry(CLASSIFIER).labels
-        self._calibration = Calibration.load(self.settings.calibration)
         self._slots = {name: _Slot(name, self._loader(name)) for name in (DETECTOR, CLASSIFIER)}
         self._manifest = manifest
 
+    def calibration(self) -> Calibration:
+        """The calibrated combination (read from ``settings.calibration`` on first use)."""
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.settings.calibration)
+        return self._calibration
+
     async def __aenter__(self) -> Self:
         self.open()
+        self.calibration()  # a broken calibration file stops the start, not an escalation
         # One worker: NanoDet runs batch 1 and each run already uses every physical core.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "edgeward-core-models")
         self._reaper = asyncio.create_task(self._reap(), name="edgeward-core-model-reaper")
@@ -375,8 +381,7 @@ class CoreModels:
         found = candidates(obs)
         if not is_full_frame:
             found = [c for c in found if c.box.area >= 0.05]
-        assert self._calibration is not None  # noqa: S101 - loaded by observe_sync
-        objects, best = decide(found, self._calibration)
+        objects, best = decide(found, self.calibration())
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         tax = taxonomy()
         if not objects:

@@ -58,9 +58,13 @@ FEATURES = (
     "from_detector",
     "crop_mass",
     "frame_mass",
+    "frame_mass_boxed",
     "edge_agrees",
     "edge_disagrees",
     "sqrt_area",
+    "crop_mass_on_detection",
+    "sqrt_frame_mass",
+    "sqrt_crop_mass",
 )
 
 #: Detections whose crops the classifier also sees (strongest first).
@@ -71,6 +75,7 @@ _MIN_AREA = 0.004
 _GENERIC = frozenset({ROOT, "animal", "object", "scene", "plant", "food", "mammal"})
 
 Rgb = npt.NDArray[np.uint8]
+_WHOLE = Box(0.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +112,23 @@ class Candidate:
         """The feature vector, in :data:`FEATURES` order."""
         d = min(max(self.detector, 1e-3), 1 - 1e-3)
         from_det = 1.0 if self.detector > 0 else 0.0
+        # The classifier's verdict on the whole image speaks for a whole-image candidate;
+        # for a boxed one it only says the concept is somewhere (often in another box).
+        whole = self.box == _WHOLE
         return [
             1.0,
             math.log(d / (1 - d)) * from_det,
             from_det,
             self.crop_mass,
-            self.frame_mass,
+            self.frame_mass if whole else 0.0,
+            0.0 if whole else self.frame_mass,
             1.0 if self.edge > 0 else 0.0,
             1.0 if self.edge < 0 else 0.0,
             math.sqrt(max(self.box.area, 0.0)),
+            # The classifier confirming the detector on the detector's own box.
+            self.crop_mass * from_det,
+            math.sqrt(self.frame_mass),
+            math.sqrt(self.crop_mass),
         ]
 
 
@@ -149,7 +162,8 @@ class Calibration:
         data = json.loads(path.read_text(encoding="utf-8"))
         if tuple(data["features"]) != FEATURES:
             raise ValueError(f"{path}: features {data['features']} are not {list(FEATURES)}")
-        return cls(tuple(float(w) for w in data["weights"]), float(data["threshold"]), data)
+        weights = tuple(float(w) for w in data["weights"])
+        return cls(weights, float(data["threshold"]), dict(data.get("fit", {})))
 
 
 def crop_boxes(detections: Sequence[Detection]) -> list[Box]:
@@ -208,7 +222,7 @@ def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]
     edge_concept = None
     if obs.edge_label:
         edge_concept = tax.vocabulary(OID24, [obs.edge_label])[0] or tax.canonical(obs.edge_label)
-    whole = Box(0.0, 0.0, 1.0, 1.0)
+    whole = _WHOLE
     found: list[Candidate] = []
 
     def add(concept: str, box: Box, source: str, detector: float = 0.0) -> None:
@@ -249,8 +263,10 @@ def decide(
 ) -> tuple[list[ObjectAnswer], float]:
     """The confident objects (most probable first, one per object) and the best probability.
 
-    An object is answered once: a candidate that overlaps a more probable answer and names
-    the same thing, a kind of it or a more general thing (``dog`` vs ``animal``) is dropped.
+    An object is answered once: a candidate that overlaps an answer and names the same
+    thing or a more general one (``animal`` after ``dog``) is dropped; one that names a kind
+    of it (``butterfly`` after ``insect``), also above the threshold, replaces it -- the
+    most specific confident name is the useful one.
     """
     tax = tax or taxonomy()
     scored = sorted(
@@ -261,17 +277,25 @@ def decide(
     for p, cand in scored:
         if p < calibration.threshold:
             break
-        if any(
-            tax.related(a.concept, cand.concept) and _overlaps(a.box, cand.box) for a in answers
-        ):
+        answer = ObjectAnswer(cand.concept, p, cand.box, tuple(sorted(cand.sources)))
+        same = [
+            i
+            for i, a in enumerate(answers)
+            if tax.related(a.concept, cand.concept) and _overlaps(a.box, cand.box)
+        ]
+        if not same:
+            answers.append(answer)
             continue
-        answers.append(ObjectAnswer(cand.concept, p, cand.box, tuple(sorted(cand.sources))))
+        for i in same:
+            a = answers[i]
+            if cand.concept != a.concept and tax.is_a(cand.concept, a.concept):
+                answers[i] = answer
+                break
     return answers, best
 
 
 def _overlaps(a: Box, b: Box) -> bool:
-    whole = Box(0.0, 0.0, 1.0, 1.0)
-    return whole in (a, b) or _iou(a, b) > 0.3
+    return _WHOLE in (a, b) or _iou(a, b) > 0.3
 
 
 def _iou(a: Box, b: Box) -> float:
