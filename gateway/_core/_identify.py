@@ -65,6 +65,7 @@ FEATURES = (
     "crop_mass_on_detection",
     "sqrt_frame_mass",
     "sqrt_crop_mass",
+    "detector_logit_classifier_blind",
 )
 
 #: Detections whose crops the classifier also sees (strongest first).
@@ -105,6 +106,9 @@ class Candidate:
     crop_mass: float = 0.0
     frame_mass: float = 0.0
     edge: int = 0  # 1 agrees, -1 disagrees, 0 no hint
+    #: Whether some classifier class is this concept or a kind of it (no ImageNet class is a
+    #: giraffe or a kite: the classifier's silence then says nothing against the detector).
+    classifier_knows: bool = True
     sources: set[str] = field(default_factory=set)
 
     @property
@@ -129,6 +133,7 @@ class Candidate:
             self.crop_mass * from_det,
             math.sqrt(self.frame_mass),
             math.sqrt(self.crop_mass),
+            0.0 if self.classifier_knows else math.log(d / (1 - d)) * from_det,
         ]
 
 
@@ -211,6 +216,26 @@ def _proposals(named: dict[str, float], mass: dict[str, float], k: int = 2) -> l
     return [c for _, c in ranked[:k]]
 
 
+def _classifier_concepts(labels: tuple[str, ...], tax: Taxonomy) -> frozenset[str]:
+    """Every concept some classifier class is, or is a kind of."""
+    key = (labels, id(tax))
+    found = _KNOWN.get(key)
+    if found is None:
+        concepts = tax.vocabulary(IMAGENET1K, labels)
+        implied = tax.implied(IMAGENET1K, labels)
+        found = frozenset(
+            a
+            for c, i in zip(concepts, implied, strict=True)
+            if (i or c) is not None
+            for a in tax.ancestors(i or c or "")
+        )
+        _KNOWN[key] = found
+    return found
+
+
+_KNOWN: dict[tuple[tuple[str, ...], int], frozenset[str]] = {}
+
+
 def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]:
     """Every concept a source proposes for ``obs``, with its evidence (merged per object)."""
     tax = tax or taxonomy()
@@ -246,7 +271,9 @@ def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]
     if edge_concept is not None and edge_concept not in _GENERIC:
         add(edge_concept, whole, "edge")
 
+    known = _classifier_concepts(obs.classifier_labels, tax)
     for cand in found:
+        cand.classifier_knows = cand.concept in known
         cand.frame_mass = frame_mass.get(cand.concept, 0.0)
         best = 0.0
         for box, mass in zip(boxes, crop_masses, strict=True):
@@ -273,10 +300,13 @@ def decide(
         ((calibration.probability(c.features), c) for c in found), key=lambda pc: -pc[0]
     )
     best = scored[0][0] if scored else 0.0
+    # Boxed objects first: a whole-image "dog" must not hide the three dogs it summarises;
+    # it is answered only where no boxed answer names the same thing.
+    scored.sort(key=lambda pc: pc[1].box == _WHOLE)
     answers: list[ObjectAnswer] = []
     for p, cand in scored:
         if p < calibration.threshold:
-            break
+            continue
         answer = ObjectAnswer(cand.concept, p, cand.box, tuple(sorted(cand.sources)))
         same = [
             i
