@@ -56,7 +56,7 @@ def test_the_cap_takes_the_doubtful_person_not_the_borderline_specks() -> None:
     specks = tuple(det("Bottle", 0.5 + i / 1000, tile(i, side=0.05)) for i in range(4))
     person = det("Person", 0.63, Box(0.3, 0.2, 0.7, 0.95))
     chosen = select(RegionPolicy(max_per_frame=4), (*specks, person))
-    assert [(c.index, c.reason) for c in chosen][0] == (4, "uncertain")
+    assert next((c.index, c.reason) for c in chosen) == (4, "uncertain")
     assert len(chosen) == 4
 
 

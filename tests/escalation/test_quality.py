@@ -57,7 +57,7 @@ def test_the_set_is_what_its_provenance_says() -> None:
     for name, entry in provenance.items():
         data = (QUALITY / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
-        assert entry["licence"] and entry["package"] and entry["version"], name
+        assert all(entry[key] for key in ("licence", "package", "version", "path")), name
     # None of them is a photo other tests tune on.
     tuned = {p.read_bytes() for p in (ROOT / "tests" / "data" / "photos").glob("*.jpg")}
     assert not tuned & {(QUALITY / e["file"]).read_bytes() for e in provenance.values()}
@@ -65,8 +65,10 @@ def test_the_set_is_what_its_provenance_says() -> None:
     tax = taxonomy()
     for name, objects in labels.items():
         for concept, box in objects:
-            assert tax.known(concept) and tax.canonical(concept) == concept, (name, concept)
-            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1, (name, box)
+            assert tax.known(concept), (name, concept)
+            assert tax.canonical(concept) == concept, (name, concept)
+            assert 0 <= box[0] < box[2] <= 1, (name, box)
+            assert 0 <= box[1] < box[3] <= 1, (name, box)
 
 
 def test_horses_are_never_answered_cattle() -> None:
@@ -114,11 +116,12 @@ def test_several_objects_in_one_frame_are_all_answered() -> None:
     # Three puppies side by side: one whole-frame escalation answers three dogs, each on
     # its own box (not one "dog" for the frame).
     answer = whole_frame("three_puppies")
-    assert [(o.concept, v) for o, (_, v) in zip(answer.objects, verdicts("three_puppies"))] == [
-        ("dog", "correct")
-    ] * 3
+    assert [
+        (o.concept, v) for o, (_, v) in zip(answer.objects, verdicts("three_puppies"), strict=True)
+    ] == [("dog", "correct")] * 3
     centres = sorted((o.box.x_min + o.box.x_max) / 2 for o in answer.objects)
-    assert centres[1] - centres[0] > 0.1 and centres[2] - centres[1] > 0.1
+    assert centres[1] - centres[0] > 0.1
+    assert centres[2] - centres[1] > 0.1
 
 
 def test_a_zebra_beside_a_giraffe_is_a_zebra() -> None:
