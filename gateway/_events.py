@@ -33,9 +33,26 @@ __all__ = [
     "DeviceEvent",
     "ErrorEvent",
     "EscalationAnswer",
+    "EscalationId",
     "EventHub",
     "EventPayload",
 ]
+
+
+class EscalationId(str):
+    """An escalation id that also says why the detection was escalated.
+
+    A ``str`` (it is stored, compared and sent as the id), with ``reason``:
+    ``uncertain``, ``outside_edge_set`` or ``empty_frame``, which the device sees on the
+    detection (``Detection.escalation_reason``).
+    """
+
+    reason: str
+
+    def __new__(cls, value: str, reason: str = "") -> EscalationId:
+        obj = super().__new__(cls, value)
+        obj.reason = reason
+        return obj
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,7 +146,7 @@ def _threshold(probs: np.ndarray, wrong: np.ndarray, max_wrong: float, floor: fl
     return best
 
 
-def fit(examples: Sequence[Example], *, max_wrong: float = 0.03, floor: float = 0.5) -> Calibration:
+def fit(examples: Sequence[Example], *, max_wrong: float = 0.01, floor: float = 0.5) -> Calibration:
     """Logistic weights on correct-vs-wrong candidates and the threshold for ``max_wrong``."""
     usable = [e for e in examples if e.verdict != "general"]
     x = np.array([e.features for e in usable], dtype=np.float64)

@@ -255,6 +255,7 @@ def result_to_pb(
                 ),
                 escalated=i in escalated,
                 escalation_id=escalated.get(i, ""),
+                escalation_reason=getattr(escalated.get(i), "reason", ""),
             )
             for i, d in enumerate(result.detections)
         ],
@@ -273,6 +274,7 @@ def result_to_pb(
                 box=common_pb2.Box(x_min=0.0, y_min=0.0, x_max=1.0, y_max=1.0),
                 escalated=True,
                 escalation_id=frame_escalation,
+                escalation_reason=getattr(frame_escalation, "reason", ""),
             )
         )
     return msg

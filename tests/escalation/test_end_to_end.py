@@ -228,9 +228,10 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
         assert (moto.frame_id, moto.label, moto.model_name, moto.still_unknown) == (
             "f-moto",
             "motorcycle",
-            "nanodet-coco80",
+            "nanodet-coco80+efficientnet-lite2",
             False,
         )
+        assert [o.label for o in moto.objects] == ["motorcycle"]
         dog_answer = answers[dog_det.escalation_id]
         assert (dog_answer.frame_id, dog_answer.label, dog_answer.edge_label) == (
             "f-dog",
