@@ -325,7 +325,13 @@ def decide(
 
 
 def _overlaps(a: Box, b: Box) -> bool:
-    return _WHOLE in (a, b) or _iou(a, b) > 0.3
+    """Whether two boxes are taken for one object: a third of the smaller one is shared."""
+    if _WHOLE in (a, b):
+        return True
+    ix = max(0.0, min(a.x_max, b.x_max) - max(a.x_min, b.x_min))
+    iy = max(0.0, min(a.y_max, b.y_max) - max(a.y_min, b.y_min))
+    smaller = min(a.area, b.area)
+    return smaller > 0 and ix * iy / smaller > 0.3
 
 
 def _iou(a: Box, b: Box) -> float:

@@ -73,6 +73,14 @@ PRIVATE = {
     "region_budget_per_min": 1000,
 }
 
+FRAMES_ONLY = {
+    # Nothing but the defaults and permission for frames to leave (faces still blurred).
+    "send": "frame",
+    "device_budget_per_min": 1000,
+    "region_budget_per_min": 1000,
+}
+QUALITY = ROOT / "tests" / "data" / "quality"
+
 
 class Capturing:
     """The real ``Core.Escalate`` handler, keeping a copy of each image that reached it."""
@@ -117,7 +125,7 @@ def escalation_table(tmp_path: Path, core_address: str) -> dict[str, Any]:
         "outbox_path": str(tmp_path / "outbox.sqlite3"),
         "retry_backoff_base_s": 0.05,
         "retry_backoff_max_s": 0.3,
-        "regions": {"home": HOME, "private": PRIVATE},
+        "regions": {"home": HOME, "private": PRIVATE, "frames": FRAMES_ONLY},
     }
 
 
@@ -248,6 +256,45 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
         assert gw.service.events.stored(stranger_id) == []
     assert handler.runs == 2
     assert len(handler.images) == 2
+
+
+async def test_default_policy_escalates_an_empty_frame_whole_and_names_what_is_in_it(
+    pki_dir: Path, tmp_path: Path, issue: IssueFn
+) -> None:
+    # The issue's photos: horses and a giraffe beside a zebra, where the edge sees nothing.
+    handler = core_handler(tmp_path)
+    async with (
+        running_core(pki_dir, tmp_path, escalate=handler) as core,
+        escalating_gateway(issue, tmp_path, core) as gw,
+    ):
+        _, cam = device(gw, issue, "frames")
+        pending: dict[str, str] = {}
+        async with gw.channel(cam) as channel:
+            stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
+            for photo in ("horses", "giraffe_zebra"):
+                frame = common_pb2.Frame(
+                    image=(QUALITY / f"{photo}.jpg").read_bytes(), frame_id=photo
+                )
+                result = await stub.Detect(frame, timeout=30)
+                (whole,) = pending_of(result)
+                assert (whole.label, whole.escalation_reason) == ("unknown", "empty_frame")
+                assert (whole.box.x_min, whole.box.x_max) == (0.0, 1.0)
+                pending[whole.escalation_id] = photo
+        events = await next_events(gw, cam, 2)
+    answers = {pending[e.escalation.escalation_id]: e.escalation for e in events}
+    horses = answers["horses"]
+    # Never "Cattle": a horse, something a horse is, or honestly unknown.
+    assert horses.label != "Cattle"
+    assert all(o.label in {"horse", "ungulate", "mammal", "animal"} for o in horses.objects)
+    assert horses.still_unknown == (horses.label == "unknown")
+    zebra = answers["giraffe_zebra"]
+    assert (zebra.label, zebra.still_unknown) == ("zebra", False)
+    assert [o.label for o in zebra.objects] == ["zebra"]
+    (obj,) = zebra.objects
+    # Its box is the zebra's (the right half, low), not the frame.
+    assert obj.box.x_min > 0.3
+    assert obj.box.y_min > 0.3
+    assert handler.runs == 2
 
 
 async def test_a_repeated_frame_answered_from_the_cache_keeps_its_escalation_marks(
