@@ -157,7 +157,8 @@ def run_fit(photos: list[Labelled]) -> dict[str, Any]:
     info = {
         "how": "bench/quality.py --fit: logistic regression (Newton, L2 0.05 on all but the "
         "bias) on every candidate of the whole frame, of the crops the default policy "
-        "escalates and of a crop around each labelled object (area 2-80 %), labelled correct/wrong against tests/data/quality/labels.json "
+        "escalates and of a crop around each labelled object (area 2-80 %), labelled "
+        "correct/wrong against tests/data/quality/labels.json "
         "('general' answers left out); threshold: the lowest probability >= 0.5 at which "
         "at most 1% of the training answers above it are wrong (3% gave 6% wrong in "
         "leave-one-out).",
