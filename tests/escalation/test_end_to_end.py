@@ -543,6 +543,7 @@ async def test_core_run_and_gateway_run_escalate_a_motorcycle(
         "retry_backoff_base_s = 0.05\nretry_backoff_max_s = 0.3\n"
         "[escalation.regions.home]\n"
         'escalate_empty_frames = true\nsend = "frame"\nrequire_face_blur = false\n'
+        "empty_frame_budget_per_min = 1000\n"
     )
     core_log, gateway_log = tmp_path / "core.log", tmp_path / "gateway.log"
     async with _edgeward(core_log, "core", "run", "--config", str(tmp_path / "core.toml")) as c:
