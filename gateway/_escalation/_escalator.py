@@ -375,7 +375,6 @@ class Escalator:
         except OutboxFull:
             return "outbox_full"
         self.counts["queued"] += 1
-        self.counts[f"reason_{candidate.reason}"] += 1
         _log.info(
             "escalation queued",
             device_id=device_id,
