@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from structlog.testing import capture_logs
 
@@ -74,3 +77,12 @@ async def test_idle_models_are_released_and_reloaded_with_logs() -> None:
     assert events.count(("core model loaded", DETECTOR)) == 2
     assert events.count(("core model released", DETECTOR)) == 1
     assert events.count(("core model released", CLASSIFIER)) == 1
+
+
+async def test_a_calibration_for_other_features_stops_the_start(tmp_path: Path) -> None:
+    stale = tmp_path / "calibration.json"
+    stale.write_text(json.dumps({"features": ["bias"], "weights": [0.0], "threshold": 0.5}))
+    settings = CoreEscalationSettings(models_dir=MODELS, providers="cpu", calibration=stale)
+    with pytest.raises(ValueError, match="features"):
+        async with CoreModels(settings):
+            pass
