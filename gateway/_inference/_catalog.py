@@ -25,7 +25,7 @@ from typing import Self
 
 import structlog
 
-from ._engine import DEFAULT_MODEL, InferenceEngine, InferenceResult
+from ._engine import DEFAULT_MODEL, Frame, InferenceEngine, InferenceResult
 from ._manifest import load_manifest
 
 __all__ = ["EdgeModelCatalog", "UnknownEdgeModel"]
@@ -154,11 +154,18 @@ class EdgeModelCatalog:
         self, image: bytes, *, region: str | None = None, deadline: float | None = None
     ) -> InferenceResult:
         """Run the model of ``region`` on one encoded frame (loading it if needed)."""
+        result, _frame = await self.detect_with_frame(image, region=region, deadline=deadline)
+        return result
+
+    async def detect_with_frame(
+        self, image: bytes, *, region: str | None = None, deadline: float | None = None
+    ) -> tuple[InferenceResult, Frame | None]:
+        """Like :meth:`detect`, with the decoded frame (as the engine's method of that name)."""
         name = self.model_for(region)
         slot = self._slots[name]
         engine = await self._engine(name)
         try:
-            return await engine.detect(image, deadline=deadline)
+            return await engine.detect_with_frame(image, deadline=deadline)
         finally:
             slot.busy -= 1
             slot.last_used = self._clock()

@@ -44,8 +44,11 @@ async def test_loaded_on_first_use_released_when_idle_and_reloaded(
             now[0] += 2.0
             assert await catalog.release_idle() == [EDGE_MODEL]
             assert catalog.loaded() == frozenset()
-            again = await catalog.detect(photo_bytes["chelsea"])  # default model, reloaded
+            # The default model (the same one here), reloaded; with the frame for escalation.
+            again, frame = await catalog.detect_with_frame(photo_bytes["chelsea"])
             assert [d.label for d in again.detections] == ["Cat"]
+            assert frame is not None
+            assert frame.shape[2] == 3
             assert catalog.loads(EDGE_MODEL) == 2
         assert catalog.loaded() == frozenset()  # closed with the catalog
     events = [(e["event"], e.get("model")) for e in logs]
