@@ -155,7 +155,7 @@ def run_fit(photos: list[Labelled]) -> dict[str, Any]:
     loo = leave_one_out(escalated, by_name, standing)
     final = fit(examples_of(escalated, by_name))
     info = {
-        "how": "bench/quality.py --fit: logistic regression (Newton, L2 0.05 on all but the "
+        "how": "bench/quality.py --fit: logistic regression (Newton, L2 2.0 on all but the "
         "bias) on every candidate of the whole frame, of the crops the default policy "
         "escalates and of a crop around each labelled object (area 2-80 %), labelled "
         "correct/wrong against tests/data/quality/labels.json "

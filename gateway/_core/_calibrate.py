@@ -116,7 +116,7 @@ class Example:
     verdict: Verdict
 
 
-def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 0.05, steps: int = 3000) -> np.ndarray:
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 2.0, steps: int = 3000) -> np.ndarray:
     """Weights maximising the L2-penalised log-likelihood (Newton's method, bias free)."""
     w = np.zeros(x.shape[1])
     penalty = np.full(x.shape[1], l2)

@@ -72,6 +72,8 @@ FEATURES = (
 MAX_CROPS = 4
 #: Detector boxes under this share of the image are not candidates (background clutter).
 _MIN_AREA = 0.004
+#: A detection under this share of its concept's best score in the image is not proposed.
+_ECHO = 0.5
 #: Concepts too general to be an answer a person would call naming the object.
 _GENERIC = frozenset({ROOT, "animal", "object", "scene", "plant", "food", "mammal"})
 
@@ -258,9 +260,19 @@ def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]
                 return
         found.append(Candidate(concept, box, detector=detector, sources={source}))
 
+    strongest: dict[str, float] = {}
+    for det in obs.detections:
+        concept = det_concepts[det.class_id]
+        if concept is not None:
+            strongest[concept] = max(strongest.get(concept, 0.0), det.score)
     for det in obs.detections:
         concept = det_concepts[det.class_id]
         if concept is None or det.box.area < _MIN_AREA:
+            continue
+        # A box of a concept at under half the score of its best box in the image is the
+        # detector echoing that object on clutter (a "ball" on every round shape once it
+        # has seen the ball), not another object.
+        if det.score < _ECHO * strongest[concept]:
             continue
         add(concept, det.box, "detector", det.score)
     for box, (mass, named) in zip(boxes, crop_results, strict=True):

@@ -156,6 +156,7 @@ _PARENTS: dict[str, str] = {
     "citrus": "fruit",
     "orange": "citrus",
     "lemon": "citrus",
+    "lime": "citrus",
     "banana": "fruit",
     "kiwi": "fruit",
     "vegetable": "food",

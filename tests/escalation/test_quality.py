@@ -124,12 +124,10 @@ def test_several_objects_in_one_frame_are_all_answered() -> None:
     assert centres[2] - centres[1] > 0.1
 
 
-def test_a_zebra_beside_a_giraffe_is_a_zebra() -> None:
-    # The frame: the zebra is named; the giraffe (no ImageNet class; NanoDet alone
-    # at 0.83) stays below the calibrated threshold rather than being called something else.
-    found = dict(verdicts("giraffe_zebra"))
-    assert found.get("zebra") == "correct"
-    assert set(found.values()) == {"correct"}
+def test_a_giraffe_beside_a_zebra_are_both_named() -> None:
+    # One whole frame, two animals: the zebra (both models agree) and the giraffe (no
+    # ImageNet class; NanoDet alone, which the classifier's silence does not count against).
+    assert sorted(verdicts("giraffe_zebra")) == [("giraffe", "correct"), ("zebra", "correct")]
 
 
 def test_over_the_whole_set_few_answers_are_confidently_wrong() -> None:
