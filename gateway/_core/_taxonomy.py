@@ -211,7 +211,13 @@ _SYNONYMS: dict[str, str] = {
     "remote": "remote control",
 }
 
+
 # ----------------------------------------------------------------------- vocabularies
+def _each(names: str, concept: str) -> dict[str, str]:
+    """``{name: concept}`` for each of the comma-separated ``names``."""
+    return dict.fromkeys((n.strip() for n in names.split(",")), concept)
+
+
 _OID24: dict[str, str | None] = {
     "???": None,  # the SSD's background class
     "Bicycle": "bicycle",
@@ -305,222 +311,100 @@ _IMAGENET_ANCHORS = {0: "tench", 151: "Chihuahua", 268: "Mexican hairless", 339:
 
 # ImageNet objects, food and scenes (from index 398 on) by name.
 _IMAGENET_NAMES: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "airliner",
-            "warplane",
-            "airship",
-            "space shuttle",
-        ],
-        "airplane",
-    ),
-    **dict.fromkeys(
-        [
-            "beach wagon",
-            "cab",
-            "convertible",
-            "jeep",
-            "limousine",
-            "minivan",
-            "Model T",
-            "racer",
-            "sports car",
-            "police van",
-            "ambulance",
-            "go-kart",
-            "golfcart",
-        ],
+    **_each("airliner, warplane, airship, space shuttle", "airplane"),
+    **_each(
+        "beach wagon, cab, convertible, jeep, limousine, minivan, Model T, racer, "
+        "sports car, police van, ambulance, go-kart, golfcart",
         "car",
     ),
-    **dict.fromkeys(
-        [
-            "pickup",
-            "moving van",
-            "tow truck",
-            "trailer truck",
-            "garbage truck",
-            "fire engine",
-            "forklift",
-            "tractor",
-            "half track",
-        ],
+    **_each(
+        "pickup, moving van, tow truck, trailer truck, garbage truck, fire engine, "
+        "forklift, tractor, half track",
         "truck",
     ),
-    **dict.fromkeys(["minibus", "school bus", "trolleybus", "recreational vehicle"], "bus"),
-    **dict.fromkeys(
-        [
-            "bullet train",
-            "electric locomotive",
-            "steam locomotive",
-            "freight car",
-            "passenger car",
-            "streetcar",
-        ],
+    **_each("minibus, school bus, trolleybus, recreational vehicle", "bus"),
+    **_each(
+        "bullet train, electric locomotive, steam locomotive, freight car, "
+        "passenger car, streetcar",
         "train",
     ),
-    **dict.fromkeys(["moped", "motor scooter"], "motorcycle"),
-    **dict.fromkeys(["mountain bike", "bicycle-built-for-two", "tricycle", "unicycle"], "bicycle"),
-    **dict.fromkeys(
-        [
-            "canoe",
-            "catamaran",
-            "container ship",
-            "fireboat",
-            "gondola",
-            "lifeboat",
-            "liner",
-            "schooner",
-            "speedboat",
-            "trimaran",
-            "yawl",
-            "aircraft carrier",
-            "submarine",
-            "paddlewheel",
-            "wreck",
-        ],
+    **_each("moped, motor scooter", "motorcycle"),
+    **_each("mountain bike, bicycle-built-for-two, tricycle, unicycle", "bicycle"),
+    **_each(
+        "canoe, catamaran, container ship, fireboat, gondola, lifeboat, liner, schooner, "
+        "speedboat, trimaran, yawl, aircraft carrier, submarine, paddlewheel, wreck",
         "boat",
     ),
-    **dict.fromkeys(
-        [
-            "palace",
-            "monastery",
-            "church",
-            "mosque",
-            "stupa",
-            "castle",
-            "library",
-            "cinema",
-            "prison",
-            "greenhouse",
-            "planetarium",
-            "bakery",
-            "barbershop",
-            "bookshop",
-            "butcher shop",
-            "confectionery",
-            "grocery store",
-            "shoe shop",
-            "tobacco shop",
-            "toyshop",
-            "restaurant",
-            "apiary",
-            "water tower",
-            "beacon",
-            "cliff dwelling",
-            "bell cote",
-            "lumbermill",
-        ],
+    **_each(
+        "palace, monastery, church, mosque, stupa, castle, library, cinema, prison, "
+        "greenhouse, planetarium, bakery, barbershop, bookshop, butcher shop, "
+        "confectionery, grocery store, shoe shop, tobacco shop, toyshop, restaurant, "
+        "apiary, water tower, beacon, cliff dwelling, bell cote, lumbermill",
         "building",
     ),
-    **dict.fromkeys(["boathouse", "barn", "mobile home", "yurt"], "house"),
-    **dict.fromkeys(["steel arch bridge", "suspension bridge", "viaduct"], "bridge"),
-    **dict.fromkeys(
-        ["folding chair", "rocking chair", "barber chair", "throne"],
-        "chair",
-    ),
+    **_each("boathouse, barn, mobile home, yurt", "house"),
+    **_each("steel arch bridge, suspension bridge, viaduct", "bridge"),
+    **_each("folding chair, rocking chair, barber chair, throne", "chair"),
     "studio couch": "couch",
-    **dict.fromkeys(["four-poster", "crib", "cradle", "bassinet"], "bed"),
+    **_each("four-poster, crib, cradle, bassinet", "bed"),
     "dining table": "table",
     "desk": "desk",
     "broccoli": "broccoli",
     "hotdog": "hot dog",
     "park bench": "bench",
-    **dict.fromkeys(
-        [
-            "bookcase",
-            "china cabinet",
-            "chiffonier",
-            "wardrobe",
-            "entertainment center",
-            "medicine chest",
-        ],
+    **_each(
+        "bookcase, china cabinet, chiffonier, wardrobe, entertainment center, medicine chest",
         "furniture",
     ),
-    **dict.fromkeys(["television", "home theater"], "television"),
-    **dict.fromkeys(["monitor", "screen", "desktop computer"], "computer monitor"),
-    **dict.fromkeys(["laptop", "notebook", "hand-held computer"], "laptop"),
+    **_each("television, home theater", "television"),
+    **_each("monitor, screen, desktop computer", "computer monitor"),
+    **_each("laptop, notebook, hand-held computer", "laptop"),
     "mouse": "computer mouse",
-    **dict.fromkeys(["computer keyboard", "typewriter keyboard", "space bar"], "keyboard"),
-    **dict.fromkeys(["cellular telephone", "dial telephone", "pay-phone"], "phone"),
+    **_each("computer keyboard, typewriter keyboard, space bar", "keyboard"),
+    **_each("cellular telephone, dial telephone, pay-phone", "phone"),
     "remote control": "remote control",
-    **dict.fromkeys(["reflex camera", "Polaroid camera"], "camera"),
-    **dict.fromkeys(
-        ["water bottle", "wine bottle", "beer bottle", "pop bottle", "pill bottle", "whiskey jug"],
-        "bottle",
+    **_each("reflex camera, Polaroid camera", "camera"),
+    **_each(
+        "water bottle, wine bottle, beer bottle, pop bottle, pill bottle, whiskey jug", "bottle"
     ),
     "coffee mug": "mug",
-    **dict.fromkeys(["cup", "espresso", "beer glass", "goblet", "measuring cup"], "cup"),
-    **dict.fromkeys(["soup bowl", "mixing bowl"], "bowl"),
+    **_each("cup, espresso, beer glass, goblet, measuring cup", "cup"),
+    **_each("soup bowl, mixing bowl", "bowl"),
     "vase": "vase",
     "pot": "potted plant",
-    **dict.fromkeys(["carton", "crate", "chest", "packet", "pencil box"], "box"),
-    **dict.fromkeys(["backpack", "mailbag", "plastic bag", "purse", "shopping basket"], "bag"),
-    **dict.fromkeys(
-        ["running shoe", "sandal", "clog", "Loafer", "sock", "Christmas stocking"], "footwear"
-    ),
+    **_each("carton, crate, chest, packet, pencil box", "box"),
+    **_each("backpack, mailbag, plastic bag, purse, shopping basket", "bag"),
+    **_each("running shoe, sandal, clog, Loafer, sock, Christmas stocking", "footwear"),
     "cowboy boot": "boot",
-    **dict.fromkeys(["Granny Smith"], "apple"),
+    **_each("Granny Smith", "apple"),
     "orange": "orange",
     "lemon": "lemon",
-    **dict.fromkeys(
-        ["banana", "strawberry", "fig", "pineapple", "jackfruit", "custard apple", "pomegranate"],
-        "fruit",
-    ),
-    **dict.fromkeys(
-        [
-            "head cabbage",
-            "cauliflower",
-            "zucchini",
-            "spaghetti squash",
-            "acorn squash",
-            "butternut squash",
-            "cucumber",
-            "artichoke",
-            "bell pepper",
-            "cardoon",
-            "corn",
-        ],
+    **_each("banana, strawberry, fig, pineapple, jackfruit, custard apple, pomegranate", "fruit"),
+    **_each(
+        "head cabbage, cauliflower, zucchini, spaghetti squash, acorn squash, "
+        "butternut squash, cucumber, artichoke, bell pepper, cardoon, corn",
         "vegetable",
     ),
-    **dict.fromkeys(
-        [
-            "mushroom",
-            "coral fungus",
-            "agaric",
-            "gyromitra",
-            "stinkhorn",
-            "earthstar",
-            "hen-of-the-woods",
-            "bolete",
-        ],
+    **_each(
+        "mushroom, coral fungus, agaric, gyromitra, stinkhorn, earthstar, hen-of-the-woods, bolete",
         "fungus",
     ),
-    **dict.fromkeys(["daisy", "yellow lady's slipper", "rapeseed"], "flower"),
-    **dict.fromkeys(["alp", "volcano"], "mountain"),
-    **dict.fromkeys(["seashore", "sandbar", "lakeside"], "beach"),
-    **dict.fromkeys(["cliff", "valley", "promontory", "geyser", "coral reef"], "landscape"),
-    **dict.fromkeys(["ballplayer", "groom", "scuba diver"], "person"),
-    **dict.fromkeys(["teddy", "piggy bank", "pinwheel", "jigsaw puzzle"], "toy"),
-    **dict.fromkeys(
-        [
-            "soccer ball",
-            "tennis ball",
-            "golf ball",
-            "basketball",
-            "volleyball",
-            "rugby ball",
-            "ping-pong ball",
-            "baseball",
-            "croquet ball",
-            "punching bag",
-        ],
+    **_each("daisy, yellow lady's slipper, rapeseed", "flower"),
+    **_each("alp, volcano", "mountain"),
+    **_each("seashore, sandbar, lakeside", "beach"),
+    **_each("cliff, valley, promontory, geyser, coral reef", "landscape"),
+    **_each("ballplayer, groom, scuba diver", "person"),
+    **_each("teddy, piggy bank, pinwheel, jigsaw puzzle", "toy"),
+    **_each(
+        "soccer ball, tennis ball, golf ball, basketball, volleyball, rugby ball, "
+        "ping-pong ball, baseball, croquet ball, punching bag",
         "sports ball",
     ),
-    **dict.fromkeys(["book jacket", "comic book", "binder", "menu"], "book"),
-    **dict.fromkeys(["ballpoint", "fountain pen", "quill"], "pen"),
+    **_each("book jacket, comic book, binder, menu", "book"),
+    **_each("ballpoint, fountain pen, quill", "pen"),
     "tripod": "tripod",
     "lighter": "lighter",
-    **dict.fromkeys(["analog clock", "digital clock", "wall clock"], "clock"),
+    **_each("analog clock, digital clock, wall clock", "clock"),
     "umbrella": "umbrella",
     "parachute": "kite",
 }
@@ -528,56 +412,17 @@ _IMAGENET_NAMES: dict[str, str] = {
 # ImageNet classes that are evidence of another concept rather than an answer: clothing
 # fills a crop of a person; roofs and domes are parts of buildings; car parts of cars.
 _IMPLIES: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "abaya",
-            "academic gown",
-            "apron",
-            "bearskin",
-            "bikini",
-            "bolo tie",
-            "bonnet",
-            "bow tie",
-            "brassiere",
-            "bulletproof vest",
-            "cardigan",
-            "cloak",
-            "cowboy hat",
-            "feather boa",
-            "fur coat",
-            "gown",
-            "hoopskirt",
-            "jean",
-            "jersey",
-            "kimono",
-            "lab coat",
-            "maillot",
-            "maillot tank suit",
-            "military uniform",
-            "miniskirt",
-            "mortarboard",
-            "overskirt",
-            "pajama",
-            "poncho",
-            "sarong",
-            "ski mask",
-            "sombrero",
-            "stole",
-            "suit",
-            "sweatshirt",
-            "swimming trunks",
-            "trench coat",
-            "vestment",
-            "wig",
-            "Windsor tie",
-            "neck brace",
-            "sunglass",
-            "sunglasses",
-        ],
+    **_each(
+        "abaya, academic gown, apron, bearskin, bikini, bolo tie, bonnet, bow tie, "
+        "brassiere, bulletproof vest, cardigan, cloak, cowboy hat, feather boa, "
+        "fur coat, gown, hoopskirt, jean, jersey, kimono, lab coat, maillot, "
+        "maillot tank suit, military uniform, miniskirt, mortarboard, overskirt, pajama, "
+        "poncho, sarong, ski mask, sombrero, stole, suit, sweatshirt, swimming trunks, "
+        "trench coat, vestment, wig, Windsor tie, neck brace, sunglass, sunglasses",
         "person",
     ),
-    **dict.fromkeys(["tile roof", "thatch", "dome", "patio", "sliding door", "shoji"], "building"),
-    **dict.fromkeys(["car wheel", "car mirror", "grille", "disk brake", "seat belt"], "car"),
+    **_each("tile roof, thatch, dome, patio, sliding door, shoji", "building"),
+    **_each("car wheel, car mirror, grille, disk brake, seat belt", "car"),
     "wing": "airplane",
     "horse cart": "horse",
     "oxcart": "cattle",
