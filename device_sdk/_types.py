@@ -187,6 +187,8 @@ class EscalationAnswer:
     #: Every object the core is confident about, most probable first; boxes relative to
     #: what was escalated (the crop, or the whole frame). Empty when ``still_unknown``.
     objects: tuple[Detection, ...] = ()
+    #: Why it was escalated: ``uncertain``, ``outside_edge_set`` or ``empty_frame``.
+    escalation_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ class DeviceEvent:
                 still_unknown=e.still_unknown,
                 edge_label=e.edge_label,
                 edge_score=e.edge_score,
+                escalation_reason=e.escalation_reason,
                 objects=tuple(
                     Detection(
                         label=o.label,

@@ -78,6 +78,8 @@ class EscalationAnswer:
     edge_score: float = 0.0
     #: Every confident object, most probable first (empty when ``still_unknown``).
     objects: tuple[AnsweredObject, ...] = ()
+    #: Why it was escalated: ``uncertain``, ``outside_edge_set`` or ``empty_frame``.
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

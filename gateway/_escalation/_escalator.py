@@ -369,6 +369,7 @@ class Escalator:
             edge_score=0.0 if det is None else det.score,
             created_at=now,
             next_attempt_at=now,
+            reason=candidate.reason,
         )
         try:
             await self._db(self._outbox.add, entry)
@@ -507,6 +508,7 @@ class Escalator:
             still_unknown=a.still_unknown,
             edge_label=entry.edge_label,
             edge_score=entry.edge_score,
+            reason=entry.reason,
             objects=tuple(
                 AnsweredObject(
                     o.label, o.score, (o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max)

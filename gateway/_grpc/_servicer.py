@@ -297,6 +297,7 @@ def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
                 still_unknown=p.still_unknown,
                 edge_label=p.edge_label,
                 edge_score=p.edge_score,
+                escalation_reason=p.reason,
                 objects=[
                     common_pb2.Detection(
                         label=o.label,

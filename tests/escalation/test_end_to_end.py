@@ -282,6 +282,8 @@ async def test_default_policy_escalates_an_empty_frame_whole_and_names_what_is_i
                 pending[whole.escalation_id] = photo
         events = await next_events(gw, cam, 2)
     answers = {pending[e.escalation.escalation_id]: e.escalation for e in events}
+    # The answer says why it was escalated, as the detection did.
+    assert {a.escalation_reason for a in answers.values()} == {"empty_frame"}
     horses = answers["horses"]
     # Never "Cattle": a horse, something a horse is, or honestly unknown.
     assert horses.label != "Cattle"

@@ -24,7 +24,9 @@ def test_a_detection_says_why_it_was_escalated() -> None:
 
 
 def test_an_answer_carries_every_object_the_core_named() -> None:
-    answer = common_pb2.EscalationAnswer(escalation_id="esc-2", label="Dog", score=0.97)
+    answer = common_pb2.EscalationAnswer(
+        escalation_id="esc-2", label="Dog", score=0.97, escalation_reason="empty_frame"
+    )
     for x in (0.1, 0.4, 0.7):
         answer.objects.add(
             label="Dog",
@@ -33,6 +35,7 @@ def test_an_answer_carries_every_object_the_core_named() -> None:
         )
     event = DeviceEvent.from_proto(common_pb2.DeviceEvent(event_id="e1", escalation=answer))
     assert isinstance(event.kind, EscalationAnswer)
+    assert event.kind.escalation_reason == "empty_frame"
     assert [(o.label, round(o.box.x_min, 2)) for o in event.kind.objects] == [
         ("Dog", 0.1),
         ("Dog", 0.4),

@@ -251,6 +251,7 @@ class EscalationAnswer(_message.Message):
     EDGE_LABEL_FIELD_NUMBER: _builtins.int
     EDGE_SCORE_FIELD_NUMBER: _builtins.int
     OBJECTS_FIELD_NUMBER: _builtins.int
+    ESCALATION_REASON_FIELD_NUMBER: _builtins.int
     escalation_id: _builtins.str
     frame_id: _builtins.str
     label: _builtins.str
@@ -266,6 +267,10 @@ class EscalationAnswer(_message.Message):
     """True when no answer reached the core's calibrated threshold: label is "unknown"."""
     edge_label: _builtins.str
     edge_score: _builtins.float
+    escalation_reason: _builtins.str
+    """Why it was escalated, as on the escalated detection ("uncertain",
+    "outside_edge_set", "empty_frame").
+    """
     @_builtins.property
     def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Detection]:
         """Every object the core is confident about in what was escalated, most probable
@@ -285,10 +290,11 @@ class EscalationAnswer(_message.Message):
         edge_label: _builtins.str = ...,
         edge_score: _builtins.float = ...,
         objects: _abc.Iterable[Global___Detection] | None = ...,
+        escalation_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_label", b"edge_label", "edge_score", b"edge_score", "escalation_id", b"escalation_id", "frame_id", b"frame_id", "label", b"label", "model_name", b"model_name", "objects", b"objects", "score", b"score", "still_unknown", b"still_unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_label", b"edge_label", "edge_score", b"edge_score", "escalation_id", b"escalation_id", "escalation_reason", b"escalation_reason", "frame_id", b"frame_id", "label", b"label", "model_name", b"model_name", "objects", b"objects", "score", b"score", "still_unknown", b"still_unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
