@@ -30,18 +30,15 @@ def photos() -> dict[str, Labelled]:
     return {p.name: p for p in load_labelled(QUALITY)}
 
 
-@pytest.fixture(scope="module")
+@functools.cache
 def models() -> CoreModels:
-    m = CoreModels(CoreEscalationSettings(models_dir=MODELS, providers="cpu"))
-    m.open()
-    return m
+    return CoreModels(CoreEscalationSettings(models_dir=MODELS, providers="cpu"))
 
 
 @functools.cache
 def whole_frame(name: str) -> CoreAnswer:
-    m = CoreModels(CoreEscalationSettings(models_dir=MODELS, providers="cpu"))
     frame = decode_image(photos()[name].path.read_bytes(), max_pixels=40_000_000)
-    return m.identify_sync(frame, is_full_frame=True)
+    return models().identify_sync(frame, is_full_frame=True)
 
 
 def verdicts(name: str) -> list[tuple[str, str]]:
@@ -130,6 +127,7 @@ def test_a_giraffe_beside_a_zebra_are_both_named() -> None:
     assert sorted(verdicts("giraffe_zebra")) == [("giraffe", "correct"), ("zebra", "correct")]
 
 
+@pytest.mark.slow
 def test_over_the_whole_set_few_answers_are_confidently_wrong() -> None:
     tally = Tally()
     for name, photo in photos().items():
