@@ -79,6 +79,7 @@ POLICY = RegionPolicy(
     require_face_blur=False,
     device_budget_per_min=1e6,
     region_budget_per_min=1e6,
+    empty_frame_budget_per_min=1e6,
 )
 CORE_PIN = [pki.server_name_option(pki.core_server_name())]
 

@@ -60,6 +60,7 @@ POLICY = RegionPolicy(
     require_face_blur=False,
     device_budget_per_min=1e6,
     region_budget_per_min=1e6,
+    empty_frame_budget_per_min=1e6,
 )
 
 

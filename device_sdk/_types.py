@@ -104,6 +104,9 @@ class Detection:
 
     ``escalated`` means the gateway asked its core for a better answer; that answer arrives
     later as a :class:`DeviceEvent` whose :class:`EscalationAnswer` carries ``escalation_id``.
+    ``escalation_reason`` says why: ``uncertain`` (a score in the region's uncertainty band),
+    ``outside_edge_set`` (a label the region does not trust the edge with) or
+    ``empty_frame`` (the edge saw nothing; the detection covers the frame).
     """
 
     label: str
@@ -111,6 +114,7 @@ class Detection:
     box: Box
     escalated: bool = False
     escalation_id: str = ""
+    escalation_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ class DetectionResult:
                     box=Box(d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max),
                     escalated=d.escalated,
                     escalation_id=d.escalation_id,
+                    escalation_reason=d.escalation_reason,
                 )
                 for d in msg.detections
             ),
@@ -179,6 +184,11 @@ class EscalationAnswer:
     still_unknown: bool
     edge_label: str
     edge_score: float
+    #: Every object the core is confident about, most probable first; boxes relative to
+    #: what was escalated (the crop, or the whole frame). Empty when ``still_unknown``.
+    objects: tuple[Detection, ...] = ()
+    #: Why it was escalated: ``uncertain``, ``outside_edge_set`` or ``empty_frame``.
+    escalation_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +231,15 @@ class DeviceEvent:
                 still_unknown=e.still_unknown,
                 edge_label=e.edge_label,
                 edge_score=e.edge_score,
+                escalation_reason=e.escalation_reason,
+                objects=tuple(
+                    Detection(
+                        label=o.label,
+                        score=o.score,
+                        box=Box(o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max),
+                    )
+                    for o in e.objects
+                ),
             )
         elif which == "command":
             kind = Command(msg.command.name, dict(msg.command.arguments))

@@ -28,13 +28,40 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "AnsweredObject",
     "Command",
     "DeviceEvent",
     "ErrorEvent",
     "EscalationAnswer",
+    "EscalationId",
     "EventHub",
     "EventPayload",
 ]
+
+
+class EscalationId(str):
+    """An escalation id that also says why the detection was escalated.
+
+    A ``str`` (it is stored, compared and sent as the id), with ``reason``:
+    ``uncertain``, ``outside_edge_set`` or ``empty_frame``, which the device sees on the
+    detection (``Detection.escalation_reason``).
+    """
+
+    reason: str
+
+    def __new__(cls, value: str, reason: str = "") -> EscalationId:
+        obj = super().__new__(cls, value)
+        obj.reason = reason
+        return obj
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredObject:
+    """One object the core is confident about; ``box`` relative to what was escalated."""
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +76,10 @@ class EscalationAnswer:
     still_unknown: bool = False
     edge_label: str = ""
     edge_score: float = 0.0
+    #: Every confident object, most probable first (empty when ``still_unknown``).
+    objects: tuple[AnsweredObject, ...] = ()
+    #: Why it was escalated: ``uncertain``, ``outside_edge_set`` or ``empty_frame``.
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

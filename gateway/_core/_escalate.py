@@ -3,12 +3,13 @@
 Three parts:
 
 - :class:`CoreModels` runs NanoDet (COCO-80) and EfficientNet-Lite2 (ImageNet-1k) on an
-  escalated crop or frame and maps their answers to one vocabulary: the edge model's OID-24
-  names where one exists (COCO car and truck → ``Car``, every ImageNet dog breed → ``Dog``,
-  domestic cat breeds → ``Cat``), otherwise the core model's own label. Each model is loaded
-  on first use and released after ``idle_release_s`` without use (both logged), so a core
-  that hosts many models holds only the busy ones. Inference runs in a worker thread, never
-  on the event loop, behind a bounded queue.
+  escalated crop or frame; :mod:`gateway._core._identify` combines what they say (detector on
+  the whole image, classifier on the whole image and on crops of the detections, the edge's
+  hint) over one taxonomy (:mod:`gateway._core._taxonomy`) into calibrated answers, and says
+  ``unknown`` below the calibrated threshold. Each model is loaded on first use and released
+  after ``idle_release_s`` without use (both logged), so a core that hosts many models holds
+  only the busy ones. Inference runs in a worker thread, never on the event loop, behind a
+  bounded queue.
 - :class:`AnswerStore` keeps every answer, keyed by (gateway, escalation id), in SQLite: a
   retry of an escalation whose reply was lost gets the stored answer and the models do not
   run again. A retry that arrives while the first is still running waits for it.
@@ -27,7 +28,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,8 +40,19 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pki
+from gateway._core._identify import (
+    CALIBRATION_FILE,
+    Calibration,
+    ObjectAnswer,
+    Observation,
+    candidates,
+    crop_boxes,
+    decide,
+)
 from gateway._core._status import Context, InvalidArgument, ResourceExhausted
-from gateway._inference._classifier import preprocess_efficientnet, top_k
+from gateway._core._taxonomy import taxonomy
+from gateway._inference._classifier import preprocess_efficientnet
+from gateway._inference._detection import Box, Detection
 from gateway._inference._image import InvalidImage, decode_image
 from gateway._inference._manifest import (
     Manifest,
@@ -59,7 +71,7 @@ __all__ = [
     "CoreEscalationSettings",
     "CoreModels",
     "EscalateService",
-    "common_label",
+    "Rgb",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -68,100 +80,9 @@ _log = structlog.get_logger(__name__)
 DETECTOR = "core_nanodet_coco80"
 CLASSIFIER = "core_efficientnet_lite2"
 _PUBLIC_NAMES = {DETECTOR: "nanodet-coco80", CLASSIFIER: "efficientnet-lite2"}
+_BOTH = "nanodet-coco80+efficientnet-lite2"
 
 Rgb = npt.NDArray[np.uint8]
-
-# ------------------------------------------------------------------------------ vocabulary
-# COCO names that have an OID-24 (edge) counterpart. "truck" joins "car" because the edge's
-# Car class covers both in Open Images' sense of a road vehicle for people and goods.
-_COCO_TO_EDGE = {
-    "person": "Person",
-    "bicycle": "Bicycle",
-    "car": "Car",
-    "truck": "Car",
-    "cat": "Cat",
-    "dog": "Dog",
-    "cow": "Cattle",
-    "chair": "Chair",
-    "dining table": "Table",
-    "laptop": "Laptop",
-    "mouse": "Computer mouse",
-    "tv": "Computer monitor",
-    "bottle": "Bottle",
-    "cup": "Coffee cup",
-    "book": "Book",
-}
-# ImageNet-1k names with an edge counterpart (dog and cat breeds are handled by index).
-_IMAGENET_TO_EDGE = {
-    "ox": "Cattle",
-    "laptop": "Laptop",
-    "notebook": "Laptop",
-    "mouse": "Computer mouse",
-    "monitor": "Computer monitor",
-    "screen": "Computer monitor",
-    "desktop computer": "Computer monitor",
-    "coffee mug": "Mug",
-    "cup": "Coffee cup",
-    "espresso": "Coffee cup",
-    "running shoe": "Footwear",
-    "sandal": "Footwear",
-    "clog": "Footwear",
-    "Loafer": "Footwear",
-    "cowboy boot": "Boot",
-    "water bottle": "Bottle",
-    "wine bottle": "Bottle",
-    "beer bottle": "Bottle",
-    "pop bottle": "Bottle",
-    "pill bottle": "Bottle",
-    "folding chair": "Chair",
-    "rocking chair": "Chair",
-    "barber chair": "Chair",
-    "desk": "Desk",
-    "dining table": "Table",
-    "carton": "Box",
-    "crate": "Box",
-    "mountain bike": "Bicycle",
-    "bicycle-built-for-two": "Bicycle",
-    "sports car": "Car",
-    "convertible": "Car",
-    "cab": "Car",
-    "limousine": "Car",
-    "minivan": "Car",
-    "jeep": "Car",
-    "beach wagon": "Car",
-    "racer": "Car",
-    "Model T": "Car",
-    "pickup": "Car",
-    "police van": "Car",
-    "reflex camera": "Camera",
-    "Polaroid camera": "Camera",
-    "binder": "Book",
-    "comic book": "Book",
-}
-# ImageNet-1k's class order is fixed: 151 "Chihuahua" … 268 "Mexican hairless" are dog
-# breeds, 281 "tabby" … 285 "Egyptian cat" domestic cats (286 onward are wild cats).
-_DOG_BREEDS = range(151, 269)
-_CAT_BREEDS = range(281, 286)
-
-
-def _imagenet_map(labels: Sequence[str]) -> list[str]:
-    """The common-vocabulary label of each ImageNet class index."""
-    mapped = [_IMAGENET_TO_EDGE.get(label, label) for label in labels]
-    # Check the anchors of the index ranges, so a differently ordered label list is not
-    # silently mislabelled: without them, breeds keep their own names.
-    if len(labels) == 1000 and labels[151] == "Chihuahua" and labels[268] == "Mexican hairless":
-        for i in _DOG_BREEDS:
-            mapped[i] = "Dog"
-    if len(labels) == 1000 and labels[281] == "tabby" and labels[285] == "Egyptian cat":
-        for i in _CAT_BREEDS:
-            mapped[i] = "Cat"
-    return mapped
-
-
-def common_label(model: str, label: str) -> str:
-    """Map a core model's label to the common vocabulary (by name; breeds need the index)."""
-    table = _COCO_TO_EDGE if model == DETECTOR else _IMAGENET_TO_EDGE
-    return table.get(label, label)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -189,18 +110,12 @@ class CoreEscalationSettings(BaseModel):
         description="A model unused this long is released from memory; the next escalation "
         "loads it again.",
     )
-    detector_threshold: float = Field(
-        default=0.45,
-        gt=0.0,
-        lt=1.0,
-        description="NanoDet score from which its answer counts as confident.",
-    )
-    classifier_threshold: float = Field(
-        default=0.4,
-        gt=0.0,
-        lt=1.0,
-        description="EfficientNet-Lite2 probability (summed over classes with the same "
-        "common label, e.g. all dog breeds) from which its answer counts as confident.",
+    calibration: Path = Field(
+        default=CALIBRATION_FILE,
+        description="JSON file of the calibrated combination (logistic weights over the "
+        "models' evidence and the probability from which an object is answered; below it "
+        "the answer is 'unknown'). Default: the one fit on the labelled photo set and "
+        "shipped with the code (bench/quality.py --fit).",
     )
     max_image_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest escalated image accepted."
@@ -237,15 +152,19 @@ class CoreEscalationSettings(BaseModel):
 # ------------------------------------------------------------------------------ models
 @dataclass(frozen=True, slots=True)
 class CoreAnswer:
-    """What the core's models decided about one image."""
+    """What the core's models decided about one image.
+
+    ``objects`` are the confident answers, most probable first; ``label``/``score`` are the
+    first of them, or ``unknown`` with the best candidate's probability when none reached
+    the calibrated threshold (``still_unknown``).
+    """
 
     label: str
     score: float
-    #: ``nanodet-coco80`` or ``efficientnet-lite2`` (empty when neither said anything).
+    #: ``nanodet-coco80+efficientnet-lite2``, or the one model that proposed the answer.
     model_name: str
     still_unknown: bool
-    #: The deciding model's own label before mapping ("malamute", "truck").
-    raw_label: str
+    objects: tuple[ObjectAnswer, ...]
     model_ms: float
 
 
@@ -315,7 +234,7 @@ class CoreModels:
         self._slots: dict[str, _Slot] = {}
         self._detector_labels: tuple[str, ...] = ()
         self._classifier_labels: tuple[str, ...] = ()
-        self._classifier_common: list[str] = []
+        self._calibration: Calibration | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reaper: asyncio.Task[None] | None = None
         #: How many images the models have been run on (idempotency is tested with it).
@@ -344,12 +263,18 @@ class CoreModels:
         manifest = load_manifest(self.settings.models_dir)
         self._detector_labels = manifest.entry(DETECTOR).labels
         self._classifier_labels = manifest.entry(CLASSIFIER).labels
-        self._classifier_common = _imagenet_map(self._classifier_labels)
         self._slots = {name: _Slot(name, self._loader(name)) for name in (DETECTOR, CLASSIFIER)}
         self._manifest = manifest
 
+    def calibration(self) -> Calibration:
+        """The calibrated combination (read from ``settings.calibration`` on first use)."""
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.settings.calibration)
+        return self._calibration
+
     async def __aenter__(self) -> Self:
         self.open()
+        self.calibration()  # a broken calibration file stops the start, not an escalation
         # One worker: NanoDet runs batch 1 and each run already uses every physical core.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "edgeward-core-models")
         self._reaper = asyncio.create_task(self._reap(), name="edgeward-core-model-reaper")
@@ -394,10 +319,12 @@ class CoreModels:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._pool, fn)
 
-    async def identify(self, image: Rgb, *, is_full_frame: bool = False) -> CoreAnswer:
+    async def identify(
+        self, image: Rgb, *, is_full_frame: bool = False, edge: tuple[str, float] = ("", 0.0)
+    ) -> CoreAnswer:
         """Run both models on ``image`` in the worker thread; see :meth:`identify_sync`."""
         result: CoreAnswer = await self.run_in_worker(
-            lambda: self.identify_sync(image, is_full_frame=is_full_frame)
+            lambda: self.identify_sync(image, is_full_frame=is_full_frame, edge=edge)
         )
         return result
 
@@ -409,73 +336,100 @@ class CoreModels:
             slot.last_used = self._clock()
         return outputs
 
-    def identify_sync(self, image: Rgb, *, is_full_frame: bool = False) -> CoreAnswer:
-        """Both models on one image; their mapped answers combined (blocking).
+    def observe_sync(self, image: Rgb, *, edge: tuple[str, float] = ("", 0.0)) -> Observation:
+        """Run the models on ``image``: what :func:`gateway._core._identify.candidates` needs.
 
         The image is padded to a square first: crops are often tall or wide, and stretching
         them (NanoDet's input is square) or centre-cropping them (the classifier's) loses the
-        object. On a crop, detections covering under 5 % of it are ignored (background at the
-        margin, not the thing the edge was unsure about). The classifier's probabilities are
-        summed per common label, so 118 dog breeds of 5 % each make one confident ``Dog``.
-        Where both models name the same label, their scores combine as independent evidence
-        (``1 - (1-a)(1-b)``); the label with the highest score wins, reported with the model
-        that contributed most. It is ``still_unknown`` unless one model reached its threshold
-        or the combined score reached the higher of the two.
+        object. The classifier sees the whole image and, in the same batch, a square crop
+        around each of the strongest detections (:func:`crop_boxes`).
         """
         self.open()
+        square = _pad_square(image)
+        raw = postprocess_nanodet(
+            self._run(DETECTOR, preprocess_nanodet(square)),
+            self._detector_labels,
+            score_threshold=0.2,
+        )
+        detections = tuple(_unpad(det, image.shape[1], image.shape[0]) for det in raw)
+        boxes = crop_boxes(detections)
+        batch = [square, *(_pad_square(_crop(image, box)) for box in boxes)]
+        logits = np.asarray(self._run(CLASSIFIER, preprocess_efficientnet(batch))[0])
+        probs = _softmax(logits.astype(np.float32))
+        return Observation(
+            detections=detections,
+            frame_probs=probs[0],
+            crop_probs=tuple(probs[1:]),
+            detector_labels=self._detector_labels,
+            classifier_labels=self._classifier_labels,
+            edge_label=edge[0],
+            edge_score=edge[1],
+        )
+
+    def identify_sync(
+        self, image: Rgb, *, is_full_frame: bool = False, edge: tuple[str, float] = ("", 0.0)
+    ) -> CoreAnswer:
+        """The calibrated answer for one image (blocking; see :mod:`gateway._core._identify`).
+
+        ``edge`` is the edge's hint (its label and score; empty for a whole frame). Every
+        confident object is in :attr:`CoreAnswer.objects`; on a crop, the object must cover
+        a fair part of it (the thing the edge was unsure about, not background at the margin).
+        """
         started = time.perf_counter()
         self.runs += 1
-        square = _pad_square(image)
-        detections = postprocess_nanodet(
-            self._run(DETECTOR, preprocess_nanodet(square)), self._detector_labels
-        )
-        min_area = 0.0 if is_full_frame else 0.05
-        det_scores: dict[str, tuple[float, str]] = {}
-        for det in detections:
-            if det.box.area < min_area:
-                continue
-            common = common_label(DETECTOR, det.label)
-            if det.score > det_scores.get(common, (0.0, ""))[0]:
-                det_scores[common] = (det.score, det.label)
-        logits = self._run(CLASSIFIER, preprocess_efficientnet([square]))[0]
-        ranked = top_k(np.asarray(logits, dtype=np.float32), self._classifier_labels, k=20)[0]
-        cls_scores: dict[str, tuple[float, str]] = {}
-        for cls in ranked:
-            common = self._classifier_common[cls.class_id]
-            total, raw = cls_scores.get(common, (0.0, cls.label))
-            cls_scores[common] = (total + cls.score, raw)
+        obs = self.observe_sync(image, edge=edge)
+        found = candidates(obs)
+        if not is_full_frame:
+            found = [c for c in found if c.box.area >= 0.05]
+        objects, best = decide(found, self.calibration())
         elapsed_ms = (time.perf_counter() - started) * 1000.0
+        tax = taxonomy()
+        if not objects:
+            return CoreAnswer("unknown", best, _BOTH, True, (), elapsed_ms)
+        top = objects[0]
+        model = (
+            _PUBLIC_NAMES[DETECTOR]
+            if top.sources == ("detector",)
+            else _PUBLIC_NAMES[CLASSIFIER]
+            if "detector" not in top.sources
+            else _BOTH
+        )
+        return CoreAnswer(
+            tax.edge_name(top.concept), top.probability, model, False, tuple(objects), elapsed_ms
+        )
 
-        s = self.settings
-        best: CoreAnswer | None = None
-        for label in det_scores.keys() | cls_scores.keys():
-            d, d_raw = det_scores.get(label, (0.0, ""))
-            c, c_raw = cls_scores.get(label, (0.0, ""))
-            combined = 1.0 - (1.0 - d) * (1.0 - c)
-            confident = (
-                d >= s.detector_threshold
-                or c >= s.classifier_threshold
-                or (
-                    d > 0
-                    and c > 0
-                    and combined >= max(s.detector_threshold, s.classifier_threshold)
-                )
-            )
-            by_detector = d >= c
-            answer = CoreAnswer(
-                label=label,
-                score=combined,
-                model_name=_PUBLIC_NAMES[DETECTOR if by_detector else CLASSIFIER],
-                still_unknown=not confident,
-                raw_label=d_raw if by_detector else c_raw,
-                model_ms=elapsed_ms,
-            )
-            # Confident answers first, then by score; ties broken by label for determinism.
-            rank = (not answer.still_unknown, answer.score, answer.label)
-            if best is None or rank > (not best.still_unknown, best.score, best.label):
-                best = answer
-        assert best is not None  # noqa: S101 - the classifier always names a class
-        return best
+
+def _softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    out: npt.NDArray[np.float32] = shifted / shifted.sum(axis=1, keepdims=True)
+    return out
+
+
+def _crop(image: Rgb, box: Box, margin: float = 0.1) -> Rgb:
+    """``box`` of ``image`` with ``margin`` of its size added on each side (clipped)."""
+    height, width = image.shape[:2]
+    bw, bh = box.x_max - box.x_min, box.y_max - box.y_min
+    x0 = int(max(0.0, box.x_min - margin * bw) * width)
+    y0 = int(max(0.0, box.y_min - margin * bh) * height)
+    x1 = max(x0 + 1, int(min(1.0, box.x_max + margin * bw) * width))
+    y1 = max(y0 + 1, int(min(1.0, box.y_max + margin * bh) * height))
+    return image[y0:y1, x0:x1]
+
+
+def _unpad(det: Detection, width: int, height: int) -> Detection:
+    """A detection on the padded square mapped back to the ``width`` x ``height`` image."""
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+
+    def fx(v: float) -> float:
+        return min(1.0, max(0.0, (v * side - left) / width))
+
+    def fy(v: float) -> float:
+        return min(1.0, max(0.0, (v * side - top) / height))
+
+    b = det.box
+    box = Box(fx(b.x_min), fy(b.y_min), fx(b.x_max), fy(b.y_max))
+    return Detection(det.label, det.class_id, det.score, box)
 
 
 def _pad_square(image: Rgb) -> Rgb:
@@ -699,7 +653,18 @@ class EscalateService:
         if stored is not None:
             return stored
         pixels = decode_image(image, max_pixels=self.settings.max_pixels)
-        answer = self.models.identify_sync(pixels, is_full_frame=is_full_frame)
+        answer = self.models.identify_sync(pixels, is_full_frame=is_full_frame, edge=edge)
+        tax = taxonomy()
+        objects = [
+            common_pb2.Detection(
+                label=tax.edge_name(o.concept),
+                score=o.probability,
+                box=common_pb2.Box(
+                    x_min=o.box.x_min, y_min=o.box.y_min, x_max=o.box.x_max, y_max=o.box.y_max
+                ),
+            )
+            for o in answer.objects
+        ]
         result = core_pb2.EscalationResult(
             answer=common_pb2.EscalationAnswer(
                 escalation_id=key[1],
@@ -710,6 +675,7 @@ class EscalateService:
                 still_unknown=answer.still_unknown,
                 edge_label=edge[0],
                 edge_score=edge[1],
+                objects=objects,
             ),
             model_ms=answer.model_ms,
         )

@@ -55,9 +55,17 @@ class RegionPolicy(BaseModel):
         "escalated whatever its score. Unset = every label of the edge model.",
     )
     escalate_empty_frames: bool = Field(
-        default=False,
-        description="Escalate a frame in which the edge found nothing. Such a frame has no "
-        "crop, so this needs send = 'frame'.",
+        default=True,
+        description="Escalate a frame in which the edge found nothing, whole. It takes effect "
+        "only where frames may leave the edge (send = 'frame'; an empty frame has no crop) "
+        "and is budgeted per device by empty_frame_budget_per_min.",
+    )
+    empty_frame_budget_per_min: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="Empty frames per minute one device may have escalated whole (token "
+        "bucket, burst of the same size), within its device_budget_per_min: a camera facing "
+        "an empty room does not send every frame.",
     )
     device_budget_per_min: float = Field(
         default=6.0,
@@ -71,7 +79,11 @@ class RegionPolicy(BaseModel):
         description="Escalations per minute for all devices of the region together.",
     )
     max_per_frame: int = Field(
-        default=4, ge=1, le=32, description="At most this many escalations from one frame."
+        default=4,
+        ge=1,
+        le=32,
+        description="At most this many escalations from one frame: labels outside the edge "
+        "set first, then the uncertainty band, biggest object first, one per object.",
     )
     send: Literal["crop", "frame"] = Field(
         default="crop",
@@ -120,7 +132,12 @@ class RegionPolicy(BaseModel):
     def _check_consistency(self) -> Self:
         if self.band_low > self.band_high:
             raise ValueError("band_low must not exceed band_high")
-        if self.escalate_empty_frames and self.send != "frame":
+        # The default (on) is inert under send = 'crop'; asking for it there is a mistake.
+        if (
+            "escalate_empty_frames" in self.model_fields_set
+            and self.escalate_empty_frames
+            and self.send != "frame"
+        ):
             raise ValueError(
                 "escalate_empty_frames needs send = 'frame' (an empty frame has no crop)"
             )

@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from gateway._events import ErrorEvent, EscalationAnswer, EventPayload
+from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer, EventPayload
 from gateway._inference._detection import Detection
 from protos.edgeward.v1 import common_pb2, core_pb2
 
@@ -92,7 +92,7 @@ class PendingEscalation:
 class RefusedEscalation:
     """A detection the policy picked that was not escalated, and why.
 
-    ``reason``: ``device_budget``, ``region_budget``, ``outbox_full``,
+    ``reason``: ``device_budget``, ``region_budget``, ``empty_frame_budget``, ``outbox_full``,
     ``face_blur_unavailable``, ``no_frame`` (the answer came from the exact cache, so there
     are no pixels to crop) or ``shutting_down``.
     """
@@ -122,7 +122,8 @@ def mark_detection_result(
     """Mark the escalated detections of ``result`` (built in the same order) in place.
 
     An escalated empty frame gets one detection covering the frame, labelled ``unknown``
-    with score 0, so the device sees that an answer is coming and under which id.
+    with score 0, so the device sees that an answer is coming and under which id. Each
+    escalated detection carries why it was escalated (``escalation_reason``).
     """
     for pending in outcome.pending:
         if pending.index is None:
@@ -134,6 +135,7 @@ def mark_detection_result(
             det = result.detections[pending.index]
         det.escalated = True
         det.escalation_id = pending.escalation_id
+        det.escalation_reason = pending.reason
     return result
 
 
@@ -281,7 +283,9 @@ class Escalator:
         pending: list[PendingEscalation] = []
         refused: list[RefusedEscalation] = []
         for candidate in candidates:
-            reason = self._precheck(device_id, region_name, policy, frame)
+            reason = self._precheck(
+                device_id, region_name, policy, frame, whole_frame=candidate.index is None
+            )
             if reason is None:
                 assert frame is not None  # noqa: S101 - precheck refuses a missing frame
                 result = await self._escalate_one(
@@ -310,6 +314,8 @@ class Escalator:
         region: str,
         policy: RegionPolicy,
         frame: npt.NDArray[np.uint8] | None,
+        *,
+        whole_frame: bool,
     ) -> str | None:
         if not self._open:
             return "shutting_down"
@@ -317,7 +323,7 @@ class Escalator:
             return "no_frame"
         if self._core_address is None and policy.core_address is None:
             return "no_core"
-        return self._budgets.try_take(device_id, region, policy)
+        return self._budgets.try_take(device_id, region, policy, whole_frame=whole_frame)
 
     async def _escalate_one(  # noqa: PLR0917 - private; one call site
         self,
@@ -363,6 +369,7 @@ class Escalator:
             edge_score=0.0 if det is None else det.score,
             created_at=now,
             next_attempt_at=now,
+            reason=candidate.reason,
         )
         try:
             await self._db(self._outbox.add, entry)
@@ -501,6 +508,13 @@ class Escalator:
             still_unknown=a.still_unknown,
             edge_label=entry.edge_label,
             edge_score=entry.edge_score,
+            reason=entry.reason,
+            objects=tuple(
+                AnsweredObject(
+                    o.label, o.score, (o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max)
+                )
+                for o in a.objects
+            ),
         )
         await self._finish(entry, answer, outcome="answered", model_ms=float(result.model_ms))
 

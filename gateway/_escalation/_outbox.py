@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway._events import ErrorEvent, EscalationAnswer
+from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer
 
 from ._errors import OutboxFull
 
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at      REAL NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
-    last_error      TEXT NOT NULL DEFAULT ''
+    last_error      TEXT NOT NULL DEFAULT '',
+    reason          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at);
 CREATE TABLE IF NOT EXISTS answers (
@@ -83,6 +84,8 @@ class OutboxEntry:
     attempts: int = 0
     next_attempt_at: float = 0.0
     last_error: str = ""
+    #: Why it was escalated (``uncertain``, ``outside_edge_set``, ``empty_frame``).
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +107,13 @@ def _encode(payload: EscalationAnswer | ErrorEvent) -> tuple[str, str]:
 def _decode(kind: str, text: str) -> EscalationAnswer | ErrorEvent:
     data: dict[str, Any] = json.loads(text)
     if kind == "answer":
-        return EscalationAnswer(**data)
+        objects = tuple(
+            AnsweredObject(
+                o["label"], o["score"], (o["box"][0], o["box"][1], o["box"][2], o["box"][3])
+            )
+            for o in data.pop("objects", ())
+        )
+        return EscalationAnswer(**data, objects=objects)
     return ErrorEvent(**data)
 
 
@@ -140,6 +149,11 @@ class Outbox:
         self._synchronous = synchronous
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA)
+        # An outbox written before escalations recorded their reason gains the column; its
+        # waiting entries are delivered with an empty reason.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "reason" not in columns:
+            self._db.execute("ALTER TABLE outbox ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite)."""
@@ -158,7 +172,7 @@ class Outbox:
             db.execute(
                 "INSERT INTO outbox (escalation_id, device_id, region, frame_id, core_address,"
                 " image, is_full_frame, edge_label, edge_score, created_at, attempts,"
-                " next_attempt_at, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " next_attempt_at, last_error, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     entry.escalation_id,
                     entry.device_id,
@@ -173,6 +187,7 @@ class Outbox:
                     entry.attempts,
                     entry.next_attempt_at,
                     entry.last_error,
+                    entry.reason,
                 ),
             )
         except BaseException:
@@ -188,7 +203,8 @@ class Outbox:
         rows = self._db.execute(
             "SELECT escalation_id, device_id, region, frame_id, core_address, image,"  # noqa: S608
             " is_full_frame, edge_label, edge_score, created_at, attempts, next_attempt_at,"
-            f" last_error FROM outbox WHERE next_attempt_at <= ? AND core_address NOT IN ({marks})"
+            f" last_error, reason FROM outbox WHERE next_attempt_at <= ?"
+            f" AND core_address NOT IN ({marks})"
             " ORDER BY next_attempt_at, created_at LIMIT ?",
             (now, *skip, limit),
         ).fetchall()
@@ -207,6 +223,7 @@ class Outbox:
                 attempts=int(r[10]),
                 next_attempt_at=float(r[11]),
                 last_error=r[12],
+                reason=r[13],
             )
             for r in rows
         ]

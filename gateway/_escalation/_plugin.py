@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 import pki
+from gateway._events import EscalationId
 from gateway._inference import InferenceResult
 from gateway._settings import ConfigError
 
@@ -78,7 +79,7 @@ class EscalationPlugin:
             detections=result.detections,
             frame=frame,
         )
-        return {p.index: p.escalation_id for p in outcome.pending}
+        return {p.index: EscalationId(p.escalation_id, p.reason) for p in outcome.pending}
 
     async def __aenter__(self) -> EscalationPlugin:
         await self.escalator.__aenter__()

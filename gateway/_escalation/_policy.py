@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway._inference._detection import Detection
+from gateway._inference._detection import Box, Detection
 
 from ._config import RegionPolicy
 
@@ -35,24 +35,43 @@ class Candidate:
 def select(policy: RegionPolicy, detections: Sequence[Detection]) -> list[Candidate]:
     """The detections the policy escalates, most doubtful first, at most ``max_per_frame``.
 
-    Outside-the-set labels come first (the edge cannot name them at all), then band members
-    by ascending score. An empty frame is a candidate only when the region asks for it.
+    An empty frame is a candidate where the region escalates empty frames and lets frames
+    leave the edge (``send = 'frame'``). Otherwise the candidates are detections whose label
+    is outside the region's edge set (the edge cannot name them at all) and then those whose
+    score is in the uncertainty band; within each, the biggest object first, and one
+    escalation per object: a box overlapping an already chosen one by half (IoU 0.5) is the
+    same thing under another label or score. Ranking by score instead spends the per-frame
+    cap on the smallest, lowest boxes -- the edge's borderline background hits -- and leaves
+    out a doubtful person in the middle of the frame.
     """
     if not detections:
-        if policy.escalate_empty_frames:
+        if policy.escalate_empty_frames and policy.send == "frame":
             return [Candidate(None, "empty_frame")]
         return []
     edge_set = None if policy.edge_labels is None else frozenset(policy.edge_labels)
-    outside: list[tuple[float, int]] = []
-    uncertain: list[tuple[float, int]] = []
+    ranked: list[tuple[int, float, float, int, EscalationReason]] = []
     for i, det in enumerate(detections):
         if edge_set is not None and det.label not in edge_set:
-            outside.append((det.score, i))
+            ranked.append((0, -det.box.area, det.score, i, "outside_edge_set"))
         elif policy.band_low <= det.score < policy.band_high:
-            uncertain.append((det.score, i))
-    chosen = [Candidate(i, "outside_edge_set") for _, i in sorted(outside)]
-    chosen += [Candidate(i, "uncertain") for _, i in sorted(uncertain)]
-    return chosen[: policy.max_per_frame]
+            ranked.append((1, -det.box.area, det.score, i, "uncertain"))
+    chosen: list[Candidate] = []
+    for *_, i, reason in sorted(ranked):
+        box = detections[i].box
+        if any(_iou(box, detections[c.index].box) >= 0.5 for c in chosen if c.index is not None):
+            continue
+        chosen.append(Candidate(i, reason))
+        if len(chosen) == policy.max_per_frame:
+            break
+    return chosen
+
+
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a.x_max, b.x_max) - max(a.x_min, b.x_min))
+    iy = max(0.0, min(a.y_max, b.y_max) - max(a.y_min, b.y_min))
+    inter = ix * iy
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
 
 
 class TokenBucket:
@@ -96,29 +115,46 @@ class Budgets:
         self._devices: OrderedDict[str, TokenBucket] = OrderedDict()
         self._regions: dict[str, TokenBucket] = {}
 
-    def try_take(self, device_id: str, region: str, policy: RegionPolicy) -> str | None:
-        """Take one escalation from both budgets; on refusal return which was empty.
+    def try_take(
+        self, device_id: str, region: str, policy: RegionPolicy, *, whole_frame: bool = False
+    ) -> str | None:
+        """Take one escalation from the budgets; on refusal return which was empty.
 
-        Both buckets are checked before either is charged, so a refusal costs nothing.
+        ``whole_frame`` (an empty frame sent whole) also takes from the device's own
+        ``empty_frame_budget_per_min`` bucket: a camera facing an empty room would otherwise
+        send every frame. All buckets are checked before any is charged, so a refusal costs
+        nothing.
         """
         now = self._clock()
-        device = self._devices.get(device_id)
-        if device is None:
-            burst = max(1.0, policy.device_budget_per_min)
-            device = TokenBucket(policy.device_budget_per_min, burst, now)
-            self._devices[device_id] = device
-            while len(self._devices) > self._max_devices:
-                self._devices.popitem(last=False)
-        self._devices.move_to_end(device_id)
+        device = self._bucket(device_id, policy.device_budget_per_min, now)
         regional = self._regions.get(region)
         if regional is None:
             burst = max(1.0, policy.region_budget_per_min)
             regional = TokenBucket(policy.region_budget_per_min, burst, now)
             self._regions[region] = regional
+        frames = (
+            self._bucket(f"{device_id}\x00frames", policy.empty_frame_budget_per_min, now)
+            if whole_frame
+            else None
+        )
+        if frames is not None and not frames.available(now):
+            return "empty_frame_budget"
         if not device.available(now):
             return "device_budget"
         if not regional.available(now):
             return "region_budget"
         device.take(now)
         regional.take(now)
+        if frames is not None:
+            frames.take(now)
         return None
+
+    def _bucket(self, key: str, rate_per_min: float, now: float) -> TokenBucket:
+        bucket = self._devices.get(key)
+        if bucket is None:
+            bucket = TokenBucket(rate_per_min, max(1.0, rate_per_min), now)
+            self._devices[key] = bucket
+            while len(self._devices) > self._max_devices:
+                self._devices.popitem(last=False)
+        self._devices.move_to_end(key)
+        return bucket

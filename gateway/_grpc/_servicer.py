@@ -255,6 +255,7 @@ def result_to_pb(
                 ),
                 escalated=i in escalated,
                 escalation_id=escalated.get(i, ""),
+                escalation_reason=getattr(escalated.get(i), "reason", ""),
             )
             for i, d in enumerate(result.detections)
         ],
@@ -273,6 +274,7 @@ def result_to_pb(
                 box=common_pb2.Box(x_min=0.0, y_min=0.0, x_max=1.0, y_max=1.0),
                 escalated=True,
                 escalation_id=frame_escalation,
+                escalation_reason=getattr(frame_escalation, "reason", ""),
             )
         )
     return msg
@@ -295,6 +297,17 @@ def event_to_pb(event: DeviceEvent) -> common_pb2.DeviceEvent:
                 still_unknown=p.still_unknown,
                 edge_label=p.edge_label,
                 edge_score=p.edge_score,
+                escalation_reason=p.reason,
+                objects=[
+                    common_pb2.Detection(
+                        label=o.label,
+                        score=o.score,
+                        box=common_pb2.Box(
+                            x_min=o.box[0], y_min=o.box[1], x_max=o.box[2], y_max=o.box[3]
+                        ),
+                    )
+                    for o in p.objects
+                ],
             )
         )
     elif isinstance(p, Command):

@@ -1,7 +1,9 @@
 """Edge inference: what the gateway's gRPC and MQTT layers may use.
 
 :class:`InferenceEngine` is the one entry point: ``async with InferenceEngine(models_dir=…)``,
-then ``await engine.detect(jpeg_bytes, deadline=…)``. The ``_modules`` behind it (pre- and
+then ``await engine.detect(jpeg_bytes, deadline=…)``. :class:`EdgeModelCatalog` holds one
+engine per edge model, started on the first frame that needs it and closed when idle, with
+the model each region runs. The ``_modules`` behind it (pre- and
 post-processing, the manifest, sessions, the batcher) are private.
 
 Errors raised per request::
@@ -18,6 +20,7 @@ Start-up also raises ``ModelIntegrityError`` when a model file does not match it
 
 from ._batcher import DeadlineExceeded, InferenceError, Overloaded, ShuttingDown
 from ._cache import DEFAULT_MAX_DISTANCE, ResponseCache
+from ._catalog import EdgeModelCatalog, UnknownEdgeModel
 from ._detection import Box, Detection
 from ._engine import (
     DEFAULT_MODEL,
@@ -37,6 +40,7 @@ __all__ = [
     "CacheKind",
     "DeadlineExceeded",
     "Detection",
+    "EdgeModelCatalog",
     "EngineObserver",
     "InferenceEngine",
     "InferenceError",
@@ -48,4 +52,5 @@ __all__ = [
     "ProviderUnavailable",
     "ResponseCache",
     "ShuttingDown",
+    "UnknownEdgeModel",
 ]

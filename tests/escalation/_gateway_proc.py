@@ -47,6 +47,7 @@ async def main() -> int:
                 require_face_blur=False,
                 device_budget_per_min=1000,
                 region_budget_per_min=1000,
+                empty_frame_budget_per_min=1000,
             )
         },
     )

@@ -124,6 +124,7 @@ def region(**overrides: Any) -> RegionPolicy:
         "require_face_blur": False,
         "device_budget_per_min": 1000.0,
         "region_budget_per_min": 1000.0,
+        "empty_frame_budget_per_min": 1000.0,
     }
     base.update(overrides)
     return RegionPolicy(**base)

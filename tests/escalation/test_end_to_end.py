@@ -73,6 +73,14 @@ PRIVATE = {
     "region_budget_per_min": 1000,
 }
 
+FRAMES_ONLY = {
+    # Nothing but the defaults and permission for frames to leave (faces still blurred).
+    "send": "frame",
+    "device_budget_per_min": 1000,
+    "region_budget_per_min": 1000,
+}
+QUALITY = ROOT / "tests" / "data" / "quality"
+
 
 class Capturing:
     """The real ``Core.Escalate`` handler, keeping a copy of each image that reached it."""
@@ -117,7 +125,7 @@ def escalation_table(tmp_path: Path, core_address: str) -> dict[str, Any]:
         "outbox_path": str(tmp_path / "outbox.sqlite3"),
         "retry_backoff_base_s": 0.05,
         "retry_backoff_max_s": 0.3,
-        "regions": {"home": HOME, "private": PRIVATE},
+        "regions": {"home": HOME, "private": PRIVATE, "frames": FRAMES_ONLY},
     }
 
 
@@ -228,9 +236,10 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
         assert (moto.frame_id, moto.label, moto.model_name, moto.still_unknown) == (
             "f-moto",
             "motorcycle",
-            "nanodet-coco80",
+            "nanodet-coco80+efficientnet-lite2",
             False,
         )
+        assert [o.label for o in moto.objects] == ["motorcycle"]
         dog_answer = answers[dog_det.escalation_id]
         assert (dog_answer.frame_id, dog_answer.label, dog_answer.edge_label) == (
             "f-dog",
@@ -247,6 +256,48 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
         assert gw.service.events.stored(stranger_id) == []
     assert handler.runs == 2
     assert len(handler.images) == 2
+
+
+async def test_default_policy_escalates_an_empty_frame_whole_and_names_what_is_in_it(
+    pki_dir: Path, tmp_path: Path, issue: IssueFn
+) -> None:
+    # The issue's photos: horses and a giraffe beside a zebra, where the edge sees nothing.
+    handler = core_handler(tmp_path)
+    async with (
+        running_core(pki_dir, tmp_path, escalate=handler) as core,
+        escalating_gateway(issue, tmp_path, core) as gw,
+    ):
+        _, cam = device(gw, issue, "frames")
+        pending: dict[str, str] = {}
+        async with gw.channel(cam) as channel:
+            stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
+            for photo in ("horses", "giraffe_zebra"):
+                frame = common_pb2.Frame(
+                    image=(QUALITY / f"{photo}.jpg").read_bytes(), frame_id=photo
+                )
+                result = await stub.Detect(frame, timeout=30)
+                (whole,) = pending_of(result)
+                assert (whole.label, whole.escalation_reason) == ("unknown", "empty_frame")
+                assert (whole.box.x_min, whole.box.x_max) == (0.0, 1.0)
+                pending[whole.escalation_id] = photo
+        events = await next_events(gw, cam, 2)
+    answers = {pending[e.escalation.escalation_id]: e.escalation for e in events}
+    # The answer says why it was escalated, as the detection did.
+    assert {a.escalation_reason for a in answers.values()} == {"empty_frame"}
+    horses = answers["horses"]
+    # Never "Cattle": a horse, something a horse is, or honestly unknown.
+    assert horses.label != "Cattle"
+    assert all(o.label in {"horse", "ungulate", "mammal", "animal"} for o in horses.objects)
+    assert horses.still_unknown == (horses.label == "unknown")
+    frame = answers["giraffe_zebra"]
+    assert not frame.still_unknown
+    # Both animals of the one frame, each with its own box: the zebra's in the lower right.
+    by_label = {o.label: o for o in frame.objects}
+    assert set(by_label) == {"zebra", "giraffe"}
+    assert by_label["zebra"].box.x_min > 0.3
+    assert by_label["zebra"].box.y_min > 0.3
+    assert by_label["giraffe"].box.y_min < by_label["zebra"].box.y_min
+    assert handler.runs == 2
 
 
 async def test_a_repeated_frame_answered_from_the_cache_keeps_its_escalation_marks(
@@ -495,6 +546,7 @@ async def test_core_run_and_gateway_run_escalate_a_motorcycle(
         "retry_backoff_base_s = 0.05\nretry_backoff_max_s = 0.3\n"
         "[escalation.regions.home]\n"
         'escalate_empty_frames = true\nsend = "frame"\nrequire_face_blur = false\n'
+        "empty_frame_budget_per_min = 1000\n"
     )
     core_log, gateway_log = tmp_path / "core.log", tmp_path / "gateway.log"
     async with _edgeward(core_log, "core", "run", "--config", str(tmp_path / "core.toml")) as c:

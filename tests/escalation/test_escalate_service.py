@@ -49,7 +49,8 @@ async def test_gateway_gets_an_answer_once_per_id(cores: Cores, issue: IssueFn) 
     async with cores.run() as core:
         first = await call(core.address, gw, request("esc-1"))
         assert first.answer.label == "motorcycle"
-        assert first.answer.model_name == "nanodet-coco80"
+        assert first.answer.model_name == "nanodet-coco80+efficientnet-lite2"
+        assert [o.label for o in first.answer.objects] == ["motorcycle"]
         assert first.answer.escalation_id == "esc-1"
         assert not first.answer.still_unknown
         assert first.model_ms > 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gateway._escalation import Outbox, OutboxEntry, OutboxFull
-from gateway._events import ErrorEvent, EscalationAnswer
+from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer
 
 
 def entry(n: int, *, at: float = 100.0, address: str = "127.0.0.1:1") -> OutboxEntry:
@@ -106,3 +108,44 @@ def test_write_ahead_log_holding_images_is_private_too(tmp_path: Path) -> None:
     for p in [path, *side_files]:
         assert oct(p.stat().st_mode & 0o777) == "0o600", p.name
     box.close()
+
+
+def test_the_reason_and_the_objects_survive_the_outbox(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_entries=10, max_answers=10)
+    box.add(dataclasses.replace(entry(1), reason="outside_edge_set"))
+    (due,) = box.due(500.0, limit=10, skip_addresses=frozenset())
+    assert due.reason == "outside_edge_set"
+    full = dataclasses.replace(
+        answer(1),
+        reason="outside_edge_set",
+        objects=(AnsweredObject("Dog", 0.97, (0.1, 0.2, 0.5, 0.9)),),
+    )
+    assert box.complete("esc-1", "dev-1", full, now=200.0, ttl_s=60.0)
+    box.close()
+    reopened = Outbox(tmp_path / "o.sqlite3", max_entries=10, max_answers=10)
+    (stored,) = reopened.stored_answers(210.0)
+    assert stored.payload == full
+
+
+def test_an_outbox_from_before_reasons_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE outbox (escalation_id TEXT PRIMARY KEY, device_id TEXT NOT NULL,"
+        " region TEXT NOT NULL, frame_id TEXT NOT NULL, core_address TEXT NOT NULL,"
+        " image BLOB NOT NULL, is_full_frame INTEGER NOT NULL, edge_label TEXT NOT NULL,"
+        " edge_score REAL NOT NULL, created_at REAL NOT NULL, attempts INTEGER NOT NULL"
+        " DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '');"
+        "INSERT INTO outbox VALUES ('esc-old', 'dev-1', 'home', 'f0', '127.0.0.1:1',"
+        " x'ffd8ff', 0, 'Cat', 0.55, 100.0, 0, 100.0, '');"
+    )
+    old.commit()
+    old.close()
+    box = Outbox(path, max_entries=10, max_answers=10)
+    (waiting,) = box.due(500.0, limit=10, skip_addresses=frozenset())
+    assert (waiting.escalation_id, waiting.reason) == ("esc-old", "")
+    box.add(dataclasses.replace(entry(2), reason="uncertain"))
+    assert [e.reason for e in box.due(500.0, limit=10, skip_addresses=frozenset())] == [
+        "",
+        "uncertain",
+    ]

@@ -8,35 +8,87 @@ import pytest
 from pydantic import ValidationError
 
 from gateway._config import GatewaySettings
-from gateway._escalation import Budgets, EscalationSettings, RegionPolicy, select
+from gateway._escalation import (
+    Budgets,
+    EscalationOutcome,
+    EscalationSettings,
+    PendingEscalation,
+    RegionPolicy,
+    mark_detection_result,
+    select,
+)
 from gateway._inference._detection import Box, Detection
 from gateway.errors import ConfigError
+from protos.edgeward.v1 import common_pb2
 
 
-def det(label: str, score: float) -> Detection:
-    return Detection(label=label, class_id=0, score=score, box=Box(0.1, 0.1, 0.5, 0.5))
+def det(label: str, score: float, box: Box | None = None) -> Detection:
+    return Detection(label=label, class_id=0, score=score, box=box or Box(0.1, 0.1, 0.5, 0.5))
 
 
-def test_band_is_half_open_and_most_doubtful_first() -> None:
+def tile(i: int, side: float = 0.1) -> Box:
+    """Non-overlapping boxes along the top of the frame."""
+    return Box(i * 0.12, 0.0, i * 0.12 + side, side)
+
+
+def test_band_is_half_open() -> None:
     policy = RegionPolicy(band_low=0.5, band_high=0.7)
-    dets = (det("Cat", 0.69), det("Dog", 0.7), det("Person", 0.5), det("Chair", 0.95))
+    dets = (
+        det("Cat", 0.69, tile(0)),
+        det("Dog", 0.7, tile(1)),
+        det("Person", 0.5, tile(2)),
+        det("Chair", 0.95, tile(3)),
+    )
     chosen = select(policy, dets)
-    assert [(c.index, c.reason) for c in chosen] == [(2, "uncertain"), (0, "uncertain")]
+    assert sorted((c.index, c.reason) for c in chosen) == [(0, "uncertain"), (2, "uncertain")]
 
 
 def test_label_outside_the_region_set_escalates_whatever_its_score() -> None:
     policy = RegionPolicy(band_low=0.5, band_high=0.6, edge_labels=("Person", "Cat"))
-    dets = (det("Cat", 0.9), det("Car", 0.95), det("Person", 0.55))
+    dets = (det("Cat", 0.9, tile(0)), det("Car", 0.95, tile(1)), det("Person", 0.55, tile(2)))
     chosen = select(policy, dets)
     assert [(c.index, c.reason) for c in chosen] == [(1, "outside_edge_set"), (2, "uncertain")]
 
 
-def test_empty_frames_only_when_asked_and_at_most_max_per_frame() -> None:
+def test_the_cap_takes_the_doubtful_person_not_the_borderline_specks() -> None:
+    # Four small boxes at the edge's threshold and a doubtful person filling the frame's
+    # middle: ranking by score spent the cap of 4 on the specks and left the person out.
+    specks = tuple(det("Bottle", 0.5 + i / 1000, tile(i, side=0.05)) for i in range(4))
+    person = det("Person", 0.63, Box(0.3, 0.2, 0.7, 0.95))
+    chosen = select(RegionPolicy(max_per_frame=4), (*specks, person))
+    assert next((c.index, c.reason) for c in chosen) == (4, "uncertain")
+    assert len(chosen) == 4
+
+
+def test_one_escalation_per_object() -> None:
+    # The edge hesitating between two labels on one box is one doubtful object, not two.
+    box = Box(0.2, 0.2, 0.6, 0.9)
+    dets = (det("Dog", 0.6, box), det("Cattle", 0.55, Box(0.21, 0.2, 0.6, 0.88)))
+    assert [c.index for c in select(RegionPolicy(), dets)] == [0]
+
+
+def test_empty_frames_escalate_whole_by_default_where_frames_may_leave() -> None:
+    # The default region sends crops only: an empty frame has nothing to send.
     assert select(RegionPolicy(), ()) == []
-    frames = RegionPolicy(escalate_empty_frames=True, send="frame")
+    frames = RegionPolicy(send="frame")
     assert [(c.index, c.reason) for c in select(frames, ())] == [(None, "empty_frame")]
-    capped = RegionPolicy(band_low=0.0, band_high=1.0, max_per_frame=2)
-    assert len(select(capped, tuple(det("Cat", 0.6) for _ in range(5)))) == 2
+    assert select(RegionPolicy(send="frame", escalate_empty_frames=False), ()) == []
+    capped = RegionPolicy(band_low=0.5, band_high=1.0, max_per_frame=2)
+    assert len(select(capped, tuple(det("Cat", 0.6, tile(i)) for i in range(5)))) == 2
+
+
+def test_empty_frames_have_a_budget_of_their_own() -> None:
+    now = [1000.0]
+    budgets = Budgets(clock=lambda: now[0])
+    policy = RegionPolicy(send="frame", empty_frame_budget_per_min=2, device_budget_per_min=10)
+    frames = [budgets.try_take("dev-a", "home", policy, whole_frame=True) for _ in range(3)]
+    assert frames == [None, None, "empty_frame_budget"]
+    # Detections of the same device still escalate: only whole frames are held back.
+    assert budgets.try_take("dev-a", "home", policy) is None
+    # Another device has its own empty-frame budget.
+    assert budgets.try_take("dev-b", "home", policy, whole_frame=True) is None
+    now[0] += 30.0  # 2/min = one every 30 s
+    assert budgets.try_take("dev-a", "home", policy, whole_frame=True) is None
 
 
 def test_device_and_region_budgets_with_exact_counts() -> None:
@@ -165,3 +217,30 @@ def test_a_band_below_the_engine_threshold_is_refused_naming_both_keys(
     off = tmp_path / "off.toml"
     off.write_text(_write_config(tmp_path, low=0.3).read_text() + "enabled = false\n")
     assert load_gateway_settings(off).escalation is not None
+
+
+def test_the_reason_for_each_escalation_is_shown_on_its_detection() -> None:
+    result = common_pb2.DetectionResult(frame_id="f1")
+    result.detections.add(label="Person", score=0.6)
+    result.detections.add(label="Car", score=0.9)
+    outcome = EscalationOutcome(
+        pending=(
+            PendingEscalation(0, "esc-a", "uncertain"),
+            PendingEscalation(1, "esc-b", "outside_edge_set"),
+        )
+    )
+    marked = mark_detection_result(result, outcome)
+    assert [(d.escalation_id, d.escalation_reason) for d in marked.detections] == [
+        ("esc-a", "uncertain"),
+        ("esc-b", "outside_edge_set"),
+    ]
+    empty = mark_detection_result(
+        common_pb2.DetectionResult(frame_id="f2"),
+        EscalationOutcome(pending=(PendingEscalation(None, "esc-c", "empty_frame"),)),
+    )
+    (whole,) = empty.detections
+    assert (whole.label, whole.escalation_reason, whole.box.x_max) == (
+        "unknown",
+        "empty_frame",
+        1.0,
+    )

@@ -226,6 +226,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
         "require_face_blur": False,
         "device_budget_per_min": 1000,
         "region_budget_per_min": 1000,
+        "empty_frame_budget_per_min": 1000,
     }
     async with running_core(pki_dir, tmp_path, escalate=handler) as core:
         escalation = {

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgeward/v1/common.proto\x12\x0b\x65\x64geward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"r\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x10.edgeward.v1.Box\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12\x15\n\rescalation_id\x18\x05 \x01(\t\"\xb8\x01\n\x0f\x44\x65tectionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12*\n\ndetections\x18\x02 \x03(\x0b\x32\x16.edgeward.v1.Detection\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cinference_ms\x18\x05 \x01(\x02\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x12\x12\n\ngateway_id\x18\x07 \x01(\t\"\xef\x01\n\tTelemetry\x12/\n\x0breported_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x62\x61ttery_percent\x18\x02 \x01(\x02\x12\x15\n\rtemperature_c\x18\x03 \x01(\x02\x12\x18\n\x10\x66irmware_version\x18\x04 \x01(\t\x12\x36\n\x08readings\x18\x05 \x03(\x0b\x32$.edgeward.v1.Telemetry.ReadingsEntry\x1a/\n\rReadingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x11\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\"\xac\x01\n\x10\x45scalationAnswer\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rstill_unknown\x18\x06 \x01(\x08\x12\x12\n\nedge_label\x18\x07 \x01(\t\x12\x12\n\nedge_score\x18\x08 \x01(\x02\"\x81\x01\n\x07\x43ommand\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\targuments\x18\x02 \x03(\x0b\x32#.edgeward.v1.Command.ArgumentsEntry\x1a\x30\n\x0e\x41rgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\nErrorEvent\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\t\"\xd7\x01\n\x0b\x44\x65viceEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nescalation\x18\x03 \x01(\x0b\x32\x1d.edgeward.v1.EscalationAnswerH\x00\x12\'\n\x07\x63ommand\x18\x04 \x01(\x0b\x32\x14.edgeward.v1.CommandH\x00\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.edgeward.v1.ErrorEventH\x00\x42\x06\n\x04kind\"^\n\x0cGatewayEntry\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x14\n\x0cmqtt_address\x18\x04 \x01(\t\"\\\n\x16SignedGatewayDirectory\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16signer_certificate_pem\x18\x03 \x01(\t\"\x9c\x01\n\x17GatewayDirectoryPayload\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08gateways\x18\x04 \x03(\x0b\x32\x19.edgeward.v1.GatewayEntryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgeward/v1/common.proto\x12\x0b\x65\x64geward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12/\n\x0b\x63\x61ptured_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\x8d\x01\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x10.edgeward.v1.Box\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12\x15\n\rescalation_id\x18\x05 \x01(\t\x12\x19\n\x11\x65scalation_reason\x18\x06 \x01(\t\"\xb8\x01\n\x0f\x44\x65tectionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12*\n\ndetections\x18\x02 \x03(\x0b\x32\x16.edgeward.v1.Detection\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cinference_ms\x18\x05 \x01(\x02\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x12\x12\n\ngateway_id\x18\x07 \x01(\t\"\xef\x01\n\tTelemetry\x12/\n\x0breported_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x62\x61ttery_percent\x18\x02 \x01(\x02\x12\x15\n\rtemperature_c\x18\x03 \x01(\x02\x12\x18\n\x10\x66irmware_version\x18\x04 \x01(\t\x12\x36\n\x08readings\x18\x05 \x03(\x0b\x32$.edgeward.v1.Telemetry.ReadingsEntry\x1a/\n\rReadingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x11\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\"\xf0\x01\n\x10\x45scalationAnswer\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rstill_unknown\x18\x06 \x01(\x08\x12\x12\n\nedge_label\x18\x07 \x01(\t\x12\x12\n\nedge_score\x18\x08 \x01(\x02\x12\'\n\x07objects\x18\t \x03(\x0b\x32\x16.edgeward.v1.Detection\x12\x19\n\x11\x65scalation_reason\x18\n \x01(\t\"\x81\x01\n\x07\x43ommand\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\targuments\x18\x02 \x03(\x0b\x32#.edgeward.v1.Command.ArgumentsEntry\x1a\x30\n\x0e\x41rgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\nErrorEvent\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\t\"\xd7\x01\n\x0b\x44\x65viceEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nescalation\x18\x03 \x01(\x0b\x32\x1d.edgeward.v1.EscalationAnswerH\x00\x12\'\n\x07\x63ommand\x18\x04 \x01(\x0b\x32\x14.edgeward.v1.CommandH\x00\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.edgeward.v1.ErrorEventH\x00\x42\x06\n\x04kind\"^\n\x0cGatewayEntry\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x14\n\x0cmqtt_address\x18\x04 \x01(\t\"\\\n\x16SignedGatewayDirectory\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16signer_certificate_pem\x18\x03 \x01(\t\"\x9c\x01\n\x17GatewayDirectoryPayload\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08gateways\x18\x04 \x03(\x0b\x32\x19.edgeward.v1.GatewayEntryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,30 +40,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_end=170
   _globals['_BOX']._serialized_start=172
   _globals['_BOX']._serialized_end=237
-  _globals['_DETECTION']._serialized_start=239
-  _globals['_DETECTION']._serialized_end=353
-  _globals['_DETECTIONRESULT']._serialized_start=356
-  _globals['_DETECTIONRESULT']._serialized_end=540
-  _globals['_TELEMETRY']._serialized_start=543
-  _globals['_TELEMETRY']._serialized_end=782
-  _globals['_TELEMETRY_READINGSENTRY']._serialized_start=735
-  _globals['_TELEMETRY_READINGSENTRY']._serialized_end=782
-  _globals['_ACK']._serialized_start=784
-  _globals['_ACK']._serialized_end=801
-  _globals['_ESCALATIONANSWER']._serialized_start=804
-  _globals['_ESCALATIONANSWER']._serialized_end=976
-  _globals['_COMMAND']._serialized_start=979
-  _globals['_COMMAND']._serialized_end=1108
-  _globals['_COMMAND_ARGUMENTSENTRY']._serialized_start=1060
-  _globals['_COMMAND_ARGUMENTSENTRY']._serialized_end=1108
-  _globals['_ERROREVENT']._serialized_start=1110
-  _globals['_ERROREVENT']._serialized_end=1171
-  _globals['_DEVICEEVENT']._serialized_start=1174
-  _globals['_DEVICEEVENT']._serialized_end=1389
-  _globals['_GATEWAYENTRY']._serialized_start=1391
-  _globals['_GATEWAYENTRY']._serialized_end=1485
-  _globals['_SIGNEDGATEWAYDIRECTORY']._serialized_start=1487
-  _globals['_SIGNEDGATEWAYDIRECTORY']._serialized_end=1579
-  _globals['_GATEWAYDIRECTORYPAYLOAD']._serialized_start=1582
-  _globals['_GATEWAYDIRECTORYPAYLOAD']._serialized_end=1738
+  _globals['_DETECTION']._serialized_start=240
+  _globals['_DETECTION']._serialized_end=381
+  _globals['_DETECTIONRESULT']._serialized_start=384
+  _globals['_DETECTIONRESULT']._serialized_end=568
+  _globals['_TELEMETRY']._serialized_start=571
+  _globals['_TELEMETRY']._serialized_end=810
+  _globals['_TELEMETRY_READINGSENTRY']._serialized_start=763
+  _globals['_TELEMETRY_READINGSENTRY']._serialized_end=810
+  _globals['_ACK']._serialized_start=812
+  _globals['_ACK']._serialized_end=829
+  _globals['_ESCALATIONANSWER']._serialized_start=832
+  _globals['_ESCALATIONANSWER']._serialized_end=1072
+  _globals['_COMMAND']._serialized_start=1075
+  _globals['_COMMAND']._serialized_end=1204
+  _globals['_COMMAND_ARGUMENTSENTRY']._serialized_start=1156
+  _globals['_COMMAND_ARGUMENTSENTRY']._serialized_end=1204
+  _globals['_ERROREVENT']._serialized_start=1206
+  _globals['_ERROREVENT']._serialized_end=1267
+  _globals['_DEVICEEVENT']._serialized_start=1270
+  _globals['_DEVICEEVENT']._serialized_end=1485
+  _globals['_GATEWAYENTRY']._serialized_start=1487
+  _globals['_GATEWAYENTRY']._serialized_end=1581
+  _globals['_SIGNEDGATEWAYDIRECTORY']._serialized_start=1583
+  _globals['_SIGNEDGATEWAYDIRECTORY']._serialized_end=1675
+  _globals['_GATEWAYDIRECTORYPAYLOAD']._serialized_start=1678
+  _globals['_GATEWAYDIRECTORYPAYLOAD']._serialized_end=1834
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,7 @@ class Detection(_message.Message):
     BOX_FIELD_NUMBER: _builtins.int
     ESCALATED_FIELD_NUMBER: _builtins.int
     ESCALATION_ID_FIELD_NUMBER: _builtins.int
+    ESCALATION_REASON_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     score: _builtins.float
     escalated: _builtins.bool
@@ -95,6 +96,11 @@ class Detection(_message.Message):
     final answer arrives later as a DeviceEvent carrying escalation_id.
     """
     escalation_id: _builtins.str
+    escalation_reason: _builtins.str
+    """Why it was escalated: "uncertain" (score in the region's uncertainty band),
+    "outside_edge_set" (a label the region does not trust the edge with) or
+    "empty_frame" (the edge saw nothing; the detection covers the whole frame).
+    """
     @_builtins.property
     def box(self) -> Global___Box: ...
     def __init__(
@@ -105,10 +111,11 @@ class Detection(_message.Message):
         box: Global___Box | None = ...,
         escalated: _builtins.bool = ...,
         escalation_id: _builtins.str = ...,
+        escalation_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["box", b"box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "escalated", b"escalated", "escalation_id", b"escalation_id", "label", b"label", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "escalated", b"escalated", "escalation_id", b"escalation_id", "escalation_reason", b"escalation_reason", "label", b"label", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,17 +250,34 @@ class EscalationAnswer(_message.Message):
     STILL_UNKNOWN_FIELD_NUMBER: _builtins.int
     EDGE_LABEL_FIELD_NUMBER: _builtins.int
     EDGE_SCORE_FIELD_NUMBER: _builtins.int
+    OBJECTS_FIELD_NUMBER: _builtins.int
+    ESCALATION_REASON_FIELD_NUMBER: _builtins.int
     escalation_id: _builtins.str
     frame_id: _builtins.str
     label: _builtins.str
-    """Label in the edge vocabulary where one exists, otherwise the core's own."""
+    """Label in the edge vocabulary where one exists, otherwise the core's concept
+    ("horse", "kite"); "unknown" when still_unknown.
+    """
     score: _builtins.float
     model_name: _builtins.str
-    """Model on the core that decided ("nanodet-coco80", "efficientnet-lite2")."""
+    """Models on the core that decided ("nanodet-coco80", "efficientnet-lite2", or
+    both joined by "+").
+    """
     still_unknown: _builtins.bool
-    """True when no core model was confident: the object stays unknown."""
+    """True when no answer reached the core's calibrated threshold: label is "unknown"."""
     edge_label: _builtins.str
     edge_score: _builtins.float
+    escalation_reason: _builtins.str
+    """Why it was escalated, as on the escalated detection ("uncertain",
+    "outside_edge_set", "empty_frame").
+    """
+    @_builtins.property
+    def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Detection]:
+        """Every object the core is confident about in what was escalated, most probable
+        first (a whole frame may hold several); boxes relative to what was escalated.
+        Empty when still_unknown.
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +289,12 @@ class EscalationAnswer(_message.Message):
         still_unknown: _builtins.bool = ...,
         edge_label: _builtins.str = ...,
         edge_score: _builtins.float = ...,
+        objects: _abc.Iterable[Global___Detection] | None = ...,
+        escalation_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_label", b"edge_label", "edge_score", b"edge_score", "escalation_id", b"escalation_id", "frame_id", b"frame_id", "label", b"label", "model_name", b"model_name", "score", b"score", "still_unknown", b"still_unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_label", b"edge_label", "edge_score", b"edge_score", "escalation_id", b"escalation_id", "escalation_reason", b"escalation_reason", "frame_id", b"frame_id", "label", b"label", "model_name", b"model_name", "objects", b"objects", "score", b"score", "still_unknown", b"still_unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
