@@ -143,7 +143,11 @@ class RateLimited(GatewayError):
 
 
 class InvalidRequest(GatewayError):
-    """A request field is out of bounds (telemetry readings, for instance)."""
+    """A request field is out of bounds (telemetry readings, a frame id, for instance)."""
+
+    def __init__(self, message: str, *, reason: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StreamIdle(GatewayError):

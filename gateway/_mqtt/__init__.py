@@ -4,25 +4,18 @@
 * :class:`MosquittoBroker`: writes ``mosquitto.conf`` (mTLS, AEAD ciphers, per-device ACLs,
   CRL) and supervises the broker; :class:`BrokerControl` and :class:`RevocationEnforcer` cut a
   revoked device's live session and refuse its reconnects.
-* :class:`MqttBridge`: frames to the inference engine and detections back (rendered with the
-  gRPC side's ``result_to_pb``, escalation marks included), telemetry state, device events;
-  :class:`BridgeConnection` says how it reaches the broker, :class:`Admission` and
-  :data:`HookSource` plug in the gateway's authorisation and its detection hook.
+* :class:`MqttBridge`: topics, acknowledgements and de-duplication around the gateway's front
+  door (:class:`~gateway._door.FrontDoor`: admission, the frame pipeline, the telemetry
+  store, refusals, the same as gRPC's); :class:`BridgeConnection` says how it reaches the
+  broker.
 
 * :func:`plugin`: the ``[mqtt]`` table as a ``GatewayService`` plug-in (broker, enforcer and
-  bridge on the gateway's engine, event hub, revocation state and telemetry store).
+  bridge on the gateway's front door).
 
 Topics, payloads and the ACL model: ``docs/mqtt.md``.
 """
 
-from gateway._mqtt._bridge import (
-    Admission,
-    BridgeConnection,
-    BridgeStats,
-    Detector,
-    HookSource,
-    MqttBridge,
-)
+from gateway._mqtt._bridge import BridgeConnection, BridgeStats, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
     BrokerCredentials,
@@ -58,15 +51,12 @@ __all__ = [
     "INTERNAL_PREFIX",
     "NODELAY",
     "PROTOBUF_CONTENT_TYPE",
-    "Admission",
     "BridgeConnection",
     "BridgeStats",
     "BrokerControl",
     "BrokerCredentials",
     "BrokerFiles",
     "CrlSource",
-    "Detector",
-    "HookSource",
     "InvalidTelemetry",
     "MosquittoBroker",
     "MqttBridge",

@@ -3,10 +3,9 @@
 ``plugin(settings)`` validates the table and returns a factory that ``GatewayService`` calls
 with its runtime. Entering it starts, in order: the managed broker (when ``managed``), its
 control client and the revocation enforcer (registered as a revocation listener), then the
-bridge on the gateway's engine, event hub, revocation state, telemetry store, authorisation
-(``runtime.authoriser``: the gRPC side's ``[authorisation]`` policy, a frame is a ``Detect``)
-and detection hook (``runtime.servicer.detection_hook``, read per frame). Leaving stops them
-in reverse order and removes the listener.
+bridge on the gateway's front door (``runtime.door``: admission, pipeline, telemetry store,
+refusals and event hub, the same as gRPC's). Leaving stops them in reverse order and removes
+the listener.
 
 The CRL comes from the core (``Enrollment.GetCrl`` over the gateway's mTLS identity) when the
 gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a standalone gateway.
@@ -23,7 +22,6 @@ import grpc
 
 import pki
 from gateway._config import GatewaySettings
-from gateway._grpc._servicer import DetectionHook
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
@@ -35,8 +33,6 @@ from gateway._mqtt._broker import (
     registry_crl_source,
 )
 from gateway._mqtt._config import MqttSettings
-from gateway._mqtt._telemetry import TelemetryReading
-from gateway.errors import FeedStale
 
 if TYPE_CHECKING:
     from gateway._service import GatewayRuntime
@@ -132,60 +128,12 @@ def plugin(
                     username=mqtt.username,
                     password=password,
                 )
-            servicer = runtime.servicer
-            revocation = runtime.revocation
-            authoriser = runtime.authoriser
-
-            def hook() -> DetectionHook | None:
-                # Read per frame: the escalation plug-in installs it after this one starts.
-                current: DetectionHook | None = servicer.detection_hook
-                return current
-
-            async def admit(device_id: str, method: str) -> str | None:
-                # The gRPC servicer's checks, in its order: a gateway that may have missed a
-                # revocation takes no new work, then the device type's methods, then the
-                # device's rate budget. The region
-                # comes from the same registry facts (cached by the authoriser).
-                if not revocation.healthy():
-                    raise FeedStale(revocation.stale_for())
-                info = await authoriser.check(device_id, method)
-                # One frame budget per device across gRPC and MQTT ([limits] frames_per_s,
-                # burst). Telemetry over MQTT is bounded by the ingest queue instead: only the
-                # latest state per device is kept, so a flood costs parsing, not memory.
-                if method == "Detect":
-                    servicer.take_token(device_id, method)
-                return info.region
-
-            def store(reading: TelemetryReading) -> None:
-                from gateway._grpc._servicer import TelemetryRecord
-
-                servicer.telemetry.put(
-                    TelemetryRecord(
-                        device_id=reading.device_id,
-                        received_at=reading.received_at,
-                        reported_at=reading.reported_at,
-                        battery_percent=reading.battery_percent,
-                        temperature_c=reading.temperature_c,
-                        firmware_version=reading.firmware_version,
-                        readings=reading.readings,
-                    )
-                )
-
             bridge = await stack.enter_async_context(
                 MqttBridge(
                     mqtt,
                     connection=connection,
-                    engine=runtime.engine,
-                    gateway_id=runtime.gateway_id,
-                    is_revoked=lambda device_id: runtime.revocation.is_revoked(device_id, ""),
-                    events=runtime.events,
-                    telemetry_sink=store,
-                    admit=admit,
-                    detection_hook=hook,
+                    door=runtime.door,
                     end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
-                    refusals=servicer.refusals,
-                    on_refused=servicer.count_refusal,
-                    escalations=servicer.escalations,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)

@@ -137,8 +137,8 @@ async def escalating_gateway(
         },
     ) as gw:
         # The plug-in started from the table and hooked itself to the device servicer.
-        assert gw.service.servicer is not None
-        assert gw.service.servicer.detection_hook is not None
+        assert gw.service.door is not None
+        assert gw.service.door.detection_hook is not None
         yield gw
 
 

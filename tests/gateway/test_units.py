@@ -11,11 +11,10 @@ import pytest
 
 import gateway
 from gateway._config import AuthorisationSettings, GatewaySettings, load_gateway_settings
+from gateway._door import Authoriser, RateLimiter, StaticDeviceDirectory, telemetry_from_pb
 from gateway._events import Command, ErrorEvent, EventHub
-from gateway._grpc._auth import Authoriser, StaticDeviceDirectory
+from gateway._grpc import LiveCalls
 from gateway._grpc._identity import IdentityJudge
-from gateway._grpc._limits import LiveCalls, RateLimiter
-from gateway._grpc._servicer import _telemetry_from_pb
 from gateway._revocation import (
     RegistryRevocationPoller,
     RevocationEvent,
@@ -370,7 +369,7 @@ async def test_authoriser_caches_with_ttl_and_refuses_by_type():
 
 def test_telemetry_bounds():
     now = dt.datetime.now(dt.UTC)
-    ok = _telemetry_from_pb(
+    ok = telemetry_from_pb(
         "cam-1",
         common_pb2.Telemetry(battery_percent=-1, readings={"wifi_rssi": -50}),
         max_readings=32,
@@ -384,4 +383,4 @@ def test_telemetry_bounds():
         common_pb2.Telemetry(readings={"x": float("inf")}),
     ):
         with pytest.raises(InvalidRequest):
-            _telemetry_from_pb("cam-1", bad, max_readings=32, now=now)
+            telemetry_from_pb("cam-1", bad, max_readings=32, now=now)

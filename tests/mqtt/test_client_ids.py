@@ -22,7 +22,14 @@ from paho.mqtt.properties import Properties
 
 import pki
 from gateway._mqtt import MqttBridge
-from tests._support.mqtt import BrokerHarness, FakeEngine, collect, device_client, frame_props
+from tests._support.mqtt import (
+    BrokerHarness,
+    FakeEngine,
+    collect,
+    device_client,
+    frame_props,
+    front_door,
+)
 from tests.conftest import IssueFn
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
@@ -99,7 +106,9 @@ async def test_device_posing_as_the_gateways_clients_disturbs_nothing(
     engine = FakeEngine()
     settings = harness.settings.model_copy(update={"telemetry_workers": 1})
     async with MqttBridge(
-        settings, connection=harness.bridge_connection(), engine=engine, gateway_id="gw-mqtt"
+        settings,
+        connection=harness.bridge_connection(),
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready(timeout_s=20)
         internal = _internal_ids(harness)
@@ -159,8 +168,7 @@ async def test_clean_start_under_a_consumer_id_keeps_the_bridges_session(
         return MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         )
 
     async with bridge() as first:
@@ -195,8 +203,7 @@ async def test_another_devices_client_id_is_replaced_by_the_cn(
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=FakeEngine(),
-        gateway_id="gw-mqtt",
+        door=front_door(FakeEngine(), gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(b, harness.port, identifier="dev-bbb") as victim:
@@ -237,8 +244,7 @@ async def test_revoking_devices_named_like_the_gateways_users_leaves_mqtt_workin
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
         for device_id, identity in lookalikes:
@@ -301,8 +307,7 @@ async def test_sessions_of_former_consumer_ids_are_ended_at_start(
         MqttBridge(
             harness.settings,
             connection=conn,
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
             end_sessions=[former],
         ) as bridge,
         device_client(cam, harness.port) as client,

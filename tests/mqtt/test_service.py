@@ -178,7 +178,7 @@ async def test_a_device_type_without_detect_gets_an_error_event_and_no_inference
         assert "doorbell" in error["message"]
         assert _model_runs(gw) == 0  # refused before the engine saw it
         # A doorbell may report telemetry: it is kept (the gateway's store, shared with gRPC).
-        store = gw.service.servicer.telemetry
+        store = gw.service.door.telemetry
         assert store.latest("bell-one") is not None
         assert store.latest("bell-one").battery_percent == 80
         # A camera of this policy may detect, but not report telemetry.
@@ -209,7 +209,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
     the core's answer arrives on ``devices/<id>/events`` under the same id."""
     require_tool("mosquitto")
     from gateway._core._escalate import CoreEscalationSettings, EscalateService
-    from gateway._grpc import WHOLE_FRAME_LABEL
+    from gateway._door import WHOLE_FRAME_LABEL
     from tests._support.core import running_core
 
     pki_dir = standalone_pki(tmp_path)
@@ -237,7 +237,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
         }
         async with mqtt_gateway(tmp_path, core=core, escalation=escalation) as gw:
             # Both plug-ins came from the tables; escalation hooked the servicer after MQTT.
-            assert gw.service.servicer.detection_hook is not None
+            assert gw.service.door.detection_hook is not None
             moto = gw.device("moto-cam", region="home")
             async with device_client(moto, gw.port) as client:
                 await client.subscribe("devices/moto-cam/detections", qos=1)
