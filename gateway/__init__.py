@@ -26,14 +26,6 @@ if TYPE_CHECKING:
         LimitsSettings,
         load_gateway_settings,
     )
-    from gateway._events import (
-        Command,
-        DeviceEvent,
-        ErrorEvent,
-        EscalationAnswer,
-        EventHub,
-        EventPayload,
-    )
     from gateway._door import (
         DetectionHook,
         DeviceDirectory,
@@ -42,6 +34,14 @@ if TYPE_CHECKING:
         StaticDeviceDirectory,
         TelemetryRecord,
         event_to_pb,
+    )
+    from gateway._events import (
+        Command,
+        DeviceEvent,
+        ErrorEvent,
+        EscalationAnswer,
+        EventHub,
+        EventPayload,
     )
     from gateway._metrics import GatewayMetrics
     from gateway._revocation import RevocationEvent, RevocationListener, RevocationState

@@ -273,7 +273,9 @@ async def test_flood_from_one_device_is_rate_limited_while_another_is_served(
             errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
             assert len(errors) >= 5
             assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-            assert all(dict(e.trailing_metadata() or ()).get("edgeward-retry-after-s") for e in errors)
+            assert all(
+                dict(e.trailing_metadata() or ()).get("edgeward-retry-after-s") for e in errors
+            )
             calm = await gw.stub(calm_ch).Detect(image, timeout=10)
             assert calm.detections
         assert "rate_limited" in gw.metrics_text()
