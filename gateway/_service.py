@@ -301,9 +301,9 @@ class GatewayService:
                 authoriser=Authoriser(directory, s.authorisation),
                 events=self.events,
                 metrics=self.metrics,
-                # Twice a batch in the engine at once keeps the model fed; the rest wait
-                # their device's turn, at most queue_size of them.
-                slots=2 * s.inference.max_batch,
+                # One batch in the engine at once keeps the model fed (the next one decodes
+                # while it runs); the rest wait their device's turn, at most queue_size.
+                slots=s.inference.max_batch,
                 max_waiting=s.inference.queue_size,
                 clock=self._clock,
             )

@@ -153,7 +153,7 @@ class FrontDoor:
         limits = limits if limits is not None else LimitsSettings()
         self.gateway_id = gateway_id
         self.limits = limits
-        self._engine = engine
+        self.engine = engine
         self.revocation = revocation
         self._authoriser = authoriser
         self.events = events if events is not None else EventHub()
@@ -260,7 +260,7 @@ class FrontDoor:
 
         async def run() -> tuple[InferenceResult, Frame | None]:
             async with self.fair.turn(device_id):
-                return await self._engine.detect_with_frame(image, deadline=deadline, key=device_id)
+                return await self.engine.detect_with_frame(image, deadline=deadline, key=device_id)
 
         if guard is not None:
             result, decoded = await guard(run())
