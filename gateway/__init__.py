@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from gateway._metrics import GatewayMetrics
     from gateway._revocation import RevocationEvent, RevocationListener, RevocationState
     from gateway._service import GatewayPlugin, GatewayRuntime, GatewayService
+    from gateway._status import Status, status_of
     from gateway.errors import (
         ConfigError,
         DeviceRevoked,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
         PermissionDenied,
         RateLimited,
         Unauthenticated,
-        grpc_status,
     )
 
 _EXPORTS: dict[str, str] = {
@@ -91,7 +91,8 @@ _EXPORTS: dict[str, str] = {
     "PermissionDenied": "gateway.errors",
     "RateLimited": "gateway.errors",
     "Unauthenticated": "gateway.errors",
-    "grpc_status": "gateway.errors",
+    "Status": "gateway._status",
+    "status_of": "gateway._status",
 }
 
 __all__ = [
@@ -124,11 +125,12 @@ __all__ = [
     "RevocationListener",
     "RevocationState",
     "StaticDeviceDirectory",
+    "Status",
     "TelemetryRecord",
     "Unauthenticated",
     "event_to_pb",
-    "grpc_status",
     "load_gateway_settings",
+    "status_of",
 ]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+import pki
 from gateway import errors as e
 from protos.edgeward.v1.wire import (
     FINAL_EXPIRED,
@@ -88,8 +89,63 @@ def status_of(exc: BaseException) -> Status:
             return Status("UNAVAILABLE", "inference unavailable", (), "inference")
         case e.ConfigError():
             return Status("INTERNAL", "gateway misconfigured", (), "config")
+        # The core's requests.
+        case e.CallerUnauthenticated():
+            return Status("UNAUTHENTICATED", str(exc), (), "unauthenticated")
+        case e.CallerNotAllowed():
+            return Status("PERMISSION_DENIED", str(exc), (), "not_allowed")
+        case e.NotFound():
+            return Status("NOT_FOUND", str(exc), (), "not_found")
+        case e.Unimplemented():
+            return Status("UNIMPLEMENTED", str(exc), (), "unimplemented")
+        case e.InvalidArgument():
+            return Status("INVALID_ARGUMENT", str(exc), (), "invalid_argument")
+        case e.ResourceExhausted():
+            return Status("RESOURCE_EXHAUSTED", str(exc), (), "busy")
+        case _:
+            return _pki_status(exc)
+
+
+_ENROL_REFUSED_HELP = (
+    "enrolment token refused: check that it was copied completely, has not been used and has "
+    "not expired; otherwise ask the operator for a new one"
+)
+
+
+def _pki_status(exc: BaseException) -> Status:
+    """The PKI's decisions (the core's enrolment and renewal), else an internal error."""
+    match exc:
+        case pki.InvalidCsr():
+            return Status("INVALID_ARGUMENT", f"CSR refused: {exc.reason}", (), "invalid_csr")
+        case pki.InvalidName():
+            return Status("INVALID_ARGUMENT", str(exc), (), "invalid_name")
+        case pki.TokenRejected():
+            return Status("PERMISSION_DENIED", _ENROL_REFUSED_HELP, (), "token_rejected")
+        case pki.RateLimited():
+            return Status(
+                "RESOURCE_EXHAUSTED",
+                "too many failed enrolment attempts from this address; retry in "
+                f"{exc.retry_after_s:.0f} s",
+                _retry_after(exc.retry_after_s),
+                "rate_limited",
+            )
+        case pki.CertificateRevoked():
+            return Status(
+                "PERMISSION_DENIED",
+                "this device is revoked: stop retrying and contact the operator",
+                _FINAL_REVOKED,
+                "revoked",
+            )
+        case pki.CertificateExpired():
+            return Status(
+                "UNAUTHENTICATED",
+                "the certificate has expired or is not yet valid; enrol again with a new token",
+                _FINAL_EXPIRED,
+                "expired",
+            )
+        case pki.InvalidIdentity():
+            return Status("PERMISSION_DENIED", f"identity refused: {exc}", (), "invalid_identity")
+        case pki.RegistryError():
+            return Status("FAILED_PRECONDITION", str(exc), (), "registry")
         case _:
             return Status("INTERNAL", "internal error", (), "internal")
-
-
-_ = _FINAL_EXPIRED  # used by the core's mapping (below) once its errors join the tree

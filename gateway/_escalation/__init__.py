@@ -14,10 +14,11 @@ Errors (all :class:`gateway.errors.GatewayError`)::
     └── EscalationFailed        the core refused an escalation for good
 """
 
+from gateway.errors import EscalationError, EscalationFailed, OutboxFull, RedactionUnavailable
+
 from ._client import MAX_MESSAGE_BYTES, CoreClient, CoreUnavailable
 from ._config import EscalationSettings, RegionPolicy
 from ._crop import FaceRedactor, Upload, crop_with_margin, prepare_upload
-from ._errors import EscalationError, EscalationFailed, OutboxFull, RedactionUnavailable
 from ._escalator import (
     AnswerSink,
     EscalationOutcome,

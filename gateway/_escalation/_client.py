@@ -11,9 +11,8 @@ from typing import Any
 import grpc
 
 import pki
+from gateway.errors import CoreUnavailable, EscalationFailed
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
-
-from ._errors import EscalationError, EscalationFailed
 
 __all__ = ["MAX_MESSAGE_BYTES", "CoreClient", "CoreUnavailable"]
 
@@ -32,14 +31,6 @@ _FINAL = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-
-
-class CoreUnavailable(EscalationError):
-    """The core could not answer now (unreachable, overloaded, refused): retry later."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"core unavailable: {code}: {message}")
-        self.code = code
 
 
 class CoreClient:

@@ -49,12 +49,12 @@ import structlog
 
 from gateway._events import ErrorEvent, EscalationAnswer, EventPayload
 from gateway._inference._detection import Detection
+from gateway.errors import EscalationFailed, OutboxFull, RedactionUnavailable
 from protos.edgeward.v1 import common_pb2, core_pb2
 
 from ._client import CoreClient, CoreUnavailable
 from ._config import EscalationSettings, RegionPolicy
 from ._crop import FaceRedactor, Upload, prepare_upload
-from ._errors import EscalationFailed, OutboxFull, RedactionUnavailable
 from ._outbox import Outbox, OutboxEntry
 from ._policy import Budgets, Candidate, EscalationReason, select
 

@@ -1,14 +1,7 @@
-"""Micro-batching of concurrent requests in front of a model, and the inference error tree.
+"""Micro-batching of concurrent requests in front of a model.
 
-::
-
-    InferenceError             root of what the inference engine raises per request
-    ├── Overloaded             the bounded queue is full: retry later (RESOURCE_EXHAUSTED)
-    ├── DeadlineExceeded       the caller's deadline passed before its answer (DEADLINE_EXCEEDED)
-    ├── ShuttingDown           the engine is closing and takes no new work (UNAVAILABLE)
-    └── ProviderUnavailable    (``_runtime``) the requested execution provider cannot run
-
-``InvalidImage`` (undecodable, oversized or too many pixels) belongs to the image module.
+Errors (``InferenceError`` and its ``Overloaded``, ``DeadlineExceeded``, ``ShuttingDown``) are
+defined in :mod:`gateway.errors`, under the gateway's one root.
 
 Many devices send single frames at once; a model run over N frames costs less than N runs
 (much less on a GPU, a little less on a CPU), so requests that arrive within ``max_wait_ms`` of
@@ -37,6 +30,8 @@ from typing import Generic, Self, TypeVar
 
 import structlog
 
+from gateway.errors import DeadlineExceeded, InferenceError, Overloaded, ShuttingDown
+
 __all__ = [
     "DeadlineExceeded",
     "InferenceError",
@@ -49,26 +44,6 @@ _log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class InferenceError(Exception):
-    """Root of the errors the inference engine raises for one request."""
-
-
-class Overloaded(InferenceError):
-    """The bounded request queue is full; the caller should back off and retry."""
-
-    def __init__(self, queue_size: int) -> None:
-        super().__init__(f"inference queue full ({queue_size} waiting)")
-        self.queue_size = queue_size
-
-
-class DeadlineExceeded(InferenceError):
-    """The caller's deadline passed before its answer was ready."""
-
-
-class ShuttingDown(InferenceError):
-    """The engine is closing and accepts no new work."""
 
 
 class _State(enum.Enum):

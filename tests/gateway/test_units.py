@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-import grpc
 import pytest
 
 import gateway
@@ -22,65 +21,15 @@ from gateway._revocation import (
 )
 from gateway._settings import ConfigError
 from gateway.errors import (
-    DeadlineExceeded,
     DeviceRevoked,
-    FeedStale,
-    InvalidImage,
     InvalidRequest,
-    Overloaded,
     PermissionDenied,
     RateLimited,
-    ShuttingDown,
     Unauthenticated,
-    grpc_status,
 )
 from protos.edgeward.v1 import common_pb2
 from tests.conftest import TRUST_DOMAIN
 from tests.gateway._helpers import wait_until
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "code"),
-    [
-        (InvalidImage("not a JPEG or PNG image"), grpc.StatusCode.INVALID_ARGUMENT),
-        (Overloaded(8), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
-        (ShuttingDown("bye"), grpc.StatusCode.UNAVAILABLE),
-        (FeedStale(99.0), grpc.StatusCode.UNAVAILABLE),
-        (Unauthenticated("no cert"), grpc.StatusCode.UNAUTHENTICATED),
-        (PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED),
-        (DeviceRevoked("cam-1", "ab"), grpc.StatusCode.PERMISSION_DENIED),
-        (RateLimited("cam-1", 0.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (InvalidRequest("bad"), grpc.StatusCode.INVALID_ARGUMENT),
-    ],
-)
-def test_each_domain_error_maps_to_its_status(exc, code):
-    status = grpc_status(exc)
-    assert status is not None
-    assert status.code is code
-
-
-def test_revoked_is_final_and_says_so():
-    status = grpc_status(DeviceRevoked("cam-1"))
-    assert status is not None
-    assert dict(status.trailing_metadata) == {"edgeward-final": "revoked"}
-    assert "revoked" in status.message
-    assert "re-enrol" in status.message
-    plain = grpc_status(PermissionDenied("no"))
-    assert plain is not None
-    assert plain.trailing_metadata == ()
-
-
-def test_unauthenticated_says_little_to_the_caller():
-    status = grpc_status(Unauthenticated("certificate outside its validity period"))
-    assert status is not None
-    assert status.message == "not authenticated"
-
-
-def test_unknown_errors_are_not_mapped():
-    assert grpc_status(RuntimeError("bug")) is None
 
 
 def test_public_surface_resolves():
