@@ -14,7 +14,7 @@ import pki
 from gateway.errors import CoreUnavailable, EscalationFailed
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 
-__all__ = ["MAX_MESSAGE_BYTES", "CoreClient", "CoreUnavailable"]
+__all__ = ["MAX_MESSAGE_BYTES", "CoreClient"]
 
 #: Largest Escalate request or reply; crops are shrunk well below it.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024

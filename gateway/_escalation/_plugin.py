@@ -43,6 +43,7 @@ class EscalationPlugin:
 
     def __init__(self, settings: EscalationSettings, runtime: GatewayRuntime) -> None:
         self._runtime = runtime
+        self._unexport: Callable[[], None] = lambda: None
         gw = runtime.settings
         identity = runtime.identity
         self.escalator = Escalator(
@@ -84,7 +85,11 @@ class EscalationPlugin:
     async def __aenter__(self) -> EscalationPlugin:
         await self.escalator.__aenter__()
         self._runtime.door.detection_hook = self.hook
+        self._unexport = self._runtime.metrics.add_counters("", self._counts, label="outcome")
         return self
+
+    def _counts(self) -> dict[str, float | dict[str, float]]:
+        return {"escalations": {k: float(v) for k, v in dict(self.escalator.counts).items()}}
 
     async def __aexit__(
         self,
@@ -94,6 +99,7 @@ class EscalationPlugin:
     ) -> None:
         if self._runtime.door.detection_hook == self.hook:
             self._runtime.door.detection_hook = None
+        self._unexport()
         await self.escalator.__aexit__(exc_type, exc, tb)
 
 

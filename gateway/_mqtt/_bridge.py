@@ -50,7 +50,6 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -132,6 +131,16 @@ class BridgeStats:
     rejected_topics: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
+    def counters(self) -> dict[str, float | dict[str, float]]:
+        """The counters by series name (``refused`` by reason), for Prometheus."""
+        out: dict[str, float | dict[str, float]] = {
+            name: float(getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name != "by_reason"
+        }
+        out["refused"] = {reason: float(n) for reason, n in dict(self.by_reason).items()}
+        return out
+
 
 @dataclass(slots=True)
 class _Answer:
@@ -196,7 +205,6 @@ class MqttBridge:
 
     An async context manager; its clients and workers run in one task group. ``door`` is the
     gateway's front door (admission, pipeline, telemetry store, refusals, event hub).
-    ``end_sessions`` names more client ids whose persistent sessions are ended at start.
     """
 
     def __init__(
@@ -205,10 +213,8 @@ class MqttBridge:
         *,
         connection: BridgeConnection,
         door: FrontDoor,
-        end_sessions: Sequence[str] = (),
     ) -> None:
         self.settings = settings
-        self._end_sessions = tuple(end_sessions)
         self._conn = connection
         self._door = door
         self._gateway_id = door.gateway_id
@@ -271,7 +277,6 @@ class MqttBridge:
         stale += [
             self._client_id("telemetry", i) for i in range(self.settings.telemetry_workers, 32)
         ]
-        stale += self._end_sessions
 
         async def end(client_id: str) -> None:
             client = self._new_client(client_id, persistent=False)

@@ -4,8 +4,8 @@
 with its runtime. Entering it starts, in order: the managed broker (when ``managed``), its
 control client and the revocation enforcer (registered as a revocation listener), then the
 bridge on the gateway's front door (``runtime.door``: admission, pipeline, telemetry store,
-refusals and event hub, the same as gRPC's). Leaving stops them in reverse order and removes
-the listener.
+refusals and event hub, the same as gRPC's), whose counters (``BridgeStats``) are exported as
+``edgeward_gateway_mqtt_*``. Leaving stops them in reverse order and removes the listener.
 
 The CRL comes from the core (``Enrollment.GetCrl`` over the gateway's mTLS identity) when the
 gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a standalone gateway.
@@ -25,7 +25,6 @@ from gateway._config import GatewaySettings
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
     BrokerControl,
-    BrokerFiles,
     CrlSource,
     MosquittoBroker,
     RevocationEnforcer,
@@ -38,17 +37,6 @@ if TYPE_CHECKING:
     from gateway._service import GatewayRuntime
 
 __all__ = ["plugin"]
-
-
-def _legacy_consumer_ids(gateway_id: str) -> list[str]:
-    """Client ids of the bridge's consumers before they moved to ``_edgeward.…`` names.
-
-    Their persistent sessions, in a broker database an earlier release left, still belong to
-    the shared subscriptions and would be handed a share of the frames and telemetry until
-    they expire; the bridge ends them at start.
-    """
-    ids = [f"edgeward-{gateway_id}-frames-{i}" for i in range(16)]
-    return ids + [f"edgeward-{gateway_id}-telemetry-{i}" for i in range(32)]
 
 
 def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSource:
@@ -81,15 +69,6 @@ def plugin(
     async def run(runtime: GatewayRuntime) -> AsyncIterator[MqttBridge]:
         identity: pki.IdentityFiles = runtime.identity
         async with contextlib.AsyncExitStack() as stack:
-            # Sessions of an earlier release's consumers can only be in a broker database
-            # that already exists, and are ended once (a broker someone else runs: perhaps,
-            # at every start). Once only: those ids are valid device ids, and a device that
-            # happens to hold one would lose its connection at each start.
-            files = BrokerFiles(mqtt.data_dir)
-            ended = mqtt.data_dir / "legacy-sessions-ended"
-            legacy = not mqtt.managed or (
-                any(files.persistence.glob("*.db")) and not ended.exists()
-            )
             if mqtt.managed:
                 broker = await stack.enter_async_context(
                     MosquittoBroker(
@@ -133,12 +112,10 @@ def plugin(
                     mqtt,
                     connection=connection,
                     door=runtime.door,
-                    end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
-            if mqtt.managed:
-                pki.write_atomic(ended, b"")
+            stack.callback(runtime.metrics.add_counters("mqtt_", bridge.stats.counters))
             yield bridge
 
     return run

@@ -17,8 +17,6 @@ from types import SimpleNamespace
 
 import aiomqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 import pki
 from gateway._mqtt import MqttBridge
@@ -278,45 +276,3 @@ async def test_revoking_devices_named_like_the_gateways_users_leaves_mqtt_workin
                 await _drain(client)
     assert bridge.stats.reconnects == 0
     assert harness.control.connects == 1
-
-
-async def test_sessions_of_former_consumer_ids_are_ended_at_start(
-    harness: BrokerHarness, issue: IssueFn
-) -> None:
-    """An offline consumer session under a former id would take its share of the frames."""
-    cam = issue("device", "cam-share")
-    former = "edgeward-gw-mqtt-frames-0"
-    conn = harness.bridge_connection()
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 3600
-    old = aiomqtt.Client(
-        conn.host,
-        conn.port,
-        username=conn.username,
-        password=conn.password,
-        identifier=former,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=props,
-        tls_context=conn.ssl_context(),
-    )
-    async with old:
-        await old.subscribe(f"$share/{harness.settings.shared_group}/devices/+/frames", qos=1)
-    engine = FakeEngine()
-    async with (
-        MqttBridge(
-            harness.settings,
-            connection=conn,
-            door=front_door(engine, gateway_id="gw-mqtt"),
-            end_sessions=[former],
-        ) as bridge,
-        device_client(cam, harness.port) as client,
-    ):
-        await bridge.wait_ready()
-        await client.subscribe("devices/cam-share/detections", qos=1)
-        for i in range(6):
-            await client.publish(
-                "devices/cam-share/frames", JPEG, qos=1, properties=frame_props(f"s{i}")
-            )
-        answers = await collect(client, count=6, timeout_s=5)
-    assert len(answers) == 6

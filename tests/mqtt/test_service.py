@@ -236,7 +236,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
             "regions": {"home": home},
         }
         async with mqtt_gateway(tmp_path, core=core, escalation=escalation) as gw:
-            # Both plug-ins came from the tables; escalation hooked the servicer after MQTT.
+            # Both plug-ins came from the tables; escalation hooked the front door after MQTT.
             assert gw.service.door.detection_hook is not None
             moto = gw.device("moto-cam", region="home")
             async with device_client(moto, gw.port) as client:
@@ -249,6 +249,9 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
                     properties=frame_props("m-1"),
                 )
                 got = await collect(client, count=2, timeout_s=60)
+            # The escalator's counts are Prometheus series.
+            text = gw.service.metrics.render().decode()
+            assert 'edgeward_gateway_escalations_total{outcome="queued"} 1.0' in text, text
     by_topic = {m.topic.value: json.loads(bytes(m.payload)) for m in got}  # type: ignore[arg-type]
     assert set(by_topic) == {"devices/moto-cam/detections", "devices/moto-cam/events"}, got
     result = by_topic["devices/moto-cam/detections"]
@@ -464,3 +467,8 @@ async def test_one_frame_budget_per_device_over_mqtt_while_others_are_served(
             )
             got = await collect(client, count=1, timeout_s=20)
         assert json.loads(bytes(got[0].payload))["frameId"] == "calm-1"  # type: ignore[arg-type]
+        # The bridge's counters are Prometheus series, equal to its own.
+        sample = gw.service.metrics.registry.get_sample_value
+        assert sample("edgeward_gateway_mqtt_frames_received_total") == 7
+        assert sample("edgeward_gateway_mqtt_frames_rejected_total") == 4
+        assert sample("edgeward_gateway_mqtt_refused_total", {"reason": "rate_limited"}) == 4
