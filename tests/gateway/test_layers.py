@@ -1,4 +1,5 @@
-"""The gateway's layers: transports depend on the front door, never on each other.
+"""The gateway's layers: transports depend on the front door, never on each other; library
+code leaves the process environment alone.
 
 Checked two ways: by reading every ``import`` statement of the MQTT and escalation packages
 (``ast``, so an import under ``TYPE_CHECKING`` or inside a function counts too), and by
@@ -66,3 +67,45 @@ def test_importing_the_mqtt_side_loads_nothing_of_the_grpc_side() -> None:
     loaded = json.loads(out.stdout)
     assert "gateway._door" in loaded  # the transports' one way in
     assert [m for m in loaded if _is_grpc_side(m)] == []
+
+
+def _sets_environment(path: Path) -> list[int]:
+    """Lines of ``path`` that write the process environment (``os.environ[...] =``,
+    ``os.environ.setdefault/update/pop``, ``os.putenv``, ``del os.environ[...]``)."""
+    lines: list[int] = []
+
+    def is_environ(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+            isinstance(node, ast.Name) and node.id == "environ"
+        )
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        targets: list[ast.AST] = []
+        if isinstance(node, ast.Assign | ast.AugAssign):
+            targets = list(node.targets) if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = list(node.targets)
+        if any(isinstance(t, ast.Subscript) and is_environ(t.value) for t in targets):
+            lines.append(node.lineno)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            writes = {"setdefault", "update", "pop", "popitem", "clear"}
+            if node.func.attr in writes and is_environ(node.func.value):
+                lines.append(node.lineno)
+            if node.func.attr in {"putenv", "unsetenv"}:
+                lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("package", ["gateway", "pki", "device_sdk"])
+def test_library_code_never_sets_the_process_environment(package: str) -> None:
+    found = {
+        str(path.relative_to(ROOT)): lines
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (lines := _sets_environment(path))
+    }
+    assert found == {}
+
+
+def test_the_environment_check_sees_a_write() -> None:
+    """The check above can fail: the command-line entry points do set it."""
+    assert _sets_environment(ROOT / "edgeward" / "_cli_core.py")
