@@ -10,9 +10,9 @@ managed broker, the per-start bridge password) and:
   ``devices/<id>/detections`` with the frame's correlation data: JSON (protobuf's JSON
   mapping) for a bare JPEG/PNG, protobuf for a ``Frame`` protobuf (content type
   ``application/x-protobuf``);
-* consumes ``devices/+/telemetry`` in ``telemetry_workers`` processes (``_telemetry``), or in
-  the bridge itself when that is 0, and keeps the latest validated state per device in the
-  front door's one telemetry store;
+* hands ``devices/+/telemetry`` to its :class:`~gateway._mqtt._ingest.TelemetryIngest`
+  (``telemetry_workers`` processes, or the bridge's own consumers when that is 0), which keeps
+  the latest validated state per device in the front door's one telemetry store;
 * forwards every event of the gateway's :class:`~gateway._events.EventHub` (escalation
   answers, commands, and the front door's error events about refused messages) to
   ``devices/<id>/events``.
@@ -38,8 +38,9 @@ for it (a message published before the kick may still be queued):
 broker restart (persistence on), is delivered when it reconnects (jittered, doubling backoff).
 Redelivery can repeat a frame: answers are remembered by (device, frame id) in a bounded LRU,
 so a repeated frame gets the same answer again without a second model run. A frame is
-acknowledged to the broker only once its answer (or refusal) is out: what a crashed gateway
-had received is delivered again (at least once to the model).
+acknowledged to the broker only once its answer (or refusal) is out
+(:class:`~gateway._mqtt._acks.Acks`): what a crashed gateway had received is delivered again
+(at least once to the model).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import contextlib
 import random
 import ssl
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -70,19 +72,14 @@ from gateway._door import (
     event_to_pb,
 )
 from gateway._events import DeviceEvent
-from gateway._inference import InferenceError, InvalidImage
+from gateway._mqtt._acks import Ack, Acks
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
+from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
-    IngestBatch,
-    InvalidTelemetry,
-    TelemetryReading,
     WorkerOptions,
     device_from_topic,
-    parse_telemetry,
-    run_worker,
-    spawn_context,
 )
 from gateway.errors import GatewayError, InvalidRequest
 from protos.edgeward.v1 import common_pb2
@@ -94,8 +91,6 @@ _log = structlog.get_logger(__name__)
 #: Longest frame id (correlation data or ``Frame.frame_id``) accepted.
 MAX_FRAME_ID = 128
 
-#: What a frame may be refused with (everything else is a bug, logged with its traceback).
-_REFUSALS = (GatewayError, InferenceError, InvalidImage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,57 +144,6 @@ class _Answer:
     correlation: bytes | None
 
 
-class _Ack:
-    """One received message's acknowledgement, owed once it has been handled."""
-
-    __slots__ = ("_owner", "done_", "mid", "qos")
-
-    def __init__(self, owner: _Acks | None, mid: int, qos: int) -> None:
-        self._owner = owner
-        self.mid = mid
-        self.qos = qos
-        self.done_ = False
-
-    def done(self) -> None:
-        if not self.done_:
-            self.done_ = True
-            if self._owner is not None:
-                self._owner.release()
-
-
-class _Acks:
-    """The QoS 1 acknowledgements one connection owes, sent as messages are handled.
-
-    Sent in the order the messages arrived (MQTT 5 §4.6: PUBACKs go in the order the
-    PUBLISHes were received): a handled message waits for those before it. After the
-    connection is lost nothing more is sent on its behalf (its unacknowledged messages
-    come again on the next connection, which owes them then).
-    """
-
-    def __init__(self, paho: Any) -> None:
-        self._paho = paho
-        self._owed: deque[_Ack] = deque()
-        self._closed = False
-
-    def track(self, message: aiomqtt.Message) -> _Ack:
-        if message.qos == 0:
-            return _Ack(None, message.mid, 0)
-        ack = _Ack(self, message.mid, message.qos)
-        self._owed.append(ack)
-        return ack
-
-    def release(self) -> None:
-        if self._closed:
-            return
-        while self._owed and self._owed[0].done_:
-            ack = self._owed.popleft()
-            self._paho.ack(ack.mid, ack.qos)
-
-    def close(self) -> None:
-        self._closed = True
-        self._owed.clear()
-
-
 class MqttBridge:
     """Frames and telemetry in through the front door, detections and events out.
 
@@ -226,11 +170,18 @@ class MqttBridge:
         self._clients: dict[int, aiomqtt.Client] = {}
         self._any_connected = asyncio.Event()
         self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
-        # Readings whose device's registry facts must be fetched first, in order.
-        self._unchecked: asyncio.Queue[TelemetryReading] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-bridge")
         self._frames = TaskSet("mqtt-frames")
-        self._workers: list[tuple[Any, Any]] = []
+        self._ingest = TelemetryIngest(
+            settings,
+            door=door,
+            stats=self.stats,
+            worker_options=self._worker_options,
+            prefer=self._prefer,
+            refused=self._refused,
+            reject_topic=self._reject_topic,
+            on_connected=self._check_ready,
+        )
         self._subscribed = 0
         self._ready = asyncio.Event()
         self._closing = False
@@ -242,9 +193,8 @@ class MqttBridge:
         for i in range(self.settings.frame_workers):
             self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
         self._tasks.spawn(self._forward_events(), name="mqtt-events")
-        self._tasks.spawn(self._admit_readings(), name="mqtt-telemetry-admission")
-        if self.settings.telemetry_workers:
-            self._start_workers()
+        self._tasks.spawn(self._ingest.admit_loop(), name="mqtt-telemetry-admission")
+        self._ingest.start()
         self._door.events.add_listener(self._on_hub_event)
         return self
 
@@ -255,15 +205,7 @@ class MqttBridge:
             hub.remove_listener(self._on_hub_event)
         await self._tasks.close()
         await self._frames.close()
-        for conn, proc in self._workers:
-            with contextlib.suppress(OSError, ValueError):
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            with contextlib.suppress(OSError, ValueError, BrokenPipeError):
-                conn.send("stop")
-            await asyncio.to_thread(proc.join, 5.0)
-            if proc.is_alive():
-                proc.terminate()
-            conn.close()
+        await self._ingest.stop()
 
     async def _reap_stale_sessions(self) -> None:
         """End persistent sessions of consumers this configuration no longer runs.
@@ -294,8 +236,7 @@ class MqttBridge:
             await self._ready.wait()
 
     def _check_ready(self) -> None:
-        workers_ok = all(getattr(p, "_edgeward_connected", False) for _c, p in self._workers)
-        if self._subscribed >= self.settings.frame_workers and workers_ok:
+        if self._subscribed >= self.settings.frame_workers and self._ingest.workers_connected():
             self._ready.set()
 
     # -- telemetry -------------------------------------------------------------------------
@@ -304,84 +245,8 @@ class MqttBridge:
         """The latest valid telemetry of ``device_id`` (``None`` if none yet)."""
         return self._door.telemetry.latest(device_id)
 
-    def _handle_telemetry(self, message: aiomqtt.Message) -> None:
-        device_id = device_from_topic(message.topic.value, "telemetry")
-        if device_id is None:
-            self._reject_topic()
-            return
-        self.stats.telemetry_received += 1
-        props = message.properties
-        content_type = getattr(props, "ContentType", None) if props is not None else None
-        payload = message.payload
-        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-        try:
-            reading = parse_telemetry(
-                device_id,
-                data,
-                content_type=content_type,
-                max_readings=self.settings.telemetry_max_keys,
-                now=self._door.clock(),
-            )
-        except InvalidTelemetry as exc:
-            self._prefer(device_id, content_type == PROTOBUF_CONTENT_TYPE)
-            self._telemetry_refused(device_id, InvalidRequest(str(exc), reason="invalid_telemetry"))
-            return
-        self._store_reading(reading)
-
-    def _identity(self, device_id: str) -> Any:
+    def _identity(self, device_id: str) -> Callable[[], TopicIdentity]:
         return lambda: TopicIdentity.judge(device_id, self._door.revocation)
-
-    def _store_reading(self, reading: TelemetryReading) -> None:
-        """Keep the reading if the front door admits its device (as ``ReportTelemetry``)."""
-        try:
-            # Not charged to the budget: only the latest state per device is kept, so a
-            # flood costs parsing, not memory.
-            admitted = self._door.admit_now(
-                "ReportTelemetry", self._identity(reading.device_id), charge=False
-            )
-        except GatewayError as exc:
-            self._prefer(reading.device_id, reading.protobuf)
-            self._telemetry_refused(reading.device_id, exc)
-            return
-        if admitted is not None:
-            self._keep_reading(reading)
-            return
-        try:
-            self._unchecked.put_nowait(reading)
-        except asyncio.QueueFull:
-            _log.warning("telemetry admission queue full; reading dropped")
-
-    async def _admit_readings(self) -> None:
-        """Admit readings whose device's registry facts had to be fetched, in order."""
-        while True:
-            reading = await self._unchecked.get()
-            try:
-                await self._door.admit(
-                    "ReportTelemetry", self._identity(reading.device_id), charge=False
-                )
-            except GatewayError as exc:
-                self._prefer(reading.device_id, reading.protobuf)
-                self._telemetry_refused(reading.device_id, exc)
-                continue
-            self._keep_reading(reading)
-
-    def _keep_reading(self, reading: TelemetryReading) -> None:
-        self._prefer(reading.device_id, reading.protobuf)
-        self._door.keep(
-            TelemetryRecord(
-                device_id=reading.device_id,
-                received_at=reading.received_at,
-                reported_at=reading.reported_at,
-                battery_percent=reading.battery_percent,
-                temperature_c=reading.temperature_c,
-                firmware_version=reading.firmware_version,
-                readings=reading.readings,
-            )
-        )
-
-    def _telemetry_refused(self, device_id: str, exc: BaseException) -> None:
-        self.stats.telemetry_rejected += 1
-        self._refused(device_id, exc, method="ReportTelemetry")
 
     def speaks_protobuf(self, device_id: str) -> bool:
         """Whether the device's last message was protobuf (its events go out the same way)."""
@@ -403,6 +268,25 @@ class MqttBridge:
         consumer's connection or clean its persistent session away.
         """
         return internal_name(self._gateway_id, f"{kind}-{index}")
+
+    def _worker_options(self, index: int) -> WorkerOptions:
+        return WorkerOptions(
+            worker=index,
+            host=self._conn.host,
+            port=self._conn.port,
+            identity_dir=str(self._conn.identity.directory),
+            username=self._conn.username,
+            password=self._conn.password,
+            client_id=self._client_id("telemetry", index),
+            topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
+            qos=self.settings.qos,
+            max_readings=self.settings.telemetry_max_keys,
+            session_expiry_s=self.settings.session_expiry_s,
+            keepalive_s=self.settings.keepalive_s,
+            reconnect_min_s=self.settings.reconnect_min_s,
+            reconnect_max_s=self.settings.reconnect_max_s,
+            check_hostname=self._conn.check_hostname,
+        )
 
     def _new_client(
         self, client_id: str, *, persistent: bool = True, receive_maximum: int | None = None
@@ -450,7 +334,7 @@ class MqttBridge:
         delay = self.settings.reconnect_min_s
         first = True
         while True:
-            acks = _Acks(paho)
+            acks = Acks(paho)
             try:
                 async with client:
                     await client.subscribe(
@@ -483,11 +367,11 @@ class MqttBridge:
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
-    def _dispatch(self, message: aiomqtt.Message, ack: _Ack) -> None:
+    def _dispatch(self, message: aiomqtt.Message, ack: Ack) -> None:
         topic = message.topic.value
         if topic.endswith("/telemetry"):
             try:
-                self._handle_telemetry(message)
+                self._ingest.handle(message)
             finally:
                 ack.done()
             return
@@ -514,7 +398,7 @@ class MqttBridge:
         self._frames.spawn(self._frame_task(device_id, admitted, message, ack), name="mqtt-frame")
 
     async def _frame_task(
-        self, device_id: str, admitted: Admitted | None, message: aiomqtt.Message, ack: _Ack
+        self, device_id: str, admitted: Admitted | None, message: aiomqtt.Message, ack: Ack
     ) -> None:
         try:
             if admitted is None:
@@ -624,7 +508,7 @@ class MqttBridge:
             answer = await self._answer(
                 admitted, frame_id=frame_id, correlation=correlation, image=image, protobuf=protobuf
             )
-        except _REFUSALS as exc:
+        except GatewayError as exc:  # a refusal (anything else is a bug: _frame_task logs it)
             self._frame_refused(device_id, exc, frame_id)
             return
         if answer is None:
@@ -688,58 +572,6 @@ class MqttBridge:
             raise
         fut.set_result(answer)
         return answer
-
-    def _start_workers(self) -> None:
-        ctx = spawn_context()
-        loop = asyncio.get_running_loop()
-        for i in range(self.settings.telemetry_workers):
-            opts = WorkerOptions(
-                worker=i,
-                host=self._conn.host,
-                port=self._conn.port,
-                identity_dir=str(self._conn.identity.directory),
-                username=self._conn.username,
-                password=self._conn.password,
-                client_id=self._client_id("telemetry", i),
-                topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
-                qos=self.settings.qos,
-                max_readings=self.settings.telemetry_max_keys,
-                session_expiry_s=self.settings.session_expiry_s,
-                keepalive_s=self.settings.keepalive_s,
-                reconnect_min_s=self.settings.reconnect_min_s,
-                reconnect_max_s=self.settings.reconnect_max_s,
-                check_hostname=self._conn.check_hostname,
-            )
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=run_worker, args=(opts, child), name=f"edgeward-telemetry-{i}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self._workers.append((parent, proc))
-            loop.add_reader(parent.fileno(), self._on_worker_data, parent, proc)
-
-    def _on_worker_data(self, conn: Any, proc: Any) -> None:
-        try:
-            while conn.poll():
-                batch: IngestBatch = conn.recv()
-                self._apply_batch(batch, proc)
-        except (EOFError, OSError):
-            with contextlib.suppress(OSError, ValueError):
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            if not self._closing:
-                _log.error("telemetry worker ended", pid=proc.pid, status=proc.exitcode)
-
-    def _apply_batch(self, batch: IngestBatch, proc: Any) -> None:
-        if batch.connected and not getattr(proc, "_edgeward_connected", False):
-            proc._edgeward_connected = True
-            self._check_ready()
-        self.stats.telemetry_received += batch.received
-        for reading in batch.latest:
-            self._store_reading(reading)
-        for device_id, message, protobuf in batch.errors:
-            self._prefer(device_id, protobuf)
-            self._telemetry_refused(device_id, InvalidRequest(message, reason="invalid_telemetry"))
 
     # -- events ----------------------------------------------------------------------------
 
