@@ -92,7 +92,6 @@ _log = structlog.get_logger(__name__)
 MAX_FRAME_ID = 128
 
 
-
 @dataclass(frozen=True, slots=True)
 class BridgeConnection:
     """How the bridge reaches the broker: address, the gateway's identity, optional login."""
