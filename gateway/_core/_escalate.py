@@ -1,53 +1,46 @@
 """``Core.Escalate``: the core's larger models answer what an edge gateway could not name.
 
-Three parts:
+Three modules, one job each:
 
-- :class:`CoreModels` runs NanoDet (COCO-80) and EfficientNet-Lite2 (ImageNet-1k) on an
-  escalated crop or frame and maps their answers to one vocabulary: the edge model's OID-24
-  names where one exists (COCO car and truck → ``Car``, every ImageNet dog breed → ``Dog``,
-  domestic cat breeds → ``Cat``), otherwise the core model's own label. Each model is loaded
-  on first use and released after ``idle_release_s`` without use (both logged), so a core
-  that hosts many models holds only the busy ones. Inference runs in a worker thread, never
-  on the event loop, behind a bounded queue.
-- :class:`AnswerStore` keeps every answer, keyed by (gateway, escalation id), in SQLite: a
-  retry of an escalation whose reply was lost gets the stored answer and the models do not
-  run again. A retry that arrives while the first is still running waits for it.
-- :class:`EscalateService` is the handler :class:`gateway._core.CoreServer` plugs in as
+- :mod:`gateway._core._escalate_models`: :class:`CoreModels` runs NanoDet (COCO-80) and
+  EfficientNet-Lite2 (ImageNet-1k) on an escalated crop or frame and maps their answers to one
+  vocabulary, loading each model on first use and releasing it when idle;
+- :mod:`gateway._core._escalate_answers`: :class:`AnswerStore` keeps every answer, keyed by
+  (gateway, escalation id): a retry of an escalation whose reply was lost gets the stored
+  answer and the models do not run again;
+- here, the ``[escalation]`` table (:class:`CoreEscalationSettings`) and the handler,
+  :class:`EscalateService`, which :class:`gateway._core.CoreServer` plugs in as
   ``escalate=``. The core service has already required a *gateway* identity from the TLS peer
   certificate (a device or another core is refused with ``PERMISSION_DENIED``); the handler
-  bounds the request, decodes the image safely and answers.
+  bounds the request, decodes the image safely and answers. A retry that arrives while the
+  first is still running waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import re
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
-import numpy as np
-import numpy.typing as npt
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pki
-from gateway._core._status import Context, InvalidArgument, ResourceExhausted
-from gateway._inference._classifier import preprocess_efficientnet, top_k
-from gateway._inference._image import InvalidImage, decode_image
-from gateway._inference._manifest import (
-    Manifest,
-    load_manifest,
-    read_verified_model,
+from gateway._core._escalate_answers import AnswerStore
+from gateway._core._escalate_models import (
+    CLASSIFIER,
+    DETECTOR,
+    CoreAnswer,
+    CoreModels,
+    common_label,
 )
-from gateway._inference._nanodet import postprocess_nanodet, preprocess_nanodet
+from gateway._core._status import Context, InvalidArgument, ResourceExhausted
+from gateway._inference._image import InvalidImage, decode_image
 from gateway._models import models_dir_or_default
 from protos.edgeward.v1 import common_pb2, core_pb2
 
@@ -64,107 +57,9 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-#: Manifest names of the core's models, and the names answers carry.
-DETECTOR = "core_nanodet_coco80"
-CLASSIFIER = "core_efficientnet_lite2"
-_PUBLIC_NAMES = {DETECTOR: "nanodet-coco80", CLASSIFIER: "efficientnet-lite2"}
-
-Rgb = npt.NDArray[np.uint8]
-
-# ------------------------------------------------------------------------------ vocabulary
-# COCO names that have an OID-24 (edge) counterpart. "truck" joins "car" because the edge's
-# Car class covers both in Open Images' sense of a road vehicle for people and goods.
-_COCO_TO_EDGE = {
-    "person": "Person",
-    "bicycle": "Bicycle",
-    "car": "Car",
-    "truck": "Car",
-    "cat": "Cat",
-    "dog": "Dog",
-    "cow": "Cattle",
-    "chair": "Chair",
-    "dining table": "Table",
-    "laptop": "Laptop",
-    "mouse": "Computer mouse",
-    "tv": "Computer monitor",
-    "bottle": "Bottle",
-    "cup": "Coffee cup",
-    "book": "Book",
-}
-# ImageNet-1k names with an edge counterpart (dog and cat breeds are handled by index).
-_IMAGENET_TO_EDGE = {
-    "ox": "Cattle",
-    "laptop": "Laptop",
-    "notebook": "Laptop",
-    "mouse": "Computer mouse",
-    "monitor": "Computer monitor",
-    "screen": "Computer monitor",
-    "desktop computer": "Computer monitor",
-    "coffee mug": "Mug",
-    "cup": "Coffee cup",
-    "espresso": "Coffee cup",
-    "running shoe": "Footwear",
-    "sandal": "Footwear",
-    "clog": "Footwear",
-    "Loafer": "Footwear",
-    "cowboy boot": "Boot",
-    "water bottle": "Bottle",
-    "wine bottle": "Bottle",
-    "beer bottle": "Bottle",
-    "pop bottle": "Bottle",
-    "pill bottle": "Bottle",
-    "folding chair": "Chair",
-    "rocking chair": "Chair",
-    "barber chair": "Chair",
-    "desk": "Desk",
-    "dining table": "Table",
-    "carton": "Box",
-    "crate": "Box",
-    "mountain bike": "Bicycle",
-    "bicycle-built-for-two": "Bicycle",
-    "sports car": "Car",
-    "convertible": "Car",
-    "cab": "Car",
-    "limousine": "Car",
-    "minivan": "Car",
-    "jeep": "Car",
-    "beach wagon": "Car",
-    "racer": "Car",
-    "Model T": "Car",
-    "pickup": "Car",
-    "police van": "Car",
-    "reflex camera": "Camera",
-    "Polaroid camera": "Camera",
-    "binder": "Book",
-    "comic book": "Book",
-}
-# ImageNet-1k's class order is fixed: 151 "Chihuahua" … 268 "Mexican hairless" are dog
-# breeds, 281 "tabby" … 285 "Egyptian cat" domestic cats (286 onward are wild cats).
-_DOG_BREEDS = range(151, 269)
-_CAT_BREEDS = range(281, 286)
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _imagenet_map(labels: Sequence[str]) -> list[str]:
-    """The common-vocabulary label of each ImageNet class index."""
-    mapped = [_IMAGENET_TO_EDGE.get(label, label) for label in labels]
-    # Check the anchors of the index ranges, so a differently ordered label list is not
-    # silently mislabelled: without them, breeds keep their own names.
-    if len(labels) == 1000 and labels[151] == "Chihuahua" and labels[268] == "Mexican hairless":
-        for i in _DOG_BREEDS:
-            mapped[i] = "Dog"
-    if len(labels) == 1000 and labels[281] == "tabby" and labels[285] == "Egyptian cat":
-        for i in _CAT_BREEDS:
-            mapped[i] = "Cat"
-    return mapped
-
-
-def common_label(model: str, label: str) -> str:
-    """Map a core model's label to the common vocabulary (by name; breeds need the index)."""
-    table = _COCO_TO_EDGE if model == DETECTOR else _IMAGENET_TO_EDGE
-    return table.get(label, label)
-
-
-# ------------------------------------------------------------------------------ settings
 class CoreEscalationSettings(BaseModel):
     """The core's ``[escalation]`` table: models, thresholds, bounds and the answer store."""
 
@@ -232,343 +127,6 @@ class CoreEscalationSettings(BaseModel):
     )
 
     _default_models_dir = field_validator("models_dir", mode="before")(models_dir_or_default)
-
-
-# ------------------------------------------------------------------------------ models
-@dataclass(frozen=True, slots=True)
-class CoreAnswer:
-    """What the core's models decided about one image."""
-
-    label: str
-    score: float
-    #: ``nanodet-coco80`` or ``efficientnet-lite2`` (empty when neither said anything).
-    model_name: str
-    still_unknown: bool
-    #: The deciding model's own label before mapping ("malamute", "truck").
-    raw_label: str
-    model_ms: float
-
-
-class _Slot:
-    """One lazily loaded, idle-released onnxruntime session."""
-
-    def __init__(self, name: str, loader: Callable[[], tuple[Any, str]]) -> None:
-        self.name = name
-        self._loader = loader
-        self.lock = threading.Lock()
-        self.session: Any = None
-        self.input_name = ""
-        self.last_used = 0.0
-        self.loads = 0
-
-    def get(self, now: float) -> Any:
-        """The session (loading it if needed); call with :attr:`lock` held."""
-        if self.session is None:
-            started = time.perf_counter()
-            session, provider = self._loader()
-            self.session = session
-            self.input_name = str(session.get_inputs()[0].name)
-            self.loads += 1
-            _log.info(
-                "core model loaded",
-                model=self.name,
-                provider=provider,
-                load_ms=round((time.perf_counter() - started) * 1000, 1),
-                loads=self.loads,
-            )
-        self.last_used = now
-        return self.session
-
-    def release_if_idle(self, now: float, idle_s: float) -> bool:
-        """Drop the session when unused for ``idle_s``; never blocks on a running model."""
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            if self.session is None or now - self.last_used < idle_s:
-                return False
-            self.session = None
-            _log.info("core model released", model=self.name, idle_s=round(now - self.last_used))
-            return True
-        finally:
-            self.lock.release()
-
-
-class CoreModels:
-    """NanoDet + EfficientNet-Lite2 with lazy loading, idle release and a vocabulary map.
-
-    An async context manager: entering reads the manifest (models load on first use);
-    inside, :meth:`identify` runs both models on a decoded RGB image in the worker thread.
-    :meth:`identify_sync` is the same work for a caller already off the event loop.
-    """
-
-    def __init__(
-        self,
-        settings: CoreEscalationSettings,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        session_factory: Callable[[bytes], tuple[Any, str]] | None = None,
-    ) -> None:
-        self.settings = settings
-        self._clock = clock
-        self._session_factory = session_factory or self._create_session
-        self._manifest: Manifest | None = None
-        self._slots: dict[str, _Slot] = {}
-        self._detector_labels: tuple[str, ...] = ()
-        self._classifier_labels: tuple[str, ...] = ()
-        self._classifier_common: list[str] = []
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        #: How many images the models have been run on (idempotency is tested with it).
-        self.runs = 0
-
-    def _create_session(self, data: bytes) -> tuple[Any, str]:
-        from gateway._inference._runtime import create_session
-
-        return create_session(
-            data,
-            providers=self.settings.providers,
-            intra_op_threads=self.settings.intra_op_threads,
-        )
-
-    def _loader(self, name: str) -> Callable[[], tuple[Any, str]]:
-        def load() -> tuple[Any, str]:
-            assert self._manifest is not None  # noqa: S101 - opened in __aenter__
-            return self._session_factory(read_verified_model(self._manifest, name))
-
-        return load
-
-    def open(self) -> None:
-        """Read the manifest and prepare the (unloaded) model slots. Idempotent."""
-        if self._manifest is not None:
-            return
-        manifest = load_manifest(self.settings.models_dir)
-        self._detector_labels = manifest.entry(DETECTOR).labels
-        self._classifier_labels = manifest.entry(CLASSIFIER).labels
-        self._classifier_common = _imagenet_map(self._classifier_labels)
-        self._slots = {name: _Slot(name, self._loader(name)) for name in (DETECTOR, CLASSIFIER)}
-        self._manifest = manifest
-
-    async def __aenter__(self) -> Self:
-        self.open()
-        # One worker: NanoDet runs batch 1 and each run already uses every physical core.
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "edgeward-core-models")
-        self._reaper = asyncio.create_task(self._reap(), name="edgeward-core-model-reaper")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def loaded(self) -> frozenset[str]:
-        """Names of the models currently in memory."""
-        return frozenset(name for name, slot in self._slots.items() if slot.session is not None)
-
-    def loads(self, name: str) -> int:
-        """How many times model ``name`` has been loaded."""
-        return self._slots[name].loads
-
-    def release_idle(self) -> list[str]:
-        """Release every model idle for ``idle_release_s``; return their names."""
-        now = self._clock()
-        idle = self.settings.idle_release_s
-        return [name for name, slot in self._slots.items() if slot.release_if_idle(now, idle)]
-
-    async def _reap(self) -> None:
-        interval = min(30.0, max(0.05, self.settings.idle_release_s / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.release_idle()
-
-    def run_in_worker(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Schedule ``fn`` on the model thread (the service runs decode + models there)."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._pool, fn)
-
-    async def identify(self, image: Rgb, *, is_full_frame: bool = False) -> CoreAnswer:
-        """Run both models on ``image`` in the worker thread; see :meth:`identify_sync`."""
-        result: CoreAnswer = await self.run_in_worker(
-            lambda: self.identify_sync(image, is_full_frame=is_full_frame)
-        )
-        return result
-
-    def _run(self, name: str, feed: Any) -> list[Any]:
-        slot = self._slots[name]
-        with slot.lock:
-            session = slot.get(self._clock())
-            outputs: list[Any] = session.run(None, {slot.input_name: feed})
-            slot.last_used = self._clock()
-        return outputs
-
-    def identify_sync(self, image: Rgb, *, is_full_frame: bool = False) -> CoreAnswer:
-        """Both models on one image; their mapped answers combined (blocking).
-
-        The image is padded to a square first: crops are often tall or wide, and stretching
-        them (NanoDet's input is square) or centre-cropping them (the classifier's) loses the
-        object. On a crop, detections covering under 5 % of it are ignored (background at the
-        margin, not the thing the edge was unsure about). The classifier's probabilities are
-        summed per common label, so 118 dog breeds of 5 % each make one confident ``Dog``.
-        Where both models name the same label, their scores combine as independent evidence
-        (``1 - (1-a)(1-b)``); the label with the highest score wins, reported with the model
-        that contributed most. It is ``still_unknown`` unless one model reached its threshold
-        or the combined score reached the higher of the two.
-        """
-        self.open()
-        started = time.perf_counter()
-        self.runs += 1
-        square = _pad_square(image)
-        detections = postprocess_nanodet(
-            self._run(DETECTOR, preprocess_nanodet(square)), self._detector_labels
-        )
-        min_area = 0.0 if is_full_frame else 0.05
-        det_scores: dict[str, tuple[float, str]] = {}
-        for det in detections:
-            if det.box.area < min_area:
-                continue
-            common = common_label(DETECTOR, det.label)
-            if det.score > det_scores.get(common, (0.0, ""))[0]:
-                det_scores[common] = (det.score, det.label)
-        logits = self._run(CLASSIFIER, preprocess_efficientnet([square]))[0]
-        ranked = top_k(np.asarray(logits, dtype=np.float32), self._classifier_labels, k=20)[0]
-        cls_scores: dict[str, tuple[float, str]] = {}
-        for cls in ranked:
-            common = self._classifier_common[cls.class_id]
-            total, raw = cls_scores.get(common, (0.0, cls.label))
-            cls_scores[common] = (total + cls.score, raw)
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-
-        s = self.settings
-        best: CoreAnswer | None = None
-        for label in det_scores.keys() | cls_scores.keys():
-            d, d_raw = det_scores.get(label, (0.0, ""))
-            c, c_raw = cls_scores.get(label, (0.0, ""))
-            combined = 1.0 - (1.0 - d) * (1.0 - c)
-            confident = (
-                d >= s.detector_threshold
-                or c >= s.classifier_threshold
-                or (
-                    d > 0
-                    and c > 0
-                    and combined >= max(s.detector_threshold, s.classifier_threshold)
-                )
-            )
-            by_detector = d >= c
-            answer = CoreAnswer(
-                label=label,
-                score=combined,
-                model_name=_PUBLIC_NAMES[DETECTOR if by_detector else CLASSIFIER],
-                still_unknown=not confident,
-                raw_label=d_raw if by_detector else c_raw,
-                model_ms=elapsed_ms,
-            )
-            # Confident answers first, then by score; ties broken by label for determinism.
-            rank = (not answer.still_unknown, answer.score, answer.label)
-            if best is None or rank > (not best.still_unknown, best.score, best.label):
-                best = answer
-        assert best is not None  # noqa: S101 - the classifier always names a class
-        return best
-
-
-def _pad_square(image: Rgb) -> Rgb:
-    """``image`` centred on a square grey canvas (114, as detectors are usually padded)."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    if height == width:
-        return image
-    out = np.full((side, side, 3), 114, dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    out[top : top + height, left : left + width] = image
-    return out
-
-
-# ------------------------------------------------------------------------------ store
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class AnswerStore:
-    """Answers by (gateway id, escalation id) in SQLite (WAL); bounded in number and age.
-
-    The key includes the gateway: an id is only meaningful to the gateway that made it, and
-    one gateway must not read another's answer by guessing its id. Thread-safe.
-    """
-
-    def __init__(
-        self,
-        path: Path | None,
-        *,
-        max_entries: int,
-        ttl_s: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._lock = threading.Lock()
-        self._max_entries = max_entries
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._writes = 0
-        target = ":memory:" if path is None else str(path)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (gateway_id TEXT NOT NULL, escalation_id TEXT"
-            " NOT NULL, result BLOB NOT NULL, created_at REAL NOT NULL,"
-            " PRIMARY KEY (gateway_id, escalation_id))"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS answers_age ON answers (created_at)")
-
-    def close(self) -> None:
-        """Close the database."""
-        with self._lock:
-            self._db.close()
-
-    def get(self, gateway_id: str, escalation_id: str) -> core_pb2.EscalationResult | None:
-        """The stored result, or ``None``."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT result FROM answers WHERE gateway_id = ? AND escalation_id = ?"
-                " AND created_at > ?",
-                (gateway_id, escalation_id, self._clock() - self._ttl_s),
-            ).fetchone()
-        return None if row is None else core_pb2.EscalationResult.FromString(bytes(row[0]))
-
-    def put(self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult) -> None:
-        """Store ``result`` (first write wins); prune now and then."""
-        now = self._clock()
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO answers (gateway_id, escalation_id, result, created_at)"
-                " VALUES (?,?,?,?)",
-                (gateway_id, escalation_id, result.SerializeToString(), now),
-            )
-            self._writes += 1
-            if self._writes % 256 == 0:
-                self._prune(now)
-
-    def _prune(self, now: float) -> None:
-        self._db.execute("DELETE FROM answers WHERE created_at <= ?", (now - self._ttl_s,))
-        self._db.execute(
-            "DELETE FROM answers WHERE rowid IN (SELECT rowid FROM answers"
-            " ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
-            (self._max_entries,),
-        )
-
-    def count(self) -> int:
-        """Answers stored."""
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
-        return int(n)
 
 
 # ------------------------------------------------------------------------------ service
