@@ -1,9 +1,10 @@
 """The gateway's MQTT side: a supervised Mosquitto over mutual TLS and the bridge to inference.
 
 * :class:`MqttSettings`: the ``[mqtt]`` table of the gateway's configuration.
-* :class:`MosquittoBroker`: writes ``mosquitto.conf`` (mTLS, AEAD ciphers, per-device ACLs,
-  CRL) and supervises the broker; :class:`BrokerControl` and :class:`RevocationEnforcer` cut a
-  revoked device's live session and refuse its reconnects.
+* :class:`MosquittoBroker` (``_broker``) supervises the broker and keeps its CRL current, with
+  the ``mosquitto.conf`` that ``_mosquitto_conf`` renders (mTLS, AEAD ciphers, per-device
+  ACLs, dynamic security); :class:`BrokerControl` and :class:`RevocationEnforcer`
+  (``_enforcer``) cut a revoked device's live session and refuse its reconnects.
 * :class:`MqttBridge`: topics, acknowledgements and de-duplication around the gateway's front
   door (:class:`~gateway._door.FrontDoor`: admission, the frame pipeline, the telemetry
   store, refusals, the same as gRPC's); :class:`BridgeConnection` says how it reaches the
@@ -17,18 +18,10 @@ Topics, payloads and the ACL model: ``docs/mqtt.md``.
 
 from gateway._mqtt._bridge import BridgeConnection, BridgeStats, MqttBridge
 from gateway._mqtt._broker import (
-    BrokerControl,
-    BrokerCredentials,
-    BrokerFiles,
     CrlSource,
     MosquittoBroker,
-    RevocationEnforcer,
     core_crl_source,
-    device_acl,
-    dynsec_config,
-    free_port,
     registry_crl_source,
-    render_mosquitto_conf,
 )
 from gateway._mqtt._config import (
     AEAD_CIPHERS_TLS13,
@@ -36,6 +29,14 @@ from gateway._mqtt._config import (
     NODELAY,
     MqttSettings,
     internal_name,
+)
+from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
+from gateway._mqtt._mosquitto_conf import (
+    BrokerCredentials,
+    BrokerFiles,
+    device_acl,
+    dynsec_config,
+    render_mosquitto_conf,
 )
 from gateway._mqtt._plugin import plugin
 from gateway._mqtt._telemetry import (
@@ -45,6 +46,7 @@ from gateway._mqtt._telemetry import (
     device_from_topic,
     parse_telemetry,
 )
+from gateway._ports import free_port
 
 __all__ = [
     "AEAD_CIPHERS_TLS13",

@@ -24,14 +24,13 @@ import pki
 from gateway._config import GatewaySettings
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
-    BrokerControl,
     CrlSource,
     MosquittoBroker,
-    RevocationEnforcer,
     core_crl_source,
     registry_crl_source,
 )
 from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
 
 if TYPE_CHECKING:
     from gateway._service import GatewayRuntime

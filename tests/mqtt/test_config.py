@@ -19,7 +19,7 @@ from gateway._mqtt import (
     internal_name,
     render_mosquitto_conf,
 )
-from gateway._mqtt._broker import CONTROL_CLIENT_ID
+from gateway._mqtt._mosquitto_conf import CONTROL_CLIENT_ID
 from tests._support.mqtt import front_door
 from tests.conftest import IssueFn
 
