@@ -52,13 +52,15 @@ class FairQueue:
     @contextlib.asynccontextmanager
     async def turn(self, device_id: str) -> AsyncIterator[None]:
         """Wait for ``device_id``'s turn, hold it for the block, then pass it on."""
-        await self._acquire(device_id)
+        await self.acquire(device_id)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, device_id: str) -> None:
+    async def acquire(self, device_id: str) -> None:
+        """Wait for ``device_id``'s turn (``Overloaded`` at once when too many wait); pair
+        with :meth:`release`. Cancelled while waiting, it leaves no trace."""
         if self._busy < self._slots and not self._count:
             self._busy += 1
             return
@@ -76,7 +78,7 @@ class FairQueue:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 # Granted and cancelled in the same step: pass the turn on.
-                self._release()
+                self.release()
             else:
                 self._forget(device_id, fut)
             raise
@@ -91,7 +93,8 @@ class FairQueue:
         if not queue:
             del self._waiting[device_id]
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give the turn back: to the next device in the round, or free."""
         while self._waiting:
             device_id, queue = next(iter(self._waiting.items()))
             fut = queue.popleft()

@@ -23,7 +23,9 @@ no inference, and (through :class:`~gateway._refusals.RefusalLog`) no log line o
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -44,7 +46,7 @@ from gateway._metrics import GatewayMetrics
 from gateway._refusals import RefusalLog
 from gateway._revocation import RevocationEvent, RevocationState
 from gateway._status import Status, status_of
-from gateway.errors import DeviceRevoked, FeedStale, Unauthenticated
+from gateway.errors import DeadlineExceeded, DeviceRevoked, FeedStale, Unauthenticated
 from protos.edgeward.v1 import common_pb2
 
 __all__ = [
@@ -259,8 +261,17 @@ class FrontDoor:
         device_id = admitted.device_id
 
         async def run() -> tuple[InferenceResult, Frame | None]:
-            async with self.fair.turn(device_id):
+            # Waiting for a turn counts against the frame's deadline, as the engine's queue does.
+            wait = None if deadline is None else deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(wait):
+                    await self.fair.acquire(device_id)
+            except TimeoutError:
+                raise DeadlineExceeded("deadline passed while waiting for a turn") from None
+            try:
                 return await self.engine.detect_with_frame(image, deadline=deadline, key=device_id)
+            finally:
+                self.fair.release()
 
         if guard is not None:
             result, decoded = await guard(run())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,46 @@ async def test_micro_batches_take_devices_in_turn() -> None:
     assert sorted(x for b in batches for x in b) == sorted(
         ["f0", "v0"] + [f"f{i}" for i in range(1, 9)]
     )
+
+
+async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
+    from gateway._door import Admitted, FrontDoor
+    from gateway.errors import DeadlineExceeded
+    from tests._support.mqtt import FakeEngine
+
+    class Held(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def detect_with_frame(
+            self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        ) -> tuple[InferenceResult, None]:
+            await self.release.wait()
+            return await super().detect_with_frame(image, deadline=deadline, key=key)
+
+    engine = Held()
+    door = FrontDoor(gateway_id="gw-1", engine=engine, slots=1, max_waiting=8)
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 16
+    first = asyncio.create_task(
+        door.detect(
+            Admitted("cam-a", None, "Detect", None), frame_id="a", image=jpeg, deadline=None
+        )
+    )
+    await _until(lambda: door.fair.busy == 1)
+    loop_deadline = time.monotonic() + 0.05
+    with pytest.raises(DeadlineExceeded):
+        await door.detect(
+            Admitted("cam-b", None, "Detect", None),
+            frame_id="b",
+            image=jpeg,
+            deadline=loop_deadline,
+        )
+    assert door.fair.waiting() == 0  # it left the queue when its deadline passed
+    engine.release.set()
+    msg, _ = await first
+    assert msg.frame_id == "a"
+    assert (door.fair.busy, door.fair.waiting()) == (0, 0)
 
 
 # -- a real gateway, both transports ----------------------------------------------------------
