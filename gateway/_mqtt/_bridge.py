@@ -288,7 +288,12 @@ class MqttBridge:
         )
 
     def _new_client(
-        self, client_id: str, *, persistent: bool = True, receive_maximum: int | None = None
+        self,
+        client_id: str,
+        *,
+        persistent: bool = True,
+        receive_maximum: int | None = None,
+        queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
     ) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
@@ -309,14 +314,35 @@ class MqttBridge:
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.connect_timeout_s,
             socket_options=NODELAY,
+            queue_type=queue_type,
         )
 
     async def _consume(self, index: int) -> None:
-        # One client object for the consumer's life: aiomqtt keeps its queue of received,
-        # not yet handled messages across reconnects.
+        bridge = self
+        acks: Acks | None = None
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's queue of received messages, which hands each one on at once.
+
+            A message is judged the moment it is read (a refusal is acknowledged then and
+            there): no queue in between, and none of the per-message task and wait that
+            iterating ``client.messages`` costs, so the bridge drains a flood as fast as it
+            can read it. The iteration below only waits for the connection to end.
+            """
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if acks is None:  # pragma: no cover - set before every connection
+                    return
+                try:
+                    bridge._dispatch(item, acks.track(item))
+                except Exception:  # noqa: BLE001 - one bad message must not end the read loop
+                    _log.exception("mqtt message handling failed", topic=item.topic.value)
+
+        # One client object for the consumer's life (its persistent session).
         client = self._new_client(
             self._client_id("frames", index),
             receive_maximum=self.settings.max_in_flight,
+            queue_type=Inbox,
         )
         # At least once to the model: a QoS 1 frame is acknowledged once its detection is
         # published (or it was refused), not on receipt, so frames a crashed gateway had
@@ -350,8 +376,8 @@ class MqttBridge:
                         first = False
                     _log.info("mqtt bridge connected", consumer=index)
                     delay = self.settings.reconnect_min_s
-                    async for message in client.messages:
-                        self._dispatch(message, acks.track(message))
+                    async for message in client.messages:  # ends when the connection does
+                        self._dispatch(message, acks.track(message))  # pragma: no cover
             except aiomqtt.MqttError as exc:
                 _log.warning("mqtt bridge disconnected", consumer=index, error=str(exc))
             finally:
