@@ -44,6 +44,7 @@ from tests._support.mqtt import (  # noqa: E402
     cli_tls_args,
     device_client,
     frame_props,
+    front_door,
 )
 
 
@@ -132,7 +133,7 @@ async def gateway_ingest(
     payload.write_bytes(telemetry_payload())
     settings = h.settings.model_copy(update={"telemetry_workers": workers, "qos": qos})
     async with MqttBridge(
-        settings, connection=h.bridge_connection(), engine=_NoEngine(), gateway_id="bench"
+        settings, connection=h.bridge_connection(), door=front_door(_NoEngine(), gateway_id="bench")
     ) as bridge:
         await bridge.wait_ready(timeout_s=30)
         started = time.perf_counter()
@@ -154,7 +155,9 @@ async def gateway_ingest(
 
 
 class _NoEngine:
-    async def detect_with_frame(self, image: bytes, *, deadline: float | None = None):  # type: ignore[no-untyped-def]
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+    ):  # type: ignore[no-untyped-def]
         raise RuntimeError("no frames in this part")
 
 
@@ -178,7 +181,7 @@ async def frames(
         raw_before = await raw_rate()
         settings = h.settings.model_copy(update={"max_in_flight": window})
         async with MqttBridge(
-            settings, connection=h.bridge_connection(), engine=engine, gateway_id="bench"
+            settings, connection=h.bridge_connection(), door=front_door(engine, gateway_id="bench")
         ) as bridge:
             await bridge.wait_ready()
             topic = f"devices/{device.directory.name}"

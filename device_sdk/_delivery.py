@@ -150,6 +150,7 @@ class Delivery:
         self._w = wiring
         self._opts = wiring.options
         self.in_flight: set[int] = set()
+        self._resume_at = 0.0  # time.monotonic(): no sending before (a retry-after)
         self.telemetry_sent = 0
         self._removals: list[tuple[int, asyncio.Future[None]]] = []
         self._removing = False
@@ -180,6 +181,10 @@ class Delivery:
 
     # -- the sender ------------------------------------------------------------------------
 
+    def hold_until(self, at: float) -> None:
+        """Send nothing before ``at`` (a :func:`time.monotonic` value): a retry-after."""
+        self._resume_at = max(self._resume_at, at)
+
     async def drain_loop(self) -> None:
         """Send queued items in acceptance order, ``max_in_flight`` at a time."""
         w = self._w
@@ -192,6 +197,9 @@ class Delivery:
             if w.stopping.is_set():
                 return
             await window.acquire()
+            if (wait := self._resume_at - time.monotonic()) > 0:
+                # A gateway asked for a pause (retry-after): honour it for every item.
+                await asyncio.sleep(wait)
             if not ahead:
                 w.work.clear()
                 ahead.extend(
@@ -234,6 +242,10 @@ class Delivery:
                 return  # the stream ended before judging it (idle, or a frame ahead refused)
             except Busy as exc:
                 w.log.info("gateway busy; backing off", gateway=gateway.gateway_id, reason=str(exc))
+                if exc.retry_after_s is not None:
+                    # The gateway said when: nothing more is sent to it before then.
+                    self.hold_until(time.monotonic() + exc.retry_after_s)
+                    await asyncio.sleep(exc.retry_after_s)
                 await asyncio.sleep(0.05 + w.rng.random() * 0.2)
                 return
             except Refused as exc:

@@ -52,6 +52,7 @@ from device_sdk.errors import (
     NotEnrolled,
 )
 from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc
+from protos.edgeward.v1.wire import FINAL_METADATA_KEY
 
 __all__ = [
     "EnrollmentResult",
@@ -66,7 +67,6 @@ _log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-FINAL_METADATA_KEY = "edgeward-final"
 DEFAULT_TIMEOUT_S = 15.0
 # Both calls go to a core: demand its role-pinned name, so that a gateway (whose certificate
 # also names localhost) cannot collect enrolment tokens or hand out certificates.

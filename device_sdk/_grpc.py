@@ -3,7 +3,10 @@
 Every gRPC failure is classified once, here, into what the client should do about it:
 
 * :class:`GatewayDown`: the gateway (or the path to it) failed; fail over, keep the item.
-* :class:`Busy`: the gateway is overloaded (``RESOURCE_EXHAUSTED``); back off, keep the item.
+* :class:`Busy`: the gateway is overloaded or the device over its budget
+  (``RESOURCE_EXHAUSTED``); back off, keep the item. When the gateway says when to come back
+  (trailing ``edgeward-retry-after-s``), ``retry_after_s`` carries it and the sender waits
+  that long before sending anything more.
 * :class:`Refused`: the gateway refused this request for a reason retrying cannot fix
   (``INVALID_ARGUMENT``, a non-final ``PERMISSION_DENIED``…); drop the item, tell the caller
   the server's reason.
@@ -14,6 +17,7 @@ Every gRPC failure is classified once, here, into what the client should do abou
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pki
 from device_sdk.errors import DeviceRevoked
 from protos.edgeward.v1 import gateway_pb2_grpc
+from protos.edgeward.v1.wire import FINAL_METADATA_KEY, FINAL_REVOKED, RETRY_AFTER_METADATA_KEY
 
 __all__ = [
     "FINAL_METADATA_KEY",
+    "MAX_RETRY_AFTER_S",
     "Busy",
     "ChannelPool",
     "GatewayDown",
@@ -35,10 +41,11 @@ __all__ = [
     "classify",
     "classify_code",
     "probe",
+    "retry_after",
 ]
 
-#: Trailing metadata that marks a refusal as final (the gateway's contract).
-FINAL_METADATA_KEY = "edgeward-final"
+#: The longest retry-after honoured: a wrong or hostile value cannot park the device.
+MAX_RETRY_AFTER_S = 60.0
 
 _RETRY_ELSEWHERE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -70,7 +77,11 @@ class GatewayDown(Exception):
 
 
 class Busy(Exception):
-    """The gateway is overloaded; back off and retry."""
+    """The gateway is overloaded; back off and retry (not before ``retry_after_s``, if set)."""
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Refused(Exception):
@@ -82,14 +93,30 @@ class Refused(Exception):
         self.reason = reason
 
 
-def _is_final_revoked(exc: grpc.aio.AioRpcError) -> bool:
+def _trailer(exc: grpc.aio.AioRpcError, name: str) -> str | None:
     trailing: Any = exc.trailing_metadata() or ()
     for key, value in trailing:
-        if key == FINAL_METADATA_KEY:
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            if text == "revoked":
-                return True
-    return False
+        if key == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _is_final_revoked(exc: grpc.aio.AioRpcError) -> bool:
+    return _trailer(exc, FINAL_METADATA_KEY) == FINAL_REVOKED
+
+
+def retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+    """The server's ``edgeward-retry-after-s`` in seconds (bounded), or ``None``."""
+    text = _trailer(exc, RETRY_AFTER_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 def classify(exc: grpc.aio.AioRpcError, *, device_id: str) -> Exception:
@@ -103,7 +130,7 @@ def classify(exc: grpc.aio.AioRpcError, *, device_id: str) -> Exception:
     if code in _RETRY_ELSEWHERE:
         return GatewayDown(f"{code.name}: {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Busy(details)
+        return Busy(details, retry_after_s=retry_after(exc))
     return Refused(code.name, details)
 
 

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
         LimitsSettings,
         load_gateway_settings,
     )
+    from gateway._door import (
+        DetectionHook,
+        DeviceDirectory,
+        DeviceInfo,
+        FrontDoor,
+        StaticDeviceDirectory,
+        TelemetryRecord,
+        event_to_pb,
+    )
     from gateway._events import (
         Command,
         DeviceEvent,
@@ -34,17 +43,10 @@ if TYPE_CHECKING:
         EventHub,
         EventPayload,
     )
-    from gateway._grpc import (
-        DetectionHook,
-        DeviceDirectory,
-        DeviceInfo,
-        StaticDeviceDirectory,
-        TelemetryRecord,
-        event_to_pb,
-    )
     from gateway._metrics import GatewayMetrics
     from gateway._revocation import RevocationEvent, RevocationListener, RevocationState
     from gateway._service import GatewayPlugin, GatewayRuntime, GatewayService
+    from gateway._status import Status, status_of
     from gateway.errors import (
         ConfigError,
         DeviceRevoked,
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
         PermissionDenied,
         RateLimited,
         Unauthenticated,
-        grpc_status,
     )
 
 _EXPORTS: dict[str, str] = {
@@ -69,12 +70,13 @@ _EXPORTS: dict[str, str] = {
     "EscalationAnswer": "gateway._events",
     "EventHub": "gateway._events",
     "EventPayload": "gateway._events",
-    "DetectionHook": "gateway._grpc",
-    "DeviceDirectory": "gateway._grpc",
-    "DeviceInfo": "gateway._grpc",
-    "StaticDeviceDirectory": "gateway._grpc",
-    "TelemetryRecord": "gateway._grpc",
-    "event_to_pb": "gateway._grpc",
+    "DetectionHook": "gateway._door",
+    "DeviceDirectory": "gateway._door",
+    "DeviceInfo": "gateway._door",
+    "FrontDoor": "gateway._door",
+    "StaticDeviceDirectory": "gateway._door",
+    "TelemetryRecord": "gateway._door",
+    "event_to_pb": "gateway._door",
     "GatewayMetrics": "gateway._metrics",
     "RevocationEvent": "gateway._revocation",
     "RevocationListener": "gateway._revocation",
@@ -89,7 +91,8 @@ _EXPORTS: dict[str, str] = {
     "PermissionDenied": "gateway.errors",
     "RateLimited": "gateway.errors",
     "Unauthenticated": "gateway.errors",
-    "grpc_status": "gateway.errors",
+    "Status": "gateway._status",
+    "status_of": "gateway._status",
 }
 
 __all__ = [
@@ -107,6 +110,7 @@ __all__ = [
     "EventHub",
     "EventPayload",
     "FeedStale",
+    "FrontDoor",
     "GatewayError",
     "GatewayMetrics",
     "GatewayPlugin",
@@ -121,11 +125,12 @@ __all__ = [
     "RevocationListener",
     "RevocationState",
     "StaticDeviceDirectory",
+    "Status",
     "TelemetryRecord",
     "Unauthenticated",
     "event_to_pb",
-    "grpc_status",
     "load_gateway_settings",
+    "status_of",
 ]
 
 

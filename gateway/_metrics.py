@@ -23,12 +23,24 @@ name                               type         labels
 ``revocation_feed_healthy``        gauge        1 when fresh
 ``live_streams``                   gauge        method
 ``cut_calls_total``                counter      (live calls ended by a revocation)
+``mqtt_<counter>_total``           counter      the MQTT bridge's ``BridgeStats`` (frames
+                                                received, inferred, duplicate, rejected;
+                                                telemetry received, rejected; events published;
+                                                reconnects; rejected topics)
+``mqtt_refused_total``             counter      reason (every refused MQTT message)
+``escalations_total``              counter      outcome (the escalator's ``counts``: queued,
+                                                delivered, retries, refused_<reason>, …)
 =================================  ===========  ===============================================
+
+Components keep plain counters of their own and register a reader for them
+(:meth:`GatewayMetrics.add_counters`); they are read at each scrape, so no component imports
+Prometheus and no counter is kept twice.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -40,11 +52,42 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway._inference import CacheKind, EngineObserver
 from gateway._wire import ListenError
 
-__all__ = ["CoreMetrics", "GatewayMetrics", "MetricsServer"]
+__all__ = ["CoreMetrics", "CounterReader", "GatewayMetrics", "MetricsServer"]
+
+#: Reads a component's counters at scrape time: series name → value, or series name →
+#: (label value → value) for a labelled family.
+CounterReader = Callable[[], Mapping[str, "float | Mapping[str, float]"]]
+
+
+class _Counters(Collector):
+    """A component's own counters as Prometheus counter families, read at each scrape."""
+
+    def __init__(
+        self, prefix: str, read: CounterReader, documentation: Mapping[str, str], label: str
+    ) -> None:
+        self._prefix = prefix
+        self._read = read
+        self._documentation = documentation
+        self._label = label
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in sorted(self._read().items()):
+            doc = self._documentation.get(name, name.replace("_", " "))
+            full = f"{_NS}_{self._prefix}{name}"
+            if isinstance(value, Mapping):
+                family = CounterMetricFamily(full, doc, labels=[self._label])
+                for label_value, n in sorted(value.items()):
+                    family.add_metric([label_value], float(n))
+            else:
+                family = CounterMetricFamily(full, doc, value=float(value))
+            yield family
+
 
 _NS = "edgeward_gateway"
 _CORE_NS = "edgeward_core"
@@ -126,6 +169,23 @@ class GatewayMetrics(EngineObserver):
             namespace=_NS,
             registry=r,
         )
+
+    def add_counters(
+        self,
+        prefix: str,
+        read: CounterReader,
+        *,
+        documentation: Mapping[str, str] | None = None,
+        label: str = "reason",
+    ) -> Callable[[], None]:
+        """Export a component's counters as ``edgeward_gateway_<prefix><name>_total``.
+
+        ``read`` is called at each scrape (on the scraping thread: it must only read).
+        Returns the function that removes them again (the component stopped).
+        """
+        collector = _Counters(prefix, read, documentation or {}, label)
+        self.registry.register(collector)
+        return lambda: self.registry.unregister(collector)
 
     def on_malformed(self, method: str) -> None:
         """``gateway._wire`` hook: a request to ``method`` did not parse."""
@@ -210,6 +270,23 @@ class CoreMetrics:
             namespace=_CORE_NS,
             registry=r,
         )
+
+    def add_counters(
+        self,
+        prefix: str,
+        read: CounterReader,
+        *,
+        documentation: Mapping[str, str] | None = None,
+        label: str = "reason",
+    ) -> Callable[[], None]:
+        """Export a component's counters as ``edgeward_gateway_<prefix><name>_total``.
+
+        ``read`` is called at each scrape (on the scraping thread: it must only read).
+        Returns the function that removes them again (the component stopped).
+        """
+        collector = _Counters(prefix, read, documentation or {}, label)
+        self.registry.register(collector)
+        return lambda: self.registry.unregister(collector)
 
     def on_malformed(self, method: str) -> None:
         """``gateway._wire`` hook: a request to ``method`` did not parse."""

@@ -19,14 +19,15 @@ SIGTERM or SIGINT and then leaves.
 Plug-ins (optional components: the MQTT bridge, escalation). One mechanism, two levels:
 
 - A **plug-in** (:data:`GatewayPlugin`) is a factory ``plugin(runtime) -> async context
-  manager``. It gets the :class:`GatewayRuntime` (settings, identity, engine, event hub,
-  revocation state, metrics, servicer, authoriser) and may add a revocation listener (kick a
-  device's MQTT session), publish device events, or install ``runtime.servicer.detection_hook``
-  (escalation; see :class:`~gateway._grpc.DetectionHook`). Its ``__aenter__`` returns once it
+  manager``. It gets the :class:`GatewayRuntime` (settings, identity, event hub, revocation
+  state, metrics and the front door, :class:`~gateway._door.FrontDoor`) and may add a
+  revocation listener (kick a device's MQTT session), publish device events, carry frames in
+  through the front door (the MQTT bridge), or install ``runtime.door.detection_hook``
+  (escalation; see :class:`~gateway._door.DetectionHook`). Its ``__aenter__`` returns once it
   is serving; its background tasks live in its own ``TaskGroup``; its ``__aexit__`` drains
   (and removes what it installed). Plug-ins enter in order (MQTT, then escalation) and leave
-  in reverse, so a front end other than the gRPC servicer reads
-  ``runtime.servicer.detection_hook`` per frame, not once at start.
+  in reverse; the front door reads its detection hook per frame, so the order does not
+  matter to it.
 - A **component** is a module that owns a table of the configuration and offers
   ``plugin(settings: GatewaySettings) -> GatewayPlugin | None`` (:data:`PluginProvider`): it
   validates its table (a bad key raises :class:`~gateway._settings.ConfigError` naming it)
@@ -62,16 +63,15 @@ from cryptography import x509
 import pki
 from gateway._config import GatewaySettings
 from gateway._core_endpoints import CoreEndpoints
-from gateway._events import EventHub
-from gateway._grpc._auth import (
+from gateway._door import (
     Authoriser,
     CoreDeviceDirectory,
     DeviceDirectory,
+    FrontDoor,
     RegistryDeviceDirectory,
 )
-from gateway._grpc._identity import IdentityJudge
-from gateway._grpc._server import GatewayServer
-from gateway._grpc._servicer import DeviceGatewayServicer
+from gateway._events import EventHub
+from gateway._grpc import DeviceGatewayServicer, GatewayServer, IdentityJudge
 from gateway._inference import InferenceEngine, ResponseCache
 from gateway._metrics import GatewayMetrics, MetricsServer
 from gateway._revocation import (
@@ -108,10 +108,9 @@ class GatewayRuntime:
     events: EventHub
     revocation: RevocationState
     metrics: GatewayMetrics
-    servicer: DeviceGatewayServicer
-    #: The servicer's authorisation (device type → methods, registry facts such as the
-    #: region, cached): other front ends (MQTT) apply the same policy through it.
-    authoriser: Authoriser
+    #: The one way in for every transport: admission, the frame pipeline, the telemetry
+    #: store, refusals; the escalation plug-in installs its ``detection_hook``.
+    door: FrontDoor
 
 
 GatewayPlugin = Callable[[GatewayRuntime], AbstractAsyncContextManager[Any]]
@@ -204,6 +203,7 @@ class GatewayService:
         self._core_endpoints: CoreEndpoints | None = None
         self._registry: pki.Registry | None = None
         self.engine: InferenceEngine | None = None
+        self.door: FrontDoor | None = None
         self.servicer: DeviceGatewayServicer | None = None
         self.server: GatewayServer | None = None
         self.grpc_port = 0
@@ -313,25 +313,35 @@ class GatewayService:
             directory = await self._directory()
             self.engine = await self._stack.enter_async_context(self._engine())
             log.info("inference provider in use", provider=self.engine.provider)
-            authoriser = Authoriser(directory, s.authorisation)
-            self.servicer = DeviceGatewayServicer(
-                settings=s,
+            self.door = FrontDoor(
                 gateway_id=self.gateway_id,
                 engine=self.engine,
+                limits=s.limits,
+                revocation=self.revocation,
+                authoriser=Authoriser(directory, s.authorisation),
+                events=self.events,
+                metrics=self.metrics,
+                # One batch in the engine at once keeps the model fed (the next one decodes
+                # while it runs); the rest wait their device's turn, at most queue_size.
+                slots=s.inference.max_batch,
+                max_waiting=s.inference.queue_size,
+                clock=self._clock,
+            )
+            # The last interval's refusal counts are logged when the gateway stops.
+            self._stack.callback(self.door.close)
+            self.servicer = DeviceGatewayServicer(
+                door=self.door,
                 judge=IdentityJudge(
                     trust_domain=self.trust_domain,
                     revocation=self.revocation,
                     clock=self._clock,
                     device_cas=self._device_cas(),
                 ),
-                authoriser=authoriser,
-                revocation=self.revocation,
-                events=self.events,
                 metrics=self.metrics,
-                clock=self._clock,
+                max_streams_per_device=s.limits.max_streams_per_device,
+                stream_idle_timeout_s=s.limits.stream_idle_timeout_s,
             )
-            # The last interval's refusal counts are logged when the gateway stops.
-            self._stack.callback(self.servicer.refusals.close)
+            self._stack.callback(self.servicer.close)
             runtime = GatewayRuntime(
                 settings=s,
                 identity=self.identity,
@@ -341,8 +351,7 @@ class GatewayService:
                 events=self.events,
                 revocation=self.revocation,
                 metrics=self.metrics,
-                servicer=self.servicer,
-                authoriser=authoriser,
+                door=self.door,
             )
             for plugin in self._plugins:
                 await self._stack.enter_async_context(plugin(runtime))
@@ -351,7 +360,9 @@ class GatewayService:
                 # escalation plug-in installed, and leaves before it.
                 from gateway._console import GatewayConsole
 
-                self.console = await self._stack.enter_async_context(GatewayConsole(runtime))
+                self.console = await self._stack.enter_async_context(
+                    GatewayConsole(runtime, live=self.servicer.live)
+                )
             self.server = await self._stack.enter_async_context(
                 GatewayServer(
                     self.servicer,

@@ -20,13 +20,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway.errors import ConfigError
+
 __all__ = ["ConfigError", "ServiceSettings", "load_settings"]
 
 S = TypeVar("S", bound="ServiceSettings")
-
-
-class ConfigError(Exception):
-    """The configuration is missing, unreadable or invalid; the message names the keys."""
 
 
 class ServiceSettings(BaseSettings):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.errors import InvalidTelemetry
 from protos.edgeward.v1 import common_pb2
 
 __all__ = [
@@ -24,10 +25,6 @@ __all__ = [
 
 READING_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 FIRMWARE = re.compile(r"[\x21-\x7e]{0,64}")
-
-
-class InvalidTelemetry(ValueError):
-    """A telemetry message outside the contract; the message names the field (safe to return)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pool
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, ListenError
 
 __all__ = [
     "SERVER_OPTIONS",
@@ -57,36 +57,11 @@ MalformedHook = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------ ports
-class ListenError(OSError):
-    """A listener cannot bind its address: ``setting`` names the configuration key."""
-
-    def __init__(self, *, setting: str, address: str, reason: str) -> None:
-        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
-        self.setting = setting
-        self.address = address
-        self.reason = reason
-
-    @classmethod
-    def from_os_error(cls, exc: OSError, *, setting: str, address: str) -> ListenError:
-        """The error for a failed ``bind`` of ``address``."""
-        return cls(setting=setting, address=address, reason=_reason(exc))
-
-
 def _split(address: str) -> tuple[str, int] | None:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         return None
     return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return "address already in use (is another instance running?)"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "address not available on this machine"
-    if exc.errno == errno.EACCES:
-        return "permission denied (ports below 1024 need privileges)"
-    return (exc.strerror or str(exc)).lower()
 
 
 def check_listen(address: str, *, setting: str) -> None:

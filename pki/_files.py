@@ -70,6 +70,7 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
 
 
 def load_private_key(path: Path) -> PrivateKey:
+    """The unencrypted PEM EC private key at ``path`` (``TypeError`` for another kind)."""
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError(f"{path} does not hold an EC private key")

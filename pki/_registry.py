@@ -73,6 +73,8 @@ __all__ = [
 
 
 class Status(enum.StrEnum):
+    """A device's or a certificate's standing in the registry."""
+
     ACTIVE = "active"
     REVOKED = "revoked"
 

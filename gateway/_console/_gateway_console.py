@@ -28,6 +28,7 @@ from gateway._console._live import LiveFeed
 from gateway._console._web import Operator, WebConsole, audit
 
 if TYPE_CHECKING:
+    from gateway._grpc import LiveCalls
     from gateway._revocation import RevocationEvent
     from gateway._service import GatewayRuntime
 
@@ -54,7 +55,8 @@ class GatewayConsole(WebConsole):
     title = "edgeward gateway console"
     home = "/live"
 
-    def __init__(self, runtime: GatewayRuntime) -> None:
+    def __init__(self, runtime: GatewayRuntime, *, live: LiveCalls) -> None:
+        """``live``: the gRPC side's live calls (which devices' frames came over gRPC)."""
         s = runtime.settings
         super().__init__(
             listen=s.console_listen,
@@ -66,6 +68,7 @@ class GatewayConsole(WebConsole):
             max_body_bytes=s.console_max_body_bytes,
         )
         self.runtime = runtime
+        self.live = live
         self.title = f"gateway {runtime.gateway_id}"
         self.feed = LiveFeed(max_fps=s.console_live_fps)
         self._links = LinkVerifier(
@@ -80,16 +83,16 @@ class GatewayConsole(WebConsole):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def started(self) -> None:
-        servicer = self.runtime.servicer
-        previous = servicer.detection_hook
-        servicer.detection_hook = self.feed.wrap(previous)
+        door = self.runtime.door
+        previous = door.detection_hook
+        door.detection_hook = self.feed.wrap(previous)
 
         def restore() -> None:
-            if getattr(servicer.detection_hook, "previous", object()) is previous:
-                servicer.detection_hook = previous
+            if getattr(door.detection_hook, "previous", object()) is previous:
+                door.detection_hook = previous
 
         self._stack.callback(restore)
-        live = servicer.live
+        live = self.live
         # A frame inside a live Detect or StreamDetect call came over gRPC; other frames
         # reaching the hook came through the MQTT bridge (a device's Subscribe stream for its
         # events says nothing about how its frames travel).
@@ -146,7 +149,7 @@ class GatewayConsole(WebConsole):
         fps = (frames - f0) / (now - t0) if now - t0 > 0.5 else 0.0
         hits = _total(m.cache_lookups, kind="exact") + _total(m.cache_lookups, kind="perceptual")
         lookups = hits + _total(m.cache_lookups, kind="miss")
-        live = rt.servicer.live
+        live = self.live
         wall = time.time()
         devices = sorted(
             {d for d, (t, _) in self.feed.seen.items() if wall - t < 10}
@@ -193,7 +196,7 @@ class GatewayConsole(WebConsole):
     async def _devices(self, _request: web.Request) -> web.StreamResponse:
         """For the core's console (a core certificate): this gateway's figures and, per
         device, when its last frame was judged here and over which transport. No pixels."""
-        telemetry = self.runtime.servicer.telemetry
+        telemetry = self.runtime.door.telemetry
         seen: dict[str, Any] = {}
         for d, (t, transport) in self.feed.seen.items():
             latest = telemetry.latest(d)

@@ -1,7 +1,7 @@
 """Live detections for a gateway's console: frames with their boxes, only while watched.
 
 :class:`LiveFeed` takes detections through the one seam both transports (gRPC and MQTT) call
-for every freshly judged frame, the servicer's ``detection_hook``: it wraps the hook already
+for every freshly judged frame, the front door's ``detection_hook``: it wraps the hook already
 installed (the escalation plug-in's), calls it first, and then, only when an operator is
 watching, hands the frame to its worker (a bounded queue: a full queue drops the frame, never
 the device's answer). The worker shrinks and encodes the frame as JPEG in a thread, at most

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -199,8 +198,6 @@ class CoreServer:
 
     async def _start(self) -> None:
         s = self.settings
-        # Spell out AEAD-only suites for TLS 1.2 (gRPC's defaults already are; see pki._tls).
-        os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", pki.AEAD_CIPHERS_TLS12)
         self.ca = pki.CertificateAuthority.load(s.pki_dir)
         # Before any work: a second core on a busy port must fail fast, naming the setting.
         check_listen(s.listen, setting="listen")

@@ -1,8 +1,10 @@
-"""The one place where the core's errors become gRPC status codes, and where callers'
-identities are read from the TLS layer.
+"""Where the core's errors become gRPC statuses, and where callers' identities are read from
+the TLS layer.
 
-Servicer methods raise domain errors (:mod:`pki.errors`, or the request errors below); the
-:func:`unary` and :func:`server_stream` decorators turn them into statuses. Messages tell an
+Servicer methods raise domain errors (:mod:`pki.errors`, or the request errors of
+:mod:`gateway.errors`, re-exported here under the names the core's modules use); the
+:func:`unary` and :func:`server_stream` decorators turn them into statuses through the one
+mapping, :func:`gateway._status.status_of`. Messages tell an
 honest caller what to fix; anything an attacker could learn from (does this token exist?) stays
 in the audit log. A revoked device gets a distinct, final answer: ``PERMISSION_DENIED`` with the
 trailing metadata ``edgeward-final: revoked``, so it stops retrying; an expired certificate
@@ -21,6 +23,17 @@ import structlog
 from cryptography import x509
 
 import pki
+from gateway._status import status_of
+from gateway.errors import CallerNotAllowed as PermissionDenied
+from gateway.errors import CallerUnauthenticated as Unauthenticated
+from gateway.errors import (
+    InvalidArgument,
+    NotFound,
+    RequestError,
+    ResourceExhausted,
+    Unimplemented,
+)
+from protos.edgeward.v1.wire import FINAL_METADATA_KEY
 
 __all__ = [
     "FINAL_METADATA_KEY",
@@ -41,8 +54,6 @@ __all__ = [
     "unary",
 ]
 
-FINAL_METADATA_KEY = "edgeward-final"
-RETRY_AFTER_METADATA_KEY = "edgeward-retry-after-s"
 
 _log = structlog.get_logger(__name__)
 
@@ -52,86 +63,13 @@ Resp = TypeVar("Resp")
 S = TypeVar("S")
 
 
-class RequestError(Exception):
-    """A request the core refuses for a reason that is not a PKI decision."""
-
-
-class Unauthenticated(RequestError):
-    """No usable client certificate."""
-
-
-class PermissionDenied(RequestError):
-    """The caller's identity may not call this method."""
-
-
-class NotFound(RequestError):
-    """The thing asked about does not exist."""
-
-
-class Unimplemented(RequestError):
-    """The method is not enabled on this core."""
-
-
-class InvalidArgument(RequestError):
-    """A request field is malformed or out of bounds (an escalated image, for instance)."""
-
-
-class ResourceExhausted(RequestError):
-    """The core is too busy for this request now; the caller should retry later."""
-
-
-_ENROL_REFUSED_HELP = (
-    "enrolment token refused: check that it was copied completely, has not been used and has "
-    "not expired; otherwise ask the operator for a new one"
-)
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """Status code, message and trailing metadata for an error raised by a servicer."""
-    match exc:
-        case pki.InvalidCsr():
-            return grpc.StatusCode.INVALID_ARGUMENT, f"CSR refused: {exc.reason}", ()
-        case pki.InvalidName():
-            return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
-        case pki.TokenRejected():
-            return grpc.StatusCode.PERMISSION_DENIED, _ENROL_REFUSED_HELP, ()
-        case pki.RateLimited():
-            return (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many failed enrolment attempts from this address; retry in "
-                f"{exc.retry_after_s:.0f} s",
-                ((RETRY_AFTER_METADATA_KEY, f"{exc.retry_after_s:.1f}"),),
-            )
-        case pki.CertificateRevoked():
-            return (
-                grpc.StatusCode.PERMISSION_DENIED,
-                "this device is revoked: stop retrying and contact the operator",
-                ((FINAL_METADATA_KEY, "revoked"),),
-            )
-        case pki.CertificateExpired():
-            return (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "the certificate has expired or is not yet valid; enrol again with a new token",
-                ((FINAL_METADATA_KEY, "expired"),),
-            )
-        case pki.InvalidIdentity():
-            return grpc.StatusCode.PERMISSION_DENIED, f"identity refused: {exc}", ()
-        case Unauthenticated():
-            return grpc.StatusCode.UNAUTHENTICATED, str(exc), ()
-        case PermissionDenied():
-            return grpc.StatusCode.PERMISSION_DENIED, str(exc), ()
-        case NotFound():
-            return grpc.StatusCode.NOT_FOUND, str(exc), ()
-        case Unimplemented():
-            return grpc.StatusCode.UNIMPLEMENTED, str(exc), ()
-        case InvalidArgument():
-            return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
-        case ResourceExhausted():
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
-        case pki.RegistryError():
-            return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
-        case _:
-            return grpc.StatusCode.INTERNAL, "internal error", ()
+    """Status code, message and trailing metadata for an error raised by a servicer.
+
+    The one mapping (:func:`gateway._status.status_of`), which the gateway uses too.
+    """
+    status = status_of(exc)
+    return status.grpc_code, status.message, status.trailing_metadata
 
 
 _MAPPED = (pki.PkiError, RequestError)

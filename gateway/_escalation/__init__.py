@@ -1,30 +1,38 @@
 """Escalation of what the edge model cannot name to the core's larger models.
 
 ``edgeward gateway run`` finds :func:`plugin` when the ``[escalation]`` table is present.
-Embedded, the gateway service builds one :class:`Escalator` from the ``[escalation]`` table
-(:class:`EscalationSettings`, validated with ``GatewaySettings.section``), calls
-:meth:`Escalator.escalate` after each edge detection, marks the result with
-:func:`mark_detection_result`, and passes ``EventHub.publish`` as the sink of answers.
+The plug-in builds one :class:`Escalator` from the ``[escalation]`` table
+(:class:`EscalationSettings`, validated with ``GatewaySettings.section``) and installs its
+hook on the gateway's front door, which calls :meth:`Escalator.escalate` after each fresh edge
+detection and renders the marks into the answer (``gateway._door.result_to_pb``);
+``EventHub.publish`` is the sink of answers.
 
 Errors (all :class:`gateway.errors.GatewayError`)::
 
     EscalationError
     ├── OutboxFull              new escalations refused; stored ones kept
     ├── RedactionUnavailable    faces must be blurred and the face model cannot run
-    └── EscalationFailed        the core refused an escalation for good
+    ├── EscalationFailed        the core refused an escalation for good
+    └── CoreUnavailable         the core could not answer now: retried later
 """
 
-from ._client import MAX_MESSAGE_BYTES, CoreClient, CoreUnavailable
+from gateway.errors import (
+    CoreUnavailable,
+    EscalationError,
+    EscalationFailed,
+    OutboxFull,
+    RedactionUnavailable,
+)
+
+from ._client import MAX_MESSAGE_BYTES, CoreClient
 from ._config import EscalationSettings, RegionPolicy
 from ._crop import FaceRedactor, Upload, crop_with_margin, prepare_upload
-from ._errors import EscalationError, EscalationFailed, OutboxFull, RedactionUnavailable
 from ._escalator import (
     AnswerSink,
     EscalationOutcome,
     Escalator,
     PendingEscalation,
     RefusedEscalation,
-    mark_detection_result,
 )
 from ._outbox import Outbox, OutboxEntry, StoredAnswer
 from ._plugin import EscalationPlugin, plugin
@@ -55,7 +63,6 @@ __all__ = [
     "StoredAnswer",
     "Upload",
     "crop_with_margin",
-    "mark_detection_result",
     "plugin",
     "prepare_upload",
     "select",

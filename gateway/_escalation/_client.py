@@ -11,11 +11,10 @@ from typing import Any
 import grpc
 
 from gateway._core_endpoints import CoreEndpoints
+from gateway.errors import CoreUnavailable, EscalationFailed
 from protos.edgeward.v1 import core_pb2
 
-from ._errors import EscalationError, EscalationFailed
-
-__all__ = ["MAX_MESSAGE_BYTES", "CoreClient", "CoreUnavailable"]
+__all__ = ["MAX_MESSAGE_BYTES", "CoreClient"]
 
 #: Largest Escalate request or reply; crops are shrunk well below it.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -32,14 +31,6 @@ _FINAL = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-
-
-class CoreUnavailable(EscalationError):
-    """The core could not answer now (unreachable, overloaded, refused): retry later."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"core unavailable: {code}: {message}")
-        self.code = code
 
 
 class CoreClient:

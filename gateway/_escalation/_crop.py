@@ -28,8 +28,7 @@ from PIL import Image, ImageFilter
 from gateway._inference._detection import Box, check_rgb
 from gateway._inference._faces import Face, postprocess_centerface, preprocess_centerface
 from gateway._inference._manifest import load_manifest, read_verified_model
-
-from ._errors import RedactionUnavailable
+from gateway.errors import RedactionUnavailable
 
 __all__ = [
     "FACE_MODEL",

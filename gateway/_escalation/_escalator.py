@@ -49,12 +49,12 @@ import structlog
 
 from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer, EventPayload
 from gateway._inference._detection import Detection
-from protos.edgeward.v1 import common_pb2, core_pb2
+from gateway.errors import CoreUnavailable, EscalationFailed, OutboxFull, RedactionUnavailable
+from protos.edgeward.v1 import core_pb2
 
-from ._client import CoreClient, CoreUnavailable
+from ._client import CoreClient
 from ._config import EscalationSettings, RegionPolicy
 from ._crop import FaceRedactor, Upload, prepare_upload
-from ._errors import EscalationFailed, OutboxFull, RedactionUnavailable
 from ._outbox import Outbox, OutboxEntry
 from ._policy import Budgets, Candidate, EscalationReason, select
 
@@ -64,7 +64,6 @@ __all__ = [
     "Escalator",
     "PendingEscalation",
     "RefusedEscalation",
-    "mark_detection_result",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -74,9 +73,6 @@ T = TypeVar("T")
 
 #: Where answers go: ``EventHub.publish`` (``publish(device_id, payload)``), event-loop only.
 AnswerSink = Callable[[str, EventPayload], object]
-
-#: Label of the whole-frame detection added to a result whose empty frame was escalated.
-FRAME_LABEL = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,29 +110,6 @@ class EscalationOutcome:
             if p.index == index:
                 return p.escalation_id
         return None
-
-
-def mark_detection_result(
-    result: common_pb2.DetectionResult, outcome: EscalationOutcome
-) -> common_pb2.DetectionResult:
-    """Mark the escalated detections of ``result`` (built in the same order) in place.
-
-    An escalated empty frame gets one detection covering the frame, labelled ``unknown``
-    with score 0, so the device sees that an answer is coming and under which id. Each
-    escalated detection carries why it was escalated (``escalation_reason``).
-    """
-    for pending in outcome.pending:
-        if pending.index is None:
-            det = result.detections.add()
-            det.label = FRAME_LABEL
-            det.score = 0.0
-            det.box.x_min, det.box.y_min, det.box.x_max, det.box.y_max = 0.0, 0.0, 1.0, 1.0
-        else:
-            det = result.detections[pending.index]
-        det.escalated = True
-        det.escalation_id = pending.escalation_id
-        det.escalation_reason = pending.reason
-    return result
 
 
 @dataclass(slots=True)

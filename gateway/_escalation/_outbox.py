@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer
-
-from ._errors import OutboxFull
+from gateway.errors import OutboxFull
 
 __all__ = ["Outbox", "OutboxEntry", "StoredAnswer"]
 

@@ -4,9 +4,10 @@
 to, stops the start-up with a :class:`~gateway.errors.ConfigError` naming it) and returns a
 factory the :class:`~gateway._service.GatewayService` calls with its runtime (the component
 contract of :mod:`gateway._service`). Entering the plug-in opens the outbox, starts delivery
-and installs the detection hook on the device servicer, which calls it for every fresh
-result, empty ones included (a device's repeat answered from the response cache gets the
-first answer's marks again instead, see ``gateway._grpc.EscalationMemory``); leaving
+and installs the detection hook on the gateway's front door, which calls it for every fresh
+result from either transport, empty ones included (a device's repeat answered from the
+response cache gets the first answer's marks again instead, see
+``gateway._door.EscalationMemory``); leaving
 removes the hook, then stops delivery (what is pending stays in the outbox for the next
 start).
 """
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from gateway._config import GatewaySettings
-    from gateway._grpc import EscalationMarks
+    from gateway._door import EscalationMarks
     from gateway._service import GatewayRuntime
 
 __all__ = ["EscalationPlugin", "plugin"]
@@ -43,6 +44,7 @@ class EscalationPlugin:
 
     def __init__(self, settings: EscalationSettings, runtime: GatewayRuntime) -> None:
         self._runtime = runtime
+        self._unexport: Callable[[], None] = lambda: None
         gw = runtime.settings
         identity = runtime.identity
         self.escalator = Escalator(
@@ -66,11 +68,11 @@ class EscalationPlugin:
         result: InferenceResult,
         frame: npt.NDArray[np.uint8] | None,
     ) -> EscalationMarks:
-        """The servicer's detection hook: escalate what the region's policy picks.
+        """The front door's detection hook: escalate what the region's policy picks.
 
         Returns detection index → escalation id, and ``None`` → the id of a whole-frame
-        escalation (an empty frame, when the region escalates those); the servicer renders
-        that one as an extra detection, as :func:`mark_detection_result` does.
+        escalation (an empty frame, when the region escalates those); the front door renders
+        that one as an extra detection (``gateway._door.result_to_pb``).
         """
         outcome = await self.escalator.escalate(
             device_id=device_id,
@@ -83,8 +85,12 @@ class EscalationPlugin:
 
     async def __aenter__(self) -> EscalationPlugin:
         await self.escalator.__aenter__()
-        self._runtime.servicer.detection_hook = self.hook
+        self._runtime.door.detection_hook = self.hook
+        self._unexport = self._runtime.metrics.add_counters("", self._counts, label="outcome")
         return self
+
+    def _counts(self) -> dict[str, float | dict[str, float]]:
+        return {"escalations": {k: float(v) for k, v in dict(self.escalator.counts).items()}}
 
     async def __aexit__(
         self,
@@ -92,8 +98,9 @@ class EscalationPlugin:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._runtime.servicer.detection_hook == self.hook:
-            self._runtime.servicer.detection_hook = None
+        if self._runtime.door.detection_hook == self.hook:
+            self._runtime.door.detection_hook = None
+        self._unexport()
         await self.escalator.__aexit__(exc_type, exc, tb)
 
 

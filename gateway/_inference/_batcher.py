@@ -1,19 +1,17 @@
-"""Micro-batching of concurrent requests in front of a model, and the inference error tree.
+"""Micro-batching of concurrent requests in front of a model.
 
-::
-
-    InferenceError             root of what the inference engine raises per request
-    ├── Overloaded             the bounded queue is full: retry later (RESOURCE_EXHAUSTED)
-    ├── DeadlineExceeded       the caller's deadline passed before its answer (DEADLINE_EXCEEDED)
-    ├── ShuttingDown           the engine is closing and takes no new work (UNAVAILABLE)
-    └── ProviderUnavailable    (``_runtime``) the requested execution provider cannot run
-
-``InvalidImage`` (undecodable, oversized or too many pixels) belongs to the image module.
+Errors (``InferenceError`` and its ``Overloaded``, ``DeadlineExceeded``, ``ShuttingDown``) are
+defined in :mod:`gateway.errors`, under the gateway's one root.
 
 Many devices send single frames at once; a model run over N frames costs less than N runs
 (much less on a GPU, a little less on a CPU), so requests that arrive within ``max_wait_ms`` of
 each other share one run. The queue is bounded: when it is full the caller is told at once
 (``Overloaded``) rather than waiting behind work the gateway cannot finish in time.
+
+Fair across devices: each request may carry a ``key`` (the device id), and a batch takes the
+waiting requests round robin over keys (each key's own in arrival order), so a device with many
+frames waiting fills a batch only when no other device is waiting. A request without a key is
+its own key.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import contextlib
 import enum
 import functools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +29,8 @@ from types import TracebackType
 from typing import Generic, Self, TypeVar
 
 import structlog
+
+from gateway.errors import DeadlineExceeded, InferenceError, Overloaded, ShuttingDown
 
 __all__ = [
     "DeadlineExceeded",
@@ -46,26 +46,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class InferenceError(Exception):
-    """Root of the errors the inference engine raises for one request."""
-
-
-class Overloaded(InferenceError):
-    """The bounded request queue is full; the caller should back off and retry."""
-
-    def __init__(self, queue_size: int) -> None:
-        super().__init__(f"inference queue full ({queue_size} waiting)")
-        self.queue_size = queue_size
-
-
-class DeadlineExceeded(InferenceError):
-    """The caller's deadline passed before its answer was ready."""
-
-
-class ShuttingDown(InferenceError):
-    """The engine is closing and accepts no new work."""
-
-
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
@@ -79,6 +59,63 @@ class _Pending(Generic[T, R]):
     deadline: float | None  # time.monotonic() value
     enqueued: float  # time.monotonic() value
     future: asyncio.Future[R] = field(repr=False)
+    key: object = None
+
+
+class _FairPending(Generic[T, R]):
+    """Waiting requests, one queue per key; taken round robin over keys."""
+
+    def __init__(self) -> None:
+        self._by_key: OrderedDict[object, deque[_Pending[T, R]]] = OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def append(self, p: _Pending[T, R]) -> None:
+        queue = self._by_key.get(p.key)
+        if queue is None:
+            queue = self._by_key[p.key] = deque()
+        queue.append(p)
+        self._count += 1
+
+    def put_back(self, items: list[_Pending[T, R]]) -> None:
+        """Return taken items to the front of their keys' queues."""
+        for p in reversed(items):
+            queue = self._by_key.get(p.key)
+            if queue is None:
+                queue = self._by_key[p.key] = deque()
+                self._by_key.move_to_end(p.key, last=False)
+            queue.appendleft(p)
+            self._count += 1
+
+    def remove(self, p: _Pending[T, R]) -> None:
+        """Remove ``p``; ``ValueError`` when it is not waiting."""
+        queue = self._by_key.get(p.key)
+        if queue is None:
+            raise ValueError("not waiting")
+        queue.remove(p)
+        self._count -= 1
+        if not queue:
+            del self._by_key[p.key]
+
+    def oldest(self) -> float:
+        """When the longest-waiting request arrived."""
+        return min(q[0].enqueued for q in self._by_key.values())
+
+    def popleft(self) -> _Pending[T, R]:
+        """The next request in the round: the first key's first; that key goes to the end."""
+        key, queue = next(iter(self._by_key.items()))
+        p = queue.popleft()
+        self._count -= 1
+        if queue:
+            self._by_key.move_to_end(key)
+        else:
+            del self._by_key[key]
+        return p
 
 
 class MicroBatcher(Generic[T, R]):
@@ -127,7 +164,7 @@ class MicroBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._more_coming = more_coming
-        self._pending: deque[_Pending[T, R]] = deque()
+        self._pending: _FairPending[T, R] = _FairPending()
         self._running: list[_Pending[T, R]] = []
         self._wakeup = asyncio.Event()
         self._state = _State.NEW
@@ -166,8 +203,10 @@ class MicroBatcher(Generic[T, R]):
             # cancelled or failed): nobody will run them, so tell their callers.
             self._fail_all(ShuttingDown(f"{self._name} stopped"))
 
-    async def submit(self, item: T, *, deadline: float | None = None) -> R:
+    async def submit(self, item: T, *, deadline: float | None = None, key: object = None) -> R:
         """Queue ``item`` for the next batch and wait for its result.
+
+        ``key`` (a device id) is what batches are fair across: see the module docstring.
 
         ``deadline`` is a :func:`time.monotonic` value: past it the call raises
         :class:`DeadlineExceeded` (a queued item is dropped; a result that arrives later is
@@ -183,7 +222,13 @@ class MicroBatcher(Generic[T, R]):
         if len(self._pending) >= self._queue_size:
             raise Overloaded(self._queue_size)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        pending = _Pending(item=item, deadline=deadline, enqueued=now, future=future)
+        pending = _Pending(
+            item=item,
+            deadline=deadline,
+            enqueued=now,
+            future=future,
+            key=key if key is not None else object(),
+        )
         self._pending.append(pending)
         self._wakeup.set()
         self._notify(self._on_queue_depth, len(self._pending))
@@ -228,7 +273,7 @@ class MicroBatcher(Generic[T, R]):
                 self._notify(self._on_batch, len(live), seconds)
         finally:
             # Only with work left when cancelled: its callers must not wait forever.
-            self._pending.extendleft(reversed(self._running))
+            self._pending.put_back(self._running)
             self._fail_all(ShuttingDown(f"{self._name} stopped"))
 
     def _notify(self, hook: Callable[..., None] | None, *args: float) -> None:
@@ -258,7 +303,7 @@ class MicroBatcher(Generic[T, R]):
             await self._wakeup.wait()
         # The wait is counted from the first item's arrival: an item that already waited
         # behind a running batch is not made to wait again.
-        until = self._pending[0].enqueued + self._max_wait
+        until = self._pending.oldest() + self._max_wait
         while len(self._pending) < self._max_batch and self._state is _State.OPEN:
             if self._more_coming is not None and not self._more_coming():
                 break

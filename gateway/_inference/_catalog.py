@@ -158,14 +158,20 @@ class EdgeModelCatalog:
         return result
 
     async def detect_with_frame(
-        self, image: bytes, *, region: str | None = None, deadline: float | None = None
+        self,
+        image: bytes,
+        *,
+        region: str | None = None,
+        deadline: float | None = None,
+        key: str | None = None,
     ) -> tuple[InferenceResult, Frame | None]:
-        """Like :meth:`detect`, with the decoded frame (as the engine's method of that name)."""
+        """Like :meth:`detect`, with the decoded frame (as the engine's method of that name);
+        ``key`` (the device id) gives the frame its device's turn in the micro-batcher."""
         name = self.model_for(region)
         slot = self._slots[name]
         engine = await self._engine(name)
         try:
-            return await engine.detect_with_frame(image, deadline=deadline)
+            return await engine.detect_with_frame(image, deadline=deadline, key=key)
         finally:
             slot.busy -= 1
             slot.last_used = self._clock()

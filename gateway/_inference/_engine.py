@@ -309,12 +309,13 @@ class InferenceEngine:
         return result
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
     ) -> tuple[InferenceResult, Frame | None]:
         """Like :meth:`detect`, and also return the decoded ``H×W×3`` RGB frame.
 
         The frame is what escalation crops are cut from; it is ``None`` when the answer came
-        from the exact cache (the bytes were not decoded).
+        from the exact cache (the bytes were not decoded). ``key`` (the device id) makes
+        batches fair across devices (see :class:`~gateway._inference._batcher.MicroBatcher`).
         """
         if self._state is not _State.OPEN:
             raise ShuttingDown(f"the inference engine is not accepting work ({self._state.value})")
@@ -325,14 +326,14 @@ class InferenceEngine:
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._detect(image, deadline)
+            return await self._detect(image, deadline, key)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
     async def _detect(
-        self, image: bytes, deadline: float | None
+        self, image: bytes, deadline: float | None, key: str | None
     ) -> tuple[InferenceResult, Frame | None]:
         model = self._loaded()
         timeout = None if deadline is None else deadline - time.monotonic()
@@ -352,7 +353,9 @@ class InferenceEngine:
             return prepared.result, prepared.frame
         if self._cache is not None:
             self._observe(self._observer.on_cache, "miss")
-        detections, batch_seconds = await self._batcher.submit(prepared.tensor, deadline=deadline)
+        detections, batch_seconds = await self._batcher.submit(
+            prepared.tensor, deadline=deadline, key=key
+        )
         height, width = prepared.frame.shape[:2]
         result = InferenceResult(
             detections=detections,

@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gateway.errors import InvalidImage
+
 __all__ = ["ACCEPTED_FORMATS", "InvalidImage", "decode_image"]
 
 #: Container formats a device may send (DESIGN.md: "an encoded image (JPEG or PNG)").
@@ -23,18 +25,6 @@ ACCEPTED_FORMATS = ("JPEG", "PNG")
 # other (rarely used, more exotic) decoders is ever reached by device input.
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class InvalidImage(ValueError):
-    """The bytes are not an acceptable image; ``reason`` says why, in a few words.
-
-    The reason is safe to send back to the device: it names the problem, never
-    the decoder's internal message.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import ModelIntegrityError
+
 __all__ = [
     "Manifest",
     "ModelEntry",
@@ -32,21 +34,6 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 # Which directory is read (the installed ``edgeward-models`` package by default, or the
 # ``models_dir`` key) is decided by the configuration: ``gateway._models``.
-
-
-class ModelIntegrityError(Exception):
-    """A model file or the manifest cannot be trusted.
-
-    Raised when the manifest is missing or malformed, when a model is not listed
-    in it, when its file is missing or escapes the models directory, or when
-    the file's sha256 differs from the manifest's. ``model`` names the model (or
-    file) concerned, ``reason`` says what is wrong.
-    """
-
-    def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"model {model!r}: {reason}")
-        self.model = model
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 import structlog
 
-from ._batcher import InferenceError
+from gateway.errors import ProviderUnavailable
 
 __all__ = [
     "CPU",
@@ -38,10 +38,6 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 ProviderChoice = Literal["auto", "cpu", "cuda"]
-
-
-class ProviderUnavailable(InferenceError):
-    """``providers="cuda"`` was asked for and CUDA cannot run here."""
 
 
 def physical_cores() -> int:

@@ -1,41 +1,27 @@
 """The gateway's MQTT side: a supervised Mosquitto over mutual TLS and the bridge to inference.
 
 * :class:`MqttSettings`: the ``[mqtt]`` table of the gateway's configuration.
-* :class:`MosquittoBroker`: writes ``mosquitto.conf`` (mTLS, AEAD ciphers, per-device ACLs,
-  CRL) and supervises the broker; :class:`BrokerControl` and :class:`RevocationEnforcer` cut a
-  revoked device's live session and refuse its reconnects.
-* :class:`MqttBridge`: frames to the inference engine and detections back (rendered with the
-  gRPC side's ``result_to_pb``, escalation marks included), telemetry state, device events;
-  :class:`BridgeConnection` says how it reaches the broker, :class:`Admission` and
-  :data:`HookSource` plug in the gateway's authorisation and its detection hook.
+* :class:`MosquittoBroker` (``_broker``) supervises the broker and keeps its CRL current, with
+  the ``mosquitto.conf`` that ``_mosquitto_conf`` renders (mTLS, AEAD ciphers, per-device
+  ACLs, dynamic security); :class:`BrokerControl` and :class:`RevocationEnforcer`
+  (``_enforcer``) cut a revoked device's live session and refuse its reconnects.
+* :class:`MqttBridge`: topics, acknowledgements and de-duplication around the gateway's front
+  door (:class:`~gateway._door.FrontDoor`: admission, the frame pipeline, the telemetry
+  store, refusals, the same as gRPC's); :class:`BridgeConnection` says how it reaches the
+  broker.
 
 * :func:`plugin`: the ``[mqtt]`` table as a ``GatewayService`` plug-in (broker, enforcer and
-  bridge on the gateway's engine, event hub, revocation state and telemetry store).
+  bridge on the gateway's front door).
 
 Topics, payloads and the ACL model: ``docs/mqtt.md``.
 """
 
-from gateway._mqtt._bridge import (
-    Admission,
-    BridgeConnection,
-    BridgeStats,
-    Detector,
-    HookSource,
-    MqttBridge,
-)
+from gateway._mqtt._bridge import BridgeConnection, BridgeStats, MqttBridge
 from gateway._mqtt._broker import (
-    BrokerControl,
-    BrokerCredentials,
-    BrokerFiles,
     CrlSnapshot,
     CrlSource,
     MosquittoBroker,
-    RevocationEnforcer,
-    device_acl,
-    dynsec_config,
-    free_port,
     registry_crl_source,
-    render_mosquitto_conf,
 )
 from gateway._mqtt._config import (
     AEAD_CIPHERS_TLS13,
@@ -43,6 +29,14 @@ from gateway._mqtt._config import (
     NODELAY,
     MqttSettings,
     internal_name,
+)
+from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
+from gateway._mqtt._mosquitto_conf import (
+    BrokerCredentials,
+    BrokerFiles,
+    device_acl,
+    dynsec_config,
+    render_mosquitto_conf,
 )
 from gateway._mqtt._plugin import plugin
 from gateway._mqtt._telemetry import (
@@ -52,13 +46,13 @@ from gateway._mqtt._telemetry import (
     device_from_topic,
     parse_telemetry,
 )
+from gateway._ports import free_port
 
 __all__ = [
     "AEAD_CIPHERS_TLS13",
     "INTERNAL_PREFIX",
     "NODELAY",
     "PROTOBUF_CONTENT_TYPE",
-    "Admission",
     "BridgeConnection",
     "BridgeStats",
     "BrokerControl",
@@ -66,8 +60,6 @@ __all__ = [
     "BrokerFiles",
     "CrlSnapshot",
     "CrlSource",
-    "Detector",
-    "HookSource",
     "InvalidTelemetry",
     "MosquittoBroker",
     "MqttBridge",

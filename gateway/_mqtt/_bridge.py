@@ -1,138 +1,95 @@
-"""The gateway's MQTT bridge: frames in, detections out, telemetry kept, events forwarded.
+"""The gateway's MQTT bridge: topics, acknowledgements and de-duplication around the front door.
 
 :class:`MqttBridge` connects to the broker with the gateway's own mTLS identity (and, on a
 managed broker, the per-start bridge password) and:
 
 * consumes ``devices/+/frames`` through the MQTT 5 shared subscription
-  ``$share/<group>/devices/+/frames`` (``frame_workers`` clients share the load), runs each
-  frame through the same :class:`~gateway._inference.InferenceEngine` (and detection hook) as
-  gRPC, and publishes the ``DetectionResult`` to ``devices/<id>/detections`` with the frame's
-  correlation data: JSON (protobuf's JSON mapping) for a bare JPEG/PNG, protobuf for a
-  ``Frame`` protobuf (content type ``application/x-protobuf``);
-* consumes ``devices/+/telemetry`` in ``telemetry_workers`` processes (``_telemetry``), or in
-  the bridge itself when that is 0, and keeps the latest validated state per device;
-* publishes errors about rejected messages, and every event of the gateway's
-  :class:`~gateway._events.EventHub`, to ``devices/<id>/events``.
+  ``$share/<group>/devices/+/frames`` (``frame_workers`` clients share the load) and hands each
+  frame to the gateway's :class:`~gateway._door.FrontDoor` — the same admission, fair turn,
+  engine and escalation hook as gRPC — then publishes the ``DetectionResult`` to
+  ``devices/<id>/detections`` with the frame's correlation data: JSON (protobuf's JSON
+  mapping) for a bare JPEG/PNG, protobuf for a ``Frame`` protobuf (content type
+  ``application/x-protobuf``);
+* hands ``devices/+/telemetry`` to its :class:`~gateway._mqtt._ingest.TelemetryIngest`
+  (``telemetry_workers`` processes, or the bridge's own consumers when that is 0), which keeps
+  the latest validated state per device in the front door's one telemetry store;
+* forwards every event of the gateway's :class:`~gateway._events.EventHub` (escalation
+  answers, commands, and the front door's error events about refused messages) to
+  ``devices/<id>/events``.
 
-**Refusals** are audited through the gateway's :class:`~gateway._refusals.RefusalLog` (shared
-with gRPC): the first of each reason per device at once, then one line per device per interval
-with the count. Error events about them are bounded per device per interval the same way (the
-rest are summed up in one more event), and ``on_refused`` counts every one for metrics.
+**Admission on receipt.** A frame is admitted (:meth:`~gateway._door.FrontDoor.admit_now`)
+the moment it is read, before any task, parsing or queueing: a device over its budget, not
+allowed, or revoked is refused and acknowledged at once, at the cost of a look-up and a
+token-bucket check, so a flood drains from the broker as fast as it arrives and never queues
+in front of another device's frames. Admitted frames then wait their device's turn at the
+front door (round robin across devices). Refusals are counted exactly (Prometheus, ``stats``)
+and audited in bounded lines; error events about them are bounded per device per interval.
 
 **Where the device id comes from.** Identity is read from the TLS layer only; the bridge never
 sees the publisher's certificate, but the broker does: its ACL lets a certificate with CN
-``X`` write only ``devices/X/frames`` and ``devices/X/telemetry`` (``_broker``), so the topic's
-id *is* the certificate's CN. The bridge still re-validates the id against the id pattern (a
-certificate from the CA with an odd CN must not become a device here) and checks revocation
-for it (a message published before the kick may still be queued).
+``X`` write only ``devices/X/frames`` and ``devices/X/telemetry`` (``_mosquitto_conf``), so
+the topic's id *is* the certificate's CN. The front door still re-validates the id against the
+id pattern (a certificate from the CA with an odd CN must not become a device here) and checks
+revocation for it (a message published before the kick may still be queued):
+:class:`~gateway._door.TopicIdentity`.
 
 **Delivery.** QoS 1 both ways; the bridge's sessions are persistent (``clean_start`` false,
 ``session_expiry_s``) so what the broker accepted while the bridge was away, or across a
 broker restart (persistence on), is delivered when it reconnects (jittered, doubling backoff).
 Redelivery can repeat a frame: answers are remembered by (device, frame id) in a bounded LRU,
 so a repeated frame gets the same answer again without a second model run. A frame is
-acknowledged to the broker only once its answer (or error event) is published: what a
-crashed gateway had received is delivered again (at least once to the model).
-
-**Same policy as gRPC.** ``admit`` (the gateway's authorisation: a frame is a ``Detect``,
-telemetry a ``ReportTelemetry``) is asked before any work, and the detection hook and
-``result_to_pb`` are the gRPC servicer's, so escalation marks look the same on both.
+acknowledged to the broker only once its answer (or refusal) is out
+(:class:`~gateway._mqtt._acks.Acks`): what a crashed gateway had received is delivered again
+(at least once to the model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import random
 import ssl
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import aiomqtt
-import numpy as np
-import numpy.typing as npt
 import structlog
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import pki
-from gateway._events import DeviceEvent, ErrorEvent, EventHub
-from gateway._grpc._servicer import (
-    DetectionHook,
-    EscalationMemory,
+from gateway._door import (
+    Admitted,
+    FrontDoor,
+    TelemetryRecord,
+    TopicIdentity,
+    encode,
     event_to_pb,
-    result_to_pb,
 )
-from gateway._inference import (
-    InferenceError,
-    InferenceResult,
-    InvalidImage,
-)
+from gateway._events import DeviceEvent
+from gateway._mqtt._acks import Ack, Acks
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
+from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
-    IngestBatch,
-    InvalidTelemetry,
-    TelemetryReading,
     WorkerOptions,
     device_from_topic,
-    parse_telemetry,
-    run_worker,
-    spawn_context,
 )
-from gateway._refusals import RefusalLog
-from gateway.errors import GatewayError, grpc_status
+from gateway.errors import GatewayError, InvalidRequest
 from protos.edgeward.v1 import common_pb2
 
-__all__ = [
-    "Admission",
-    "BridgeConnection",
-    "BridgeStats",
-    "Detector",
-    "HookSource",
-    "MqttBridge",
-]
+__all__ = ["BridgeConnection", "BridgeStats", "MqttBridge"]
 
 _log = structlog.get_logger(__name__)
 
-JSON_CONTENT_TYPE = "application/json"
 #: Longest frame id (correlation data or ``Frame.frame_id``) accepted.
 MAX_FRAME_ID = 128
-
-FrameArray = npt.NDArray[np.uint8]
-
-
-class Detector(Protocol):
-    """What the bridge needs of the inference engine."""
-
-    async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None
-    ) -> tuple[InferenceResult, FrameArray | None]: ...
-
-
-class Admission(Protocol):
-    """May ``device_id`` do ``method`` (a ``DeviceGateway`` method name) now?
-
-    Returns the device's region (from the registry, for the detection hook); raises a
-    :class:`~gateway.errors.GatewayError` to refuse (``PermissionDenied`` for a device type
-    without the method, ``DeviceRevoked``, ``FeedStale``, ``RegistryUnavailable``). The
-    gateway's plug-in applies the gRPC servicer's policy (``[authorisation]``) through it.
-    """
-
-    async def __call__(self, device_id: str, method: str) -> str | None: ...
-
-
-#: Gives the detection hook to call for this frame (``None``: none installed). Read per
-#: frame: the escalation plug-in installs ``servicer.detection_hook`` after this one starts.
-HookSource = Callable[[], DetectionHook | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +112,7 @@ class BridgeConnection:
 
 @dataclass(slots=True)
 class BridgeStats:
-    """Counters for metrics and tests."""
+    """The bridge's counters (exported to Prometheus as ``edgeward_mqtt_*``)."""
 
     frames_received: int = 0
     frames_inferred: int = 0
@@ -168,12 +125,15 @@ class BridgeStats:
     rejected_topics: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
-
-def _encode(msg: Any, protobuf: bool) -> tuple[bytes, str]:
-    if protobuf:
-        return msg.SerializeToString(), PROTOBUF_CONTENT_TYPE
-    text = json_format.MessageToJson(msg, indent=None, always_print_fields_with_no_presence=True)
-    return text.encode(), JSON_CONTENT_TYPE
+    def counters(self) -> dict[str, float | dict[str, float]]:
+        """The counters by series name (``refused`` by reason), for Prometheus."""
+        out: dict[str, float | dict[str, float]] = {
+            name: float(getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name != "by_reason"
+        }
+        out["refused"] = {reason: float(n) for reason, n in dict(self.by_reason).items()}
+        return out
 
 
 @dataclass(slots=True)
@@ -183,90 +143,11 @@ class _Answer:
     correlation: bytes | None
 
 
-#: ``on_refused(code, reason)``: one refused message (``code`` a gRPC status name), for metrics.
-RefusalCounter = Callable[[str, str], None]
-
-
-class _Rejected(Exception):
-    def __init__(self, code: str, message: str, frame_id: str = "", reason: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.frame_id = frame_id
-        self.reason = reason or code.lower()
-
-
-def _rejected(exc: BaseException, frame_id: str) -> _Rejected:
-    """A domain or inference error as a rejection, through the one mapping (``grpc_status``)."""
-    status = grpc_status(exc)
-    if status is None:  # pragma: no cover - callers pass mapped errors only
-        raise exc
-    return _Rejected(status.code.name, status.message, frame_id, status.reason)
-
-
-class _Ack:
-    """One received message's acknowledgement, owed once it has been handled."""
-
-    __slots__ = ("_owner", "done_", "mid", "qos")
-
-    def __init__(self, owner: _Acks | None, mid: int, qos: int) -> None:
-        self._owner = owner
-        self.mid = mid
-        self.qos = qos
-        self.done_ = False
-
-    def done(self) -> None:
-        if not self.done_:
-            self.done_ = True
-            if self._owner is not None:
-                self._owner.release()
-
-
-class _Acks:
-    """The QoS 1 acknowledgements one connection owes, sent as messages are handled.
-
-    Sent in the order the messages arrived (MQTT 5 §4.6: PUBACKs go in the order the
-    PUBLISHes were received): a handled message waits for those before it. After the
-    connection is lost nothing more is sent on its behalf (its unacknowledged messages
-    come again on the next connection, which owes them then).
-    """
-
-    def __init__(self, paho: Any) -> None:
-        self._paho = paho
-        self._owed: deque[_Ack] = deque()
-        self._closed = False
-
-    def track(self, message: aiomqtt.Message) -> _Ack:
-        if message.qos == 0:
-            return _Ack(None, message.mid, 0)
-        ack = _Ack(self, message.mid, message.qos)
-        self._owed.append(ack)
-        return ack
-
-    def release(self) -> None:
-        if self._closed:
-            return
-        while self._owed and self._owed[0].done_:
-            ack = self._owed.popleft()
-            self._paho.ack(ack.mid, ack.qos)
-
-    def close(self) -> None:
-        self._closed = True
-        self._owed.clear()
-
-
 class MqttBridge:
-    """Frames → inference → detections, telemetry → latest state, events → devices.
+    """Frames and telemetry in through the front door, detections and events out.
 
-    An async context manager; its clients and workers run in one task group. ``is_revoked``
-    (device id → bool) drops messages of revoked devices still queued at the broker;
-    ``events`` is the gateway's hub (errors go through it, so gRPC ``Subscribe`` sees them too,
-    and everything it carries is forwarded); ``telemetry_sink`` receives each latest reading
-    (the gateway's shared telemetry store). ``admit`` applies the gateway's authorisation
-    per frame (and gives the device's region); ``detection_hook`` gives the escalation hook
-    to call for each fresh result, read per frame (see :data:`HookSource`). ``end_sessions``
-    names more client ids whose persistent sessions are ended at start (consumers of an
-    earlier release, whose shares of the shared subscriptions would otherwise wait).
+    An async context manager; its clients and workers run in one task group. ``door`` is the
+    gateway's front door (admission, pipeline, telemetry store, refusals, event hub).
     """
 
     def __init__(
@@ -274,49 +155,32 @@ class MqttBridge:
         settings: MqttSettings,
         *,
         connection: BridgeConnection,
-        engine: Detector,
-        gateway_id: str,
-        is_revoked: Callable[[str], bool] | None = None,
-        events: EventHub | None = None,
-        telemetry_sink: Callable[[TelemetryReading], None] | None = None,
-        admit: Admission | None = None,
-        detection_hook: HookSource | None = None,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        end_sessions: Sequence[str] = (),
-        refusals: RefusalLog | None = None,
-        on_refused: RefusalCounter | None = None,
-        escalations: EscalationMemory | None = None,
+        door: FrontDoor,
     ) -> None:
         self.settings = settings
-        self._end_sessions = tuple(end_sessions)
         self._conn = connection
-        self._engine = engine
-        self._gateway_id = gateway_id
-        self._is_revoked = is_revoked or (lambda _d: False)
-        self._hub = events
-        self._telemetry_sink = telemetry_sink
-        self._admit = admit
-        self._hook_source = detection_hook
-        self._clock = clock
+        self._door = door
+        self._gateway_id = door.gateway_id
         self.stats = BridgeStats()
-        self.refusals = refusals if refusals is not None else RefusalLog()
-        self.refusals.on_suppressed = self._on_suppressed_events
-        self._on_refused = on_refused
-        self.escalations = escalations if escalations is not None else EscalationMemory()
-        self._latest: OrderedDict[str, TelemetryReading] = OrderedDict()
         self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
             OrderedDict()
         )
         self._protobuf_devices: OrderedDict[str, bool] = OrderedDict()
         self._clients: dict[int, aiomqtt.Client] = {}
         self._any_connected = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_in_flight * settings.frame_workers)
         self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
-        # Readings waiting for the authorisation check (only with ``admit``), in order.
-        self._unchecked: asyncio.Queue[TelemetryReading] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-bridge")
         self._frames = TaskSet("mqtt-frames")
-        self._workers: list[tuple[Any, Any]] = []
+        self._ingest = TelemetryIngest(
+            settings,
+            door=door,
+            stats=self.stats,
+            worker_options=self._worker_options,
+            prefer=self._prefer,
+            refused=self._refused,
+            reject_topic=self._reject_topic,
+            on_connected=self._check_ready,
+        )
         self._subscribed = 0
         self._ready = asyncio.Event()
         self._closing = False
@@ -328,31 +192,19 @@ class MqttBridge:
         for i in range(self.settings.frame_workers):
             self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
         self._tasks.spawn(self._forward_events(), name="mqtt-events")
-        if self._admit is not None:
-            self._tasks.spawn(self._admit_readings(), name="mqtt-telemetry-admission")
-        if self.settings.telemetry_workers:
-            self._start_workers()
-        if self._hub is not None:
-            self._hub.add_listener(self._on_hub_event)
+        self._tasks.spawn(self._ingest.admit_loop(), name="mqtt-telemetry-admission")
+        self._ingest.start()
+        self._door.events.add_listener(self._on_hub_event)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
-        if self._hub is not None:
-            self._hub.remove_listener(self._on_hub_event) if hasattr(
-                self._hub, "remove_listener"
-            ) else None
+        hub: Any = self._door.events
+        if hasattr(hub, "remove_listener"):
+            hub.remove_listener(self._on_hub_event)
         await self._tasks.close()
         await self._frames.close()
-        for conn, proc in self._workers:
-            with contextlib.suppress(OSError, ValueError):
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            with contextlib.suppress(OSError, ValueError, BrokenPipeError):
-                conn.send("stop")
-            await asyncio.to_thread(proc.join, 5.0)
-            if proc.is_alive():
-                proc.terminate()
-            conn.close()
+        await self._ingest.stop()
 
     async def _reap_stale_sessions(self) -> None:
         """End persistent sessions of consumers this configuration no longer runs.
@@ -366,7 +218,6 @@ class MqttBridge:
         stale += [
             self._client_id("telemetry", i) for i in range(self.settings.telemetry_workers, 32)
         ]
-        stale += self._end_sessions
 
         async def end(client_id: str) -> None:
             client = self._new_client(client_id, persistent=False)
@@ -384,51 +235,21 @@ class MqttBridge:
             await self._ready.wait()
 
     def _check_ready(self) -> None:
-        workers_ok = all(getattr(p, "_edgeward_connected", False) for _c, p in self._workers)
-        if self._subscribed >= self.settings.frame_workers and workers_ok:
+        if self._subscribed >= self.settings.frame_workers and self._ingest.workers_connected():
             self._ready.set()
 
-    # -- telemetry state -------------------------------------------------------------------
+    # -- telemetry -------------------------------------------------------------------------
 
-    def latest_telemetry(self, device_id: str) -> TelemetryReading | None:
+    def latest_telemetry(self, device_id: str) -> TelemetryRecord | None:
         """The latest valid telemetry of ``device_id`` (``None`` if none yet)."""
-        return self._latest.get(device_id)
+        return self._door.telemetry.latest(device_id)
 
-    def telemetry_snapshot(self) -> dict[str, TelemetryReading]:
-        """Latest telemetry of every device heard from (bounded; for the CLI and metrics)."""
-        return dict(self._latest)
+    def _identity(self, device_id: str) -> Callable[[], TopicIdentity]:
+        return lambda: TopicIdentity.judge(device_id, self._door.revocation)
 
-    def _store_reading(self, reading: TelemetryReading) -> None:
-        if self._admit is None:
-            self._keep_reading(reading)
-            return
-        try:
-            self._unchecked.put_nowait(reading)
-        except asyncio.QueueFull:
-            _log.warning("telemetry admission queue full; reading dropped")
-
-    async def _admit_readings(self) -> None:
-        """Keep the readings of devices whose type may ``ReportTelemetry`` (as on gRPC)."""
-        while True:
-            reading = await self._unchecked.get()
-            try:
-                await self._admission(reading.device_id, "ReportTelemetry", "")
-            except _Rejected as rej:
-                self.stats.telemetry_rejected += 1
-                self._refused(reading.device_id, rej.code, rej.reason, method="ReportTelemetry")
-                self._prefer(reading.device_id, reading.protobuf)
-                self._error(reading.device_id, rej.code, rej.message, "")
-                continue
-            self._keep_reading(reading)
-
-    def _keep_reading(self, reading: TelemetryReading) -> None:
-        self._latest[reading.device_id] = reading
-        self._latest.move_to_end(reading.device_id)
-        while len(self._latest) > 100_000:
-            self._latest.popitem(last=False)
-        self._prefer(reading.device_id, reading.protobuf)
-        if self._telemetry_sink is not None:
-            self._telemetry_sink(reading)
+    def speaks_protobuf(self, device_id: str) -> bool:
+        """Whether the device's last message was protobuf (its events go out the same way)."""
+        return self._protobuf_devices.get(device_id, False)
 
     def _prefer(self, device_id: str, protobuf: bool) -> None:
         self._protobuf_devices[device_id] = protobuf
@@ -447,8 +268,32 @@ class MqttBridge:
         """
         return internal_name(self._gateway_id, f"{kind}-{index}")
 
+    def _worker_options(self, index: int) -> WorkerOptions:
+        return WorkerOptions(
+            worker=index,
+            host=self._conn.host,
+            port=self._conn.port,
+            identity_dir=str(self._conn.identity.directory),
+            username=self._conn.username,
+            password=self._conn.password,
+            client_id=self._client_id("telemetry", index),
+            topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
+            qos=self.settings.qos,
+            max_readings=self.settings.telemetry_max_keys,
+            session_expiry_s=self.settings.session_expiry_s,
+            keepalive_s=self.settings.keepalive_s,
+            reconnect_min_s=self.settings.reconnect_min_s,
+            reconnect_max_s=self.settings.reconnect_max_s,
+            check_hostname=self._conn.check_hostname,
+        )
+
     def _new_client(
-        self, client_id: str, *, persistent: bool = True, receive_maximum: int | None = None
+        self,
+        client_id: str,
+        *,
+        persistent: bool = True,
+        receive_maximum: int | None = None,
+        queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
     ) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
@@ -469,14 +314,35 @@ class MqttBridge:
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.connect_timeout_s,
             socket_options=NODELAY,
+            queue_type=queue_type,
         )
 
     async def _consume(self, index: int) -> None:
-        # One client object for the consumer's life: aiomqtt keeps its queue of received,
-        # not yet handled messages across reconnects.
+        bridge = self
+        acks: Acks | None = None
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's queue of received messages, which hands each one on at once.
+
+            A message is judged the moment it is read (a refusal is acknowledged then and
+            there): no queue in between, and none of the per-message task and wait that
+            iterating ``client.messages`` costs, so the bridge drains a flood as fast as it
+            can read it. The iteration below only waits for the connection to end.
+            """
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if acks is None:  # pragma: no cover - set before every connection
+                    return
+                try:
+                    bridge._dispatch(item, acks.track(item))
+                except Exception:  # noqa: BLE001 - one bad message must not end the read loop
+                    _log.exception("mqtt message handling failed", topic=item.topic.value)
+
+        # One client object for the consumer's life (its persistent session).
         client = self._new_client(
             self._client_id("frames", index),
             receive_maximum=self.settings.max_in_flight,
+            queue_type=Inbox,
         )
         # At least once to the model: a QoS 1 frame is acknowledged once its detection is
         # published (or it was refused), not on receipt, so frames a crashed gateway had
@@ -493,7 +359,7 @@ class MqttBridge:
         delay = self.settings.reconnect_min_s
         first = True
         while True:
-            acks = _Acks(paho)
+            acks = Acks(paho)
             try:
                 async with client:
                     await client.subscribe(
@@ -510,8 +376,8 @@ class MqttBridge:
                         first = False
                     _log.info("mqtt bridge connected", consumer=index)
                     delay = self.settings.reconnect_min_s
-                    async for message in client.messages:
-                        self._dispatch(message, acks.track(message))
+                    async for message in client.messages:  # ends when the connection does
+                        self._dispatch(message, acks.track(message))  # pragma: no cover
             except aiomqtt.MqttError as exc:
                 _log.warning("mqtt bridge disconnected", consumer=index, error=str(exc))
             finally:
@@ -526,24 +392,49 @@ class MqttBridge:
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
-    def _dispatch(self, message: aiomqtt.Message, ack: _Ack) -> None:
+    def _dispatch(self, message: aiomqtt.Message, ack: Ack) -> None:
         topic = message.topic.value
         if topic.endswith("/telemetry"):
             try:
-                self._handle_telemetry(message)
+                self._ingest.handle(message)
             finally:
                 ack.done()
             return
-        # Frames run concurrently (the engine batches them): at most max_in_flight per
-        # consumer are unacknowledged (the broker holds the rest: receive maximum), and as
-        # many are in the engine. This loop never waits for a frame: it must keep reading so
-        # that it sees a lost connection (answers wait for the reconnect).
-        self._frames.spawn(self._frame_task(message, ack), name="mqtt-frame")
-
-    async def _frame_task(self, message: aiomqtt.Message, ack: _Ack) -> None:
-        await self._slots.acquire()
+        device_id = device_from_topic(topic, "frames")
+        if device_id is None:
+            self._reject_topic()
+            ack.done()
+            return
+        self.stats.frames_received += 1
+        props = message.properties
+        content_type = getattr(props, "ContentType", None) if props is not None else None
+        self._prefer(device_id, content_type == PROTOBUF_CONTENT_TYPE)
+        # Admitted here, on receipt: a refused frame is acknowledged at once and never
+        # queues (no task, no parsing), so a device over its budget cannot hold up others.
         try:
-            await self._handle_frame(message)
+            admitted = self._door.admit_now("Detect", self._identity(device_id))
+        except GatewayError as exc:
+            self._frame_refused(device_id, exc, _correlation_id(message))
+            ack.done()
+            return
+        # Admitted frames run concurrently, each waiting for its device's turn at the front
+        # door. This loop never waits for a frame: it must keep reading so that it sees a
+        # lost connection (answers wait for the reconnect).
+        self._frames.spawn(self._frame_task(device_id, admitted, message, ack), name="mqtt-frame")
+
+    async def _frame_task(
+        self, device_id: str, admitted: Admitted | None, message: aiomqtt.Message, ack: Ack
+    ) -> None:
+        try:
+            if admitted is None:
+                # The device's registry facts were not cached: the same steps, with a look-up.
+                try:
+                    admitted = await self._door.admit("Detect", self._identity(device_id))
+                except GatewayError as exc:
+                    self._frame_refused(device_id, exc, _correlation_id(message))
+                    ack.done()
+                    return
+            await self._handle_frame(admitted, message)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             # The answer could not be published: left unacknowledged, the frame comes
             # again after the reconnect and its remembered answer goes out then.
@@ -551,8 +442,6 @@ class MqttBridge:
             return
         except Exception:  # noqa: BLE001 - one bad frame must not stop the bridge
             _log.exception("mqtt frame handling failed", topic=message.topic.value)
-        finally:
-            self._slots.release()
         ack.done()
 
     async def _publish(
@@ -583,45 +472,46 @@ class MqttBridge:
 
     # -- frames ----------------------------------------------------------------------------
 
-    def _reject_topic(self, topic: str) -> None:
+    def _reject_topic(self) -> None:
         self.stats.rejected_topics += 1
         # Not a device's refusal: the CN is not a device id (or the ACL is wrong).
-        self._refused(None, "INVALID_ARGUMENT", "bad_topic", method="publish")
+        self._refused(
+            None, InvalidRequest("not a device topic", reason="bad_topic"), method="publish"
+        )
 
-    def _refused(self, device_id: str | None, code: str, reason: str, **fields: Any) -> None:
-        """Count one refused message, and audit it (bounded per device)."""
-        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
-        if self._on_refused is not None:
-            self._on_refused(code, reason)
-        self.refusals.refused(device_id, reason, transport="mqtt", code=code, **fields)
+    def _refused(
+        self, device_id: str | None, exc: BaseException, *, method: str, frame_id: str = ""
+    ) -> None:
+        """Count one refused message; the front door audits it and tells the device."""
+        status = self._door.refused(
+            exc,
+            device_id=device_id,
+            transport="mqtt",
+            method=method,
+            frame_id=frame_id,
+            notify=device_id is not None,
+        )
+        self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + 1
 
-    async def _handle_frame(self, message: aiomqtt.Message) -> None:
-        device_id = device_from_topic(message.topic.value, "frames")
-        if device_id is None:
-            self._reject_topic(message.topic.value)
-            return
-        self.stats.frames_received += 1
-        log = _log.bind(device_id=device_id, transport="mqtt")
-        if self._is_revoked(device_id):
-            self.stats.frames_rejected += 1
-            self._refused(device_id, "PERMISSION_DENIED", "revoked", method="Detect")
-            return
+    def _frame_refused(self, device_id: str, exc: BaseException, frame_id: str) -> None:
+        self.stats.frames_rejected += 1
+        self._refused(device_id, exc, method="Detect", frame_id=frame_id)
+
+    async def _handle_frame(self, admitted: Admitted, message: aiomqtt.Message) -> None:
+        device_id = admitted.device_id
         props = message.properties
         content_type = getattr(props, "ContentType", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         correlation = bytes(correlation) if correlation else None
         protobuf = content_type == PROTOBUF_CONTENT_TYPE
-        self._prefer(device_id, protobuf)
         payload = message.payload
         data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
         frame_id = ""
         try:
             if correlation is not None:
                 if len(correlation) > MAX_FRAME_ID:
-                    raise _Rejected(  # noqa: TRY301
-                        "INVALID_ARGUMENT",
-                        "correlation data (frame id) too long",
-                        reason="invalid_frame_id",
+                    raise InvalidRequest(
+                        "correlation data (frame id) too long", reason="invalid_frame_id"
                     )
                 frame_id = correlation.decode("utf-8", errors="replace")
             if protobuf:
@@ -629,33 +519,22 @@ class MqttBridge:
                 try:
                     frame.ParseFromString(data)
                 except (DecodeError, ValueError):
-                    raise _Rejected(
-                        "INVALID_ARGUMENT", "not a valid Frame protobuf", reason="invalid_frame"
+                    raise InvalidRequest(
+                        "not a valid Frame protobuf", reason="invalid_frame"
                     ) from None
                 if len(frame.frame_id) > MAX_FRAME_ID:
-                    raise _Rejected(  # noqa: TRY301
-                        "INVALID_ARGUMENT", "frame_id too long", reason="invalid_frame_id"
-                    )
+                    raise InvalidRequest("frame_id too long", reason="invalid_frame_id")
                 frame_id = frame.frame_id or frame_id
                 image = frame.image
                 if correlation is None and frame_id:
                     correlation = frame_id.encode()
             else:
                 image = data
-            region = await self._admission(device_id, "Detect", frame_id)
             answer = await self._answer(
-                device_id=device_id,
-                region=region,
-                frame_id=frame_id,
-                correlation=correlation,
-                image=image,
-                protobuf=protobuf,
-                log=log,
+                admitted, frame_id=frame_id, correlation=correlation, image=image, protobuf=protobuf
             )
-        except _Rejected as rej:
-            self.stats.frames_rejected += 1
-            self._refused(device_id, rej.code, rej.reason, method="Detect", message=rej.message)
-            self._error(device_id, rej.code, rej.message, rej.frame_id or frame_id)
+        except GatewayError as exc:  # a refusal (anything else is a bug: _frame_task logs it)
+            self._frame_refused(device_id, exc, frame_id)
             return
         if answer is None:
             return
@@ -666,31 +545,16 @@ class MqttBridge:
             correlation=answer.correlation,
         )
 
-    async def _admission(self, device_id: str, method: str, frame_id: str) -> str | None:
-        """The device's region when it may call ``method``; else :class:`_Rejected`.
-
-        The same checks, in the same order, as a gRPC call (``gateway/_grpc/_servicer.py``):
-        a fresh revocation feed, then the device type's methods (``[authorisation]``).
-        """
-        if self._admit is None:
-            return None
-        try:
-            return await self._admit(device_id, method)
-        except GatewayError as exc:
-            raise _rejected(exc, frame_id) from None
-
     async def _answer(
         self,
+        admitted: Admitted,
         *,
-        device_id: str,
-        region: str | None,
         frame_id: str,
         correlation: bytes | None,
         image: bytes,
         protobuf: bool,
-        log: Any,
     ) -> _Answer | None:
-        key = (device_id, frame_id.encode()) if frame_id else None
+        key = (admitted.device_id, frame_id.encode()) if frame_id else None
         if key is not None:
             known = self._answers.get(key)
             if known is not None:
@@ -704,14 +568,24 @@ class MqttBridge:
             while len(self._answers) > self.settings.dedupe_size:
                 self._answers.popitem(last=False)
         try:
-            answer = await self._infer(
-                device_id=device_id,
-                region=region,
+            started = time.monotonic()
+            msg, result = await self._door.detect(
+                admitted,
                 frame_id=frame_id,
-                correlation=correlation,
                 image=image,
-                protobuf=protobuf,
-                log=log,
+                deadline=started + self.settings.frame_deadline_s,
+            )
+            self.stats.frames_inferred += 1
+            payload, content_type = encode(msg, protobuf)
+            answer = _Answer(payload, content_type, correlation)
+            _log.info(
+                "mqtt frame",
+                device_id=admitted.device_id,
+                transport="mqtt",
+                frame_id=frame_id,
+                detections=len(result.detections),
+                from_cache=result.from_cache,
+                ms=round((time.monotonic() - started) * 1000, 1),
             )
         except BaseException:
             # A failed frame may be sent again and deserves a real try then; a duplicate
@@ -724,168 +598,7 @@ class MqttBridge:
         fut.set_result(answer)
         return answer
 
-    async def _infer(
-        self,
-        *,
-        device_id: str,
-        region: str | None,
-        frame_id: str,
-        correlation: bytes | None,
-        image: bytes,
-        protobuf: bool,
-        log: Any,
-    ) -> _Answer:
-        started = time.monotonic()
-        try:
-            result, frame = await self._engine.detect_with_frame(
-                image, deadline=started + self.settings.frame_deadline_s
-            )
-        except (InvalidImage, InferenceError) as exc:
-            raise _rejected(exc, frame_id) from None
-        self.stats.frames_inferred += 1
-        # As on gRPC, through the same memory: a cached repeat carries its first marks.
-        escalated = await self.escalations.marks(
-            self._hook_source() if self._hook_source is not None else None,
-            device_id=device_id,
-            region=region,
-            frame_id=frame_id,
-            result=result,
-            frame=frame,
-        )
-        msg = result_to_pb(
-            result, frame_id=frame_id, gateway_id=self._gateway_id, escalated=escalated
-        )
-        payload, content_type = _encode(msg, protobuf)
-        log.info(
-            "mqtt frame",
-            frame_id=frame_id,
-            detections=len(result.detections),
-            from_cache=result.from_cache,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        return _Answer(payload, content_type, correlation)
-
-    # -- telemetry -------------------------------------------------------------------------
-
-    def _handle_telemetry(self, message: aiomqtt.Message) -> None:
-        device_id = device_from_topic(message.topic.value, "telemetry")
-        if device_id is None:
-            self._reject_topic(message.topic.value)
-            return
-        self.stats.telemetry_received += 1
-        if self._is_revoked(device_id):
-            return
-        props = message.properties
-        content_type = getattr(props, "ContentType", None) if props is not None else None
-        payload = message.payload
-        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-        try:
-            reading = parse_telemetry(
-                device_id,
-                data,
-                content_type=content_type,
-                max_readings=self.settings.telemetry_max_keys,
-                now=self._clock(),
-            )
-        except InvalidTelemetry as exc:
-            self.stats.telemetry_rejected += 1
-            self._prefer(device_id, content_type == PROTOBUF_CONTENT_TYPE)
-            self._refused(
-                device_id, "INVALID_ARGUMENT", "invalid_telemetry", method="ReportTelemetry"
-            )
-            self._error(device_id, "INVALID_ARGUMENT", str(exc), "")
-            return
-        self._store_reading(reading)
-
-    def _start_workers(self) -> None:
-        ctx = spawn_context()
-        loop = asyncio.get_running_loop()
-        for i in range(self.settings.telemetry_workers):
-            opts = WorkerOptions(
-                worker=i,
-                host=self._conn.host,
-                port=self._conn.port,
-                identity_dir=str(self._conn.identity.directory),
-                username=self._conn.username,
-                password=self._conn.password,
-                client_id=self._client_id("telemetry", i),
-                topic=f"$share/{self.settings.shared_group}/devices/+/telemetry",
-                qos=self.settings.qos,
-                max_readings=self.settings.telemetry_max_keys,
-                session_expiry_s=self.settings.session_expiry_s,
-                keepalive_s=self.settings.keepalive_s,
-                reconnect_min_s=self.settings.reconnect_min_s,
-                reconnect_max_s=self.settings.reconnect_max_s,
-                check_hostname=self._conn.check_hostname,
-            )
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=run_worker, args=(opts, child), name=f"edgeward-telemetry-{i}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self._workers.append((parent, proc))
-            loop.add_reader(parent.fileno(), self._on_worker_data, parent, proc)
-
-    def _on_worker_data(self, conn: Any, proc: Any) -> None:
-        try:
-            while conn.poll():
-                batch: IngestBatch = conn.recv()
-                self._apply_batch(batch, proc)
-        except (EOFError, OSError):
-            with contextlib.suppress(OSError, ValueError):
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            if not self._closing:
-                _log.error("telemetry worker ended", pid=proc.pid, status=proc.exitcode)
-
-    def _apply_batch(self, batch: IngestBatch, proc: Any) -> None:
-        if batch.connected and not getattr(proc, "_edgeward_connected", False):
-            proc._edgeward_connected = True
-            self._check_ready()
-        self.stats.telemetry_received += batch.received
-        for reading in batch.latest:
-            if not self._is_revoked(reading.device_id):
-                self._store_reading(reading)
-        for device_id, message, protobuf in batch.errors:
-            self.stats.telemetry_rejected += 1
-            self._prefer(device_id, protobuf)
-            self._refused(
-                device_id, "INVALID_ARGUMENT", "invalid_telemetry", method="ReportTelemetry"
-            )
-            self._error(device_id, "INVALID_ARGUMENT", message, "")
-
     # -- events ----------------------------------------------------------------------------
-
-    def _error(self, device_id: str, code: str, message: str, frame_id: str) -> None:
-        """Tell the device about a refused message, within its events per interval."""
-        held = self.refusals.allow_event(device_id, code)
-        if held is None:
-            return  # counted; reported in one event when the interval ends
-        if held:
-            message = f"{message} ({held} earlier refused messages not reported)"
-        self._send_error(device_id, ErrorEvent(code=code, message=message, frame_id=frame_id))
-
-    def _on_suppressed_events(self, device_id: str, count: int, code: str) -> None:
-        if pki.ID_PATTERN.fullmatch(device_id) is None:
-            return
-        interval = self.refusals.interval_s
-        self._send_error(
-            device_id,
-            ErrorEvent(
-                code=code,
-                message=f"{count} more refused messages not reported in the last "
-                f"{interval:g} s (at most {self.refusals.events_per_interval} errors are "
-                "reported per interval)",
-            ),
-        )
-
-    def _send_error(self, device_id: str, error: ErrorEvent) -> None:
-        if self._hub is not None:
-            self._hub.publish(device_id, error)  # comes back through _on_hub_event
-            return
-        self._counter = getattr(self, "_counter", 0) + 1
-        event = DeviceEvent(event_id=f"mqtt-{self._counter}", at=self._clock(), payload=error)
-        self._on_hub_event(device_id, event)
 
     def _on_hub_event(self, device_id: str, event: DeviceEvent) -> None:
         try:
@@ -898,7 +611,7 @@ class MqttBridge:
             device_id, event = await self._outbox.get()
             if pki.ID_PATTERN.fullmatch(device_id) is None:
                 continue
-            payload, content_type = _encode(
+            payload, content_type = encode(
                 event_to_pb(event), self._protobuf_devices.get(device_id, False)
             )
             try:
@@ -911,3 +624,12 @@ class MqttBridge:
                 self.stats.events_published += 1
             except (aiomqtt.MqttError, TimeoutError) as exc:
                 _log.warning("mqtt event not delivered", device_id=device_id, error=str(exc))
+
+
+def _correlation_id(message: aiomqtt.Message) -> str:
+    """The frame id in a message's correlation data, for an error event (cheap: no parsing)."""
+    props = message.properties
+    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+    if not correlation or len(correlation) > MAX_FRAME_ID:
+        return ""
+    return bytes(correlation).decode("utf-8", errors="replace")

@@ -147,11 +147,14 @@ class MqttSettings(BaseModel):
         description="Telemetry ingest processes (shared subscription); 0 = in the bridge.",
     )
     max_in_flight: int = Field(
-        default=64,
+        default=1024,
         ge=1,
         le=65535,
-        description="Frames handed to the engine at once per consumer, and unacknowledged "
-        "frames the broker sends it (MQTT 5 receive maximum; the rest wait at the broker).",
+        description="Unacknowledged messages the broker sends each consumer (MQTT 5 receive "
+        "maximum; the rest wait at the broker). Refused frames are acknowledged at once but "
+        "in order (MQTT 5 §4.6), behind the frames still being answered, so this window must "
+        "hold both, or a flood's refusals stall at the broker in front of other devices' "
+        "frames. Frames waiting for the model are bounded by [inference] queue_size.",
     )
     frame_deadline_s: float = Field(
         default=5.0, gt=0.0, description="Deadline of one frame's inference."

@@ -3,13 +3,13 @@
 ``plugin(settings)`` validates the table and returns a factory that ``GatewayService`` calls
 with its runtime. Entering it starts, in order: the managed broker (when ``managed``), its
 control client and the revocation enforcer (registered as a revocation listener), then the
-bridge on the gateway's engine, event hub, revocation state, telemetry store, authorisation
-(``runtime.authoriser``: the gRPC side's ``[authorisation]`` policy, a frame is a ``Detect``)
-and detection hook (``runtime.servicer.detection_hook``, read per frame). Leaving stops them
-in reverse order and removes the listener.
+bridge on the gateway's front door (``runtime.door``: admission, pipeline, telemetry store,
+refusals and event hub, the same as gRPC's), whose counters (``BridgeStats``) are exported as
+``edgeward_gateway_mqtt_*``. Leaving stops them in reverse order and removes the listener.
 
-The CRL comes from the core (``Enrollment.GetCrl`` over the gateway's mTLS identity) when the
-gateway has a ``core_address``, and is built from ``pki_dir``'s registry on a standalone gateway.
+The CRLs come from a core (``Enrollment.GetCrl`` over the gateway's mTLS identity, from
+whichever replica of ``core_address`` answers) when the gateway has one, and are built from
+``pki_dir``'s registry on a standalone gateway.
 """
 
 from __future__ import annotations
@@ -22,36 +22,20 @@ from typing import TYPE_CHECKING, Any
 import pki
 from gateway._config import GatewaySettings
 from gateway._core_endpoints import CoreEndpoints
-from gateway._grpc._servicer import DetectionHook
 from gateway._mqtt._bridge import BridgeConnection, MqttBridge
 from gateway._mqtt._broker import (
-    BrokerControl,
-    BrokerFiles,
     CrlSnapshot,
     CrlSource,
     MosquittoBroker,
-    RevocationEnforcer,
     registry_crl_source,
 )
 from gateway._mqtt._config import MqttSettings
-from gateway._mqtt._telemetry import TelemetryReading
-from gateway.errors import FeedStale
+from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
 
 if TYPE_CHECKING:
     from gateway._service import GatewayRuntime
 
 __all__ = ["plugin"]
-
-
-def _legacy_consumer_ids(gateway_id: str) -> list[str]:
-    """Client ids of the bridge's consumers before they moved to ``_edgeward.…`` names.
-
-    Their persistent sessions, in a broker database an earlier release left, still belong to
-    the shared subscriptions and would be handed a share of the frames and telemetry until
-    they expire; the bridge ends them at start.
-    """
-    ids = [f"edgeward-{gateway_id}-frames-{i}" for i in range(16)]
-    return ids + [f"edgeward-{gateway_id}-telemetry-{i}" for i in range(32)]
 
 
 def _crl_source(settings: GatewaySettings, identity: pki.IdentityFiles) -> CrlSource:
@@ -92,15 +76,6 @@ def plugin(
     async def run(runtime: GatewayRuntime) -> AsyncIterator[MqttBridge]:
         identity: pki.IdentityFiles = runtime.identity
         async with contextlib.AsyncExitStack() as stack:
-            # Sessions of an earlier release's consumers can only be in a broker database
-            # that already exists, and are ended once (a broker someone else runs: perhaps,
-            # at every start). Once only: those ids are valid device ids, and a device that
-            # happens to hold one would lose its connection at each start.
-            files = BrokerFiles(mqtt.data_dir)
-            ended = mqtt.data_dir / "legacy-sessions-ended"
-            legacy = not mqtt.managed or (
-                any(files.persistence.glob("*.db")) and not ended.exists()
-            )
             if mqtt.managed:
                 broker = await stack.enter_async_context(
                     MosquittoBroker(
@@ -139,65 +114,15 @@ def plugin(
                     username=mqtt.username,
                     password=password,
                 )
-            servicer = runtime.servicer
-            revocation = runtime.revocation
-            authoriser = runtime.authoriser
-
-            def hook() -> DetectionHook | None:
-                # Read per frame: the escalation plug-in installs it after this one starts.
-                current: DetectionHook | None = servicer.detection_hook
-                return current
-
-            async def admit(device_id: str, method: str) -> str | None:
-                # The gRPC servicer's checks, in its order: a gateway that may have missed a
-                # revocation takes no new work, then the device type's methods, then the
-                # device's rate budget. The region
-                # comes from the same registry facts (cached by the authoriser).
-                if not revocation.healthy():
-                    raise FeedStale(revocation.stale_for())
-                info = await authoriser.check(device_id, method)
-                # One frame budget per device across gRPC and MQTT ([limits] frames_per_s,
-                # burst). Telemetry over MQTT is bounded by the ingest queue instead: only the
-                # latest state per device is kept, so a flood costs parsing, not memory.
-                if method == "Detect":
-                    servicer.take_token(device_id, method)
-                return info.region
-
-            def store(reading: TelemetryReading) -> None:
-                from gateway._grpc._servicer import TelemetryRecord
-
-                servicer.telemetry.put(
-                    TelemetryRecord(
-                        device_id=reading.device_id,
-                        received_at=reading.received_at,
-                        reported_at=reading.reported_at,
-                        battery_percent=reading.battery_percent,
-                        temperature_c=reading.temperature_c,
-                        firmware_version=reading.firmware_version,
-                        readings=reading.readings,
-                    )
-                )
-
             bridge = await stack.enter_async_context(
                 MqttBridge(
                     mqtt,
                     connection=connection,
-                    engine=runtime.engine,
-                    gateway_id=runtime.gateway_id,
-                    is_revoked=lambda device_id: runtime.revocation.is_revoked(device_id, ""),
-                    events=runtime.events,
-                    telemetry_sink=store,
-                    admit=admit,
-                    detection_hook=hook,
-                    end_sessions=_legacy_consumer_ids(runtime.gateway_id) if legacy else (),
-                    refusals=servicer.refusals,
-                    on_refused=servicer.count_refusal,
-                    escalations=servicer.escalations,
+                    door=runtime.door,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
-            if mqtt.managed:
-                pki.write_atomic(ended, b"")
+            stack.callback(runtime.metrics.add_counters("mqtt_", bridge.stats.counters))
             yield bridge
 
     return run

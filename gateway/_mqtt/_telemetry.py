@@ -8,7 +8,7 @@ them. Each worker validates, keeps only the latest record per device, and every
 ``flush_s`` sends the parent what changed (latest records, error reports, counts) over a pipe;
 the parent's event loop applies it with one read per flush, not one per message.
 
-The bounds are the gRPC ``ReportTelemetry`` ones (``gateway/_grpc/_servicer.py``): the same
+The bounds are the gRPC ``ReportTelemetry`` ones (``gateway/_door/_telemetry_store.py``): the same
 device gets the same answer whichever protocol it speaks. This module imports nothing heavy
 (no onnxruntime, no grpc) so a worker process starts quickly.
 """
@@ -35,6 +35,7 @@ import pki
 from gateway._mqtt._config import NODELAY
 from gateway._telemetry import FIRMWARE, READING_KEY, InvalidTelemetry, validate_telemetry
 from protos.edgeward.v1 import common_pb2
+from protos.edgeward.v1.wire import PROTOBUF_CONTENT_TYPE
 
 __all__ = [
     "PROTOBUF_CONTENT_TYPE",
@@ -46,7 +47,6 @@ __all__ = [
     "run_worker",
 ]
 
-PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
 #: Largest telemetry payload read at all; a larger one is refused unparsed.
 MAX_TELEMETRY_BYTES = 16 * 1024

@@ -26,7 +26,7 @@ import grpc
 
 import pki
 from gateway._config import GatewaySettings, load_gateway_settings
-from gateway._grpc import StaticDeviceDirectory
+from gateway._door import StaticDeviceDirectory
 from gateway._service import GatewayPlugin, GatewayService
 from protos.edgeward.v1 import gateway_pb2_grpc
 

@@ -32,6 +32,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import pki
+from gateway._door import FrontDoor
+from gateway._events import EventHub
 from gateway._inference import Box, Detection, InferenceResult, InvalidImage
 from gateway._mqtt import (
     NODELAY,
@@ -42,6 +44,7 @@ from gateway._mqtt import (
     MqttSettings,
     RevocationEnforcer,
 )
+from gateway._revocation import RevocationState
 
 __all__ = [
     "MODELS_DIR",
@@ -52,6 +55,7 @@ __all__ = [
     "collect",
     "device_client",
     "frame_props",
+    "front_door",
     "mint_odd_certificate",
     "mqtt_gateway",
     "mqtt_gateway_settings",
@@ -286,6 +290,20 @@ def cli_tls_args(identity: pki.IdentityFiles, port: int) -> list[str]:
     ]
 
 
+def front_door(
+    engine: Any,
+    *,
+    gateway_id: str = "gw-mqtt",
+    events: EventHub | None = None,
+    revocation: RevocationState | None = None,
+    **kwargs: Any,
+) -> FrontDoor:
+    """A front door on ``engine`` for a bridge under test: every device type admitted."""
+    return FrontDoor(
+        gateway_id=gateway_id, engine=engine, events=events, revocation=revocation, **kwargs
+    )
+
+
 class FakeEngine:
     """A stand-in for the inference engine at our own seam: 'cat' for any JPEG/PNG.
 
@@ -298,7 +316,7 @@ class FakeEngine:
         self.delay_s = delay_s
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
     ) -> tuple[InferenceResult, None]:
         if not image.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
             raise InvalidImage("not a JPEG or PNG image")

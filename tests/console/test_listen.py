@@ -41,7 +41,7 @@ async def test_console_enabled_false_serves_none(pki_dir: Path, tmp_path: Path, 
         issue=issue, tmp_path=tmp_path, overrides={"console_enabled": False}
     ) as gw:
         assert gw.service.console is None
-        assert gw.service.servicer.detection_hook is None  # nothing wrapped either
+        assert gw.service.door.detection_hook is None  # nothing wrapped either
 
 
 def test_the_console_listens_on_loopback_by_default(

@@ -29,12 +29,9 @@ from gateway._config import GatewaySettings, load_gateway_settings
 from gateway._core import load_core_settings
 from gateway._core._escalate import CoreEscalationSettings, EscalateService
 from gateway._escalation import (
-    EscalationOutcome,
     EscalationSettings,
     FaceRedactor,
-    PendingEscalation,
     RegionPolicy,
-    mark_detection_result,
     plugin,
 )
 from gateway._inference._image import decode_image
@@ -145,8 +142,8 @@ async def escalating_gateway(
         },
     ) as gw:
         # The plug-in started from the table and hooked itself to the device servicer.
-        assert gw.service.servicer is not None
-        assert gw.service.servicer.detection_hook is not None
+        assert gw.service.door is not None
+        assert gw.service.door.detection_hook is not None
         yield gw
 
 
@@ -212,14 +209,16 @@ async def test_empty_frame_and_unknown_label_escalate_through_a_running_gateway(
         (frame_det,) = result.detections
         assert frame_det.escalated
         assert frame_det.escalation_id.startswith("esc-")
-        # … rendered exactly as the escalation component documents it.
-        expected = mark_detection_result(
-            common_pb2.DetectionResult(),
-            EscalationOutcome(
-                pending=(PendingEscalation(None, frame_det.escalation_id, "empty_frame"),)
-            ),
+        # … rendered as the contract says: "unknown", score 0, the whole frame as its box,
+        # and why it was escalated.
+        assert frame_det == common_pb2.Detection(
+            label="unknown",
+            score=0.0,
+            box=common_pb2.Box(x_min=0.0, y_min=0.0, x_max=1.0, y_max=1.0),
+            escalated=True,
+            escalation_id=frame_det.escalation_id,
+            escalation_reason="empty_frame",
         )
-        assert list(result.detections) == list(expected.detections)
 
         # A dog: outside the region's edge set, so its detection is escalated (the rest of
         # the frame's detections are trusted labels and stand).

@@ -12,12 +12,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway._core._escalate import EscalateService
-from gateway._escalation import FaceRedactor, crop_with_margin, mark_detection_result
+from gateway._door import WHOLE_FRAME_LABEL, result_to_pb
+from gateway._escalation import FaceRedactor, crop_with_margin
 from gateway._events import ErrorEvent, EscalationAnswer, EventHub
 from gateway._inference import InferenceEngine
 from gateway._inference._image import decode_image
 from gateway._ports import free_port
-from protos.edgeward.v1 import common_pb2, core_pb2
+from protos.edgeward.v1 import core_pb2
 from tests.conftest import PHOTOS
 
 from .conftest import (
@@ -56,9 +57,10 @@ async def test_motorcycle_escalated_and_answered_on_subscribe(
         (pending,) = outcome.pending
         assert (pending.index, pending.reason) == (None, "empty_frame")
         # What the device gets at once: a pending whole-frame detection with the id.
-        marked = mark_detection_result(common_pb2.DetectionResult(frame_id="f1"), outcome)
+        marks = {p.index: p.escalation_id for p in outcome.pending}
+        marked = result_to_pb(result, frame_id="f1", gateway_id="gw-1", escalated=marks)
         (det,) = marked.detections
-        assert det.escalated
+        assert (det.label, det.score, det.escalated) == (WHOLE_FRAME_LABEL, 0.0, True)
         assert det.escalation_id == pending.escalation_id
         # What it gets later, on Subscribe.
         events = hub.subscribe("dev-1")

@@ -8,18 +8,17 @@ import pytest
 from pydantic import ValidationError
 
 from gateway._config import GatewaySettings
+from gateway._door import result_to_pb
 from gateway._escalation import (
     Budgets,
-    EscalationOutcome,
     EscalationSettings,
-    PendingEscalation,
     RegionPolicy,
-    mark_detection_result,
     select,
 )
+from gateway._events import EscalationId
+from gateway._inference import InferenceResult
 from gateway._inference._detection import Box, Detection
 from gateway.errors import ConfigError
-from protos.edgeward.v1 import common_pb2
 
 
 def det(label: str, score: float, box: Box | None = None) -> Detection:
@@ -220,23 +219,27 @@ def test_a_band_below_the_engine_threshold_is_refused_naming_both_keys(
 
 
 def test_the_reason_for_each_escalation_is_shown_on_its_detection() -> None:
-    result = common_pb2.DetectionResult(frame_id="f1")
-    result.detections.add(label="Person", score=0.6)
-    result.detections.add(label="Car", score=0.9)
-    outcome = EscalationOutcome(
-        pending=(
-            PendingEscalation(0, "esc-a", "uncertain"),
-            PendingEscalation(1, "esc-b", "outside_edge_set"),
-        )
+    def result(*detections: Detection) -> InferenceResult:
+        return InferenceResult(detections, "m", "1", 1.0, False, 64, 64)
+
+    marked = result_to_pb(
+        result(det("Person", 0.6), det("Car", 0.9)),
+        frame_id="f1",
+        gateway_id="gw",
+        escalated={
+            0: EscalationId("esc-a", "uncertain"),
+            1: EscalationId("esc-b", "outside_edge_set"),
+        },
     )
-    marked = mark_detection_result(result, outcome)
     assert [(d.escalation_id, d.escalation_reason) for d in marked.detections] == [
         ("esc-a", "uncertain"),
         ("esc-b", "outside_edge_set"),
     ]
-    empty = mark_detection_result(
-        common_pb2.DetectionResult(frame_id="f2"),
-        EscalationOutcome(pending=(PendingEscalation(None, "esc-c", "empty_frame"),)),
+    empty = result_to_pb(
+        result(),
+        frame_id="f2",
+        gateway_id="gw",
+        escalated={None: EscalationId("esc-c", "empty_frame")},
     )
     (whole,) = empty.detections
     assert (whole.label, whole.escalation_reason, whole.box.x_max) == (

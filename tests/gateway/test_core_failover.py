@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import pki
 from gateway._config import GatewaySettings, load_gateway_settings
 from gateway._core_endpoints import CoreEndpoints, parse_core_addresses
-from gateway._grpc._auth import CoreDeviceDirectory
+from gateway._door import CoreDeviceDirectory
 from gateway._ports import free_port
 from gateway._revocation import CoreRevocationFeed, RevocationEvent, RevocationState
 from gateway._settings import ConfigError

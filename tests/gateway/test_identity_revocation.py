@@ -182,7 +182,7 @@ async def test_revoked_mid_stream_is_cut_within_a_second(issue, tmp_path, photos
 async def test_registry_status_revoked_is_refused_even_before_the_feed(issue, tmp_path, photos):
     async with start_gateway(issue=issue, tmp_path=tmp_path, use_registry=False) as gw:
         gw.register("cam-marked", "pet_camera")
-        authoriser = gw.service.servicer._authoriser  # type: ignore[union-attr]
+        authoriser = gw.service.door._authoriser  # type: ignore[union-attr]
         authoriser._directory._revoked = frozenset({"cam-marked"})
         async with gw.channel(issue("device", "cam-marked")) as channel:
             err = await rpc_error(gw.stub(channel).Detect(chelsea(photos), timeout=5))

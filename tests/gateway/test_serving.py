@@ -96,8 +96,8 @@ async def test_report_telemetry_keeps_latest_state_and_validates(issue, tmp_path
             for telemetry in bad:
                 err = await rpc_error(stub.ReportTelemetry(telemetry, timeout=5))
                 assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, telemetry
-        assert gw.service.servicer is not None
-        latest = gw.service.servicer.telemetry.latest("vac-telemetry")
+        assert gw.service.door is not None
+        latest = gw.service.door.telemetry.latest("vac-telemetry")
         assert latest is not None
         assert latest.battery_percent == 81
         assert latest.readings == {"wifi_rssi": -61.0, "dust_bin_full": 0.0}
@@ -273,7 +273,9 @@ async def test_flood_from_one_device_is_rate_limited_while_another_is_served(
             errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
             assert len(errors) >= 5
             assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-            assert all(dict(e.trailing_metadata() or ()).get("retry-after-ms") for e in errors)
+            assert all(
+                dict(e.trailing_metadata() or ()).get("edgeward-retry-after-s") for e in errors
+            )
             calm = await gw.stub(calm_ch).Detect(image, timeout=10)
             assert calm.detections
         assert "rate_limited" in gw.metrics_text()

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-import grpc
 import pytest
 
 import gateway
 from gateway._config import AuthorisationSettings, GatewaySettings, load_gateway_settings
+from gateway._door import Authoriser, RateLimiter, StaticDeviceDirectory, telemetry_from_pb
 from gateway._events import Command, ErrorEvent, EventHub
-from gateway._grpc._auth import Authoriser, StaticDeviceDirectory
+from gateway._grpc import LiveCalls
 from gateway._grpc._identity import IdentityJudge
-from gateway._grpc._limits import LiveCalls, RateLimiter
-from gateway._grpc._servicer import _telemetry_from_pb
 from gateway._revocation import (
     RegistryRevocationPoller,
     RevocationEvent,
@@ -23,65 +21,15 @@ from gateway._revocation import (
 )
 from gateway._settings import ConfigError
 from gateway.errors import (
-    DeadlineExceeded,
     DeviceRevoked,
-    FeedStale,
-    InvalidImage,
     InvalidRequest,
-    Overloaded,
     PermissionDenied,
     RateLimited,
-    ShuttingDown,
     Unauthenticated,
-    grpc_status,
 )
 from protos.edgeward.v1 import common_pb2
 from tests.conftest import TRUST_DOMAIN
 from tests.gateway._helpers import wait_until
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "code"),
-    [
-        (InvalidImage("not a JPEG or PNG image"), grpc.StatusCode.INVALID_ARGUMENT),
-        (Overloaded(8), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
-        (ShuttingDown("bye"), grpc.StatusCode.UNAVAILABLE),
-        (FeedStale(99.0), grpc.StatusCode.UNAVAILABLE),
-        (Unauthenticated("no cert"), grpc.StatusCode.UNAUTHENTICATED),
-        (PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED),
-        (DeviceRevoked("cam-1", "ab"), grpc.StatusCode.PERMISSION_DENIED),
-        (RateLimited("cam-1", 0.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (InvalidRequest("bad"), grpc.StatusCode.INVALID_ARGUMENT),
-    ],
-)
-def test_each_domain_error_maps_to_its_status(exc, code):
-    status = grpc_status(exc)
-    assert status is not None
-    assert status.code is code
-
-
-def test_revoked_is_final_and_says_so():
-    status = grpc_status(DeviceRevoked("cam-1"))
-    assert status is not None
-    assert dict(status.trailing_metadata) == {"edgeward-final": "revoked"}
-    assert "revoked" in status.message
-    assert "re-enrol" in status.message
-    plain = grpc_status(PermissionDenied("no"))
-    assert plain is not None
-    assert plain.trailing_metadata == ()
-
-
-def test_unauthenticated_says_little_to_the_caller():
-    status = grpc_status(Unauthenticated("certificate outside its validity period"))
-    assert status is not None
-    assert status.message == "not authenticated"
-
-
-def test_unknown_errors_are_not_mapped():
-    assert grpc_status(RuntimeError("bug")) is None
 
 
 def test_public_surface_resolves():
@@ -370,7 +318,7 @@ async def test_authoriser_caches_with_ttl_and_refuses_by_type():
 
 def test_telemetry_bounds():
     now = dt.datetime.now(dt.UTC)
-    ok = _telemetry_from_pb(
+    ok = telemetry_from_pb(
         "cam-1",
         common_pb2.Telemetry(battery_percent=-1, readings={"wifi_rssi": -50}),
         max_readings=32,
@@ -384,4 +332,4 @@ def test_telemetry_bounds():
         common_pb2.Telemetry(readings={"x": float("inf")}),
     ):
         with pytest.raises(InvalidRequest):
-            _telemetry_from_pb("cam-1", bad, max_readings=32, now=now)
+            telemetry_from_pb("cam-1", bad, max_readings=32, now=now)

@@ -11,8 +11,16 @@ from paho.mqtt.properties import Properties
 
 from gateway._events import Command, EventHub
 from gateway._mqtt import MqttBridge
+from gateway._revocation import RevocationEvent, RevocationState
 from protos.edgeward.v1 import common_pb2
-from tests._support.mqtt import BrokerHarness, FakeEngine, collect, device_client, frame_props
+from tests._support.mqtt import (
+    BrokerHarness,
+    FakeEngine,
+    collect,
+    device_client,
+    frame_props,
+    front_door,
+)
 from tests.conftest import IssueFn
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
@@ -24,8 +32,7 @@ async def test_frame_to_detection_json_and_protobuf(harness: BrokerHarness, issu
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(device, harness.port) as client:
@@ -63,9 +70,7 @@ async def test_malformed_frame_and_telemetry_give_error_events_and_bridge_goes_o
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
-        events=hub,
+        door=front_door(engine, gateway_id="gw-mqtt", events=hub),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(device, harness.port) as client:
@@ -113,9 +118,7 @@ async def test_hub_events_are_forwarded(harness: BrokerHarness, issue: IssueFn) 
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=FakeEngine(),
-        gateway_id="gw-mqtt",
-        events=hub,
+        door=front_door(FakeEngine(), gateway_id="gw-mqtt", events=hub),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(device, harness.port) as client:
@@ -138,8 +141,7 @@ async def test_telemetry_in_bridge_and_in_worker_processes(
         async with MqttBridge(
             settings,
             connection=harness.bridge_connection(),
-            engine=FakeEngine(),
-            gateway_id="gw-mqtt",
+            door=front_door(FakeEngine(), gateway_id="gw-mqtt"),
         ) as bridge:
             await bridge.wait_ready(timeout_s=20)
             async with device_client(device, harness.port) as client:
@@ -160,7 +162,7 @@ async def test_telemetry_in_bridge_and_in_worker_processes(
                 while (r := bridge.latest_telemetry("vac-tel")) is None or r.battery_percent != 77:  # noqa: ASYNC110 - polling the bridge's state
                     await asyncio.sleep(0.02)
             assert r.firmware_version == "1.2.3"
-            assert r.protobuf
+            assert bridge.speaks_protobuf("vac-tel")  # its events go out as protobuf
             assert bridge.stats.telemetry_received >= 2
 
 
@@ -169,12 +171,15 @@ async def test_revoked_device_frames_are_dropped_by_the_bridge(
 ) -> None:
     device = issue("device", "cam-rev")
     engine = FakeEngine()
+    revocation = RevocationState(max_staleness_s=60)
+    revocation.mark_fresh()
+    await revocation.apply(
+        RevocationEvent(sequence=1, device_id="cam-rev", serial=None, reason="test")
+    )
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
-        is_revoked=lambda d: d == "cam-rev",
+        door=front_door(engine, gateway_id="gw-mqtt", revocation=revocation),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(device, harness.port) as client:
@@ -185,6 +190,7 @@ async def test_revoked_device_frames_are_dropped_by_the_bridge(
             got = await collect(client, count=1, timeout_s=1)
     assert got == []
     assert engine.calls == 0
+    assert bridge.stats.by_reason == {"revoked": 1}
 
 
 async def test_unauthorised_bridge_login_refused(harness: BrokerHarness) -> None:

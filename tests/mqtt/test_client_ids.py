@@ -17,12 +17,17 @@ from types import SimpleNamespace
 
 import aiomqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 import pki
 from gateway._mqtt import MqttBridge
-from tests._support.mqtt import BrokerHarness, FakeEngine, collect, device_client, frame_props
+from tests._support.mqtt import (
+    BrokerHarness,
+    FakeEngine,
+    collect,
+    device_client,
+    frame_props,
+    front_door,
+)
 from tests.conftest import IssueFn
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
@@ -99,7 +104,9 @@ async def test_device_posing_as_the_gateways_clients_disturbs_nothing(
     engine = FakeEngine()
     settings = harness.settings.model_copy(update={"telemetry_workers": 1})
     async with MqttBridge(
-        settings, connection=harness.bridge_connection(), engine=engine, gateway_id="gw-mqtt"
+        settings,
+        connection=harness.bridge_connection(),
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready(timeout_s=20)
         internal = _internal_ids(harness)
@@ -160,8 +167,7 @@ async def test_clean_start_under_a_consumer_id_keeps_the_bridges_session(
         return MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         )
 
     async with bridge() as first:
@@ -196,8 +202,7 @@ async def test_another_devices_client_id_is_replaced_by_the_cn(
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=FakeEngine(),
-        gateway_id="gw-mqtt",
+        door=front_door(FakeEngine(), gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
         async with device_client(b, harness.port, identifier="dev-bbb") as victim:
@@ -238,8 +243,7 @@ async def test_revoking_devices_named_like_the_gateways_users_leaves_mqtt_workin
     async with MqttBridge(
         harness.settings,
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
         for device_id, identity in lookalikes:
@@ -273,46 +277,3 @@ async def test_revoking_devices_named_like_the_gateways_users_leaves_mqtt_workin
                 await _drain(client)
     assert bridge.stats.reconnects == 0
     assert harness.control.connects == 1
-
-
-async def test_sessions_of_former_consumer_ids_are_ended_at_start(
-    harness: BrokerHarness, issue: IssueFn
-) -> None:
-    """An offline consumer session under a former id would take its share of the frames."""
-    cam = issue("device", "cam-share")
-    former = "edgeward-gw-mqtt-frames-0"
-    conn = harness.bridge_connection()
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 3600
-    old = aiomqtt.Client(
-        conn.host,
-        conn.port,
-        username=conn.username,
-        password=conn.password,
-        identifier=former,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=props,
-        tls_context=conn.ssl_context(),
-    )
-    async with old:
-        await old.subscribe(f"$share/{harness.settings.shared_group}/devices/+/frames", qos=1)
-    engine = FakeEngine()
-    async with (
-        MqttBridge(
-            harness.settings,
-            connection=conn,
-            engine=engine,
-            gateway_id="gw-mqtt",
-            end_sessions=[former],
-        ) as bridge,
-        device_client(cam, harness.port) as client,
-    ):
-        await bridge.wait_ready()
-        await client.subscribe("devices/cam-share/detections", qos=1)
-        for i in range(6):
-            await client.publish(
-                "devices/cam-share/frames", JPEG, qos=1, properties=frame_props(f"s{i}")
-            )
-        answers = await collect(client, count=6, timeout_s=5)
-    assert len(answers) == 6

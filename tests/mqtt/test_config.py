@@ -19,7 +19,8 @@ from gateway._mqtt import (
     internal_name,
     render_mosquitto_conf,
 )
-from gateway._mqtt._broker import CONTROL_CLIENT_ID
+from gateway._mqtt._mosquitto_conf import CONTROL_CLIENT_ID
+from tests._support.mqtt import front_door
 from tests.conftest import IssueFn
 
 
@@ -107,8 +108,7 @@ def test_internal_names_are_never_device_ids(issue: IssueFn, tmp_path: Path) -> 
     bridge = MqttBridge(
         MqttSettings(data_dir=tmp_path, telemetry_workers=2),
         connection=None,  # type: ignore[arg-type]  # only names are asked for
-        engine=None,  # type: ignore[arg-type]
-        gateway_id="gw-1",
+        door=front_door(None, gateway_id="gw-1"),
     )
     names = [creds.bridge_username, creds.control_username, CONTROL_CLIENT_ID]
     names += [bridge._client_id(kind, i) for kind in ("frames", "telemetry") for i in range(32)]

@@ -27,6 +27,7 @@ from tests._support.mqtt import (
     collect,
     device_client,
     frame_props,
+    front_door,
     mint_odd_certificate,
 )
 from tests.conftest import TRUST_DOMAIN, IssueFn, require_tool
@@ -126,8 +127,7 @@ async def test_non_device_certificates_are_refused_at_connect(
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         ) as bridge,
         device_client(device, harness.port) as real,
     ):

@@ -13,7 +13,14 @@ import pytest
 
 from gateway._inference import InferenceEngine
 from gateway._mqtt import MqttBridge
-from tests._support.mqtt import BrokerHarness, FakeEngine, cli_tls_args, device_client, frame_props
+from tests._support.mqtt import (
+    BrokerHarness,
+    FakeEngine,
+    cli_tls_args,
+    device_client,
+    frame_props,
+    front_door,
+)
 from tests.conftest import IssueFn, require_tool
 
 
@@ -29,7 +36,9 @@ class CountingEngine:
         self.calls = 0
         self.gate = gate
 
-    async def detect_with_frame(self, image: bytes, *, deadline: float | None = None):  # type: ignore[no-untyped-def]
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+    ):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -65,8 +74,7 @@ async def test_mosquitto_pub_jpeg_gets_cat_detection_with_mosquitto_sub(
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=CountingEngine(engine, gate),
-            gateway_id="gw-mqtt",
+            door=front_door(CountingEngine(engine, gate), gateway_id="gw-mqtt"),
         ) as bridge,
     ):
         await bridge.wait_ready()
@@ -106,8 +114,7 @@ async def test_broker_restart_mid_stream_loses_nothing_and_runs_no_frame_twice(
     async with MqttBridge(
         harness.settings.model_copy(update={"max_in_flight": 4}),
         connection=harness.bridge_connection(),
-        engine=engine,
-        gateway_id="gw-mqtt",
+        door=front_door(engine, gateway_id="gw-mqtt"),
     ) as bridge:
         await bridge.wait_ready()
 

@@ -20,6 +20,7 @@ from tests._support.mqtt import (
     collect,
     device_client,
     frame_props,
+    front_door,
     mint_odd_certificate,
 )
 from tests.conftest import IssueFn, require_tool
@@ -84,8 +85,7 @@ async def test_device_subscriptions_outside_its_subtree_get_nothing(
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         ) as bridge,
         device_client(a, harness.port) as spy,
         device_client(b, harness.port) as victim,
@@ -120,8 +120,7 @@ async def test_odd_common_names_get_nothing(
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         ) as bridge,
         device_client(a, harness.port) as victim,
     ):
@@ -223,7 +222,9 @@ async def test_oversized_payload_refused_before_the_model(
     async with (
         h.run(),
         MqttBridge(
-            h.settings, connection=h.bridge_connection(), engine=engine, gateway_id="gw-small"
+            h.settings,
+            connection=h.bridge_connection(),
+            door=front_door(engine, gateway_id="gw-small"),
         ) as bridge,
     ):
         await bridge.wait_ready()

@@ -178,7 +178,7 @@ async def test_a_device_type_without_detect_gets_an_error_event_and_no_inference
         assert "doorbell" in error["message"]
         assert _model_runs(gw) == 0  # refused before the engine saw it
         # A doorbell may report telemetry: it is kept (the gateway's store, shared with gRPC).
-        store = gw.service.servicer.telemetry
+        store = gw.service.door.telemetry
         assert store.latest("bell-one") is not None
         assert store.latest("bell-one").battery_percent == 80
         # A camera of this policy may detect, but not report telemetry.
@@ -209,7 +209,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
     the core's answer arrives on ``devices/<id>/events`` under the same id."""
     require_tool("mosquitto")
     from gateway._core._escalate import CoreEscalationSettings, EscalateService
-    from gateway._grpc import WHOLE_FRAME_LABEL
+    from gateway._door import WHOLE_FRAME_LABEL
     from tests._support.core import running_core
 
     pki_dir = standalone_pki(tmp_path)
@@ -237,8 +237,8 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
             "regions": {"home": home},
         }
         async with mqtt_gateway(tmp_path, core=core, escalation=escalation) as gw:
-            # Both plug-ins came from the tables; escalation hooked the servicer after MQTT.
-            assert gw.service.servicer.detection_hook is not None
+            # Both plug-ins came from the tables; escalation hooked the front door after MQTT.
+            assert gw.service.door.detection_hook is not None
             moto = gw.device("moto-cam", region="home")
             async with device_client(moto, gw.port) as client:
                 await client.subscribe("devices/moto-cam/detections", qos=1)
@@ -250,6 +250,9 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
                     properties=frame_props("m-1"),
                 )
                 got = await collect(client, count=2, timeout_s=60)
+            # The escalator's counts are Prometheus series.
+            text = gw.service.metrics.render().decode()
+            assert 'edgeward_gateway_escalations_total{outcome="queued"} 1.0' in text, text
     by_topic = {m.topic.value: json.loads(bytes(m.payload)) for m in got}  # type: ignore[arg-type]
     assert set(by_topic) == {"devices/moto-cam/detections", "devices/moto-cam/events"}, got
     result = by_topic["devices/moto-cam/detections"]
@@ -465,3 +468,8 @@ async def test_one_frame_budget_per_device_over_mqtt_while_others_are_served(
             )
             got = await collect(client, count=1, timeout_s=20)
         assert json.loads(bytes(got[0].payload))["frameId"] == "calm-1"  # type: ignore[arg-type]
+        # The bridge's counters are Prometheus series, equal to its own.
+        sample = gw.service.metrics.registry.get_sample_value
+        assert sample("edgeward_gateway_mqtt_frames_received_total") == 7
+        assert sample("edgeward_gateway_mqtt_frames_rejected_total") == 4
+        assert sample("edgeward_gateway_mqtt_refused_total", {"reason": "rate_limited"}) == 4

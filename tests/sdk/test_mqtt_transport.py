@@ -19,7 +19,7 @@ from device_sdk import (
 from gateway._inference import InferenceEngine
 from gateway._mqtt import MqttBridge
 from tests._support.gateway import start_gateway
-from tests._support.mqtt import BrokerHarness
+from tests._support.mqtt import BrokerHarness, front_door
 from tests.conftest import IssueFn, require_tool
 from tests.sdk.conftest import give_directory
 
@@ -41,8 +41,7 @@ async def test_frames_and_telemetry_over_mqtt(
         MqttBridge(
             harness.settings,
             connection=harness.bridge_connection(),
-            engine=engine,
-            gateway_id="gw-mqtt",
+            door=front_door(engine, gateway_id="gw-mqtt"),
         ) as bridge,
     ):
         await bridge.wait_ready()

@@ -164,9 +164,29 @@ class Authoriser:
             self._cache.popitem(last=False)
         return info
 
+    def cached_info(self, device_id: str) -> DeviceInfo | None:
+        """The device's facts when they are cached and fresh (no look-up), else ``None``."""
+        cached = self._cache.get(device_id)
+        if cached is None or self._clock() - cached[0] > self._settings.device_info_ttl_s:
+            return None
+        return cached[1]
+
+    def check_cached(
+        self, device_id: str, method: str, *, serial: str | None = None
+    ) -> DeviceInfo | None:
+        """:meth:`check` without waiting: ``None`` when the facts must be looked up first."""
+        info = self.cached_info(device_id)
+        if info is None:
+            return None
+        return self._judge(info, device_id, method, serial)
+
     async def check(self, device_id: str, method: str, *, serial: str | None = None) -> DeviceInfo:
         """Raise unless ``device_id`` may call ``method`` (a ``DeviceGateway`` method name)."""
-        info = await self.device_info(device_id)
+        return self._judge(await self.device_info(device_id), device_id, method, serial)
+
+    def _judge(
+        self, info: DeviceInfo, device_id: str, method: str, serial: str | None
+    ) -> DeviceInfo:
         if info.status == "revoked":
             raise DeviceRevoked(device_id, serial)
         if method not in self._settings.allowed(info.device_type):

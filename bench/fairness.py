@@ -1,0 +1,316 @@
+"""One device's flood against another device's latency, over MQTT and over gRPC.
+
+A real gateway (mutual-TLS gRPC, the managed Mosquitto and its bridge, the real edge model)
+runs in this process with the default per-device budget. A *victim* device sends one frame
+every 250 ms and times each answer; a *flooder* device, in another process, sends 10,000
+frames as fast as it can (``mosquitto_pub --repeat`` over MQTT; 64 concurrent ``Detect`` calls
+over gRPC). Each transport is measured twice in the same run: the victim alone (baseline),
+then the victim during the flood. Prints the figures, then one JSON line::
+
+    mqtt_baseline_p99_ms, mqtt_victim_p99_ms, mqtt_p99_ratio,
+    grpc_baseline_p99_ms, grpc_victim_p99_ms, grpc_p99_ratio,
+    victim_lost, flood_refused, log_lines_per_1k_refused
+
+Target: both ratios ≤ 2.0, ``victim_lost`` 0, fewer than 10 log lines per 1,000 refusals.
+
+    PYTHONPATH=. .venv/bin/python bench/fairness.py --quick     # 3,000 frames, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import structlog  # noqa: E402
+
+import pki  # noqa: E402
+from protos.edgeward.v1 import common_pb2, gateway_pb2_grpc  # noqa: E402
+from tests._support.mqtt import (  # noqa: E402
+    cli_tls_args,
+    device_client,
+    frame_props,
+    mqtt_gateway,
+)
+
+PHOTO = ROOT / "tests" / "data" / "photos" / "chelsea.jpg"
+INTERVAL_S = 0.25
+ANSWER_TIMEOUT_S = 15.0
+
+
+def p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+# -- the flooder (another process) -----------------------------------------------------------
+
+
+def grpc_flood_main(address: str, identity_dir: str, n: int) -> None:
+    """``n`` Detect calls, 64 at a time; prints the count per status code as JSON."""
+
+    async def run() -> dict[str, int]:
+        identity = pki.IdentityFiles(Path(identity_dir))
+        creds = pki.grpc_channel_credentials(
+            ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
+        )
+        image = PHOTO.read_bytes()
+        codes: dict[str, int] = {}
+        window = asyncio.Semaphore(64)
+        async with grpc.aio.secure_channel(address, creds) as channel:
+            stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
+
+            async def one(i: int) -> None:
+                async with window:
+                    try:
+                        await stub.Detect(common_pb2.Frame(image=image, frame_id=f"f-{i}"))
+                        code = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code().name
+                    codes[code] = codes.get(code, 0) + 1
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+        return codes
+
+    print(json.dumps(asyncio.run(run())))
+
+
+async def start_flood_grpc(
+    address: str, identity: pki.IdentityFiles, n: int
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--grpc-flood",
+        address,
+        str(identity.directory),
+        str(n),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def start_flood_mqtt(
+    port: int, identity: pki.IdentityFiles, n: int
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        shutil.which("mosquitto_pub") or "mosquitto_pub",
+        *cli_tls_args(identity, port),
+        "-t",
+        f"devices/{identity.directory.name.removeprefix('device-')}/frames",
+        "-f",
+        str(PHOTO),
+        "-q",
+        "1",
+        "--repeat",
+        str(n),
+        "--nodelay",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+# -- the victim (this process) ---------------------------------------------------------------
+
+
+async def victim_mqtt(
+    port: int, identity: pki.IdentityFiles, device_id: str, *, until: asyncio.Event, min_n: int
+) -> tuple[list[float], int]:
+    """Frames every 250 ms until ``until`` is set (at least ``min_n``): latencies, lost."""
+    run_id = time.monotonic_ns()
+    image = PHOTO.read_bytes()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    async with device_client(identity, port) as client:
+        await client.subscribe(f"devices/{device_id}/detections", qos=1)
+
+        async def receive() -> None:
+            async for message in client.messages:
+                corr = bytes(getattr(message.properties, "CorrelationData", b"") or b"").decode()
+                started = sent.pop(corr, None)
+                if started is not None:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+        receiver = asyncio.create_task(receive())
+        i = 0
+        while i < min_n or not until.is_set():
+            frame_id = f"v-{run_id}-{i}"
+            sent[frame_id] = time.perf_counter()
+            await client.publish(
+                f"devices/{device_id}/frames", image, qos=1, properties=frame_props(frame_id)
+            )
+            i += 1
+            await asyncio.sleep(INTERVAL_S)
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        while sent and time.monotonic() < deadline:  # noqa: ASYNC110 - the receiver empties it
+            await asyncio.sleep(0.05)
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+    return latencies, len(sent)
+
+
+async def victim_grpc(
+    address: str, identity: pki.IdentityFiles, *, until: asyncio.Event, min_n: int
+) -> tuple[list[float], int]:
+    image = PHOTO.read_bytes()
+    creds = pki.grpc_channel_credentials(
+        ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
+    )
+    latencies: list[float] = []
+    lost = 0
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
+        calls: list[asyncio.Task[None]] = []
+
+        async def one(i: int) -> None:
+            nonlocal lost
+            started = time.perf_counter()
+            try:
+                await stub.Detect(
+                    common_pb2.Frame(image=image, frame_id=f"v-{i}"), timeout=ANSWER_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError:
+                lost += 1
+                return
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        i = 0
+        while i < min_n or not until.is_set():
+            calls.append(asyncio.create_task(one(i)))
+            i += 1
+            await asyncio.sleep(INTERVAL_S)
+        await asyncio.gather(*calls)
+    return latencies, lost
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+async def run(flood_n: int, baseline_n: int, transports: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        structlog.testing.capture_logs() as logs,
+    ):
+        async with mqtt_gateway(Path(tmp), limits={"frames_per_s": 10.0, "burst": 10}) as gw:
+            service = gw.service
+
+            def rate_limited() -> int:
+                value = service.metrics.registry.get_sample_value(
+                    "edgeward_gateway_denials_total", {"reason": "rate_limited"}
+                )
+                return int(value or 0)
+
+            address = f"127.0.0.1:{service.grpc_port}"
+            victim = gw.device("cam-victim", device_type="pet_camera")
+            flooder = gw.device("cam-flood", device_type="pet_camera")
+            # Warm-up: the model's first runs and the registry facts of both devices.
+            done = asyncio.Event()
+            done.set()
+            await victim_mqtt(gw.port, victim, "cam-victim", until=done, min_n=4)
+            await victim_grpc(address, victim, until=done, min_n=4)
+
+            lost = 0
+            refused = 0
+            for transport in transports:
+                done = asyncio.Event()
+                done.set()
+                if transport == "mqtt":
+                    base, base_lost = await victim_mqtt(
+                        gw.port, victim, "cam-victim", until=done, min_n=baseline_n
+                    )
+                else:
+                    base, base_lost = await victim_grpc(
+                        address, victim, until=done, min_n=baseline_n
+                    )
+                flood_done = asyncio.Event()
+                started = time.perf_counter()
+                if transport == "mqtt":
+                    before = rate_limited()
+                    proc = await start_flood_mqtt(gw.port, flooder, flood_n)
+                    victim_task = asyncio.create_task(
+                        victim_mqtt(
+                            gw.port, victim, "cam-victim", until=flood_done, min_n=baseline_n
+                        )
+                    )
+                    await proc.wait()
+                    # The flood is sent; it is over once the bridge has judged every frame.
+                    seen = -1
+                    while (now := rate_limited()) != seen:
+                        seen = now
+                        await asyncio.sleep(0.5)
+                    flood_refused = rate_limited() - before
+                else:
+                    proc = await start_flood_grpc(address, flooder, flood_n)
+                    victim_task = asyncio.create_task(
+                        victim_grpc(address, victim, until=flood_done, min_n=baseline_n)
+                    )
+                    stdout, _ = await proc.communicate()
+                    codes = json.loads(stdout.decode().strip().splitlines()[-1])
+                    flood_refused = flood_n - codes.get("OK", 0)
+                flood_s = time.perf_counter() - started
+                flood_done.set()
+                under, under_lost = await victim_task
+                lost += base_lost + under_lost
+                refused += flood_refused
+                b99, v99 = p99(base), p99(under)
+                out[f"{transport}_baseline_p99_ms"] = round(b99, 1)
+                out[f"{transport}_victim_p99_ms"] = round(v99, 1)
+                out[f"{transport}_p99_ratio"] = round(v99 / b99, 2)
+                print(
+                    f"{transport}: baseline p50 {statistics.median(base):.1f} ms "
+                    f"p99 {b99:.1f} ms ({len(base)} frames); under a {flood_n}-frame flood "
+                    f"({flood_s:.1f} s, {flood_refused} refused) p50 "
+                    f"{statistics.median(under):.1f} ms p99 {v99:.1f} ms max "
+                    f"{max(under):.1f} ms ({len(under)} frames, {under_lost} lost)",
+                    flush=True,
+                )
+            service.door.refusals.flush()
+    # Lines about the flooder other than its answered frames' own lines.
+    lines = [
+        e
+        for e in logs
+        if e.get("device_id") == "cam-flood"
+        and (e["event"] not in ("mqtt frame", "rpc") or e.get("code", "OK") != "OK")
+    ]
+    out["victim_lost"] = lost
+    out["flood_refused"] = refused
+    out["log_lines_per_1k_refused"] = round(1000 * len(lines) / max(refused, 1), 2)
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--grpc-flood":
+        grpc_flood_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3,000 frames, under a minute")
+    parser.add_argument("--frames", type=int, default=None, help="flood size (default 10,000)")
+    parser.add_argument(
+        "--transport", choices=("mqtt", "grpc"), action="append", help="only these (repeatable)"
+    )
+    args = parser.parse_args()
+    flood_n = args.frames or (3000 if args.quick else 10_000)
+    baseline_n = 16 if args.quick else 40
+    result = asyncio.run(run(flood_n, baseline_n, tuple(args.transport or ("mqtt", "grpc"))))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The gateway's one front door: what happens to a device's message, whichever transport carried it.
+
+Both transports (the gRPC servicer and the MQTT bridge) identify the sender their own way
+(the TLS peer certificate; the broker-enforced topic of the certificate's CN) and hand
+everything else to :class:`FrontDoor`::
+
+    admission   revocation feed fresh ─→ identity ─→ authorisation by device type ─→ budget
+                (FeedStale)              (transport)  (PermissionDenied, DeviceRevoked)
+                                                                    (RateLimited: refused
+                                                                     before any work queues)
+    pipeline    fair turn (round robin per device) ─→ engine ─→ escalation hook (marks,
+                remembered for cached repeats) ─→ DetectionResult
+    telemetry   validated report ─→ the one store (latest per device)
+    refusals    one status mapping ─→ Prometheus count ─→ bounded audit line
+                (─→ bounded error event on ``devices/<id>/events`` for MQTT)
+
+:meth:`FrontDoor.admit_now` is the cheap, synchronous admission a transport calls on receipt
+(no await: the registry facts are the authoriser's cache); it returns ``None`` only when the
+device's facts must be fetched, and :meth:`FrontDoor.admit` does the same steps with the
+look-up. A refused message costs a dictionary look-up and a token-bucket check: no decoding,
+no inference, and (through :class:`~gateway._refusals.RefusalLog`) no log line of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+import pki
+from gateway._config import LimitsSettings
+from gateway._door._authorise import Authoriser, DeviceInfo
+from gateway._door._budget import RateLimiter
+from gateway._door._fair import FairQueue
+from gateway._door._marks import DetectionHook, EscalationMemory, Frame
+from gateway._door._render import result_to_pb
+from gateway._door._telemetry_store import TelemetryRecord, TelemetryStore
+from gateway._events import ErrorEvent, EventHub
+from gateway._inference import InferenceResult
+from gateway._metrics import GatewayMetrics
+from gateway._refusals import RefusalLog
+from gateway._revocation import RevocationEvent, RevocationState
+from gateway._status import Status, status_of
+from gateway.errors import DeadlineExceeded, DeviceRevoked, FeedStale, Unauthenticated
+from protos.edgeward.v1 import common_pb2
+
+__all__ = [
+    "Admitted",
+    "Detector",
+    "FrontDoor",
+    "Identity",
+    "TopicIdentity",
+]
+
+_log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Refusals of who is asking or how much, counted in ``denials_total``.
+_DENIAL_CODES = frozenset(
+    {"PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+)
+
+#: Methods charged to the device's budget: one frame budget, one report budget.
+_BUDGETED = frozenset({"Detect", "StreamDetect", "ReportTelemetry"})
+
+
+class Detector(Protocol):
+    """What the front door needs of the inference engine."""
+
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+    ) -> tuple[InferenceResult, Frame | None]: ...
+
+
+class Identity(Protocol):
+    """Who sent a message, as the transport judged it (the ``identify`` callables of
+    :meth:`FrontDoor.admit` judge when called, and raise the refusal)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def serial(self) -> str | None: ...
+
+    def recheck(self) -> None:
+        """Raise if the identity is no longer good (revoked or expired meanwhile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicIdentity:
+    """An MQTT sender: the device id of its topic, which the broker's ACL ties to its CN.
+
+    Re-validated here: a certificate of the CA with an odd CN must not become a device, and a
+    message queued at the broker before a revocation's kick must not be served.
+    """
+
+    device_id: str
+    revocation: RevocationState | None = None
+    serial: str | None = None
+
+    @classmethod
+    def judge(cls, device_id: str, revocation: RevocationState | None) -> TopicIdentity:
+        """The sender of a message on ``devices/<device_id>/…``, or the refusal."""
+        identity = cls(device_id, revocation)
+        identity.recheck()
+        return identity
+
+    def recheck(self) -> None:
+        if pki.ID_PATTERN.fullmatch(self.device_id) is None:
+            raise Unauthenticated(f"topic id {self.device_id!r} is not a device id")
+        if self.revocation is not None and self.revocation.is_revoked(self.device_id, ""):
+            raise DeviceRevoked(self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A message the front door let in: who, on which method, from which region."""
+
+    device_id: str
+    serial: str | None
+    method: str
+    region: str | None
+
+
+class FrontDoor:
+    """Admission, the frame pipeline, the telemetry store and refusals for every transport.
+
+    ``authoriser`` ``None`` admits every device type (no registry, tests); ``revocation``
+    ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once and
+    at most ``max_waiting`` wait for a turn (:class:`~gateway._door._fair.FairQueue`).
+    ``detection_hook`` is installed by the escalation plug-in and read per frame.
+    """
+
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        engine: Detector,
+        limits: LimitsSettings | None = None,
+        revocation: RevocationState | None = None,
+        authoriser: Authoriser | None = None,
+        events: EventHub | None = None,
+        metrics: GatewayMetrics | None = None,
+        refusals: RefusalLog | None = None,
+        slots: int = 16,
+        max_waiting: int = 64,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        limits = limits if limits is not None else LimitsSettings()
+        self.gateway_id = gateway_id
+        self.limits = limits
+        self.engine = engine
+        self.revocation = revocation
+        self._authoriser = authoriser
+        self.events = events if events is not None else EventHub()
+        self._metrics = metrics
+        self.clock = clock
+        self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
+        self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
+        self.fair = FairQueue(slots=slots, max_waiting=max_waiting)
+        #: Installed by the escalation plug-in; read per frame.
+        self.detection_hook: DetectionHook | None = None
+        #: Escalation marks of answers, given again with cached repeats.
+        self.escalations = EscalationMemory()
+        #: The latest telemetry per device, from either transport.
+        self.telemetry = TelemetryStore()
+        #: Audit of refused calls and messages, bounded per device.
+        self.refusals = refusals or RefusalLog(
+            interval_s=limits.refusal_log_interval_s,
+            events_per_interval=limits.refusal_events_per_interval,
+        )
+        self.refusals.on_suppressed = self._on_suppressed_events
+        if revocation is not None:
+            revocation.add_listener(self._on_revocation)
+
+    def close(self) -> None:
+        """Log the last interval's refusal counts and stop listening for revocations."""
+        if self.revocation is not None:
+            self.revocation.remove_listener(self._on_revocation)
+        self.refusals.close()
+
+    def _on_revocation(self, event: RevocationEvent) -> None:
+        if self._metrics is not None:
+            self._metrics.revocation_events.inc()
+        if self._authoriser is not None:
+            self._authoriser.forget(event.device_id)
+
+    # -- admission --------------------------------------------------------------------------
+
+    def check_feed(self) -> None:
+        """Step 1: a gateway that may have missed a revocation takes no new work."""
+        if self.revocation is not None and not self.revocation.healthy():
+            raise FeedStale(self.revocation.stale_for())
+
+    def admit_now(
+        self, method: str, identify: Callable[[], Identity], *, charge: bool = True
+    ) -> Admitted | None:
+        """Admit at once, or ``None`` when the device's registry facts must be fetched.
+
+        Raises the refusal (a :class:`~gateway.errors.GatewayError`). ``charge`` ``False``
+        skips the budget (MQTT telemetry: only the latest report is kept, so a flood costs
+        parsing, not memory).
+        """
+        self.check_feed()
+        identity = identify()
+        info: DeviceInfo | None = None
+        if self._authoriser is not None:
+            info = self._authoriser.check_cached(identity.device_id, method, serial=identity.serial)
+            if info is None:
+                return None
+        return self._charge(method, identity, info, charge=charge)
+
+    async def admit(
+        self, method: str, identify: Callable[[], Identity], *, charge: bool = True
+    ) -> Admitted:
+        """The steps of :meth:`admit_now`, fetching registry facts when they are not cached."""
+        self.check_feed()
+        identity = identify()
+        info: DeviceInfo | None = None
+        if self._authoriser is not None:
+            info = await self._authoriser.check(identity.device_id, method, serial=identity.serial)
+            # A revocation applied while the registry was asked found nothing of this call
+            # to cut: judge again now (no await between here and the caller's registration).
+            identity.recheck()
+        return self._charge(method, identity, info, charge=charge)
+
+    def _charge(
+        self, method: str, identity: Identity, info: DeviceInfo | None, *, charge: bool
+    ) -> Admitted:
+        # A stream is paced per frame (``pace``), not charged for opening.
+        if charge and method in _BUDGETED and method != "StreamDetect":
+            (self._reports if method == "ReportTelemetry" else self._frames).take(
+                identity.device_id
+            )
+        return Admitted(
+            identity.device_id, identity.serial, method, info.region if info is not None else None
+        )
+
+    async def pace(self, device_id: str) -> None:
+        """Take a frame token for a stream's next frame, waiting for one (gRPC flow control)."""
+        await self._frames.wait_take(device_id)
+
+    # -- pipeline ---------------------------------------------------------------------------
+
+    async def detect(
+        self,
+        admitted: Admitted,
+        *,
+        frame_id: str,
+        image: bytes,
+        deadline: float | None,
+        guard: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+    ) -> tuple[common_pb2.DetectionResult, InferenceResult]:
+        """One admitted frame through its fair turn, the engine and the escalation hook."""
+        device_id = admitted.device_id
+
+        async def run() -> tuple[InferenceResult, Frame | None]:
+            # Waiting for a turn counts against the frame's deadline, as the engine's queue does.
+            wait = None if deadline is None else deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(wait):
+                    await self.fair.acquire(device_id)
+            except TimeoutError:
+                raise DeadlineExceeded("deadline passed while waiting for a turn") from None
+            try:
+                return await self.engine.detect_with_frame(image, deadline=deadline, key=device_id)
+            finally:
+                self.fair.release()
+
+        if guard is not None:
+            result, decoded = await guard(run())
+        else:
+            result, decoded = await run()
+        marks = await self.escalations.marks(
+            self.detection_hook,
+            device_id=device_id,
+            region=admitted.region,
+            frame_id=frame_id,
+            result=result,
+            frame=decoded,
+        )
+        msg = result_to_pb(result, frame_id=frame_id, gateway_id=self.gateway_id, escalated=marks)
+        return msg, result
+
+    # -- telemetry --------------------------------------------------------------------------
+
+    def keep(self, record: TelemetryRecord) -> None:
+        """Store an admitted device's validated report (the one telemetry store)."""
+        self.telemetry.put(record)
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def refused(
+        self,
+        exc: BaseException,
+        *,
+        device_id: str | None,
+        transport: str,
+        method: str,
+        frame_id: str = "",
+        notify: bool = False,
+        **fields: Any,
+    ) -> Status:
+        """Count and audit one refused call or message; tell the device when ``notify``.
+
+        The status comes from the one mapping (:func:`gateway._status.status_of`); an
+        unexpected error is an internal error, logged with its traceback. ``notify`` sends a
+        bounded error event on the device's events (MQTT, which has no status to return);
+        never to a revoked device.
+        """
+        status = status_of(exc)
+        if status.reason == "internal":
+            _log.error("unexpected error", method=method, exc_info=exc)
+            return status
+        self.count(status)
+        if status.reason != "idle":
+            if isinstance(exc, Unauthenticated):
+                fields["detail"] = exc.reason  # for the audit only, never for the caller
+            self.refusals.refused(
+                device_id,
+                status.reason,
+                transport=transport,
+                method=method,
+                code=status.code,
+                **fields,
+            )
+        if notify and device_id is not None and status.reason != "revoked":
+            self.tell(device_id, status, frame_id)
+        return status
+
+    def count(self, status: Status) -> None:
+        """Count one refusal in ``denials_total`` when it is a denial (who, or how much)."""
+        if self._metrics is not None and status.code in _DENIAL_CODES:
+            self._metrics.denials.labels(reason=status.reason).inc()
+
+    def tell(self, device_id: str, status: Status, frame_id: str = "") -> None:
+        """An error event about a refused message, within the device's events per interval."""
+        if pki.ID_PATTERN.fullmatch(device_id) is None:
+            return
+        held = self.refusals.allow_event(device_id, status.code)
+        if held is None:
+            return  # counted; reported in one event when the interval ends
+        message = status.message
+        if held:
+            message = f"{message} ({held} earlier refused messages not reported)"
+        self.events.publish(
+            device_id, ErrorEvent(code=status.code, message=message, frame_id=frame_id)
+        )
+
+    def _on_suppressed_events(self, device_id: str, count: int, code: str) -> None:
+        if pki.ID_PATTERN.fullmatch(device_id) is None:
+            return
+        interval = self.refusals.interval_s
+        self.events.publish(
+            device_id,
+            ErrorEvent(
+                code=code,
+                message=f"{count} more refused messages not reported in the last "
+                f"{interval:g} s (at most {self.refusals.events_per_interval} errors are "
+                "reported per interval)",
+            ),
+        )

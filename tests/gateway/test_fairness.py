@@ -1,0 +1,287 @@
+"""No device can hold up another: refusals before queueing, turns in round robin per device.
+
+The order in which frames reach the model is checked, not times: a recording seam in front of
+the real engine (the front door's ``Detector``) notes whose frame each run was, and holds the
+flooder's first frame until the victim's frame is waiting, so the scenario is the same on any
+machine. The flooder's excess is refused on receipt (no inference), counted exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+import pki
+from gateway._door import FairQueue
+from gateway._inference import InferenceResult, Overloaded
+from gateway._inference._batcher import MicroBatcher
+from protos.edgeward.v1 import common_pb2, gateway_pb2_grpc
+from tests._support.mqtt import MODELS_DIR, collect, device_client, frame_props, mqtt_gateway
+from tests.conftest import PHOTOS, require_tool
+
+BURST = 8  # the flooder's budget: this many frames, then (almost) nothing
+FLOOD = 120  # frames the flooder sends
+
+
+async def _until(predicate: Callable[[], bool], *, timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - polling the gateway's own state
+            await asyncio.sleep(0.005)
+
+
+# -- units -----------------------------------------------------------------------------------
+
+
+async def test_fair_queue_serves_a_waiting_device_before_a_floods_backlog() -> None:
+    fair = FairQueue(slots=1, max_waiting=100)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def frame(device_id: str, hold: bool = False) -> None:
+        async with fair.turn(device_id):
+            order.append(device_id)
+            if hold:
+                await release.wait()
+
+    first = asyncio.create_task(frame("flood", hold=True))
+    await _until(lambda: fair.busy == 1)
+    flood = [asyncio.create_task(frame("flood")) for _ in range(10)]
+    await _until(lambda: fair.waiting("flood") == 10)
+    victims = [asyncio.create_task(frame("victim")) for _ in range(2)]
+    await _until(lambda: fair.waiting("victim") == 2)
+    release.set()
+    await asyncio.gather(first, *flood, *victims)
+    # Turns alternate while both wait: the victim's frames are 3rd and 5th, not 12th and 13th.
+    assert order[:6] == ["flood", "flood", "victim", "flood", "victim", "flood"]
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
+async def test_fair_queue_is_bounded_and_forgets_cancelled_waiters() -> None:
+    fair = FairQueue(slots=1, max_waiting=2)
+    hold = asyncio.Event()
+
+    async def frame(device_id: str) -> None:
+        async with fair.turn(device_id):
+            await hold.wait()
+
+    running = asyncio.create_task(frame("a"))
+    await _until(lambda: fair.busy == 1)
+    waiting = [asyncio.create_task(frame("a")), asyncio.create_task(frame("b"))]
+    await _until(lambda: fair.waiting() == 2)
+    with pytest.raises(Overloaded):
+        async with fair.turn("c"):
+            pass
+    waiting[0].cancel()
+    await _until(lambda: fair.waiting() == 1)
+    assert fair.waiting("a") == 0
+    hold.set()
+    await asyncio.gather(running, waiting[1])
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
+async def test_micro_batches_take_devices_in_turn() -> None:
+    batches: list[list[str]] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def run(items: Any) -> list[str]:
+        # The first batch waits (in the batcher's thread) until everything is queued.
+        if not batches:
+            running.set()
+            gate.wait(timeout=30)
+        batches.append(list(items))
+        return list(items)
+
+    async with MicroBatcher(run, max_batch=4, max_wait_ms=0, queue_size=64) as batcher:
+        first = asyncio.create_task(batcher.submit("f0", key="flood"))
+        await _until(running.is_set)
+        flood = [asyncio.create_task(batcher.submit(f"f{i}", key="flood")) for i in range(1, 9)]
+        victim = asyncio.create_task(batcher.submit("v0", key="victim"))
+        await _until(lambda: batcher.queue_depth() == 9)
+        gate.set()
+        await asyncio.gather(first, victim, *flood)
+    assert batches[0] == ["f0"]
+    # The victim's one frame is in the next batch, not after the flood's eight.
+    assert "v0" in batches[1]
+    assert sorted(x for b in batches for x in b) == sorted(
+        ["f0", "v0"] + [f"f{i}" for i in range(1, 9)]
+    )
+
+
+async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
+    from gateway._door import Admitted, FrontDoor
+    from gateway.errors import DeadlineExceeded
+    from tests._support.mqtt import FakeEngine
+
+    class Held(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def detect_with_frame(
+            self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        ) -> tuple[InferenceResult, None]:
+            await self.release.wait()
+            return await super().detect_with_frame(image, deadline=deadline, key=key)
+
+    engine = Held()
+    door = FrontDoor(gateway_id="gw-1", engine=engine, slots=1, max_waiting=8)
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 16
+    first = asyncio.create_task(
+        door.detect(
+            Admitted("cam-a", None, "Detect", None), frame_id="a", image=jpeg, deadline=None
+        )
+    )
+    await _until(lambda: door.fair.busy == 1)
+    loop_deadline = time.monotonic() + 0.05
+    with pytest.raises(DeadlineExceeded):
+        await door.detect(
+            Admitted("cam-b", None, "Detect", None),
+            frame_id="b",
+            image=jpeg,
+            deadline=loop_deadline,
+        )
+    assert door.fair.waiting() == 0  # it left the queue when its deadline passed
+    engine.release.set()
+    msg, _ = await first
+    assert msg.frame_id == "a"
+    assert (door.fair.busy, door.fair.waiting()) == (0, 0)
+
+
+# -- a real gateway, both transports ----------------------------------------------------------
+
+
+class _Recording:
+    """The real engine behind a seam of ours: notes whose frame each run was, and holds the
+    flooder's first frame until ``release`` is set."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.done: list[str] = []
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def detect_with_frame(
+        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+    ) -> tuple[InferenceResult, Any]:
+        if key == "cam-flood" and not self.held.is_set():
+            self.held.set()
+            await self.release.wait()
+        out: tuple[InferenceResult, Any] = await self.engine.detect_with_frame(
+            image, deadline=deadline, key=key
+        )
+        self.done.append(str(key))
+        return out
+
+
+def _denials(service: Any, reason: str) -> float:
+    value = service.metrics.registry.get_sample_value(
+        "edgeward_gateway_denials_total", {"reason": reason}
+    )
+    return float(value or 0.0)
+
+
+async def _victim_waits_then_release(service: Any, recording: _Recording) -> None:
+    """Hold the flood's backlog until the victim's frame waits behind it, then let it go."""
+    door = service.door
+    await _until(lambda: recording.held.is_set() and door.fair.waiting("cam-flood") >= 3)
+    await _until(lambda: door.fair.waiting("cam-victim") == 1)
+    recording.release.set()
+
+
+def _check_order(recording: _Recording) -> None:
+    assert recording.done.count("cam-victim") == 1
+    victim_at = recording.done.index("cam-victim")
+    # Served after at most one more of the flood's frames, with its backlog still waiting.
+    assert victim_at <= 2, recording.done
+    assert recording.done[victim_at + 1 :].count("cam-flood") >= 1, recording.done
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> Any:
+    require_tool("mosquitto")
+    async with mqtt_gateway(
+        tmp_path,
+        # One frame in the model at a time, so a backlog forms and its order shows.
+        inference={"models_dir": str(MODELS_DIR), "threads": 1, "max_batch": 1},
+        limits={"frames_per_s": 0.001, "burst": BURST},
+    ) as gw:
+        yield gw
+
+
+async def test_mqtt_flood_is_refused_on_receipt_and_the_victim_is_served_in_turn(
+    gateway: Any,
+) -> None:
+    gw = gateway
+    service = gw.service
+    recording = _Recording(service.door.engine)
+    service.door.engine = recording
+    flooder = gw.device("cam-flood", device_type="pet_camera")
+    victim = gw.device("cam-victim", device_type="pet_camera")
+    jpeg = (PHOTOS / "chelsea.jpg").read_bytes()
+    async with device_client(flooder, gw.port) as f, device_client(victim, gw.port) as v:
+        await f.subscribe("devices/cam-flood/detections", qos=1)
+        await v.subscribe("devices/cam-victim/detections", qos=1)
+        for i in range(FLOOD):
+            await f.publish(
+                "devices/cam-flood/frames", jpeg, qos=1, properties=frame_props(f"f-{i}")
+            )
+        # The excess is refused as it arrives, while the budget's frames wait for the model.
+        await _until(lambda: _denials(service, "rate_limited") == FLOOD - BURST)
+        releaser = asyncio.create_task(_victim_waits_then_release(service, recording))
+        await v.publish("devices/cam-victim/frames", jpeg, qos=1, properties=frame_props("v-1"))
+        await releaser
+        (answer,) = await collect(v, count=1, timeout_s=60)
+        assert json.loads(bytes(answer.payload))["frameId"] == "v-1"  # type: ignore[arg-type]
+        flood_answers = await collect(f, count=BURST, timeout_s=60)
+    assert len(flood_answers) == BURST
+    _check_order(recording)
+    # Refused frames never reached the model.
+    assert recording.done.count("cam-flood") == BURST
+    assert _denials(service, "rate_limited") == FLOOD - BURST
+
+
+async def test_grpc_flood_is_refused_at_once_and_the_victim_is_served_in_turn(
+    gateway: Any,
+) -> None:
+    gw = gateway
+    service = gw.service
+    recording = _Recording(service.door.engine)
+    service.door.engine = recording
+    flooder = gw.device("cam-flood", device_type="pet_camera")
+    victim = gw.device("cam-victim", device_type="pet_camera")
+    jpeg = (PHOTOS / "chelsea.jpg").read_bytes()
+
+    def channel(identity: pki.IdentityFiles) -> grpc.aio.Channel:
+        creds = pki.grpc_channel_credentials(
+            ca_bundle_pem=service.identity.ca_bundle.read_bytes(), identity=identity
+        )
+        return grpc.aio.secure_channel(f"127.0.0.1:{service.grpc_port}", creds)
+
+    async def call(stub: Any, frame_id: str) -> str:
+        try:
+            await stub.Detect(common_pb2.Frame(image=jpeg, frame_id=frame_id), timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async with channel(flooder) as fc, channel(victim) as vc:
+        flood_stub = gateway_pb2_grpc.DeviceGatewayStub(fc)
+        # The budget's frames first (they wait for the model), then the excess.
+        admitted = [asyncio.create_task(call(flood_stub, f"f-{i}")) for i in range(BURST)]
+        await _until(lambda: service.door.fair.waiting("cam-flood") == BURST - 1)
+        excess = await asyncio.gather(*(call(flood_stub, f"x-{i}") for i in range(FLOOD)))
+        assert excess == ["RESOURCE_EXHAUSTED"] * FLOOD  # refused while the backlog waits
+        releaser = asyncio.create_task(_victim_waits_then_release(service, recording))
+        assert await call(gateway_pb2_grpc.DeviceGatewayStub(vc), "v-1") == "OK"
+        await releaser
+        assert await asyncio.gather(*admitted) == ["OK"] * BURST
+    _check_order(recording)
+    assert recording.done.count("cam-flood") == BURST

@@ -1,0 +1,91 @@
+"""The public surfaces of ``gateway`` and ``pki``: what ``__all__`` lists exists, is documented
+and comes from the package's private modules; the error modules hold one tree each; importing
+either package stays light."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import gateway
+import gateway.errors
+import pki
+import pki.errors
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _check_surface(package: ModuleType) -> None:
+    names = package.__all__
+    assert len(set(names)) == len(names)
+    for name in names:
+        member = getattr(package, name)
+        if inspect.isclass(member) or inspect.isfunction(member):
+            assert member.__doc__, f"{package.__name__}.{name} has no docstring"
+            module = member.__module__
+            # Defined behind the surface, in a private module or the errors module.
+            assert module.startswith(f"{package.__name__}."), (name, module)
+            tail = module.removeprefix(f"{package.__name__}.")
+            assert tail.startswith("_") or tail == "errors", (name, module)
+
+
+def test_gateway_exported_members() -> None:
+    _check_surface(gateway)
+    # Lazily resolved names are the same objects as in their modules.
+    assert (
+        gateway.GatewayService
+        is __import__("gateway._service", fromlist=["GatewayService"]).GatewayService
+    )
+    assert gateway.FrontDoor.__module__ == "gateway._door._frontdoor"
+
+
+def test_pki_exported_members() -> None:
+    _check_surface(pki)
+
+
+@pytest.mark.parametrize(
+    ("errors", "root"), [(gateway.errors, gateway.errors.GatewayError), (pki.errors, None)]
+)
+def test_each_error_module_holds_one_tree(errors: ModuleType, root: type | None) -> None:
+    classes = [
+        c
+        for _, c in inspect.getmembers(errors, inspect.isclass)
+        if c.__module__ == errors.__name__ and issubclass(c, BaseException)
+    ]
+    roots = [c for c in classes if not any(issubclass(c, o) for o in classes if o is not c)]
+    assert len(roots) == 1, roots
+    if root is not None:
+        assert roots == [root]
+    for cls in classes:
+        assert cls.__doc__, cls
+
+
+def test_the_exported_errors_are_the_error_modules() -> None:
+    for package, errors in ((gateway, gateway.errors), (pki, pki.errors)):
+        for name in package.__all__:
+            member = getattr(package, name)
+            if inspect.isclass(member) and issubclass(member, BaseException):
+                assert member.__module__ == errors.__name__, name
+
+
+@pytest.mark.parametrize(
+    ("statement", "forbidden"),
+    [
+        ("import gateway", ("onnxruntime", "numpy", "gateway._grpc", "gateway._mqtt")),
+        ("import pki", ("gateway", "device_sdk", "onnxruntime", "numpy")),
+    ],
+)
+def test_importing_the_package_is_light(statement: str, forbidden: tuple[str, ...]) -> None:
+    code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(out.stdout)
+    bad = [m for m in loaded if any(m == f or m.startswith(f"{f}.") for f in forbidden)]
+    assert bad == []
