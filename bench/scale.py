@@ -7,7 +7,8 @@ serves:
   CONNECT, then a small telemetry PUBLISH (QoS 0) every ``--interval`` seconds (30);
 * ``--grpc`` devices (1,000; ``--quick`` 200), each holding a ``Subscribe`` stream;
 * one probe device whose ``Detect`` round trip (a real photo, the real model) is measured on
-  the idle gateway and again under the whole load.
+  the idle gateway (before the fleet connects and again after it has gone: the machine is
+  shared, so the better idle run is the baseline) and under the whole load.
 
 Every device has its own certificate, issued by the device issuing CA
 (``pki.CertificateAuthority.issue``, the enrolment path's signer). To mint 10,000 of them in
@@ -630,6 +631,17 @@ async def main() -> None:
         out["load_cpu_s"] = round(t["cpu_s"], 1)
         out["telemetry_published"] = t["published"]
         out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        # The machine is shared: the idle baseline is measured again once the fleet has
+        # gone, and the better of the two idle runs counts.
+        for w in workers:
+            await w.stop()
+        await asyncio.sleep(3.0)
+        again = await probe_p99(address, probe, image, n_probe)
+        out["probe_idle_runs_ms"] = [round(base, 1), round(again, 1)]
+        base = min(base, again)
+        out["probe_baseline_p99_ms"] = round(base, 1)
+        out["probe_ratio"] = round(out["probe_p99_ms"] / base, 2)
+        print(f"probe p99 on the idle gateway again, the fleet gone: {again:.1f} ms", flush=True)
         met = {
             "connected": out["connected"] == total,
             "connect_ratio": out["connect_ratio"] >= 0.5,
