@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
+from bench._targets import report_targets  # noqa: E402
 from edgeward._logging import configure_logging  # noqa: E402
 from gateway._core import CoreServer, load_core_settings  # noqa: E402
 from gateway._core._escalate import (  # noqa: E402
@@ -330,6 +331,14 @@ async def main() -> None:
             f"({dr['drain_s']:.2f} s; {dr['drain_per_s'] / core_per_s:.2f}x core throughput); "
             f"lost {dr['lost']}, duplicates {dr['duplicates']}"
         )
+    report_targets(
+        {
+            "overhead_p50_ms": round(rtt["rtt_p50_ms"] - rtt["model_sum_ms"], 2),
+            "lost": int(dr["lost"]),
+            "duplicates": int(dr["duplicates"]),
+        },
+        [("overhead_p50_ms", "<=", 10.0), ("lost", "==", 0), ("duplicates", "==", 0)],
+    )
     print(
         json.dumps(
             {

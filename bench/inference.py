@@ -491,6 +491,17 @@ def main() -> None:
     # would still print one line per revocation, so errors only.
     configure_logging(level="error")
     figures = asyncio.run(_bench(args))
+    from bench._targets import report_targets
+
+    report_targets(
+        figures,
+        [
+            ("ratio", ">=", 0.9),
+            ("ratio_vs_pipelined", ">=", 0.9),
+            ("added_p50_ms", "<=", 2.0),
+            ("revoke_p99_ms", "<=", 1000.0),
+        ],
+    )
     print(json.dumps(figures))
 
 

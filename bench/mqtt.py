@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
+from bench._targets import report_targets  # noqa: E402
 from gateway._inference import InferenceEngine  # noqa: E402
 from gateway._mqtt import MqttBridge  # noqa: E402
 from tests._support.mqtt import (  # noqa: E402
@@ -352,6 +353,17 @@ async def main() -> None:
                 f"broker memory {out['broker_kb_per_device']} kB per idle mTLS device "
                 f"({n_devices} devices)"
             )
+        report_targets(
+            out,
+            [
+                ("ratio_qos0", ">=", 0.3),
+                ("ratio_qos1", ">=", 0.3),
+                ("frames_ratio", ">=", 0.8),
+                ("connect_p50_ms", "<=", 10.0),
+                ("revoke_p99_ms", "<=", 1000.0),
+                ("broker_kb_per_device", "<=", 25.0),
+            ],
+        )
         print(json.dumps(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

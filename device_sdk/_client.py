@@ -44,7 +44,7 @@ from device_sdk._identity import DeviceIdentity, load_gateway_directory
 from device_sdk._options import ClientOptions, ClientStats, options_with
 from device_sdk._queue import DiskQueue, QueueStats
 from device_sdk._renewal import RenewalPlan, plan_renewal, run_renewal
-from device_sdk._selection import GatewaySelector
+from device_sdk._selection import GatewaySelector, offline_pause
 from device_sdk._types import (
     ClientState,
     DetectionResult,
@@ -134,6 +134,7 @@ class DeviceClient:
             route_changed=self._route_changed,
             stopping=self._stopping,
             log=self._log,
+            rng=self._rng,
         )
         self._plan: RenewalPlan | None = None
         self._n = dict.fromkeys(("sub", "fail", "ren"), 0)
@@ -506,14 +507,25 @@ class DeviceClient:
         self._reselect()
 
     async def _probe_loop(self) -> None:
+        offline_rounds = 0
         while not self._stopping.is_set():
-            interval = (
-                self.options.probe_interval_s
-                if self._selector.current is not None
-                else min(self.options.offline_probe_interval_s, self.options.probe_interval_s)
-            )
-            # Jitter spreads a fleet's probes over time.
-            await asyncio.sleep(interval * (0.9 + 0.2 * self._rng.random()))
+            if self._selector.current is not None:
+                offline_rounds = 0
+                # Jitter spreads a fleet's probes over time.
+                pause = self.options.probe_interval_s * (0.9 + 0.2 * self._rng.random())
+            else:
+                pause = offline_pause(
+                    offline_rounds,
+                    base_s=min(
+                        self.options.offline_probe_interval_s, self.options.probe_interval_s
+                    ),
+                    max_s=max(
+                        self.options.offline_probe_max_s, self.options.offline_probe_interval_s
+                    ),
+                    rng=self._rng,
+                )
+                offline_rounds += 1
+            await asyncio.sleep(pause)
             await self._probe_all()
 
     # -- renewal ---------------------------------------------------------------------------

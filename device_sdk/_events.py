@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -154,8 +155,10 @@ class EventStream:
         route_changed: asyncio.Event,
         stopping: asyncio.Event,
         log: Any,
+        rng: random.Random | None = None,
     ) -> None:
         self._device_id = device_id
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self._current = current
         self._stub = stub
         self._deliver = deliver
@@ -196,7 +199,7 @@ class EventStream:
                     self._deliver(DeviceEvent.from_proto(msg))
                 if not self._route_changed.is_set():
                     # The gateway ended the stream (shutting down): do not spin.
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(self._rng.uniform(0.0, backoff))  # full jitter
                     backoff = min(backoff * 2, 5.0)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -211,7 +214,7 @@ class EventStream:
                         raise err from exc
                     if isinstance(err, Refused):
                         self._log.warning("event stream refused", reason=str(err))
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(self._rng.uniform(0.0, backoff))  # full jitter
                     backoff = min(backoff * 2, 5.0)
             finally:
                 watcher.cancel()

@@ -42,8 +42,11 @@ class ClientOptions:
     max_in_flight: int = 4
     call_timeout_s: float = 10.0
     probe_interval_s: float = 10.0
-    #: Probe interval while no gateway is reachable.
+    #: While no gateway is reachable: the first probe comes within this long, then the
+    #: ceiling doubles each round up to ``offline_probe_max_s`` (full jitter; a fleet cut off
+    #: at once, by a gateway restart, comes back spread out).
     offline_probe_interval_s: float = 1.0
+    offline_probe_max_s: float = 15.0
     probe_timeout_s: float = 2.0
     connect_timeout_s: float = 5.0
     tie_margin_s: float = 0.010

@@ -10,17 +10,35 @@ flapping between two equal gateways would cost a TLS handshake each time); among
 device's own region wins, then the gateway in use, then the directory order. A gateway that
 failed is out of the ranking until ``down_for`` has passed or a probe succeeds again, so the
 client fails over at once and comes back when the nearer gateway recovers.
+
+While no gateway answers, the client probes after :func:`offline_pause`: exponential backoff
+with full jitter, so that a fleet cut off at the same moment (a gateway restart) comes back
+spread over the pause rather than all in the same second, a storm of TLS handshakes that
+would time out and be retried.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from device_sdk._types import GatewayInfo
 
-__all__ = ["GatewaySelector", "GatewayStatus"]
+__all__ = ["GatewaySelector", "GatewayStatus", "offline_pause"]
+
+
+def offline_pause(rounds: int, *, base_s: float, max_s: float, rng: random.Random) -> float:
+    """The pause before the next probe after ``rounds`` rounds in which no gateway answered.
+
+    Full jitter ("Exponential Backoff and Jitter", AWS Architecture Blog, 2015): uniform over
+    ``[0, min(max_s, base_s * 2**rounds)]``. The ceiling grows while the outage lasts, so the
+    fleet's probes thin out, and each device's pause is independent of the others', so their
+    reconnects spread evenly instead of arriving in waves.
+    """
+    ceiling = min(max_s, base_s * 2 ** min(rounds, 32))
+    return rng.uniform(0.0, max(ceiling, 0.0))
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ unknown or bad key fails at start-up with the key's name and its environment ove
 
 from __future__ import annotations
 
+import resource
 import socket
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import pki
 
-__all__ = ["AEAD_CIPHERS_TLS13", "INTERNAL_PREFIX", "NODELAY", "MqttSettings", "internal_name"]
+__all__ = [
+    "AEAD_CIPHERS_TLS13",
+    "BROKER_RESERVED_FILES",
+    "INTERNAL_PREFIX",
+    "NODELAY",
+    "MqttSettings",
+    "internal_name",
+]
+
+#: Descriptors a managed Mosquitto needs besides device connections: its listeners, the
+#: gateway's own clients (bridge, telemetry workers, control), the persistence database
+#: written at each autosave, the CRL and ACL files it rereads, its log pipe.
+BROKER_RESERVED_FILES = 64
 
 #: Every TLS 1.3 suite is AEAD; listed explicitly so the broker offers exactly these.
 AEAD_CIPHERS_TLS13 = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
@@ -123,7 +136,10 @@ class MqttSettings(BaseModel):
         "disconnect the sender (max_packet_size).",
     )
     max_connections: int = Field(
-        default=-1, description="Managed: device connections accepted at once (-1: no limit)."
+        default=-1,
+        ge=-1,
+        description="Managed: device connections accepted at once (-1: as many as the "
+        "broker's open-files limit allows, less what it needs for itself).",
     )
     qos: Literal[0, 1] = Field(
         default=1, description="QoS of the bridge's subscriptions and publications."
@@ -219,6 +235,24 @@ class MqttSettings(BaseModel):
         if self.restart_max_s < self.restart_min_s:
             raise ValueError("restart_max_s must be >= restart_min_s")
         return self
+
+    def broker_max_connections(self, open_files_limit: int | None = None) -> int:
+        """``max_connections`` for a broker whose soft ``RLIMIT_NOFILE`` is
+        ``open_files_limit`` (default: this process's, which the broker it starts inherits).
+
+        Mosquitto counts nothing against its descriptor limit: past it, ``accept`` fails with
+        ``EMFILE`` and so does the ``open`` of its persistence file at the next autosave. So the
+        devices' listener is capped at the limit less :data:`BROKER_RESERVED_FILES`, and a
+        device beyond it is closed at once (it retries with backoff) while the broker keeps
+        saving and serving the others. An explicit ``max_connections`` is kept when it fits.
+        """
+        if open_files_limit is None:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            open_files_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        fits = max(1, open_files_limit - BROKER_RESERVED_FILES)
+        if self.max_connections == -1:
+            return fits
+        return min(self.max_connections, fits)
 
     @property
     def crl_file(self) -> Path:

@@ -279,7 +279,7 @@ def render_mosquitto_conf(
         "# Devices: mutual TLS, identity = certificate CN = username = client id. Client ids",
         "# are one namespace across listeners: a device must not pick one (session takeover).",
         f"listener {port} {settings.host}",
-        f"max_connections {settings.max_connections}",
+        f"max_connections {settings.broker_max_connections()}",
         *_tls_lines(settings, identity, files.device_cafile, settings.crl_file),
         "use_identity_as_username true",
         "use_username_as_clientid true",
