@@ -341,7 +341,8 @@ async def test_admin_issues_an_enrolment_token_shown_once(core: RunningCore) -> 
 
 async def test_admin_revokes_a_gateway_with_the_clis_audit_line(core: RunningCore) -> None:
     gateway_id = unique_id("gw")
-    serial = secrets.token_hex(8)
+    # Canonical, as certificates are recorded (pki.serial_hex): no leading zero.
+    serial = pki.serial_hex(int(secrets.token_hex(8), 16))
     core.registry.record_server_certificate(
         pki.ServerCertificateRecord(
             serial,
@@ -362,7 +363,7 @@ async def test_admin_revokes_a_gateway_with_the_clis_audit_line(core: RunningCor
         )
         assert (status, headers["Location"]) == (303, "/gateways")
         _, _, body = await c.get("/gateways")
-    record = core.registry.get_server_certificate(serial.lstrip("0"))
+    record = core.registry.get_server_certificate(serial)
     assert record is not None
     assert record.status is pki.Status.REVOKED
     assert f'data-gateway="{gateway_id}"' in body
