@@ -30,6 +30,12 @@ def core() -> None:
 @click.option("--listen", help="HOST:PORT of the mutual-TLS port (Renew, Core API)")
 @click.option("--enrol-listen", help="HOST:PORT of the enrolment port (default: listen + 1)")
 @click.option("--core-id", help="this core's id (default core-1)")
+@click.option(
+    "--registry",
+    metavar="URL",
+    help="registry: a path, sqlite:///PATH or postgresql://USER@HOST/DB "
+    "(replicated cores share one; default: the SQLite file in PKI_DIR)",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def run_cmd(
     *,
@@ -38,6 +44,7 @@ def run_cmd(
     listen: str | None,
     enrol_listen: str | None,
     core_id: str | None,
+    registry: str | None,
     log_level: str | None,
 ) -> None:
     """Start the core and serve until SIGTERM or SIGINT."""
@@ -56,6 +63,7 @@ def run_cmd(
             listen=listen,
             enrol_listen=enrol_listen,
             core_id=core_id,
+            registry=registry,
             log_level=log_level,
         )
     except ConfigError as exc:
@@ -67,12 +75,19 @@ def run_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        escalate = None if settings.escalation is None else EscalateService(settings.escalation)
+        # Replicas on one PostgreSQL registry share the escalation answers there too.
+        answers_url = settings.registry if pki.is_postgres_url(settings.registry) else None
+        escalate = (
+            None
+            if settings.escalation is None
+            else EscalateService(settings.escalation, answers_url=answers_url)
+        )
         async with CoreServer(settings, escalate=escalate) as server:
             click.echo(
                 f"core {settings.core_id} serving trust domain {server.trust_domain}: "
                 f"enrolment {server.enrol_address} (server TLS), "
-                f"service {server.address} (mutual TLS)",
+                f"service {server.address} (mutual TLS), "
+                f"registry {settings.registry_display}",
                 err=True,
             )
             await stop.wait()

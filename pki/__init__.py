@@ -58,6 +58,7 @@ from pki._registry import (
     open_registry,
     redacted_url,
 )
+from pki._registry_migrate import MigrationReport, migrate_registry
 from pki._registry_pg import PostgresRegistry
 from pki._tls import (
     AEAD_CIPHERS_TLS12,
@@ -111,6 +112,7 @@ __all__ = [
     "InvalidIdentity",
     "InvalidName",
     "IssuedCertificate",
+    "MigrationReport",
     "PkiError",
     "PkiExists",
     "PkiLayout",
@@ -146,6 +148,7 @@ __all__ = [
     "issue_identity",
     "load_csr",
     "load_private_key",
+    "migrate_registry",
     "open_registry",
     "parse_spiffe_id",
     "parse_ttl",

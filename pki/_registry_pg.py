@@ -313,10 +313,10 @@ class PostgresRegistry:
     def watch_revocations(self, callback: Callable[[], None]) -> Callable[[], None] | None:
         """Call ``callback`` (from a listener thread) after every committed revocation.
 
-        One ``LISTEN`` connection per registry serves every callback; after it reconnects (a
-        restarted server) every callback is called once, since notifications sent while it was
-        away are lost. Returns a function that removes ``callback``. ``callback`` must be quick
-        and thread-safe (``loop.call_soon_threadsafe``).
+        One ``LISTEN`` connection per registry serves every callback; each time it (re)connects
+        every callback is called once, since what was committed before it listened was never
+        announced to it (a restarted server). Returns a function that removes ``callback``,
+        which must be quick and thread-safe (``loop.call_soon_threadsafe``).
         """
         with self._listen_lock:
             self._listeners.append(callback)
@@ -345,14 +345,13 @@ class PostgresRegistry:
     def _listen(self) -> None:
         psycopg = self._psycopg
         backoff = 0.1
-        first = True
         while not self._closing.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    if not first:
-                        self._notify_listeners()  # what was sent while away is lost: re-read
-                    first = False
+                    # Listening from here on; what was committed before (while connecting, or
+                    # while the server was away) was not announced to us: re-read once.
+                    self._notify_listeners()
                     backoff = 0.1
                     while not self._closing.is_set():
                         got = False
@@ -363,7 +362,7 @@ class PostgresRegistry:
                         elif conn.closed:
                             break
             except psycopg.Error:
-                first = False
+                pass
             if self._closing.wait(backoff):
                 return
             backoff = min(backoff * 2, 2.0)

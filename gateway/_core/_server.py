@@ -161,7 +161,7 @@ class CoreServer:
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
-    registry: pki.SqliteRegistry
+    registry: pki.Registry
     authority: pki.EnrollmentAuthority
     identity: pki.IdentityFiles
     feed: RevocationFeed
@@ -187,7 +187,7 @@ class CoreServer:
         # Spell out AEAD-only suites for TLS 1.2 (gRPC's defaults already are; see pki._tls).
         os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", pki.AEAD_CIPHERS_TLS12)
         self.ca = pki.CertificateAuthority.load(s.pki_dir)
-        self.registry = pki.SqliteRegistry(s.registry_path)
+        self.registry = await asyncio.to_thread(pki.open_registry, s.registry_target)
         self._stack.callback(self.registry.close)
         self.identity = ensure_server_identity(
             pki_dir=s.pki_dir,
@@ -281,6 +281,7 @@ class CoreServer:
             trust_domain=self.ca.trust_domain,
             address=self.address,
             enrol_address=self.enrol_address,
+            registry=s.registry_display,
         )
 
     async def _stop_server(self) -> None:

@@ -1,0 +1,343 @@
+"""Cores replicated on one PostgreSQL database: migrations, the revocation sequence across
+replicas, revocations pushed to every replica's feed, ``pki migrate``, ``--registry`` URLs
+(and their passwords, which are never printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import pki
+from edgeward.cli import main
+from gateway._core import load_core_settings
+from gateway._settings import ConfigError
+from protos.edgeward.v1 import core_pb2, core_pb2_grpc
+from tests._support.core import RunningCore, running_core, unique_id
+from tests._support.postgres import PostgresServer
+from tests.pki.conftest import NOW, execute_raw, make_csr
+
+pytestmark = pytest.mark.timeout(120)
+
+EDGEWARD = [sys.executable, "-c", "from edgeward.cli import main; main()"]
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def device(registry: pki.Registry, device_id: str) -> None:
+    registry.upsert_device(device_id, type="pet-camera", region="home", now=NOW)
+
+
+# -- open_registry and migrations -------------------------------------------------------------
+
+
+def test_open_registry_picks_the_backend_from_the_url(tmp_path: Path, postgres_url: str) -> None:
+    for target in (tmp_path / "a.sqlite3", str(tmp_path / "b.sqlite3"), f"sqlite://{tmp_path}/c"):
+        with contextlib.closing(pki.open_registry(target)) as reg:
+            assert isinstance(reg, pki.SqliteRegistry)
+    assert (tmp_path / "c").is_file()
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert isinstance(reg, pki.PostgresRegistry)
+        assert reg.schema_version() == 1
+    with pytest.raises(pki.RegistryError, match="unsupported registry URL scheme 'mysql'"):
+        pki.open_registry("mysql://root:hunter2@db/x")
+
+
+def test_migrations_run_once_when_replicas_start_together(postgres_url: str) -> None:
+    barrier = threading.Barrier(4)
+
+    def start(_: int) -> int:
+        barrier.wait(timeout=30)
+        with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
+            return reg.schema_version()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(start, range(4))) == [1, 1, 1, 1]
+    with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:  # again: nothing to do
+        assert execute_raw(reg, "SELECT version FROM schema_migrations") == [(1,)]
+
+
+def test_a_newer_schema_is_refused(postgres_url: str) -> None:
+    with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
+        execute_raw(reg, "INSERT INTO schema_migrations VALUES (99, 0)")
+    with pytest.raises(pki.RegistryError, match="newer than this edgeward"):
+        pki.PostgresRegistry(postgres_url)
+
+
+# -- one sequence across replicas -------------------------------------------------------------
+
+
+def test_revocation_sequence_is_gap_free_across_replicas(postgres_url: str) -> None:
+    """Two replicas revoking at once: every number 1..n exactly once, in commit order, and a
+    reader that resumes after any number it saw misses none."""
+    replicas = [pki.PostgresRegistry(postgres_url) for _ in range(2)]
+    try:
+        ids = [unique_id("cam") for _ in range(40)]
+        for d in ids:
+            device(replicas[0], d)
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def follow() -> None:
+            after = 0
+            while not stop.is_set() or after < len(ids):
+                for r in replicas[1].revocations_since(after):
+                    assert r.sequence == after + 1  # never a gap, never a repeat
+                    after = r.sequence
+                    seen.append(r.sequence)
+
+        reader = threading.Thread(target=follow)
+        reader.start()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            records = list(
+                pool.map(
+                    lambda i: replicas[i % 2].revoke_device(ids[i], reason="lost", now=NOW),
+                    range(len(ids)),
+                )
+            )
+        stop.set()
+        reader.join(timeout=30)
+        assert sorted(r.sequence for r in records) == list(range(1, len(ids) + 1))
+        assert seen == list(range(1, len(ids) + 1))
+        assert replicas[0].last_sequence() == replicas[1].last_sequence() == len(ids)
+        crl_numbers = [replicas[i % 2].next_crl_number() for i in range(6)]
+        assert crl_numbers == list(range(1, 7))
+    finally:
+        for r in replicas:
+            r.close()
+
+
+# -- pushed to every replica's feed -----------------------------------------------------------
+
+
+def recorded_gateway(core: RunningCore, tmp_path: Path, gateway_id: str) -> pki.IdentityFiles:
+    return pki.issue_identity(
+        core.pki_dir,
+        tmp_path / f"{gateway_id}-{unique_id('id')}",
+        role=pki.Role.GATEWAY,
+        id=gateway_id,
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+        registry=core.registry,
+    )
+
+
+@pytest.mark.parametrize("through", ["the other replica", "pki revoke --registry"])
+async def test_a_revocation_through_any_writer_is_pushed_to_every_replica(
+    pki_dir: Path, tmp_path: Path, postgres_url: str, through: str
+) -> None:
+    # Polling every 30 s and heartbeats every 30 s: only the push can explain an event in 1 s.
+    quiet = {"registry": postgres_url, "feed_poll_s": 30.0, "feed_heartbeat_s": 30.0}
+    async with (
+        running_core(pki_dir, tmp_path, core_id="core-a", **quiet) as core_a,
+        running_core(pki_dir, tmp_path, core_id="core-b", **quiet) as core_b,
+    ):
+        cam = unique_id("cam")
+        device(core_a.registry, cam)
+        gateway = recorded_gateway(core_a, tmp_path, unique_id("gw"))
+        async with core_b.channel(identity=gateway) as ch:
+            stream = core_pb2_grpc.CoreStub(ch).WatchRevocations(core_pb2.WatchRevocationsRequest())
+            async with asyncio.timeout(10):
+                first = await stream.read()  # the heartbeat that ends the (empty) replay
+            assert first.heartbeat
+            pushes_before = core_b.server.feed.pushes
+            loop = asyncio.get_running_loop()
+            if through == "the other replica":
+                started = loop.time()
+                core_a.server.revoke_device(cam, reason="stolen")
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *EDGEWARD, "pki", "revoke", "--dir", str(pki_dir), "--registry",
+                    postgres_url, "--device-id", cam, "--reason", "stolen",
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                _out, err = await proc.communicate()
+                assert proc.returncode == 0, err
+                started = loop.time()  # the revocation is committed by now
+            async with asyncio.timeout(5):
+                event = await stream.read()
+            elapsed = loop.time() - started
+            stream.cancel()
+        assert (event.device_id, event.reason, event.heartbeat) == (cam, "stolen", False)
+        assert event.sequence == core_b.registry.last_sequence()
+        assert core_b.server.feed.pushed
+        assert core_b.server.feed.pushes > pushes_before
+        assert elapsed < 1.0
+
+
+async def test_replicas_serve_the_same_crl_and_directory(
+    pki_dir: Path, tmp_path: Path, postgres_url: str
+) -> None:
+    async with (
+        running_core(pki_dir, tmp_path, core_id="core-c", registry=postgres_url) as core_a,
+        running_core(pki_dir, tmp_path, core_id="core-d", registry=postgres_url) as core_b,
+    ):
+        gw = unique_id("gw")
+        version = core_a.registry.upsert_gateway(
+            pki.GatewayRecord(gw, "home", "127.0.0.1:7000", "", NOW)
+        )
+        assert core_b.registry.directory_version() == version
+        assert [g.id for g in core_b.registry.list_gateways()] == [gw]
+        cam = unique_id("cam")
+        device(core_b.registry, cam)
+        core_b.server.revoke_device(cam)
+        assert core_a.registry.is_revoked(cam)
+        assert core_a.registry.revoked_serials() == core_b.registry.revoked_serials()
+
+
+# -- core settings and CLI -----------------------------------------------------------------
+
+
+def test_core_settings_take_a_registry_url_and_never_echo_it(tmp_path: Path) -> None:
+    url = "postgresql://edgeward:hunter2@db.example:5432/edgeward"
+    settings = load_core_settings(None, pki_dir=tmp_path, registry=url)
+    assert settings.registry_target == url
+    assert "hunter2" not in settings.registry_display
+    assert settings.registry_display == "postgresql://edgeward:***@db.example:5432/edgeward"
+    default = load_core_settings(None, pki_dir=tmp_path)
+    assert default.registry_target == pki.PkiLayout(tmp_path).registry
+    with pytest.raises(ConfigError) as info:
+        load_core_settings(None, pki_dir=tmp_path, registry="mysql://root:hunter2@db/x")
+    assert "registry" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_pki_commands_work_on_a_postgres_registry_and_never_print_its_password(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    pki_dir = tmp_path / "pki"
+    assert cli("pki", "init", "--dir", str(pki_dir), "--trust-domain", "pg.example")[0] == 0
+    database = postgres_server.create_database().rsplit("/", 1)[1]
+    # Trust authentication ignores the password; it is there to be kept out of every output.
+    url = postgres_server.url(database, password="hunter2-secret")
+    code, out = cli(
+        "pki", "token", "--dir", str(pki_dir), "--registry", url,
+        "--device-id", "cam-pg", "--type", "pet-camera", "--region", "home",
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = cli(
+        "pki", "issue-server", "--dir", str(pki_dir), "--registry", url,
+        "--id", "gw-pg", "--role", "gateway", "--dns", "localhost",
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = cli(
+        "pki", "revoke", "--dir", str(pki_dir), "--registry", url, "--gateway-id", "gw-pg"
+    )
+    assert code == 0, out
+    assert "sequence 1" in out
+    code, out = cli("pki", "list", "--dir", str(pki_dir), "--registry", url)
+    assert code == 0, out
+    assert "gateway/gw-pg" in out
+    code, crl_out = cli(
+        "pki", "crl", "--dir", str(pki_dir), "--registry", url, "--out", str(tmp_path / "c.pem")
+    )
+    assert code == 0, crl_out
+    assert "1 revoked" in crl_out
+    # The SQLite registry of the directory was not touched.
+    with contextlib.closing(pki.open_registry(pki.PkiLayout(pki_dir).registry)) as local:
+        assert local.list_server_certificates() == []
+    # An unreachable server: a one-line error without the password.
+    dead = f"postgresql://postgres:hunter2-secret@127.0.0.1:1/{database}"
+    code, out = cli("pki", "list", "--dir", str(pki_dir), "--registry", dead)
+    assert code == 1
+    assert "hunter2" not in out
+    assert "cannot open registry postgresql://postgres:***@127.0.0.1:1/" in out
+
+
+# -- pki migrate ----------------------------------------------------------------------------
+
+
+def populated_pki(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """A PKI directory whose SQLite registry holds some of everything."""
+    pki_dir = tmp_path / "pki"
+    pki.init_pki(pki_dir, trust_domain="migrate.example")
+    ca = pki.CertificateAuthority.load(pki_dir)
+    now = dt.datetime.now(dt.UTC)
+    with pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry) as reg:
+        auth = pki.EnrollmentAuthority(ca=ca, registry=reg)
+        for i in range(3):
+            token = pki.create_token(
+                reg, device_id=f"cam-{i}", device_type="pet-camera", region="home",
+                ttl=dt.timedelta(hours=1), now=now,
+            )  # fmt: skip
+            auth.enroll(token, make_csr(f"cam-{i}"), peer="p", now=now)
+        later = pki.create_token(
+            reg, device_id="cam-later", device_type="pet-camera", region="home",
+            ttl=dt.timedelta(hours=1), now=now,
+        )  # fmt: skip
+        pki.issue_identity(pki_dir, tmp_path / "gw", role=pki.Role.GATEWAY, id="gw-m", registry=reg)
+        pki.revoke_device(reg, "cam-0", reason="lost", now=now)
+        pki.revoke_server(reg, pki.Role.GATEWAY, "gw-m", reason="retired", now=now)
+        reg.upsert_gateway(pki.GatewayRecord("gw-m", "home", "127.0.0.1:7000", "", now))
+        reg.next_crl_number()
+        reg.next_crl_number()
+        expected: dict[str, object] = {
+            "devices": reg.list_devices(),
+            "certificates": reg.list_certificates(),
+            "servers": reg.list_server_certificates(),
+            "revocations": reg.revocations_since(0),
+            "revoked": reg.revoked_serials(),
+            "gateways": reg.list_gateways(),
+            "directory": reg.directory_version(),
+            "later_token": later,
+        }
+    return pki_dir, expected
+
+
+def test_migrate_moves_everything_and_verifies_counts(tmp_path: Path, postgres_url: str) -> None:
+    pki_dir, expected = populated_pki(tmp_path)
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url)
+    assert code == 0, out
+    assert "devices 3, certificates 3, server_certificates 1, tokens 4, revocations 2" in out
+    assert "counts verified" in out
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert reg.list_devices() == expected["devices"]
+        assert reg.list_certificates() == expected["certificates"]
+        assert reg.list_server_certificates() == expected["servers"]
+        assert reg.revocations_since(0) == expected["revocations"]
+        assert reg.revoked_serials() == expected["revoked"]
+        assert reg.list_gateways() == expected["gateways"]
+        assert reg.directory_version() == expected["directory"]
+        assert reg.next_crl_number() == 3  # continues after the two SQLite handed out
+        # The sequence continues without reuse; the unused token enrols, once.
+        assert reg.revoke_device("cam-1", reason="x", now=NOW).sequence == 3
+        auth = pki.EnrollmentAuthority(ca=pki.CertificateAuthority.load(pki_dir), registry=reg)
+        token = str(expected["later_token"])
+        now = dt.datetime.now(dt.UTC)
+        assert auth.enroll(token, make_csr("cam-later"), peer="p", now=now).identity.id == (
+            "cam-later"
+        )
+        with pytest.raises(pki.TokenRejected) as info:
+            auth.enroll(token, make_csr("cam-later"), peer="p", now=now)
+        assert info.value.reason == "token already used"
+
+
+def test_migrate_refuses_a_target_with_data_unless_forced(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    pki_dir, _ = populated_pki(tmp_path)
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        device(reg, "cam-already-there")
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url)
+    assert code == 1
+    assert "not empty (devices 1)" in out
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert [d.id for d in reg.list_devices()] == ["cam-already-there"]
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url, "--force")
+    assert code == 0, out
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert [d.id for d in reg.list_devices()] == ["cam-0", "cam-1", "cam-2"]
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", str(tmp_path / "x.db"))
+    assert code == 2
+    assert "postgresql://" in out
