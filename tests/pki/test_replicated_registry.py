@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from gateway._core import load_core_settings
 from gateway._settings import ConfigError
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 from tests._support.core import RunningCore, running_core, unique_id
-from tests._support.postgres import PostgresServer
+from tests._support.postgres import PostgresServer, running_postgres
 from tests.pki.conftest import NOW, execute_raw, make_csr
 
 pytestmark = pytest.mark.timeout(120)
@@ -341,3 +342,71 @@ def test_migrate_refuses_a_target_with_data_unless_forced(
     code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", str(tmp_path / "x.db"))
     assert code == 2
     assert "postgresql://" in out
+
+
+# -- the core on PostgreSQL, as a process ----------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_core_run_on_a_postgres_registry(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    pki_dir = tmp_path / "pki"
+    pki.init_pki(pki_dir, trust_domain="run.example")
+    database = postgres_server.create_database().rsplit("/", 1)[1]
+    url = postgres_server.url(database, password="hunter2-secret")
+    core = await asyncio.create_subprocess_exec(
+        *EDGEWARD, "core", "run", "--pki-dir", str(pki_dir), "--listen", "127.0.0.1:0",
+        "--enrol-listen", "127.0.0.1:0", "--core-id", "core-pg", "--registry", url,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines: list[bytes] = []
+    try:
+        assert core.stderr is not None
+        async with asyncio.timeout(30):
+            while b"serving trust domain" not in (line := await core.stderr.readline()):
+                assert line, b"".join(lines)
+                lines.append(line)
+        assert f"registry postgresql://postgres:***@127.0.0.1:{postgres_server.port}/" in (
+            line.decode()
+        )
+        # The core recorded its own certificate in the database, not in PKI_DIR's file.
+        with contextlib.closing(pki.open_registry(postgres_server.url(database))) as reg:
+            assert [(c.role, c.server_id) for c in reg.list_server_certificates()] == [
+                (pki.Role.CORE, "core-pg")
+            ]
+    finally:
+        core.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            out, err = await core.communicate()
+    assert core.returncode == 0, err
+    assert b"hunter2" not in b"".join(lines) + out + err
+
+
+# -- a restarted database server ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_restarted_server_is_reconnected_and_pushes_resume(tmp_path: Path) -> None:
+    """Replicas keep working after PostgreSQL restarts: the pool replaces broken connections
+    and the listener comes back (and reports a change, since it may have missed some)."""
+    with running_postgres() as server:
+        url = server.create_database()
+        with (
+            contextlib.closing(pki.PostgresRegistry(url)) as reg,
+            contextlib.closing(pki.PostgresRegistry(url)) as other,
+        ):
+            pushed = threading.Event()
+            stop = reg.watch_revocations(pushed.set)
+            assert stop is not None
+            assert pushed.wait(10)  # listening: the first (re)connection reports once
+            device(other, "cam-restart")
+            server.stop()
+            server.start()
+            pushed.clear()
+            assert pushed.wait(10)  # the listener is back
+            pushed.clear()
+            other.revoke_device("cam-restart", reason="lost", now=NOW)
+            assert pushed.wait(10)  # and pushes resume
+            assert reg.last_sequence() == 1
+            stop()
