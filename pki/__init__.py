@@ -81,6 +81,7 @@ from pki.errors import (
     PkiNotFound,
     RateLimited,
     RegistryError,
+    RegistryUnavailable,
     SignatureInvalid,
     TokenRejected,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "RateLimited",
     "Registry",
     "RegistryError",
+    "RegistryUnavailable",
     "RevocationRecord",
     "Role",
     "ServerCertificateRecord",

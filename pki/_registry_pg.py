@@ -68,6 +68,7 @@ from pki.errors import (
     IdentityConflict,
     InvalidIdentity,
     RegistryError,
+    RegistryUnavailable,
     TokenRejected,
 )
 
@@ -152,8 +153,17 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def _error(what: str, exc: BaseException) -> RegistryError:
+    """The registry error for a driver or pool error: :class:`RegistryUnavailable` when the
+    database could not be reached (a lost connection, a pool that found none), so callers can
+    retry elsewhere."""
     # psycopg's messages name the server, never the password; keep the first line only.
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    import psycopg
+    import psycopg_pool
+
+    unreachable = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+    if isinstance(exc, unreachable) and not isinstance(exc, psycopg.errors.QueryCanceled):
+        return RegistryUnavailable(f"{what}: {text}")
     return RegistryError(f"{what}: {text}")
 
 

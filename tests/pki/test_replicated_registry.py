@@ -14,12 +14,13 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner
 
 import pki
 from edgeward.cli import main
-from gateway._core import load_core_settings
+from gateway._core import load_core_settings, status_for
 from gateway._settings import ConfigError
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 from tests._support.core import RunningCore, running_core, unique_id
@@ -393,7 +394,7 @@ def test_a_restarted_server_is_reconnected_and_pushes_resume(tmp_path: Path) -> 
     with running_postgres() as server:
         url = server.create_database()
         with (
-            contextlib.closing(pki.PostgresRegistry(url)) as reg,
+            contextlib.closing(pki.PostgresRegistry(url, connect_timeout_s=2)) as reg,
             contextlib.closing(pki.PostgresRegistry(url)) as other,
         ):
             pushed = threading.Event()
@@ -402,6 +403,10 @@ def test_a_restarted_server_is_reconnected_and_pushes_resume(tmp_path: Path) -> 
             assert pushed.wait(10)  # listening: the first (re)connection reports once
             device(other, "cam-restart")
             server.stop()
+            # While it is away: a retryable error (UNAVAILABLE on the wire), not a refusal.
+            with pytest.raises(pki.RegistryUnavailable) as info:
+                reg.revoke_device("cam-restart", reason="lost", now=NOW)
+            assert status_for(info.value)[0] is grpc.StatusCode.UNAVAILABLE
             server.start()
             pushed.clear()
             assert pushed.wait(10)  # the listener is back
