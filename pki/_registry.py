@@ -1030,17 +1030,23 @@ def is_postgres_url(target: str | Path | None) -> bool:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``: the only form of a URL that is logged."""
+    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by
+    ``***``: the only form of a registry URL that is logged or printed."""
     try:
         parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            netloc = f"{parts.username or ''}:***@{host}"
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in query):
+            query = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+            new_query = urllib.parse.urlencode(query, safe="*")
+        else:
+            new_query = parts.query
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=new_query))

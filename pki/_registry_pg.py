@@ -24,8 +24,8 @@
 * **Global counters.** The CRL number and the gateway directory version are ``counters`` rows,
   bumped under the same lock: the same on every replica.
 
-Schema changes are numbered migrations in ``schema_migrations``; every start applies the
-missing ones under a session advisory lock, so replicas starting together apply each once.
+Schema changes are numbered migrations (:mod:`pki._registry_pg_schema`); every start applies
+the missing ones under a session advisory lock, so replicas starting together apply each once.
 
 Times are stored as UTC POSIX seconds (``double precision``), as in SQLite, so that a
 registry moves between the two without conversion (``edgeward pki migrate``).
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -63,6 +62,7 @@ from pki._registry import (
     _ts,
     redacted_url,
 )
+from pki._registry_pg_schema import apply_migrations
 from pki.errors import (
     CertificateRevoked,
     IdentityConflict,
@@ -80,76 +80,8 @@ __all__ = ["NOTIFY_CHANNEL", "PostgresRegistry"]
 
 #: The channel every revocation is announced on (payload: its sequence number).
 NOTIFY_CHANNEL = "edgeward_revocations"
-# Advisory lock keys (64-bit, arbitrary but fixed): the writer lock and the migration lock.
-_WRITE_LOCK = 0x6564_6765_7761_7201  # "edgewar" + 1
-_MIGRATE_LOCK = 0x6564_6765_7761_7202
-
-#: Numbered schema migrations, applied in order, each once (``schema_migrations``).
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-CREATE TABLE devices (
-    id TEXT PRIMARY KEY,
-    type TEXT NOT NULL,
-    region TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE certificates (
-    serial TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    not_after DOUBLE PRECISION NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    issued_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX certificates_device ON certificates(device_id);
-CREATE TABLE tokens (
-    token_hash TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    region TEXT NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    used_at DOUBLE PRECISION,
-    created_at DOUBLE PRECISION NOT NULL,
-    voided_at DOUBLE PRECISION
-);
-CREATE INDEX tokens_device ON tokens(device_id);
-CREATE TABLE server_certificates (
-    serial TEXT PRIMARY KEY,
-    role TEXT NOT NULL CHECK (role IN ('gateway', 'core')),
-    server_id TEXT NOT NULL,
-    not_after DOUBLE PRECISION NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    issued_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX server_certificates_id ON server_certificates(role, server_id);
-CREATE INDEX server_certificates_server ON server_certificates(server_id);
-CREATE TABLE revocations (
-    sequence BIGINT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    serial TEXT,
-    reason TEXT NOT NULL,
-    revoked_at DOUBLE PRECISION NOT NULL,
-    role TEXT NOT NULL DEFAULT 'device'
-);
-CREATE INDEX revocations_serial ON revocations(serial);
-CREATE INDEX revocations_device ON revocations(device_id);
-CREATE TABLE gateways (
-    id TEXT PRIMARY KEY,
-    region TEXT NOT NULL,
-    grpc_address TEXT NOT NULL,
-    mqtt_address TEXT NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE counters (
-    name TEXT PRIMARY KEY,
-    value BIGINT NOT NULL
-);
-""",
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+# The writer lock: an advisory lock key (64-bit, arbitrary but fixed).
+_WRITE_LOCK = 0x6564_6765_7761_7201
 
 
 def _error(what: str, exc: BaseException) -> RegistryError:
@@ -229,43 +161,10 @@ class PostgresRegistry:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        """Apply the missing numbered migrations, each in its own transaction, once.
-
-        A session advisory lock serialises replicas that start together (``CREATE TABLE IF
-        NOT EXISTS`` alone can still collide in the catalog).
-        """
         psycopg = self._psycopg
         try:
             with self._pool.connection() as conn:
-                conn.autocommit = True
-                try:
-                    conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK,))
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                        " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-                    )
-                    row = conn.execute(
-                        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
-                    ).fetchone()
-                    current = int(row[0]) if row else 0
-                    if current > SCHEMA_VERSION:
-                        raise RegistryError(
-                            f"registry schema version {current} is newer than this edgeward "
-                            f"({SCHEMA_VERSION}); upgrade edgeward"
-                        )
-                    for version, script in MIGRATIONS:
-                        if version <= current:
-                            continue
-                        with conn.transaction():
-                            conn.execute(script.encode())
-                            conn.execute(
-                                "INSERT INTO schema_migrations (version, applied_at)"
-                                " VALUES (%s, %s)",
-                                (version, time.time()),
-                            )
-                finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK,))
-                    conn.autocommit = False
+                apply_migrations(conn)
         except psycopg.Error as exc:
             raise _error("registry migration failed", exc) from None
 

@@ -60,7 +60,10 @@ class PostgresServer:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{output}\n{self.log()}")
 
     def url(self, database: str = "postgres", *, password: str | None = None) -> str:
         auth = "postgres" if password is None else f"postgres:{password}"

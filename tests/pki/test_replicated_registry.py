@@ -201,6 +201,23 @@ async def test_replicas_serve_the_same_crl_and_directory(
 # -- core settings and CLI -----------------------------------------------------------------
 
 
+def test_redacted_url_hides_every_password() -> None:
+    cases = {
+        "postgresql://u:s3cret@h:5432/db": "postgresql://u:***@h:5432/db",
+        "postgresql://u:s3cret@[::1]/db?sslmode=verify-full": (
+            "postgresql://u:***@[::1]/db?sslmode=verify-full"
+        ),
+        "postgresql://u@h/db?password=s3cret&sslmode=require": (
+            "postgresql://u@h/db?password=***&sslmode=require"
+        ),
+        "postgresql://u@h/db": "postgresql://u@h/db",
+        "/var/lib/edgeward/registry.sqlite3": "/var/lib/edgeward/registry.sqlite3",
+    }
+    for url, shown in cases.items():
+        assert pki.redacted_url(url) == shown
+    assert "s3cret" not in pki.redacted_url("postgresql://u:s3cret@h:99999999/db")
+
+
 def test_core_settings_take_a_registry_url_and_never_echo_it(tmp_path: Path) -> None:
     url = "postgresql://edgeward:hunter2@db.example:5432/edgeward"
     settings = load_core_settings(None, pki_dir=tmp_path, registry=url)
