@@ -26,6 +26,7 @@ from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 from tests._support.core import RunningCore, running_core, unique_id
 from tests._support.postgres import PostgresServer, running_postgres
 from tests.pki.conftest import NOW, execute_raw, make_csr
+from tests.pki.test_core_service import raw_enroll
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,6 +177,31 @@ async def test_a_revocation_through_any_writer_is_pushed_to_every_replica(
         assert core_b.server.feed.pushed
         assert core_b.server.feed.pushes > pushes_before
         assert elapsed < 1.0
+
+
+async def test_each_token_enrols_once_across_replicas(
+    pki_dir: Path, tmp_path: Path, postgres_url: str
+) -> None:
+    """Every device sends its one token to both replicas at once: every device enrols, none
+    twice, and the database holds one certificate per device."""
+    async with (
+        running_core(pki_dir, tmp_path, core_id="core-e", registry=postgres_url) as core_a,
+        running_core(pki_dir, tmp_path, core_id="core-f", registry=postgres_url) as core_b,
+    ):
+        devices = [unique_id("cam") for _ in range(8)]
+        tokens = [core_a.token(d) for d in devices]
+        attempts = [
+            raw_enroll(core, token, make_csr(d))
+            for d, token in zip(devices, tokens, strict=True)
+            for core in (core_a, core_b, core_b)
+        ]
+        results = await asyncio.gather(*attempts)
+        for i in range(len(devices)):
+            mine = results[3 * i : 3 * i + 3]
+            assert sum(r is None for r in mine) == 1, mine
+            assert all(r.code() is grpc.StatusCode.PERMISSION_DENIED for r in mine if r)
+        for d in devices:
+            assert len(core_b.registry.list_certificates(d)) == 1
 
 
 async def test_replicas_serve_the_same_crl_and_directory(
