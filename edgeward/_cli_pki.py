@@ -134,6 +134,8 @@ def issue_server_cmd(
     """Issue a server certificate (serverAuth + clientAuth) for a gateway or core.
 
     The certificate is recorded in the registry first, so that 'pki revoke' can revoke it.
+    Refused when a device (enrolled or with an unused token) or the other server role holds
+    the id: ids are unique across roles.
     """
     for address in ip:
         ipaddress.ip_address(address)  # ValueError: one clear line
@@ -176,7 +178,11 @@ def token_cmd(
     ttl: str,
     registry_url: str | None,
 ) -> None:
-    """Create a one-time enrolment token; it is printed once and only its hash is stored."""
+    """Create a one-time enrolment token; it is printed once and only its hash is stored.
+
+    Earlier unused tokens for the device id stop working. Refused when a gateway or core holds
+    the id. Enrolling with it replaces the device's current certificates (they are revoked).
+    """
     lifetime = pkilib.parse_ttl(ttl)
     pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
     with _registry(pki_dir, registry_url) as registry:

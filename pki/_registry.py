@@ -13,8 +13,9 @@ Gateway and core (server) certificates live in their own table, ``server_certifi
 (serial, role, id): they belong to no device, and the ``certificates`` table's device foreign
 key stays as it is in registries made by earlier versions. A server revocation is one
 ``revocations`` row per certificate (``role`` = gateway/core, ``serial`` set), so it gets a
-sequence number, wakes the core's feed and reaches the CRL like a device's, and a device that
-happens to share the server's id is never affected.
+sequence number, wakes the core's feed and reaches the CRL like a device's, and never affects
+a device of the same id (which only a registry made before ids were unique across roles can
+hold).
 
 Ids are unique across roles within the trust domain (DESIGN.md, Identity): an id is held by
 a device once the device is registered or an unused, unexpired enrolment token names it, and by
@@ -267,7 +268,7 @@ CREATE TABLE IF NOT EXISTS counters (
 
 _MAX_REASON = 200
 _SERVER_ROLES = frozenset({Role.GATEWAY, Role.CORE})
-REPLACED_REASON = "replaced by a new enrolment"
+_REPLACED_REASON = "replaced by a new enrolment"
 # Columns added after the first release: (table, column, definition), applied by _migrate.
 _ADDED_COLUMNS = (
     ("revocations", "role", "TEXT NOT NULL DEFAULT 'device'"),
@@ -406,8 +407,7 @@ class SqliteRegistry:
         other writer, in this process or another.
         """
         server = db.execute(
-            "SELECT role FROM server_certificates WHERE server_id = ? AND role != ?"
-            " ORDER BY role DESC LIMIT 1",
+            "SELECT role FROM server_certificates WHERE server_id = ? AND role != ? LIMIT 1",
             (id, role.value),
         ).fetchone()
         if server is not None:
@@ -567,7 +567,7 @@ class SqliteRegistry:
             ).fetchall()
             replaced = tuple(
                 self._record_serial_revocation(
-                    db, str(serial), device_id=device_id, reason=REPLACED_REASON, now=now
+                    db, str(serial), device_id=device_id, reason=_REPLACED_REASON, now=now
                 )
                 for (serial,) in sorted(old)
             )

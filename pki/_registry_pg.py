@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from pki._names import Role, validate_device_type, validate_id
 from pki._registry import (
+    _REPLACED_REASON,
     _SERVER_ROLES,
-    REPLACED_REASON,
     CertificateRecord,
     DeviceRecord,
     EnrolmentRecord,
@@ -262,14 +262,11 @@ class PostgresRegistry:
                     # while the server was away) was not announced to us: re-read once.
                     self._notify_listeners()
                     backoff = 0.1
-                    while not self._closing.is_set():
-                        got = False
-                        for _ in conn.notifies(timeout=0.5, stop_after=64):
-                            got = True
-                        if got:
+                    while not self._closing.is_set() and not conn.closed:
+                        # Each notification at once: the generator itself runs until its
+                        # timeout, which only bounds how late close() is noticed.
+                        for _ in conn.notifies(timeout=0.5):
                             self._notify_listeners()
-                        elif conn.closed:
-                            break
             except psycopg.Error:
                 pass
             if self._closing.wait(backoff):
@@ -288,8 +285,7 @@ class PostgresRegistry:
         """Raise :class:`IdentityConflict` when a role other than ``role`` holds ``id``
         (inside the caller's write transaction, under the writer lock)."""
         server = conn.execute(
-            "SELECT role FROM server_certificates WHERE server_id = %s AND role != %s"
-            " ORDER BY role DESC LIMIT 1",
+            "SELECT role FROM server_certificates WHERE server_id = %s AND role != %s LIMIT 1",
             (id, role.value),
         ).fetchone()
         if server is not None:
@@ -434,7 +430,7 @@ class PostgresRegistry:
                     conn,
                     device_id=device_id,
                     serial=str(serial),
-                    reason=REPLACED_REASON,
+                    reason=_REPLACED_REASON,
                     now=now,
                 )
                 for (serial,) in sorted(old)

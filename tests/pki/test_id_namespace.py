@@ -96,8 +96,12 @@ def test_no_server_certificate_for_an_id_a_device_holds(
     assert "an unused enrolment token for device cam-pending" in str(pending.value)
     assert registry.list_server_certificates(server_id="cam-pending") == []
     later = NOW + HOUR + dt.timedelta(seconds=1)
-    server(pki_dir, registry, tmp_path / "srv3", role, "cam-pending", now=later)
-    assert [r.role for r in registry.list_server_certificates(server_id="cam-pending")] == [role]
+    with structlog.testing.capture_logs() as logs:
+        files = server(pki_dir, registry, tmp_path / "srv3", role, "cam-pending", now=later)
+    (record,) = registry.list_server_certificates(server_id="cam-pending")
+    assert (record.role, record.serial) == (role, pki.serial_hex(files.certificate().serial_number))
+    (issued,) = [e for e in logs if e["event"] == "server_certificate.issued"]
+    assert (issued["audit"], issued["id"], issued["serial"]) == (True, "cam-pending", record.serial)
 
 
 def test_gateway_and_core_never_share_an_id_but_each_may_be_reissued(

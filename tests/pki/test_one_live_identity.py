@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -241,3 +242,32 @@ async def test_re_enrolment_cuts_the_old_certificate_at_the_gateway(
         assert gw.service.revocation.is_revoked("cam-swap", old_issued.serial)
         assert not gw.service.revocation.is_revoked("cam-swap", new_issued.serial)
         assert [r.serial for r in new_issued.replaced] == [old_issued.serial]
+
+
+def test_tokens_of_a_registry_from_an_earlier_version_still_enrol_and_are_voided(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = pki.generate_token("cam-legacy")
+    older = pki.generate_token("cam-legacy")
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE tokens (token_hash TEXT PRIMARY KEY, device_id TEXT NOT NULL,"
+            " type TEXT NOT NULL, region TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL,"
+            " created_at REAL NOT NULL)"
+        )
+        for t in (older, old):
+            db.execute(
+                "INSERT INTO tokens VALUES (?, 'cam-legacy', 'pet-camera', 'home', ?, NULL, ?)",
+                (pki.hash_token(t), (NOW + HOUR).timestamp(), NOW.timestamp()),
+            )
+    with pki.SqliteRegistry(path) as registry:
+        auth = authority(pki_dir, registry)
+        assert auth.enroll(old, make_csr("cam-legacy"), peer="p", now=NOW).identity.id == (
+            "cam-legacy"
+        )
+        newer = token(registry, "cam-legacy")
+        with pytest.raises(pki.TokenRejected) as info:
+            auth.enroll(older, make_csr("cam-legacy"), peer="p", now=NOW)
+        assert info.value.reason == "token voided by a newer token"
+        assert auth.enroll(newer, make_csr("cam-legacy"), peer="p", now=NOW).replaced
