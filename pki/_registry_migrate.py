@@ -16,7 +16,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from pki._registry import SqliteRegistry
+import structlog
+
+from pki._registry import SqliteRegistry, redacted_url
 from pki._registry_pg import PostgresRegistry
 from pki.errors import RegistryError
 
@@ -48,6 +50,7 @@ MIGRATED_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("counters", ("name", "value")),
 )
 _SEQUENCE_COUNTER = "revocation_sequence"
+_audit = structlog.get_logger("pki.audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,4 +121,13 @@ def migrate_registry(
                     f"{len(rows[table])} in the source; nothing was written"
                 )
             counts[table] = counted
+    _audit.info(
+        "registry.migrated",
+        audit=True,
+        source=str(source),
+        target=redacted_url(target.url),
+        replaced=bool(any(present.values())),
+        last_sequence=highest,
+        **counts,
+    )
     return MigrationReport(counts, highest)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 from click.testing import CliRunner
 
 import pki
@@ -506,3 +507,21 @@ def test_migrate_upgrades_a_registry_from_an_earlier_version(
         assert token.voided_at is None
         device(reg, "cam-new")
         assert reg.revoke_device("cam-new", reason="x", now=NOW).sequence == 4
+
+
+def test_migration_is_audited_without_the_password(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    pki_dir, _ = populated_pki(tmp_path)
+    database = postgres_server.create_database().rsplit("/", 1)[1]
+    url = postgres_server.url(database, password="hunter2-secret")
+    with (
+        contextlib.closing(pki.PostgresRegistry(url)) as target,
+        structlog.testing.capture_logs() as logs,
+    ):
+        report = pki.migrate_registry(pki.PkiLayout(pki_dir).registry, target)
+    (line,) = [e for e in logs if e["event"] == "registry.migrated"]
+    assert line["audit"] is True
+    assert (line["devices"], line["revocations"], line["last_sequence"]) == (3, 2, 2)
+    assert report.counts["devices"] == 3
+    assert "hunter2" not in repr(logs)
