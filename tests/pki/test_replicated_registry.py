@@ -525,3 +525,15 @@ def test_migration_is_audited_without_the_password(
     assert (line["devices"], line["revocations"], line["last_sequence"]) == (3, 2, 2)
     assert report.counts["devices"] == 3
     assert "hunter2" not in repr(logs)
+
+
+def test_pki_never_imports_the_database_driver_unless_asked(tmp_path: Path) -> None:
+    """A device install has no psycopg: importing pki and opening an SQLite registry must not
+    need it."""
+    script = (
+        "import sys, pathlib, pki\n"
+        f"pki.open_registry(pathlib.Path({str(tmp_path / 'r.sqlite3')!r})).close()\n"
+        "assert not any(m.startswith('psycopg') for m in sys.modules), 'psycopg imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
