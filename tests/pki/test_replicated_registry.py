@@ -19,12 +19,19 @@ import grpc
 import pytest
 import structlog
 from click.testing import CliRunner
+from cryptography import x509
 
 import pki
 from edgeward.cli import main
 from gateway._core import load_core_settings, status_for
 from gateway._settings import ConfigError
-from protos.edgeward.v1 import core_pb2, core_pb2_grpc
+from protos.edgeward.v1 import (
+    common_pb2,
+    core_pb2,
+    core_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+)
 from tests._support.core import RunningCore, running_core, unique_id
 from tests._support.postgres import PostgresServer, running_postgres
 from tests.pki.conftest import NOW, execute_raw, make_csr
@@ -211,21 +218,56 @@ async def test_each_token_enrols_once_across_replicas(
 async def test_replicas_serve_the_same_crl_and_directory(
     pki_dir: Path, tmp_path: Path, postgres_url: str
 ) -> None:
+    """A gateway announced on one replica and a device revoked on the other: both replicas
+    sign the same directory (version, entries) and serve CRLs listing the same serials at the
+    same revocation sequence, with CRL numbers that never repeat."""
     async with (
         running_core(pki_dir, tmp_path, core_id="core-c", registry=postgres_url) as core_a,
         running_core(pki_dir, tmp_path, core_id="core-d", registry=postgres_url) as core_b,
     ):
-        gw = unique_id("gw")
-        version = core_a.registry.upsert_gateway(
-            pki.GatewayRecord(gw, "home", "127.0.0.1:7000", "", NOW)
-        )
-        assert core_b.registry.directory_version() == version
-        assert [g.id for g in core_b.registry.list_gateways()] == [gw]
+        gateway_id = unique_id("gw")
+        gateway = recorded_gateway(core_a, tmp_path, gateway_id)
+        async with core_a.channel(identity=gateway) as ch:
+            await core_pb2_grpc.CoreStub(ch).AnnounceGateway(
+                common_pb2.GatewayEntry(region="home", grpc_address="127.0.0.1:7000")
+            )
         cam = unique_id("cam")
         device(core_b.registry, cam)
+        core_b.registry.record_certificate(
+            pki.CertificateRecord("abc123", cam, NOW + dt.timedelta(days=1), pki.Status.ACTIVE, NOW)
+        )
         core_b.server.revoke_device(cam)
-        assert core_a.registry.is_revoked(cam)
-        assert core_a.registry.revoked_serials() == core_b.registry.revoked_serials()
+
+        directories = []
+        crls = []
+        for core in (core_a, core_b):
+            async with core.channel(identity=gateway) as ch:
+                signed = await core_pb2_grpc.CoreStub(ch).GetGatewayDirectory(
+                    core_pb2.GetGatewayDirectoryRequest()
+                )
+            payload = common_pb2.GatewayDirectoryPayload.FromString(signed.payload)
+            pki.verify_signed_payload(
+                signed.payload,
+                signed.signature,
+                signed.signer_certificate_pem.encode(),
+                ca_bundle_pem=core.ca_bundle_pem,
+                now=dt.datetime.now(dt.UTC),
+            )
+            directories.append((payload.version, list(payload.gateways)))
+            async with core.channel() as ch:
+                crls.append(
+                    await enrollment_pb2_grpc.EnrollmentStub(ch).GetCrl(
+                        enrollment_pb2.GetCrlRequest()
+                    )
+                )
+        assert directories[0] == directories[1]
+        assert [g.gateway_id for g in directories[0][1]] == [gateway_id]
+        parsed = [x509.load_der_x509_crl(c.crl_der) for c in crls]
+        assert crls[0].revocation_sequence == crls[1].revocation_sequence == 1
+        assert {r.serial_number for r in parsed[0]} == {r.serial_number for r in parsed[1]}
+        assert {r.serial_number for r in parsed[0]} == {0xABC123}
+        numbers = [c.extensions.get_extension_for_class(x509.CRLNumber).value for c in parsed]
+        assert numbers[0].crl_number != numbers[1].crl_number
 
 
 # -- core settings and CLI -----------------------------------------------------------------
