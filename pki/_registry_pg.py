@@ -133,6 +133,13 @@ class PostgresRegistry:
         self._listen_lock = threading.Lock()
         self._listen_thread: threading.Thread | None = None
         self._closing = threading.Event()
+        # One direct connection first: a clear error (refused, unknown database, bad
+        # password) at once instead of a pool timeout, and the migrations run on it.
+        try:
+            with psycopg.connect(url, **self._kwargs) as conn:
+                apply_migrations(conn)
+        except psycopg.Error as exc:
+            raise _error(f"cannot open registry {redacted_url(url)}", exc) from None
         try:
             self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = (
                 psycopg_pool.ConnectionPool(
@@ -149,24 +156,11 @@ class PostgresRegistry:
             self._pool.open(wait=True, timeout=connect_timeout_s)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise _error(f"cannot open registry {redacted_url(url)}", exc) from None
-        try:
-            self._migrate()
-        except BaseException:
-            self._pool.close()
-            raise
 
     def __repr__(self) -> str:
         return f"PostgresRegistry({redacted_url(self.url)!r})"
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        psycopg = self._psycopg
-        try:
-            with self._pool.connection() as conn:
-                apply_migrations(conn)
-        except psycopg.Error as exc:
-            raise _error("registry migration failed", exc) from None
 
     def schema_version(self) -> int:
         rows = self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")

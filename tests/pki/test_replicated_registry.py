@@ -344,6 +344,7 @@ def test_pki_commands_work_on_a_postgres_registry_and_never_print_its_password(
     assert code == 1
     assert "hunter2" not in out
     assert "cannot open registry postgresql://postgres:***@127.0.0.1:1/" in out
+    assert "Connection refused" in out
 
 
 # -- pki migrate ----------------------------------------------------------------------------
