@@ -79,22 +79,10 @@ class PostgresAnswerStore:
         self._writes = 0
         self._lock = threading.Lock()
         self.url = url
+        kwargs: dict[str, Any] = {"connect_timeout": 10, "application_name": "edgeward-answers"}
         try:
-            self._pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
-                url,
-                min_size=1,
-                max_size=max(1, pool_size),
-                kwargs={"connect_timeout": 10, "application_name": "edgeward-answers"},
-                check=psycopg_pool.ConnectionPool.check_connection,
-                timeout=10,
-                open=False,
-                name="edgeward-answers",
-            )
-            self._pool.open(wait=True, timeout=10)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise self._error(f"cannot open answers in {pki.redacted_url(url)}", exc) from None
-        try:
-            with self._pool.connection() as conn, conn.transaction():
+            # One direct connection first: the table, and a clear error when it cannot open.
+            with psycopg.connect(url, **kwargs) as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS escalation_answers ("
@@ -106,9 +94,19 @@ class PostgresAnswerStore:
                     "CREATE INDEX IF NOT EXISTS escalation_answers_age"
                     " ON escalation_answers (created_at)"
                 )
-        except psycopg.Error as exc:
-            self._pool.close()
-            raise self._error("cannot create the answers table", exc) from None
+            self._pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+                url,
+                min_size=1,
+                max_size=max(1, pool_size),
+                kwargs=kwargs,
+                check=psycopg_pool.ConnectionPool.check_connection,
+                timeout=10,
+                open=False,
+                name="edgeward-answers",
+            )
+            self._pool.open(wait=True, timeout=10)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._error(f"cannot open answers in {pki.redacted_url(url)}", exc) from None
 
     @staticmethod
     def _error(what: str, exc: BaseException) -> pki.RegistryError:
