@@ -113,7 +113,7 @@ class PostgresRegistry:
         url: str,
         *,
         pool_size: int = 8,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
         application_name: str = "edgeward",
     ) -> None:
         try:

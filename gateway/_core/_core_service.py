@@ -107,10 +107,23 @@ class RevocationFeed:
         stop = await asyncio.to_thread(self._registry.watch_revocations, lambda: self._pushed(loop))
         self.pushed = stop is not None
         _log.info("revocations.follow", pushed=self.pushed, poll_s=self._poll_s)
+        failing = False
         try:
             while True:
                 self._poke.clear()
-                seq = await asyncio.to_thread(self._registry.last_sequence)
+                try:
+                    seq = await asyncio.to_thread(self._registry.last_sequence)
+                except pki.RegistryError as exc:
+                    # The database is away (a restart, a lost network): keep trying at the poll
+                    # interval; streams fail on their own reads and gateways reconnect.
+                    if not failing:
+                        _log.warning("revocations.unreadable", error=str(exc))
+                    failing = True
+                    seq = self._last
+                else:
+                    if failing:
+                        _log.info("revocations.readable")
+                    failing = False
                 if seq != self._last:
                     self._last = seq
                     async with self._changed:

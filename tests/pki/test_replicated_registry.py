@@ -580,3 +580,30 @@ def test_pki_never_imports_the_database_driver_unless_asked(tmp_path: Path) -> N
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
     assert done.returncode == 0, done.stderr.decode()
+
+
+@pytest.mark.slow
+async def test_a_core_without_its_database_answers_unavailable_then_recovers(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """Enrolment while PostgreSQL is down is UNAVAILABLE (retryable, on another replica too),
+    never a refusal that spends or voids anything; once it is back the same token enrols, and
+    the core's revocation feed, which kept failing meanwhile, follows the registry again."""
+    with running_postgres() as server:
+        url = server.create_database()
+        async with running_core(pki_dir, tmp_path, core_id="core-lonely", registry=url) as core:
+            cam = unique_id("cam")
+            token = core.token(cam)
+            await asyncio.to_thread(server.stop)
+            try:
+                err = await raw_enroll(core, token, make_csr(cam))
+            finally:
+                await asyncio.to_thread(server.start)
+            assert err is not None
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            assert await raw_enroll(core, token, make_csr(cam)) is None
+            # The feed lived through the outage and follows the registry again.
+            await asyncio.to_thread(core.server.revoke_device, cam)
+            async with asyncio.timeout(10):
+                while core.server.feed.last_sequence != 1:  # noqa: ASYNC110 - test polling
+                    await asyncio.sleep(0.05)
