@@ -73,6 +73,7 @@ class PostgresAnswerStore:
                 "answers on PostgreSQL need psycopg: pip install 'edgeward[gateway]'"
             ) from exc
         self._psycopg = psycopg
+        self._pool_timeout = psycopg_pool.PoolTimeout
         self._max_entries = max_entries
         self._ttl_s = ttl_s
         self._clock = clock
@@ -100,17 +101,23 @@ class PostgresAnswerStore:
                 max_size=max(1, pool_size),
                 kwargs=kwargs,
                 check=psycopg_pool.ConnectionPool.check_connection,
-                timeout=10,
+                timeout=5,
                 open=False,
                 name="edgeward-answers",
             )
-            self._pool.open(wait=True, timeout=10)
+            self._pool.open(wait=True, timeout=5)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise self._error(f"cannot open answers in {pki.redacted_url(url)}", exc) from None
 
     @staticmethod
     def _error(what: str, exc: BaseException) -> pki.RegistryError:
+        # Unreachable database: RegistryUnavailable (UNAVAILABLE, the gateway retries).
+        import psycopg
+        import psycopg_pool
+
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
+            return pki.RegistryUnavailable(f"{what}: {text}")
         return pki.RegistryError(f"{what}: {text}")
 
     def __repr__(self) -> str:
@@ -127,7 +134,7 @@ class PostgresAnswerStore:
                     " AND escalation_id = %s AND created_at > %s",
                     (gateway_id, escalation_id, self._clock() - self._ttl_s),
                 ).fetchone()
-        except self._psycopg.Error as exc:
+        except (self._psycopg.Error, self._pool_timeout) as exc:
             raise self._error("answers read failed", exc) from None
         return None if row is None else core_pb2.EscalationResult.FromString(bytes(row[0]))
 
@@ -156,7 +163,7 @@ class PostgresAnswerStore:
                     prune = self._writes % _PRUNE_EVERY == 0
                 if prune:
                     self._prune(conn, now)
-        except self._psycopg.Error as exc:
+        except (self._psycopg.Error, self._pool_timeout) as exc:
             raise self._error("answers write failed", exc) from None
         return result if row is None else core_pb2.EscalationResult.FromString(bytes(row[0]))
 
@@ -172,6 +179,6 @@ class PostgresAnswerStore:
         try:
             with self._pool.connection() as conn:
                 row = conn.execute("SELECT COUNT(*) FROM escalation_answers").fetchone()
-        except self._psycopg.Error as exc:
+        except (self._psycopg.Error, self._pool_timeout) as exc:
             raise self._error("answers read failed", exc) from None
         return int(row[0]) if row else 0
