@@ -298,6 +298,9 @@ def test_core_settings_take_a_registry_url_and_never_echo_it(tmp_path: Path) -> 
     assert settings.registry_display == "postgresql://edgeward:***@db.example:5432/edgeward"
     default = load_core_settings(None, pki_dir=tmp_path)
     assert default.registry_target == pki.PkiLayout(tmp_path).registry
+    toml = tmp_path / "core.toml"
+    toml.write_text(f'pki_dir = "{tmp_path}"\nregistry = "{url}"\n')
+    assert load_core_settings(toml).registry_target == url
     with pytest.raises(ConfigError) as info:
         load_core_settings(None, pki_dir=tmp_path, registry="mysql://root:hunter2@db/x")
     assert "registry" in str(info.value)
