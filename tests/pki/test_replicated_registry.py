@@ -610,3 +610,92 @@ async def test_a_core_without_its_database_answers_unavailable_then_recovers(
             async with asyncio.timeout(10):
                 while core.server.feed.last_sequence != 1:  # noqa: ASYNC110 - test polling
                     await asyncio.sleep(0.05)
+
+
+# -- the two backends agree ------------------------------------------------------------------
+
+
+def _script(reg: pki.Registry) -> list[object]:
+    """One scripted history of the registry; every answer and every listing along the way."""
+    out: list[object] = []
+    hour = dt.timedelta(hours=1)
+
+    def attempt(fn: object, *args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)  # type: ignore[operator]
+        except pki.PkiError as exc:  # the driver's own words differ; the decision may not
+            return type(exc).__name__
+
+    def cert(serial: str, device_id: str, at: dt.datetime) -> pki.CertificateRecord:
+        return pki.CertificateRecord(serial, device_id, at + hour * 24, pki.Status.ACTIVE, at)
+
+    for i in range(3):
+        out.append(
+            reg.create_token(
+                pki.TokenRecord(f"h{i}", "cam-a", "pet-camera", "home", NOW + hour, None), now=NOW
+            )
+        )
+    out.append(attempt(reg.consume_token, "h0", now=NOW))
+    out.append(attempt(reg.complete_enrolment, "h2", certificate=cert("a1", "cam-a", NOW), now=NOW))
+    later = NOW + dt.timedelta(minutes=1)
+    reg.create_token(
+        pki.TokenRecord("h3", "cam-a", "pet-camera", "west", NOW + hour, None), now=later
+    )
+    out.append(
+        attempt(reg.complete_enrolment, "h3", certificate=cert("a2", "cam-a", later), now=later)
+    )
+    out.append(
+        attempt(reg.complete_enrolment, "h3", certificate=cert("a3", "cam-a", later), now=later)
+    )
+    out.append(
+        attempt(reg.complete_enrolment, "nope", certificate=cert("a4", "cam-a", NOW), now=NOW)
+    )
+    out.append(attempt(reg.record_renewal, "a2", cert("a5", "cam-a", later)))
+    out.append(attempt(reg.upsert_device, "cam-b", type="pet-camera", region="home", now=NOW))
+    out.append(attempt(reg.record_certificate, cert("b1", "cam-b", NOW)))
+    out.append(attempt(reg.record_certificate, cert("b1", "cam-b", NOW)))
+    server = pki.ServerCertificateRecord(
+        "5e1", pki.Role.GATEWAY, "gw-a", NOW + hour, pki.Status.ACTIVE, NOW
+    )
+    out.append(attempt(reg.record_server_certificate, server))
+    out.append(attempt(reg.record_server_certificate, pki.ServerCertificateRecord(
+        "5e2", pki.Role.CORE, "cam-b", NOW + hour, pki.Status.ACTIVE, NOW)))  # fmt: skip
+    out.append(attempt(reg.upsert_device, "gw-a", type="pet-camera", region="home", now=NOW))
+    out.append(reg.upsert_gateway(pki.GatewayRecord("gw-a", "home", "127.0.0.1:1", "", NOW)))
+    out.append(reg.upsert_gateway(pki.GatewayRecord("gw-a", "home", "127.0.0.1:1", "", NOW)))
+    out.append(reg.upsert_gateway(pki.GatewayRecord("gw-a", "home", "127.0.0.1:2", "", NOW)))
+    out.append(attempt(reg.revoke_serial, "0xB1", reason="key\nexposed", now=later))
+    out.append(attempt(reg.revoke_server, pki.Role.GATEWAY, "gw-a", reason="gone", now=later))
+    out.append(attempt(reg.revoke_server, pki.Role.GATEWAY, "gw-a", reason="again", now=later))
+    out.append(attempt(reg.revoke_device, "cam-a", reason="stolen", now=later))
+    out.append(attempt(reg.revoke_device, "cam-zz", reason="x", now=later))
+    out.append(attempt(reg.create_token, pki.TokenRecord(
+        "h9", "cam-a", "pet-camera", "home", NOW + hour, None), now=later))  # fmt: skip
+    out += [reg.next_crl_number(), reg.next_crl_number()]
+    out += [
+        reg.list_devices(),
+        reg.list_certificates(),
+        reg.list_certificates("cam-a"),
+        reg.list_server_certificates(),
+        reg.list_server_certificates(pki.Role.GATEWAY, "gw-a"),
+        [reg.get_token(f"h{i}") for i in range(5)],
+        reg.revocations_since(0),
+        reg.revocations_since(2, limit=2),
+        reg.last_sequence(),
+        reg.revoked_serials(),
+        [reg.is_revoked("cam-a"), reg.is_revoked("cam-b", "b1"), reg.is_revoked("cam-b", "zz")],
+        reg.list_gateways(),
+        reg.directory_version(),
+        reg.get_server_certificate("05E1"),
+    ]
+    return out
+
+
+def test_sqlite_and_postgresql_give_the_same_answers(tmp_path: Path, postgres_url: str) -> None:
+    with (
+        contextlib.closing(pki.open_registry(tmp_path / "r.sqlite3")) as lite,
+        contextlib.closing(pki.open_registry(postgres_url)) as pg,
+    ):
+        expected, got = _script(lite), _script(pg)
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert a == b, f"step {i}"
