@@ -128,6 +128,11 @@ class PostgresRegistry:
         self._kwargs: dict[str, Any] = {
             "connect_timeout": max(1, round(connect_timeout_s)),
             "application_name": application_name,
+            # A silent network loss must not leave the listener waiting on a dead socket.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         }
         self._listeners: list[Callable[[], None]] = []
         self._listen_lock = threading.Lock()
