@@ -40,7 +40,8 @@ import datetime as dt
 import enum
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ __all__ = [
     "SqliteRegistry",
     "Status",
     "TokenRecord",
+    "is_postgres_url",
+    "open_registry",
+    "redacted_url",
 ]
 
 
@@ -217,6 +221,12 @@ class Registry(Protocol):
     def upsert_gateway(self, record: GatewayRecord) -> int: ...
     def list_gateways(self) -> list[GatewayRecord]: ...
     def directory_version(self) -> int: ...
+    def watch_revocations(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``callback`` from another thread after each revocation committed by any
+        process; returns a function that stops it, or ``None`` when this backend cannot push
+        (the caller polls :meth:`last_sequence`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -398,6 +408,10 @@ class SqliteRegistry:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def watch_revocations(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """``None``: SQLite cannot tell another process's commit; readers poll."""
+        return None
 
     def __enter__(self) -> SqliteRegistry:
         return self
@@ -1105,3 +1119,63 @@ class SqliteRegistry:
     def directory_version(self) -> int:
         rows = self._read("SELECT value FROM counters WHERE name = 'directory'")
         return int(rows[0][0]) if rows else 0
+
+
+def open_registry(target: str | Path) -> Registry:
+    """The registry ``target`` names: a PostgreSQL URL (``postgresql://…``, ``postgres://…``),
+    an SQLite URL (``sqlite:///path``) or a file path (SQLite).
+
+    The PostgreSQL backend is imported only here, so installs without a database driver
+    (devices) never need it. Raises :class:`RegistryError` for another URL scheme; no error
+    carries the URL's password.
+    """
+    if isinstance(target, Path):
+        return SqliteRegistry(target)
+    text = str(target).strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return SqliteRegistry(Path(text))
+    scheme = scheme.lower()
+    if scheme in {"postgresql", "postgres"}:
+        from pki._registry_pg import PostgresRegistry
+
+        return PostgresRegistry(text)
+    if scheme == "sqlite":
+        path = rest.removeprefix("/") if rest.startswith("//") else rest
+        if not path:
+            raise RegistryError("sqlite:// needs a path: sqlite:///var/lib/edgeward/registry")
+        return SqliteRegistry(Path(path))
+    raise RegistryError(
+        f"unsupported registry URL scheme {scheme!r}: use a file path, sqlite:///PATH "
+        "or postgresql://USER@HOST/DB"
+    )
+
+
+def is_postgres_url(target: str | Path | None) -> bool:
+    """Whether ``target`` names a PostgreSQL registry."""
+    if target is None or isinstance(target, Path):
+        return False
+    return str(target).strip().lower().startswith(("postgresql://", "postgres://"))
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by
+    ``***``: the only form of a registry URL that is logged or printed."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            netloc = f"{parts.username or ''}:***@{host}"
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in query):
+            query = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+            new_query = urllib.parse.urlencode(query, safe="*")
+        else:
+            new_query = parts.query
+    except ValueError:
+        return "<unparsable URL>"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=new_query))

@@ -19,7 +19,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import structlog
@@ -170,7 +170,8 @@ class CoreConsole(WebConsole):
 
     @property
     def registry(self) -> pki.SqliteRegistry:
-        return self.server.registry
+        # The core starts a console only on a registry that keeps operators (SQLite so far).
+        return cast("pki.SqliteRegistry", self.server.registry)
 
     # -- authentication -------------------------------------------------------------------------
 

@@ -12,7 +12,10 @@ Three parts:
   bounded queue.
 - :class:`AnswerStore` keeps every answer, keyed by (gateway, escalation id), in SQLite: a
   retry of an escalation whose reply was lost gets the stored answer and the models do not
-  run again. A retry that arrives while the first is still running waits for it.
+  run again. A retry that arrives while the first is still running waits for it. Replicated
+  cores keep the answers in their PostgreSQL registry instead
+  (:class:`gateway._core._answers.PostgresAnswerStore`, ``answers_url=``); the first answer
+  stored is the one every replica replies with.
 - :class:`EscalateService` is the handler :class:`gateway._core.CoreServer` plugs in as
   ``escalate=``. The core service has already required a *gateway* identity from the TLS peer
   certificate (a device or another core is refused with ``PERMISSION_DENIED``); the handler
@@ -40,6 +43,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pki
+from gateway._core._answers import Answers, PostgresAnswerStore
 from gateway._core._identify import (
     CALIBRATION_FILE,
     Calibration,
@@ -497,18 +501,29 @@ class AnswerStore:
             ).fetchone()
         return None if row is None else core_pb2.EscalationResult.FromString(bytes(row[0]))
 
-    def put(self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult) -> None:
-        """Store ``result`` (first write wins); prune now and then."""
+    def put(
+        self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult
+    ) -> core_pb2.EscalationResult:
+        """Store ``result`` unless an answer is stored (first write wins); return the stored
+        answer. Prune now and then."""
         now = self._clock()
         with self._lock:
+            # First write wins; an expired answer counts as absent and is replaced.
             self._db.execute(
-                "INSERT OR IGNORE INTO answers (gateway_id, escalation_id, result, created_at)"
-                " VALUES (?,?,?,?)",
-                (gateway_id, escalation_id, result.SerializeToString(), now),
+                "INSERT INTO answers (gateway_id, escalation_id, result, created_at)"
+                " VALUES (?,?,?,?) ON CONFLICT (gateway_id, escalation_id) DO UPDATE"
+                " SET result = excluded.result, created_at = excluded.created_at"
+                " WHERE answers.created_at <= ?",
+                (gateway_id, escalation_id, result.SerializeToString(), now, now - self._ttl_s),
             )
+            row = self._db.execute(
+                "SELECT result FROM answers WHERE gateway_id = ? AND escalation_id = ?",
+                (gateway_id, escalation_id),
+            ).fetchone()
             self._writes += 1
             if self._writes % 256 == 0:
                 self._prune(now)
+        return result if row is None else core_pb2.EscalationResult.FromString(bytes(row[0]))
 
     def _prune(self, now: float) -> None:
         self._db.execute("DELETE FROM answers WHERE created_at <= ?", (now - self._ttl_s,))
@@ -540,18 +555,21 @@ class EscalateService:
         settings: CoreEscalationSettings,
         *,
         models: CoreModels | None = None,
-        store: AnswerStore | None = None,
+        store: Answers | None = None,
+        answers_url: str | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.models = models or CoreModels(settings)
         self._store = store
+        # A PostgreSQL URL (the replicated core's registry): answers shared by every replica.
+        self._answers_url = answers_url
         self._wall = wall_clock
         self._inflight: dict[tuple[str, str], asyncio.Future[core_pb2.EscalationResult]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     @property
-    def store(self) -> AnswerStore:
+    def store(self) -> Answers:
         """The answer store (open inside the context manager)."""
         assert self._store is not None  # noqa: S101 - opened in __aenter__
         return self._store
@@ -559,19 +577,32 @@ class EscalateService:
     async def __aenter__(self) -> Self:
         s = self.settings
         if self._store is None:
-            self._store = AnswerStore(
-                s.answer_store,
-                max_entries=s.max_stored_answers,
-                ttl_s=s.answer_ttl_s,
-                clock=self._wall,
-            )
+            if self._answers_url is not None:
+                self._store = await asyncio.to_thread(
+                    PostgresAnswerStore,
+                    self._answers_url,
+                    max_entries=s.max_stored_answers,
+                    ttl_s=s.answer_ttl_s,
+                    clock=self._wall,
+                )
+            else:
+                self._store = AnswerStore(
+                    s.answer_store,
+                    max_entries=s.max_stored_answers,
+                    ttl_s=s.answer_ttl_s,
+                    clock=self._wall,
+                )
             self._stack.callback(self._store.close)
         await self._stack.enter_async_context(self.models)
         _log.info(
             "escalation enabled",
             models=[DETECTOR, CLASSIFIER],
             idle_release_s=s.idle_release_s,
-            answer_store=str(s.answer_store) if s.answer_store else "memory",
+            answer_store=(
+                pki.redacted_url(self._answers_url)
+                if self._answers_url is not None
+                else str(s.answer_store or "memory")
+            ),
         )
         return self
 
@@ -679,7 +710,5 @@ class EscalateService:
             ),
             model_ms=answer.model_ms,
         )
-        self.store.put(*key, result)
-        # Replicas sharing the store may have raced on this id: the first stored answer is
-        # the one every replica returns.
-        return self.store.get(*key) or result
+        # Another replica may have stored its answer first: reply with the stored one.
+        return self.store.put(*key, result)

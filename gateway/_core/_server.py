@@ -176,7 +176,7 @@ class CoreServer:
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
-    registry: pki.SqliteRegistry
+    registry: pki.Registry
     authority: pki.EnrollmentAuthority
     identity: pki.IdentityFiles
     feed: RevocationFeed
@@ -223,7 +223,7 @@ class CoreServer:
             self.escalation_log = EscalationLog()
             if escalate is not None:
                 escalate = self.escalation_log.wrap(escalate)
-        self.registry = pki.SqliteRegistry(s.registry_path)
+        self.registry = await asyncio.to_thread(pki.open_registry, s.registry_target)
         self._stack.callback(self.registry.close)
         # What the services use: the same registry, each operation timed for the metrics.
         registry = timed_registry(self.registry, self.metrics.on_registry)
@@ -321,7 +321,13 @@ class CoreServer:
             )
             self.metrics_port = metrics_server.port
 
-        if s.console_enabled:
+        if s.console_enabled and not isinstance(self.registry, pki.OperatorRegistry):
+            # Operators (console logins) live in the SQLite registry so far.
+            _log.warning(
+                "console off: operators are not kept in this registry yet",
+                registry=s.registry_display,
+            )
+        elif s.console_enabled:
             from gateway._console import CoreConsole
 
             self.console = await self._stack.enter_async_context(
@@ -339,6 +345,7 @@ class CoreServer:
             enrol_address=self.enrol_address,
             metrics_port=self.metrics_port or None,
             console=self.console.url if self.console is not None else None,
+            registry=s.registry_display,
         )
 
     async def _stop_server(self) -> None:

@@ -128,6 +128,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
         case ResourceExhausted():
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
+        case pki.RegistryUnavailable():
+            # The database is away: retryable, on this core later or on another replica.
+            return grpc.StatusCode.UNAVAILABLE, "the registry is unavailable; retry", ()
         case pki.RegistryError():
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
         case _:
