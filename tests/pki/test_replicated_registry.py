@@ -262,7 +262,8 @@ async def test_replicas_serve_the_same_crl_and_directory(
                 )
         assert directories[0] == directories[1]
         assert [g.gateway_id for g in directories[0][1]] == [gateway_id]
-        parsed = [x509.load_der_x509_crl(c.crl_der) for c in crls]
+        # The device was revoked: the device CA's CRL lists it.
+        parsed = [x509.load_der_x509_crl(c.device_crl_der) for c in crls]
         assert crls[0].revocation_sequence == crls[1].revocation_sequence == 1
         assert {r.serial_number for r in parsed[0]} == {r.serial_number for r in parsed[1]}
         assert {r.serial_number for r in parsed[0]} == {0xABC123}
@@ -337,7 +338,7 @@ def test_pki_commands_work_on_a_postgres_registry_and_never_print_its_password(
         "pki", "crl", "--dir", str(pki_dir), "--registry", url, "--out", str(tmp_path / "c.pem")
     )
     assert code == 0, crl_out
-    assert "1 revoked" in crl_out
+    assert "CRLs with 0 device and 1 gateway/core certificate(s)" in crl_out
     # The SQLite registry of the directory was not touched.
     with contextlib.closing(pki.open_registry(pki.PkiLayout(pki_dir).registry)) as local:
         assert local.list_server_certificates() == []
@@ -451,7 +452,8 @@ async def test_core_run_on_a_postgres_registry(
     url = postgres_server.url(database, password="hunter2-secret")
     core = await asyncio.create_subprocess_exec(
         *EDGEWARD, "core", "run", "--pki-dir", str(pki_dir), "--listen", "127.0.0.1:0",
-        "--enrol-listen", "127.0.0.1:0", "--core-id", "core-pg", "--registry", url,
+        "--enrol-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--core-id", "core-pg", "--registry", url,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     lines: list[bytes] = []
