@@ -58,6 +58,7 @@ from pki.errors import (
 
 __all__ = [
     "CertificateRecord",
+    "CoreRegistry",
     "DeviceRecord",
     "EnrolmentRecord",
     "GatewayRecord",
@@ -247,6 +248,12 @@ class OperatorRegistry(Protocol):
     def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord: ...
     def get_operator(self, operator_id: str) -> OperatorRecord | None: ...
     def list_operators(self) -> list[OperatorRecord]: ...
+
+
+@runtime_checkable
+class CoreRegistry(Registry, OperatorRegistry, Protocol):
+    """What a core opens (:func:`open_registry`): the registry and its console operators.
+    Both backends, SQLite and PostgreSQL, keep both."""
 
 
 _SCHEMA = """
@@ -1121,7 +1128,7 @@ class SqliteRegistry:
         return int(rows[0][0]) if rows else 0
 
 
-def open_registry(target: str | Path) -> Registry:
+def open_registry(target: str | Path) -> CoreRegistry:
     """The registry ``target`` names: a PostgreSQL URL (``postgresql://…``, ``postgres://…``),
     an SQLite URL (``sqlite:///path``) or a file path (SQLite).
 
