@@ -3,8 +3,11 @@ gateways and cores, one-time login tokens, and ``edgeward pki operator-token``."
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,18 @@ from edgeward.cli import main
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each operator test runs on both backends: an SQLite file, a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "registry.sqlite3")
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> pki.SqliteRegistry:
-    r = pki.SqliteRegistry(tmp_path / "registry.sqlite3")
-    yield r  # type: ignore[misc]
+def registry(registry_url: str) -> Iterator[pki.CoreRegistry]:
+    r = pki.open_registry(registry_url)
+    yield r
     r.close()
 
 
@@ -44,7 +55,7 @@ def test_an_operator_certificate_is_a_client_certificate_only(pki_dir: Path) -> 
         ca.issue(key.public_key(), identity=identity, now=NOW, dns_names=["console.example"])
 
 
-def test_a_login_token_works_once_and_names_its_role(registry: pki.SqliteRegistry) -> None:
+def test_a_login_token_works_once_and_names_its_role(registry: pki.CoreRegistry) -> None:
     token = pki.create_operator_token(registry, name="ops-alice", role="admin", now=NOW)
     assert token.startswith("ops-alice.")
     assert len(token) > 40
@@ -60,7 +71,7 @@ def test_a_login_token_works_once_and_names_its_role(registry: pki.SqliteRegistr
     assert "ops-alice." not in str(info.value)
 
 
-def test_a_login_token_expires_to_the_second(registry: pki.SqliteRegistry) -> None:
+def test_a_login_token_expires_to_the_second(registry: pki.CoreRegistry) -> None:
     ttl = dt.timedelta(minutes=10)
     early = pki.create_operator_token(registry, name="ops-bob", role="viewer", ttl=ttl, now=NOW)
     late = pki.create_operator_token(registry, name="ops-bob", role="viewer", ttl=ttl, now=NOW)
@@ -70,8 +81,76 @@ def test_a_login_token_expires_to_the_second(registry: pki.SqliteRegistry) -> No
     assert info.value.reason == "token expired"
 
 
+def test_a_new_token_leaves_the_earlier_ones_valid_until_used_or_expired(
+    registry: pki.CoreRegistry,
+) -> None:
+    first = pki.create_operator_token(registry, name="ops-ida", role="viewer", now=NOW)
+    second = pki.create_operator_token(registry, name="ops-ida", role="admin", now=NOW)
+    # The role is the operator's, set by the newest token, whichever token logs in.
+    assert pki.redeem_operator_token(registry, first, now=NOW).role is pki.OperatorRole.ADMIN
+    assert pki.redeem_operator_token(registry, second, now=NOW).id == "ops-ida"
+    with pytest.raises(pki.TokenRejected) as info:
+        pki.redeem_operator_token(registry, first, now=NOW)
+    assert info.value.reason == "token already used"
+    with pytest.raises(pki.TokenRejected) as info:
+        pki.redeem_operator_token(registry, "ops-ida." + "A" * 43, now=NOW)
+    assert info.value.reason == "unknown token"
+    assert [(o.id, o.role) for o in registry.list_operators()] == [
+        ("ops-ida", pki.OperatorRole.ADMIN)
+    ]
+
+
+def _race(registries: tuple[pki.CoreRegistry, ...], token: str) -> list[str]:
+    """Every registry redeems ``token`` at once (one thread each); what each got."""
+    barrier = threading.Barrier(len(registries))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def redeem(reg: pki.CoreRegistry) -> None:
+        barrier.wait(timeout=30)
+        try:
+            outcome = pki.redeem_operator_token(reg, token, now=NOW).id
+        except pki.TokenRejected as exc:
+            outcome = exc.reason
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=redeem, args=(r,)) for r in registries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return sorted(outcomes)
+
+
+def test_two_registries_racing_for_one_login_token_let_exactly_one_win(
+    registry_url: str,
+) -> None:
+    """Two replicas (two registry objects, each with its own connections) redeem the same
+    token at the same moment, round after round: exactly one login per token."""
+    with (
+        contextlib.closing(pki.open_registry(registry_url)) as one,
+        contextlib.closing(pki.open_registry(registry_url)) as two,
+    ):
+        for n in range(15):
+            token = pki.create_operator_token(one, name="ops-race", role="admin", now=NOW)
+            assert _race((one, two), token) == ["ops-race", "token already used"], n
+
+
+def test_a_revoked_operator_cannot_log_in_or_get_a_token(registry: pki.CoreRegistry) -> None:
+    from tests.pki.conftest import execute_raw
+
+    token = pki.create_operator_token(registry, name="ops-jo", role="admin", now=NOW)
+    execute_raw(registry, "UPDATE operators SET status = 'revoked' WHERE id = ?", ("ops-jo",))
+    with pytest.raises(pki.TokenRejected) as info:
+        pki.redeem_operator_token(registry, token, now=NOW)
+    assert info.value.reason == "operator is revoked"
+    with pytest.raises(pki.RegistryError, match="revoked"):
+        pki.create_operator_token(registry, name="ops-jo", role="admin", now=NOW)
+
+
 def test_role_changes_with_a_new_token_and_bad_values_are_refused(
-    registry: pki.SqliteRegistry,
+    registry: pki.CoreRegistry,
 ) -> None:
     pki.create_operator_token(registry, name="ops-carol", role="admin", now=NOW)
     pki.create_operator_token(registry, name="ops-carol", role="viewer", now=NOW)
@@ -89,7 +168,7 @@ def test_role_changes_with_a_new_token_and_bad_values_are_refused(
         pki.redeem_operator_token(registry, "no-dot-here", now=NOW)
 
 
-def test_operators_share_the_id_namespace_with_every_role(registry: pki.SqliteRegistry) -> None:
+def test_operators_share_the_id_namespace_with_every_role(registry: pki.CoreRegistry) -> None:
     pki.create_operator_token(registry, name="ops-dave", role="viewer", now=NOW)
     with pytest.raises(pki.IdentityConflict):
         pki.create_token(
