@@ -17,6 +17,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import pki
 from edgeward.cli import main
+from tests._support.core import running_core
+from tests.console._client import console_client
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -265,3 +267,44 @@ def test_cli_operator_token_prints_the_token_once_and_audits(tmp_path: Path) -> 
     )
     assert clash.exit_code == 1
     assert "ops-frank" in clash.output
+
+
+async def test_a_core_on_postgresql_serves_its_console_to_a_cli_token(
+    pki_dir: Path, tmp_path: Path, postgres_url: str
+) -> None:
+    """The console runs on a core whose registry is PostgreSQL; a token made by
+    ``edgeward pki operator-token --registry postgresql://…`` (another process's view of the
+    same database) logs in over HTTPS, once."""
+    async with running_core(
+        pki_dir,
+        tmp_path,
+        core_id="core-pg-console",
+        registry=postgres_url,
+        console_enabled=True,
+        console_listen="127.0.0.1:0",
+    ) as core:
+        assert isinstance(core.server.registry, pki.PostgresRegistry)
+        assert core.server.console is not None
+        result = CliRunner().invoke(
+            main,
+            [
+                "pki", "operator-token", "--dir", str(pki_dir), "--registry", postgres_url,
+                "--name", "ops-pg", "--role", "viewer",
+            ],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        token = result.stdout.strip().splitlines()[-1]
+        assert token.startswith("ops-pg.")
+        # Stored in the database, not in the PKI directory's SQLite file.
+        with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+            assert reg.get_operator("ops-pg") is not None
+        base, bundle = core.server.console.url, pki_dir / "ca-bundle.pem"
+        async with console_client(base, bundle) as c:
+            status, headers = await c.login(token)
+            assert (status, headers["Location"]) == (303, "/fleet")
+            status, _, body = await c.get("/fleet")
+            assert status == 200
+            assert "ops-pg (viewer)" in body
+        async with console_client(base, bundle) as c:
+            status, _ = await c.login(token)  # spent
+            assert status == 401
