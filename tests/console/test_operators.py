@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,53 @@ def test_two_registries_racing_for_one_login_token_let_exactly_one_win(
         for n in range(15):
             token = pki.create_operator_token(one, name="ops-race", role="admin", now=NOW)
             assert _race((one, two), token) == ["ops-race", "token already used"], n
+
+
+def _at_once(*calls: Callable[[], object]) -> list[str]:
+    """Run ``calls`` at the same moment, one thread each; per call "won" or the name of the
+    registry error it raised."""
+    barrier = threading.Barrier(len(calls))
+    results = [""] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            calls[i]()
+            results[i] = "won"
+        except pki.RegistryError as exc:
+            results[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_an_operator_and_a_device_racing_for_one_id_on_two_registries_get_one_winner(
+    registry_url: str,
+) -> None:
+    """The id claim is checked inside each write, under the writer lock: of an operator token
+    and an enrolment token for the same name, made at once through two replicas, exactly one
+    is stored and the other is an IdentityConflict."""
+    with (
+        contextlib.closing(pki.open_registry(registry_url)) as one,
+        contextlib.closing(pki.open_registry(registry_url)) as two,
+    ):
+        for n in range(10):
+            name = f"who-{n}"
+            operator, device = _at_once(
+                functools.partial(
+                    pki.create_operator_token, one, name=name, role="admin", now=NOW
+                ),
+                functools.partial(
+                    pki.create_token, two, device_id=name, device_type="pet_camera",
+                    region="home", ttl=dt.timedelta(hours=1), now=NOW,
+                ),
+            )  # fmt: skip
+            assert sorted([operator, device]) == ["IdentityConflict", "won"], n
+            assert (one.get_operator(name) is not None) == (operator == "won"), n
 
 
 def test_a_revoked_operator_cannot_log_in_or_get_a_token(registry: pki.CoreRegistry) -> None:
