@@ -22,7 +22,8 @@ a device once the device is registered or an unused, unexpired enrolment token n
 a gateway or core once a certificate of that server is recorded (or a gateway announced itself
 in the directory). Revoked devices and servers keep their ids: a revocation entry must never
 come to mean another holder. Every writer that claims an id (:meth:`SqliteRegistry.create_token`,
-:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`)
+:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`,
+:meth:`SqliteRegistry.create_operator_token`)
 checks the other roles inside its own write transaction, so of two concurrent claimants in
 any processes exactly one wins and the other gets :class:`~pki.errors.IdentityConflict`.
 
