@@ -81,7 +81,7 @@ _REGISTRY = click.option(
 
 
 @contextlib.contextmanager
-def _registry(pki_dir: Path, url: str | None) -> Iterator[pkilib.Registry]:
+def _registry(pki_dir: Path, url: str | None) -> Iterator[pkilib.CoreRegistry]:
     registry = pkilib.open_registry(url or pkilib.PkiLayout(pki_dir).registry)
     try:
         yield registry
@@ -213,11 +213,14 @@ def token_cmd(
 
 @pki.command("operator-token")
 @_DIR
+@_REGISTRY
 @click.option("--name", required=True, callback=validated_id("operator name"))
 @click.option("--role", type=click.Choice(["viewer", "admin"]), required=True)
 @click.option("--ttl", default="10m", show_default=True, help="lifetime: 90s, 10m, 1h (at most 1d)")
 @one_line_errors
-def operator_token_cmd(pki_dir: Path, name: str, role: str, ttl: str) -> None:
+def operator_token_cmd(
+    pki_dir: Path, name: str, role: str, ttl: str, registry_url: str | None
+) -> None:
     """Create a one-time console login token for operator NAME; printed once, hash stored.
 
     The operator's role (viewer: look; admin: also revoke and issue tokens) is recorded in the
@@ -226,7 +229,7 @@ def operator_token_cmd(pki_dir: Path, name: str, role: str, ttl: str) -> None:
     """
     lifetime = pkilib.parse_ttl(ttl)
     pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         token = pkilib.create_operator_token(
             registry, name=name, role=role, ttl=lifetime, now=_now()
         )

@@ -53,6 +53,7 @@ from pki._operators import (
 )
 from pki._registry import (
     CertificateRecord,
+    CoreRegistry,
     DeviceRecord,
     EnrolmentRecord,
     GatewayRecord,
@@ -113,6 +114,7 @@ __all__ = [
     "CertificateExpired",
     "CertificateRecord",
     "CertificateRevoked",
+    "CoreRegistry",
     "CrlSet",
     "DeviceRecord",
     "EnrollmentAuthority",

@@ -22,7 +22,8 @@ a device once the device is registered or an unused, unexpired enrolment token n
 a gateway or core once a certificate of that server is recorded (or a gateway announced itself
 in the directory). Revoked devices and servers keep their ids: a revocation entry must never
 come to mean another holder. Every writer that claims an id (:meth:`SqliteRegistry.create_token`,
-:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`)
+:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`,
+:meth:`SqliteRegistry.create_operator_token`)
 checks the other roles inside its own write transaction, so of two concurrent claimants in
 any processes exactly one wins and the other gets :class:`~pki.errors.IdentityConflict`.
 
@@ -58,6 +59,7 @@ from pki.errors import (
 
 __all__ = [
     "CertificateRecord",
+    "CoreRegistry",
     "DeviceRecord",
     "EnrolmentRecord",
     "GatewayRecord",
@@ -247,6 +249,12 @@ class OperatorRegistry(Protocol):
     def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord: ...
     def get_operator(self, operator_id: str) -> OperatorRecord | None: ...
     def list_operators(self) -> list[OperatorRecord]: ...
+
+
+@runtime_checkable
+class CoreRegistry(Registry, OperatorRegistry, Protocol):
+    """What a core opens (:func:`open_registry`): the registry and its console operators.
+    Both backends, SQLite and PostgreSQL, keep both."""
 
 
 _SCHEMA = """
@@ -1121,7 +1129,7 @@ class SqliteRegistry:
         return int(rows[0][0]) if rows else 0
 
 
-def open_registry(target: str | Path) -> Registry:
+def open_registry(target: str | Path) -> CoreRegistry:
     """The registry ``target`` names: a PostgreSQL URL (``postgresql://…``, ``postgres://…``),
     an SQLite URL (``sqlite:///path``) or a file path (SQLite).
 

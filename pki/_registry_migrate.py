@@ -2,8 +2,9 @@
 
 Everything the registry holds moves: devices, certificates, server certificates, tokens
 (hashes; their used/voided state), revocations with their sequence numbers, the gateway
-directory, and the counters (CRL number, directory version, and the revocation sequence, set to
-the highest number SQLite ever handed out so that no number is used twice). The source is read
+directory, the console's operators and their login tokens (hashes; used or not), and the
+counters (CRL number, directory version, and the revocation sequence, set to the highest number
+SQLite ever handed out so that no number is used twice). The source is read
 in one read transaction (a consistent snapshot, while a core may keep running on it); the
 target is written in one transaction under the registry's writer lock, and the row count of
 every table is compared with the source's before it commits. A target that already holds data
@@ -47,6 +48,8 @@ MIGRATED_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("revocations", ("sequence", "device_id", "serial", "reason", "revoked_at", "role")),
     ("gateways", ("id", "region", "grpc_address", "mqtt_address", "updated_at")),
+    ("operators", ("id", "role", "status", "created_at")),
+    ("operator_tokens", ("token_hash", "operator_id", "expires_at", "used_at", "created_at")),
     ("counters", ("name", "value")),
 )
 _SEQUENCE_COUNTER = "revocation_sequence"

@@ -1,7 +1,8 @@
 """The registry on PostgreSQL, for a core replicated over several processes or machines.
 
-:class:`PostgresRegistry` implements :class:`pki.Registry` with the guarantees
-:class:`pki.SqliteRegistry` documents, shared by every replica that opens the same database:
+:class:`PostgresRegistry` implements :class:`pki.Registry` and :class:`pki.OperatorRegistry`
+(the console's operators) with the guarantees :class:`pki.SqliteRegistry` documents, shared
+by every replica that opens the same database:
 
 * **One writer at a time.** Every write transaction first takes one transaction-scoped
   advisory lock (``pg_advisory_xact_lock``), the counterpart of SQLite's ``BEGIN IMMEDIATE``.
@@ -11,7 +12,8 @@
   no lock. Certificates are signed before the transaction, so the lock is held for a few
   statements only.
 * **Single-use tokens.** ``UPDATE … WHERE used_at IS NULL … RETURNING`` decides among
-  concurrent enrolments with one token, on any replica: only the one that changed the row wins.
+  concurrent enrolments (or console logins) with one token, on any replica: only the one that
+  changed the row wins.
 * **A gap-free revocation sequence in commit order.** A gateway resumes its feed with "every
   revocation after ``n``"; a PostgreSQL ``SEQUENCE`` would not do, because numbers are taken at
   insert time, not commit time (a reader could see 6 committed before 5 and never ask for 5
@@ -52,6 +54,8 @@ from pki._registry import (
     DeviceRecord,
     EnrolmentRecord,
     GatewayRecord,
+    OperatorRecord,
+    OperatorRole,
     RevocationRecord,
     ServerCertificateRecord,
     Status,
@@ -294,6 +298,11 @@ class PostgresRegistry:
             and conn.execute("SELECT 1 FROM gateways WHERE id = %s", (id,)).fetchone()
         ):
             raise IdentityConflict(id, holder=Role.GATEWAY.value, wanted=role.value)
+        if (
+            role is not Role.OPERATOR
+            and conn.execute("SELECT 1 FROM operators WHERE id = %s", (id,)).fetchone()
+        ):
+            raise IdentityConflict(id, holder=Role.OPERATOR.value, wanted=role.value)
         if role is Role.DEVICE:
             return
         if conn.execute("SELECT 1 FROM devices WHERE id = %s", (id,)).fetchone():
@@ -304,6 +313,81 @@ class PostgresRegistry:
             (id, _ts(now)),
         ).fetchone():
             raise IdentityConflict(id, holder=Role.DEVICE.value, wanted=role.value, pending=True)
+
+    # -- operators (the console) -----------------------------------------------------------
+
+    def create_operator_token(
+        self,
+        token_hash: str,
+        *,
+        operator_id: str,
+        role: OperatorRole,
+        expires_at: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        """Store a login token's hash for ``operator_id``, registering the operator (or setting
+        its role) in the same transaction (see :meth:`pki.SqliteRegistry.create_operator_token`):
+        :class:`IdentityConflict` when a device, gateway or core holds the id,
+        :class:`RegistryError` when the operator is revoked. Earlier unused tokens of the
+        operator stay valid until used or expired, as in SQLite."""
+        validate_id(operator_id, kind="operator name")
+        role = OperatorRole(role)
+        with self._write("cannot store operator token") as conn:
+            self._claim_id(conn, operator_id, role=Role.OPERATOR, now=now)
+            row = conn.execute(
+                "SELECT status FROM operators WHERE id = %s", (operator_id,)
+            ).fetchone()
+            if row is not None and row[0] == Status.REVOKED:
+                raise RegistryError(f"operator {operator_id} is revoked")
+            conn.execute(
+                "INSERT INTO operators (id, role, status, created_at)"
+                " VALUES (%s, %s, 'active', %s)"
+                " ON CONFLICT (id) DO UPDATE SET role = excluded.role",
+                (operator_id, role.value, _ts(now)),
+            )
+            conn.execute(
+                "INSERT INTO operator_tokens (token_hash, operator_id, expires_at, used_at,"
+                " created_at) VALUES (%s, %s, %s, NULL, %s)",
+                (token_hash, operator_id, _ts(expires_at), _ts(now)),
+            )
+
+    def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord:
+        """Spend a login token and return its operator; single use across every replica (the
+        conditional ``UPDATE … RETURNING`` under the writer lock decides).
+        :class:`TokenRejected` for an unknown, used or expired token or a revoked operator."""
+        with self._write() as conn:
+            spent = conn.execute(
+                "UPDATE operator_tokens SET used_at = %s WHERE token_hash = %s"
+                " AND used_at IS NULL AND expires_at > %s RETURNING operator_id",
+                (_ts(now), token_hash, _ts(now)),
+            ).fetchall()
+            row = None
+            if not spent:
+                row = conn.execute(
+                    "SELECT used_at FROM operator_tokens WHERE token_hash = %s", (token_hash,)
+                ).fetchone()
+        if not spent:
+            if row is None:
+                raise TokenRejected("unknown token")
+            raise TokenRejected(self._unspent_reason(row[0], None))
+        operator = self.get_operator(str(spent[0][0]))
+        if operator is None or operator.status is not Status.ACTIVE:
+            raise TokenRejected("operator is revoked")
+        return operator
+
+    def get_operator(self, operator_id: str) -> OperatorRecord | None:
+        rows = self._read(
+            "SELECT id, role, status, created_at FROM operators WHERE id = %s", (operator_id,)
+        )
+        return self._operator(rows[0]) if rows else None
+
+    def list_operators(self) -> list[OperatorRecord]:
+        rows = self._read("SELECT id, role, status, created_at FROM operators ORDER BY id")
+        return [self._operator(r) for r in rows]
+
+    @staticmethod
+    def _operator(row: Sequence[Any]) -> OperatorRecord:
+        return OperatorRecord(str(row[0]), OperatorRole(row[1]), Status(row[2]), _dt(float(row[3])))
 
     # -- tokens ---------------------------------------------------------------------------
 

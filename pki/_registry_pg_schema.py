@@ -82,6 +82,25 @@ CREATE TABLE counters (
 );
 """,
     ),
+    (
+        2,
+        """
+CREATE TABLE operators (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('viewer', 'admin')),
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE operator_tokens (
+    token_hash TEXT PRIMARY KEY,
+    operator_id TEXT NOT NULL REFERENCES operators(id),
+    expires_at DOUBLE PRECISION NOT NULL,
+    used_at DOUBLE PRECISION,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX operator_tokens_operator ON operator_tokens(operator_id);
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -19,7 +19,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -169,9 +169,8 @@ class CoreConsole(WebConsole):
         return {"gateways": gateways, "devices": devices, "details": details}
 
     @property
-    def registry(self) -> pki.SqliteRegistry:
-        # The core starts a console only on a registry that keeps operators (SQLite so far).
-        return cast("pki.SqliteRegistry", self.server.registry)
+    def registry(self) -> pki.CoreRegistry:
+        return self.server.registry
 
     # -- authentication -------------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ class CoreServer:
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
-    registry: pki.Registry
+    registry: pki.CoreRegistry
     authority: pki.EnrollmentAuthority
     identity: pki.IdentityFiles
     feed: RevocationFeed
@@ -321,13 +321,7 @@ class CoreServer:
             )
             self.metrics_port = metrics_server.port
 
-        if s.console_enabled and not isinstance(self.registry, pki.OperatorRegistry):
-            # Operators (console logins) live in the SQLite registry so far.
-            _log.warning(
-                "console off: operators are not kept in this registry yet",
-                registry=s.registry_display,
-            )
-        elif s.console_enabled:
+        if s.console_enabled:
             from gateway._console import CoreConsole
 
             self.console = await self._stack.enter_async_context(

@@ -61,7 +61,7 @@ def test_open_registry_picks_the_backend_from_the_url(tmp_path: Path, postgres_u
     assert (tmp_path / "c").is_file()
     with contextlib.closing(pki.open_registry(postgres_url)) as reg:
         assert isinstance(reg, pki.PostgresRegistry)
-        assert reg.schema_version() == 1
+        assert reg.schema_version() == 2
     with pytest.raises(pki.RegistryError, match="unsupported registry URL scheme 'mysql'"):
         pki.open_registry("mysql://root:hunter2@db/x")
 
@@ -75,9 +75,30 @@ def test_migrations_run_once_when_replicas_start_together(postgres_url: str) -> 
             return reg.schema_version()
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(start, range(4))) == [1, 1, 1, 1]
+        assert list(pool.map(start, range(4))) == [2, 2, 2, 2]
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:  # again: nothing to do
-        assert execute_raw(reg, "SELECT version FROM schema_migrations") == [(1,)]
+        assert execute_raw(reg, "SELECT version FROM schema_migrations ORDER BY version") == [
+            (1,),
+            (2,),
+        ]
+
+
+def test_a_registry_made_before_operators_gains_them_and_keeps_its_data(
+    postgres_url: str,
+) -> None:
+    """A database at schema version 1 (no operator tables) opened by this edgeward: step 2
+    adds them, the devices stay, and the id namespace covers operators from then on."""
+    with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
+        device(reg, "cam-old")
+        execute_raw(reg, "DROP TABLE operator_tokens, operators")
+        execute_raw(reg, "DELETE FROM schema_migrations WHERE version = 2")
+        assert reg.schema_version() == 1
+    with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
+        assert reg.schema_version() == 2
+        assert [d.id for d in reg.list_devices()] == ["cam-old"]
+        pki.create_operator_token(reg, name="ops-new", role="viewer", now=NOW)
+        with pytest.raises(pki.IdentityConflict):
+            pki.create_operator_token(reg, name="cam-old", role="viewer", now=NOW)
 
 
 def test_a_newer_schema_is_refused(postgres_url: str) -> None:
@@ -417,6 +438,53 @@ def test_migrate_moves_everything_and_verifies_counts(tmp_path: Path, postgres_u
         with pytest.raises(pki.TokenRejected) as info:
             auth.enroll(token, make_csr("cam-later"), peer="p", now=now)
         assert info.value.reason == "token already used"
+
+
+def test_migrate_moves_operators_and_their_login_tokens(tmp_path: Path, postgres_url: str) -> None:
+    """Operators keep their role and status; a login token used in SQLite stays used, an
+    unused one logs in once on PostgreSQL, and the moved names still hold their ids."""
+    pki_dir, _ = populated_pki(tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    with pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry) as reg:
+        used = pki.create_operator_token(reg, name="ops-ann", role="admin", now=now)
+        pki.redeem_operator_token(reg, used, now=now)
+        fresh = pki.create_operator_token(reg, name="ops-ann", role="admin", now=now)
+        pki.create_operator_token(reg, name="ops-ben", role="viewer", now=now)
+        operators = reg.list_operators()
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url)
+    assert code == 0, out
+    assert "operators 2, operator_tokens 3" in out
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert reg.list_operators() == operators
+        with pytest.raises(pki.TokenRejected) as info:
+            pki.redeem_operator_token(reg, used, now=now)
+        assert info.value.reason == "token already used"
+        assert pki.redeem_operator_token(reg, fresh, now=now).id == "ops-ann"
+        with pytest.raises(pki.TokenRejected):
+            pki.redeem_operator_token(reg, fresh, now=now)
+        with pytest.raises(pki.IdentityConflict):
+            pki.create_token(
+                reg, device_id="ops-ben", device_type="pet-camera", region="home",
+                ttl=dt.timedelta(hours=1), now=now,
+            )  # fmt: skip
+        with pytest.raises(pki.IdentityConflict):
+            pki.create_operator_token(reg, name="cam-1", role="viewer", now=now)
+
+
+def test_migrate_counts_operator_tokens_and_refuses_a_target_holding_operators(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    pki_dir, _ = populated_pki(tmp_path)
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        pki.create_operator_token(reg, name="ops-here", role="viewer", now=NOW)
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url)
+    assert code == 1
+    assert "not empty (operators 1, operator_tokens 1)" in out
+    code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url, "--force")
+    assert code == 0, out
+    assert "operators 0, operator_tokens 0" in out
+    with contextlib.closing(pki.open_registry(postgres_url)) as reg:
+        assert reg.list_operators() == []
 
 
 def test_migrate_refuses_a_target_with_data_unless_forced(
