@@ -134,6 +134,7 @@ class Replica:
             f'listen = "{self.address}"\n'
             f'enrol_listen = "{self.enrol_address}"\n'
             'metrics_listen = "127.0.0.1:0"\n'  # several cores on one machine
+            "console_enabled = false\n"
             f'identity_dir = "{work / f"core-{index}-identity"}"\n'
             "feed_heartbeat_s = 0.5\n"
             "shutdown_grace_s = 0.5\n"
@@ -460,10 +461,28 @@ async def main() -> None:
         help="registry every replica shares: an SQLite path or a postgresql:// URL "
         "(default: the bench PKI's SQLite file)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start a throwaway PostgreSQL (Debian's server, as the tests run it) and use it",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     if args.replicas < 2:
         parser.error("--replicas must be at least 2")
+    if args.postgres:
+        if args.registry is not None:
+            parser.error("--postgres and --registry exclude each other")
+        from tests._support.postgres import running_postgres
+
+        with running_postgres() as server:
+            args.registry = server.url(server.create_database().rsplit("/", 1)[1])
+            await _run(args)
+        return
+    await _run(args)
+
+
+async def _run(args: argparse.Namespace) -> None:
     n_enrol = 150 if args.quick else 1000
     n_race = 20 if args.quick else 100
     n_revoke = 20 if args.quick else 100

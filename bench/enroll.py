@@ -117,7 +117,11 @@ async def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "EDGEWARD_CORE_LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "EDGEWARD_CORE_LOG_LEVEL": "warning",
+            "EDGEWARD_CORE_CONSOLE_ENABLED": "false",
+        }
         core = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from edgeward.cli import main; main()",
             "core", "run", "--pki-dir", str(pki_dir), "--listen", "127.0.0.1:0",

@@ -123,6 +123,7 @@ class Bench:
             listen=f"127.0.0.1:{port}",
             enrol_listen="127.0.0.1:0",
             metrics_listen="127.0.0.1:0",
+            console_enabled=False,  # not measured here
             registry=self.work / "registry.sqlite3",
             shutdown_grace_s=0.5,
         )

@@ -220,6 +220,7 @@ def _settings(
             "pki_dir": pki_dir,
             "listen": "127.0.0.1:0",
             "metrics_listen": None,
+            "console_enabled": False,  # not measured here
             "revocation_poll_interval_s": 0.05,
             "inference": inference,
             "cache": {"enabled": cache},

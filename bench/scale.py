@@ -484,6 +484,7 @@ async def main() -> None:
             "identity_dir": str(gw.directory),
             "pki_dir": str(tmp / "pki"),
             "metrics_listen": f"127.0.0.1:{metrics_port}",
+            "console_enabled": False,  # not measured here
             "log_level": "warning",
             "shutdown_grace_s": 2.0,
             "cache": {"enabled": False},

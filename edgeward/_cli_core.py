@@ -33,6 +33,12 @@ def core() -> None:
 @click.option("--enrol-listen", help="HOST:PORT of the enrolment port (default: listen + 1)")
 @click.option("--metrics-listen", help="HOST:PORT of the Prometheus endpoint (/metrics)")
 @click.option("--core-id", help="this core's id (default core-1)")
+@click.option(
+    "--registry",
+    metavar="URL",
+    help="registry: a path, sqlite:///PATH or postgresql://USER@HOST/DB "
+    "(replicated cores share one; default: the SQLite file in PKI_DIR)",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--console-listen", help="HOST:PORT of the operator console (HTTPS)")
 def run_cmd(
@@ -43,6 +49,7 @@ def run_cmd(
     enrol_listen: str | None,
     metrics_listen: str | None,
     core_id: str | None,
+    registry: str | None,
     log_level: str | None,
     console_listen: str | None,
 ) -> None:
@@ -68,6 +75,7 @@ def run_cmd(
             enrol_listen=enrol_listen,
             metrics_listen=metrics_listen,
             core_id=core_id,
+            registry=registry,
             log_level=log_level,
             console_listen=console_listen,
         )
@@ -92,7 +100,13 @@ def run_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        escalate = None if settings.escalation is None else EscalateService(settings.escalation)
+        # Replicas on one PostgreSQL registry share the escalation answers there too.
+        answers_url = settings.registry if pki.is_postgres_url(settings.registry) else None
+        escalate = (
+            None
+            if settings.escalation is None
+            else EscalateService(settings.escalation, answers_url=answers_url)
+        )
         async with CoreServer(settings, escalate=escalate) as server:
             metrics = ""
             if settings.metrics_listen is not None:
@@ -103,7 +117,8 @@ def run_cmd(
             click.echo(
                 f"core {settings.core_id} serving trust domain {server.trust_domain}: "
                 f"enrolment {server.enrol_address} (server TLS), "
-                f"service {server.address} (mutual TLS){metrics}",
+                f"service {server.address} (mutual TLS), "
+                f"registry {settings.registry_display}{metrics}",
                 err=True,
             )
             await stop.wait()

@@ -1,16 +1,19 @@
-"""``edgeward pki``: the certificate authority, tokens, revocation, CRL and listing.
+"""``edgeward pki``: the certificate authority, tokens, revocation, CRL, listing, migration.
 
-Every command works on a PKI directory (``--dir``) and the registry inside it. Errors print as
+Every command works on a PKI directory (``--dir``) and its registry: the SQLite file inside it,
+or the one ``--registry`` names (a path, ``sqlite:///PATH`` or ``postgresql://…``, also read
+from ``EDGEWARD_PKI_REGISTRY``); the URL's password is never printed. Errors print as
 one line (no traceback, no secret) and exit non-zero. Audit lines go to stderr; the token that
 ``pki token`` prints is the only thing on stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +70,25 @@ _DIR = click.option(
 )
 
 
+_REGISTRY = click.option(
+    "--registry",
+    "registry_url",
+    envvar="EDGEWARD_PKI_REGISTRY",
+    metavar="URL",
+    help="registry: a path, sqlite:///PATH or postgresql://USER@HOST/DB "
+    "(default: the SQLite file in DIR)",
+)
+
+
+@contextlib.contextmanager
+def _registry(pki_dir: Path, url: str | None) -> Iterator[pkilib.CoreRegistry]:
+    registry = pkilib.open_registry(url or pkilib.PkiLayout(pki_dir).registry)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
 @click.group("pki")
 def pki() -> None:
     """Certificate authority, enrolment tokens, revocation, CRL."""
@@ -102,6 +124,7 @@ def add_device_ca_cmd(pki_dir: Path) -> None:
 
 @pki.command("issue-server")
 @_DIR
+@_REGISTRY
 @click.option("--id", "server_id", required=True, callback=validated_id("server id"))
 @click.option("--role", type=click.Choice(["gateway", "core"]), required=True)
 @click.option("--dns", multiple=True, help="DNS name for the certificate (repeatable)")
@@ -120,6 +143,7 @@ def issue_server_cmd(
     dns: tuple[str, ...],
     ip: tuple[str, ...],
     out: Path | None,
+    registry_url: str | None,
 ) -> None:
     """Issue a server certificate (serverAuth + clientAuth) for a gateway or core.
 
@@ -134,7 +158,7 @@ def issue_server_cmd(
             raise click.BadParameter(f"{name!r} is not a lower-case DNS name", param_hint="--dns")
     target = out or pkilib.PkiLayout(pki_dir).servers / f"{role}-{server_id}"
     pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         files = pkilib.issue_identity(
             pki_dir,
             target,
@@ -153,12 +177,21 @@ def issue_server_cmd(
 
 @pki.command("token")
 @_DIR
+@_REGISTRY
 @click.option("--device-id", required=True, callback=validated_id("device id"))
 @click.option("--type", "device_type", required=True, callback=validated_id("device type"))
 @click.option("--region", required=True, callback=validated_id("region"))
 @click.option("--ttl", default="24h", show_default=True, help="lifetime: 15m, 24h, 7d …")
 @one_line_errors
-def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl: str) -> None:
+def token_cmd(
+    *,
+    pki_dir: Path,
+    device_id: str,
+    device_type: str,
+    region: str,
+    ttl: str,
+    registry_url: str | None,
+) -> None:
     """Create a one-time enrolment token; it is printed once and only its hash is stored.
 
     Earlier unused tokens for the device id stop working. Refused when a gateway or core holds
@@ -166,7 +199,7 @@ def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl:
     """
     lifetime = pkilib.parse_ttl(ttl)
     pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         token = pkilib.create_token(
             registry,
             device_id=device_id,
@@ -180,11 +213,14 @@ def token_cmd(pki_dir: Path, device_id: str, device_type: str, region: str, ttl:
 
 @pki.command("operator-token")
 @_DIR
+@_REGISTRY
 @click.option("--name", required=True, callback=validated_id("operator name"))
 @click.option("--role", type=click.Choice(["viewer", "admin"]), required=True)
 @click.option("--ttl", default="10m", show_default=True, help="lifetime: 90s, 10m, 1h (at most 1d)")
 @one_line_errors
-def operator_token_cmd(pki_dir: Path, name: str, role: str, ttl: str) -> None:
+def operator_token_cmd(
+    pki_dir: Path, name: str, role: str, ttl: str, registry_url: str | None
+) -> None:
     """Create a one-time console login token for operator NAME; printed once, hash stored.
 
     The operator's role (viewer: look; admin: also revoke and issue tokens) is recorded in the
@@ -193,7 +229,7 @@ def operator_token_cmd(pki_dir: Path, name: str, role: str, ttl: str) -> None:
     """
     lifetime = pkilib.parse_ttl(ttl)
     pkilib.CertificateAuthority.load(pki_dir)  # a clear error when DIR is not a PKI
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         token = pkilib.create_operator_token(
             registry, name=name, role=role, ttl=lifetime, now=_now()
         )
@@ -212,17 +248,20 @@ def _revoked_text(record: pkilib.RevocationRecord) -> str:
 
 @pki.command("revoke")
 @_DIR
+@_REGISTRY
 @click.option("--device-id", callback=validated_id("device id"))
 @click.option("--gateway-id", callback=validated_id("gateway id"))
 @click.option("--serial", help="hex serial of one certificate (a device's, gateway's or core's)")
 @click.option("--reason", default="revoked by operator", show_default=True)
 @one_line_errors
 def revoke_cmd(
+    *,
     pki_dir: Path,
     device_id: str | None,
     gateway_id: str | None,
     serial: str | None,
     reason: str,
+    registry_url: str | None,
 ) -> None:
     """Revoke a device (all its certificates), a gateway (all its recorded certificates) or
     one certificate. Gateways hear of device revocations at once; the core refuses a revoked
@@ -235,7 +274,7 @@ def revoke_cmd(
         except ValueError:
             raise click.BadParameter("not a hex serial", param_hint="--serial") from None
     pkilib.CertificateAuthority.load(pki_dir)
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         if device_id is not None:
             records = [pkilib.revoke_device(registry, device_id, reason=reason, now=_now())]
         elif gateway_id is not None:
@@ -254,6 +293,7 @@ def revoke_cmd(
 
 @pki.command("crl")
 @_DIR
+@_REGISTRY
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--der",
@@ -262,13 +302,13 @@ def revoke_cmd(
     "device CA's",
 )
 @one_line_errors
-def crl_cmd(pki_dir: Path, out: Path, der: bool) -> None:
+def crl_cmd(pki_dir: Path, out: Path, der: bool, registry_url: str | None) -> None:
     """Write the current CRLs: the device CA's (devices) and the issuing CA's (gateways, cores).
 
     PEM (default): both in FILE, one after the other, as Mosquitto's crlfile reads them.
     """
     ca = pkilib.CertificateAuthority.load(pki_dir)
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         crls = pkilib.build_crl(ca, registry, now=_now())
     if der:
         device_out = out.with_name(f"{out.stem}-device{out.suffix}")
@@ -286,11 +326,12 @@ def crl_cmd(pki_dir: Path, out: Path, der: bool) -> None:
 
 @pki.command("list")
 @_DIR
+@_REGISTRY
 @one_line_errors
-def list_cmd(pki_dir: Path) -> None:
+def list_cmd(pki_dir: Path, registry_url: str | None) -> None:
     """Devices and their certificates, then gateway and core certificates."""
     pkilib.CertificateAuthority.load(pki_dir)
-    with pkilib.SqliteRegistry(pkilib.PkiLayout(pki_dir).registry) as registry:
+    with _registry(pki_dir, registry_url) as registry:
         devices = registry.list_devices()
         certs = registry.list_certificates()
         servers = registry.list_server_certificates()
@@ -313,3 +354,33 @@ def list_cmd(pki_dir: Path) -> None:
         click.echo(
             f"{sc.serial:<42} {owner:<24} {sc.status.value:<8} {sc.not_after:%Y-%m-%d %H:%M}"
         )
+
+
+@pki.command("migrate")
+@_DIR
+@click.option("--to", "target", required=True, metavar="URL", help="postgresql://USER@HOST/DB")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite registry to move (default: the one in DIR)",
+)
+@click.option("--force", is_flag=True, help="replace what the target registry already holds")
+@one_line_errors
+def migrate_cmd(pki_dir: Path, target: str, source: Path | None, force: bool) -> None:
+    """Move an SQLite registry into PostgreSQL, verifying the row count of every table.
+
+    Stop the core first (or accept that what it writes meanwhile is not moved). A target that
+    already holds data is refused unless --force. Nothing is written unless every count matches.
+    """
+    if not pkilib.is_postgres_url(target):
+        raise click.BadParameter("must be a postgresql:// URL", param_hint="--to")
+    pkilib.CertificateAuthority.load(pki_dir)
+    path = source or pkilib.PkiLayout(pki_dir).registry
+    with contextlib.closing(pkilib.PostgresRegistry(target)) as registry:
+        report = pkilib.migrate_registry(path, registry, replace=force)
+    counts = ", ".join(f"{table} {n}" for table, n in report.counts.items())
+    click.echo(
+        f"registry {path} moved to {pkilib.redacted_url(target)}: {counts}; "
+        f"revocation sequence {report.last_sequence}; counts verified"
+    )

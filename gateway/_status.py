@@ -145,6 +145,11 @@ def _pki_status(exc: BaseException) -> Status:
             )
         case pki.InvalidIdentity():
             return Status("PERMISSION_DENIED", f"identity refused: {exc}", (), "invalid_identity")
+        case pki.RegistryUnavailable():
+            # The database is away: retryable, on this core later or on another replica.
+            return Status(
+                "UNAVAILABLE", "the registry is unavailable; retry", (), "registry_unavailable"
+            )
         case pki.RegistryError():
             return Status("FAILED_PRECONDITION", str(exc), (), "registry")
         case _:

@@ -53,6 +53,7 @@ from pki._operators import (
 )
 from pki._registry import (
     CertificateRecord,
+    CoreRegistry,
     DeviceRecord,
     EnrolmentRecord,
     GatewayRecord,
@@ -65,7 +66,12 @@ from pki._registry import (
     SqliteRegistry,
     Status,
     TokenRecord,
+    is_postgres_url,
+    open_registry,
+    redacted_url,
 )
+from pki._registry_migrate import MigrationReport, migrate_registry
+from pki._registry_pg import PostgresRegistry
 from pki._tls import (
     AEAD_CIPHERS_TLS12,
     client_ssl_context,
@@ -87,6 +93,7 @@ from pki.errors import (
     PkiNotFound,
     RateLimited,
     RegistryError,
+    RegistryUnavailable,
     SignatureInvalid,
     TokenRejected,
 )
@@ -107,6 +114,7 @@ __all__ = [
     "CertificateExpired",
     "CertificateRecord",
     "CertificateRevoked",
+    "CoreRegistry",
     "CrlSet",
     "DeviceRecord",
     "EnrollmentAuthority",
@@ -120,6 +128,7 @@ __all__ = [
     "InvalidIdentity",
     "InvalidName",
     "IssuedCertificate",
+    "MigrationReport",
     "OperatorRecord",
     "OperatorRegistry",
     "OperatorRole",
@@ -127,9 +136,11 @@ __all__ = [
     "PkiExists",
     "PkiLayout",
     "PkiNotFound",
+    "PostgresRegistry",
     "RateLimited",
     "Registry",
     "RegistryError",
+    "RegistryUnavailable",
     "RevocationRecord",
     "Role",
     "ServerCertificateRecord",
@@ -155,12 +166,16 @@ __all__ = [
     "hash_token",
     "identity_from_certificate",
     "init_pki",
+    "is_postgres_url",
     "is_reserved_dns_name",
     "issue_identity",
     "load_csr",
     "load_private_key",
+    "migrate_registry",
+    "open_registry",
     "parse_spiffe_id",
     "parse_ttl",
+    "redacted_url",
     "redeem_operator_token",
     "reserved_dns_names",
     "revoke_device",

@@ -22,7 +22,8 @@ a device once the device is registered or an unused, unexpired enrolment token n
 a gateway or core once a certificate of that server is recorded (or a gateway announced itself
 in the directory). Revoked devices and servers keep their ids: a revocation entry must never
 come to mean another holder. Every writer that claims an id (:meth:`SqliteRegistry.create_token`,
-:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`)
+:meth:`SqliteRegistry.complete_enrolment`, :meth:`SqliteRegistry.record_server_certificate`,
+:meth:`SqliteRegistry.create_operator_token`)
 checks the other roles inside its own write transaction, so of two concurrent claimants in
 any processes exactly one wins and the other gets :class:`~pki.errors.IdentityConflict`.
 
@@ -40,7 +41,8 @@ import datetime as dt
 import enum
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,7 @@ from pki.errors import (
 
 __all__ = [
     "CertificateRecord",
+    "CoreRegistry",
     "DeviceRecord",
     "EnrolmentRecord",
     "GatewayRecord",
@@ -69,6 +72,9 @@ __all__ = [
     "SqliteRegistry",
     "Status",
     "TokenRecord",
+    "is_postgres_url",
+    "open_registry",
+    "redacted_url",
 ]
 
 
@@ -219,6 +225,12 @@ class Registry(Protocol):
     def upsert_gateway(self, record: GatewayRecord) -> int: ...
     def list_gateways(self) -> list[GatewayRecord]: ...
     def directory_version(self) -> int: ...
+    def watch_revocations(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``callback`` from another thread after each revocation committed by any
+        process; returns a function that stops it, or ``None`` when this backend cannot push
+        (the caller polls :meth:`last_sequence`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -239,6 +251,12 @@ class OperatorRegistry(Protocol):
     def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord: ...
     def get_operator(self, operator_id: str) -> OperatorRecord | None: ...
     def list_operators(self) -> list[OperatorRecord]: ...
+
+
+@runtime_checkable
+class CoreRegistry(Registry, OperatorRegistry, Protocol):
+    """What a core opens (:func:`open_registry`): the registry and its console operators.
+    Both backends, SQLite and PostgreSQL, keep both."""
 
 
 _SCHEMA = """
@@ -400,6 +418,10 @@ class SqliteRegistry:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def watch_revocations(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """``None``: SQLite cannot tell another process's commit; readers poll."""
+        return None
 
     def __enter__(self) -> SqliteRegistry:
         return self
@@ -1107,3 +1129,63 @@ class SqliteRegistry:
     def directory_version(self) -> int:
         rows = self._read("SELECT value FROM counters WHERE name = 'directory'")
         return int(rows[0][0]) if rows else 0
+
+
+def open_registry(target: str | Path) -> CoreRegistry:
+    """The registry ``target`` names: a PostgreSQL URL (``postgresql://…``, ``postgres://…``),
+    an SQLite URL (``sqlite:///path``) or a file path (SQLite).
+
+    The PostgreSQL backend is imported only here, so installs without a database driver
+    (devices) never need it. Raises :class:`RegistryError` for another URL scheme; no error
+    carries the URL's password.
+    """
+    if isinstance(target, Path):
+        return SqliteRegistry(target)
+    text = str(target).strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return SqliteRegistry(Path(text))
+    scheme = scheme.lower()
+    if scheme in {"postgresql", "postgres"}:
+        from pki._registry_pg import PostgresRegistry
+
+        return PostgresRegistry(text)
+    if scheme == "sqlite":
+        path = rest.removeprefix("/") if rest.startswith("//") else rest
+        if not path:
+            raise RegistryError("sqlite:// needs a path: sqlite:///var/lib/edgeward/registry")
+        return SqliteRegistry(Path(path))
+    raise RegistryError(
+        f"unsupported registry URL scheme {scheme!r}: use a file path, sqlite:///PATH "
+        "or postgresql://USER@HOST/DB"
+    )
+
+
+def is_postgres_url(target: str | Path | None) -> bool:
+    """Whether ``target`` names a PostgreSQL registry."""
+    if target is None or isinstance(target, Path):
+        return False
+    return str(target).strip().lower().startswith(("postgresql://", "postgres://"))
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by
+    ``***``: the only form of a registry URL that is logged or printed."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            netloc = f"{parts.username or ''}:***@{host}"
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in query):
+            query = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+            new_query = urllib.parse.urlencode(query, safe="*")
+        else:
+            new_query = parts.query
+    except ValueError:
+        return "<unparsable URL>"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=new_query))

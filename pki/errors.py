@@ -13,7 +13,8 @@
     ├── CertificateRevoked     the certificate or its device is revoked (final)
     ├── CertificateExpired     the certificate is outside its validity period
     ├── RegistryError          the registry refused an operation (unknown device, conflict)
-    │   └── IdentityConflict   an id another role already holds (ids are unique across roles)
+    │   ├── IdentityConflict   an id another role already holds (ids are unique across roles)
+    │   └── RegistryUnavailable  the registry's database cannot be reached now (retry)
     └── SignatureInvalid       a signed payload (the gateway directory) that does not verify
 
 Errors carry data (ids, serials, reasons), never a secret: no token, no key, no whole
@@ -34,6 +35,7 @@ __all__ = [
     "PkiNotFound",
     "RateLimited",
     "RegistryError",
+    "RegistryUnavailable",
     "SignatureInvalid",
     "TokenRejected",
 ]
@@ -136,6 +138,12 @@ class IdentityConflict(RegistryError):
         self.holder = holder
         self.wanted = wanted
         self.pending = pending
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry's database cannot be reached now (connection refused or lost, a server
+    restarting): nothing was decided; the caller may retry, here or on another core replica.
+    A write whose connection broke while committing may have been committed."""
 
 
 class SignatureInvalid(PkiError):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what edgeward needs on a Debian/Ubuntu machine with Python >= 3.11:
 # Mosquitto and its clients, OpenSSL, Chromium and its driver (the console's browser
-# tests), then a virtual environment in .venv with
-# the project (gateway extra) and the development tools. Safe to run again.
+# tests), PostgreSQL (the tests start their own server), then a virtual environment in
+# .venv with the project (gateway extra) and the development tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # A real headless browser for tests/console/ (Debian's packages; Selenium drives them).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || command -v pg_ctl >/dev/null 2>&1 \
+  || need_apt+=(postgresql)
 if [[ "${EDGEWARD_SETUP_COMPOSE:-1}" == "1" ]]; then
   command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 fi
@@ -26,8 +28,9 @@ if ((${#need_apt[@]})); then
     echo "setup: missing ${need_apt[*]}; install them with: sudo apt-get install ${need_apt[*]}" >&2
   fi
 fi
-# Debian starts a system-wide broker on 1883 when the package is installed; the
-# project never uses it (every broker it needs is started on a free port).
+# Debian starts a system-wide broker on 1883 and a PostgreSQL cluster on 5432 when
+# the packages are installed; the project never uses them (every broker and
+# database server it needs is started on a free port).
 
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 import pki
+from tests._support.postgres import PostgresServer, find_postgres_bin, running_postgres
 
 TRUST_DOMAIN = "test.example"
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +107,24 @@ def issue_foreign(other_pki_dir: Path, tmp_path: Path) -> IssueFn:
 @pytest.fixture(scope="session")
 def photos() -> Path:
     return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (Debian's ``postgresql`` package).
+
+    Missing binaries fail under CI=true and skip on a developer machine, like the broker.
+    """
+    bindir = find_postgres_bin()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it)")
+        pytest.skip("PostgreSQL is not installed; run scripts/setup.sh")
+    with running_postgres(bindir) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

@@ -63,17 +63,75 @@ def compose() -> dict[str, Any]:
     return _compose_config()
 
 
+CORES = ("core-a", "core-b")
+
+
 def test_compose_config_validates(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"pki-init", "core", "enrol-devices", "gw-kr-seoul", "gw-us-nyc"} <= set(services)
-    assert {"pet-camera", "robot-vacuum"} <= set(services)
-    assert services["core"]["depends_on"]["pki-init"]["condition"] == (
-        "service_completed_successfully"
-    )
+    assert {"pki-init", "db-init", "postgres", *CORES, "enrol-devices"} <= set(services)
+    assert {"gw-kr-seoul", "gw-us-nyc", "pet-camera", "robot-vacuum"} <= set(services)
+    for core in CORES:
+        depends = services[core]["depends_on"]
+        assert depends["pki-init"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == "service_healthy"
+
+
+def _core_settings(compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The settings a core service runs with: its mounted file, then its environment."""
+    service = compose["services"][name]
+    for key, value in (service.get("environment") or {}).items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        return load_core_settings(_mounted_configs(compose)[name])
+    finally:
+        for key in service.get("environment") or {}:
+            monkeypatch.delenv(key)
+
+
+def test_core_replicas_share_one_postgres_registry(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two cores, one database, each its own identity; gateways and devices know both."""
+    services = compose["services"]
+    replicas = [_core_settings(compose, name, monkeypatch) for name in CORES]
+    registries = {str(r.registry) for r in replicas}
+    assert len(registries) == 1
+    (url,) = registries
+    assert url.startswith("postgresql://edgeward@postgres:")  # no password in the URL
+    assert len({r.core_id for r in replicas}) == len({r.identity_dir for r in replicas}) == 2
+    for name in CORES:
+        env = services[name]["environment"]
+        assert env["PGPASSFILE"].startswith("/db-secret/")
+        assert env["EDGEWARD_PKI_REGISTRY"] == url
+        assert "db" in services[name]["networks"]
+    # The database is on an internal network of the cores alone, and publishes nothing.
+    assert compose["networks"]["db"].get("internal") is True
+    assert services["postgres"]["networks"] == {"db": None} or list(
+        services["postgres"]["networks"]
+    ) == ["db"]
+    assert not services["postgres"].get("ports")
+    on_db = {n for n, s in services.items() if "db" in (s.get("networks") or {})}
+    assert on_db == {"postgres", *CORES}
+    # The password is made at the first start, never written in the repository.
+    assert "POSTGRES_PASSWORD" not in services["postgres"]["environment"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/db-secret/")
+    configs = _mounted_configs(compose)
+    for name in ("gw-kr-seoul", "gw-us-nyc"):
+        assert load_gateway_settings(configs[name]).core_addresses == (
+            "core-a:7443",
+            "core-b:7443",
+        )
+    enrol = _command_lines(services["enrol-devices"])
+    assert enrol
+    for argv in enrol:
+        endpoints = {argv[i + 1] for i, a in enumerate(argv) if a == "--endpoint"}
+        assert endpoints == {"core-a:7444", "core-b:7444"}
 
 
 def _command_lines(service: dict[str, Any]) -> list[list[str]]:
     """Every ``edgeward …`` invocation of a service, as argv lists without ``edgeward``."""
+    if service.get("image") != "edgeward:latest":
+        return []  # another image (PostgreSQL)
     entry = service.get("entrypoint") or ["edgeward"]
     command = service.get("command") or []
     if isinstance(command, str):
@@ -160,8 +218,9 @@ def test_configuration_files_validate_and_match_the_demo(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
     configs = _mounted_configs(compose)
-    assert set(configs) == {"core", "gw-kr-seoul", "gw-us-nyc"}
-    core = load_core_settings(configs["core"])
+    assert set(configs) == {*CORES, "gw-kr-seoul", "gw-us-nyc"}
+    assert configs["core-a"] == configs["core-b"]
+    core = load_core_settings(configs["core-a"])
     assert {g.id for g in core.gateways} == {"kr-seoul", "us-nyc"}
     demo = DemoStack(tmp_path, mqtt=True, escalation=True)
     demo_keys = _keys(demo.gateway_config("kr-seoul"))
@@ -178,9 +237,10 @@ def test_configuration_files_validate_and_match_the_demo(
         settings.section("mqtt", MqttSettings)
         settings.section("escalation", EscalationSettings)
         assert _keys(tomllib.loads(path.read_text())) == demo_keys, name
-    core_keys = _keys(tomllib.loads(configs["core"].read_text()))
-    # The compose core also names itself by its service name; the rest is the demo's.
-    assert core_keys - {"server_names"} == _keys(demo.core_config())
+    core_keys = _keys(tomllib.loads(configs["core-a"].read_text()))
+    # The compose cores also name themselves by their service names and share a PostgreSQL
+    # registry; the rest is the demo's.
+    assert core_keys - {"server_names", "registry"} == _keys(demo.core_config())
 
 
 def test_the_checker_refuses_unknown_commands_and_options() -> None:
@@ -201,7 +261,9 @@ def _published_targets(service: dict[str, Any]) -> set[int]:
     return targets
 
 
-def test_no_metrics_port_is_published_or_on_the_devices_network(compose: dict[str, Any]) -> None:
+def test_no_metrics_port_is_published_or_on_the_devices_network(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Prometheus endpoint is plain HTTP without authentication: the core and each gateway
     bind it to their own address on an internal network that no device joins, and no service
     publishes it on the host."""
@@ -211,7 +273,8 @@ def test_no_metrics_port_is_published_or_on_the_devices_network(compose: dict[st
     gateways = [name for name in configs if name.startswith("gw-")]
     assert gateways == ["gw-kr-seoul", "gw-us-nyc"]
     listens = {name: load_gateway_settings(configs[name]).metrics_listen for name in gateways}
-    listens["core"] = load_core_settings(configs["core"]).metrics_listen
+    for core in CORES:
+        listens[core] = _core_settings(compose, core, monkeypatch).metrics_listen
     for name, metrics_listen in listens.items():
         assert metrics_listen is not None
         host, _, port = metrics_listen.rpartition(":")

@@ -169,7 +169,7 @@ class CoreConsole(WebConsole):
         return {"gateways": gateways, "devices": devices, "details": details}
 
     @property
-    def registry(self) -> pki.SqliteRegistry:
+    def registry(self) -> pki.CoreRegistry:
         return self.server.registry
 
     # -- authentication -------------------------------------------------------------------------

@@ -118,7 +118,13 @@ class CoreSettings(ServiceSettings):
         description="the core's own identity directory; default PKI_DIR/servers/core-<id>, "
         "issued at start when missing, expiring or not naming the listen addresses",
     )
-    registry: Path | None = Field(None, description="registry file; default PKI_DIR's")
+    registry: str | None = Field(
+        None,
+        description="the registry: an SQLite file (path or sqlite:///PATH) or a PostgreSQL URL "
+        "(postgresql://USER:PASSWORD@HOST:PORT/DB, for replicated cores); default: PKI_DIR's "
+        "SQLite file. The password is never logged; prefer a libpq password file or "
+        "PGPASSWORD over one in the URL",
+    )
     server_names: list[str] = Field(
         default_factory=list,
         description="extra DNS names or IP addresses for the core's server certificate",
@@ -136,8 +142,10 @@ class CoreSettings(ServiceSettings):
     feed_poll_s: float = Field(
         0.05,
         gt=0,
-        le=10,
-        description="how often the registry is polled for revocations made by other processes",
+        le=300,
+        description="how often the registry is polled for revocations made by other processes; "
+        "a PostgreSQL registry pushes them at once (LISTEN/NOTIFY) and polling is only its "
+        "safety net, so 1-5 s is enough there",
     )
     grpc_max_message_bytes: int = Field(
         4 * 1024 * 1024,
@@ -188,6 +196,18 @@ class CoreSettings(ServiceSettings):
         description="[escalation] table: Core.Escalate's models, thresholds and bounds; "
         "absent = Escalate answers UNIMPLEMENTED",
     )
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _registry(cls, v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, str) and "://" in v:
+            scheme = v.split("://", 1)[0].lower()
+            if scheme not in {"postgresql", "postgres", "sqlite"}:
+                # Never echo the value: it may carry a password.
+                raise ValueError("must be a file path, sqlite:///PATH or postgresql://…")
+        return v
 
     @field_validator("core_id")
     @classmethod
@@ -251,8 +271,14 @@ class CoreSettings(ServiceSettings):
         return self.identity_dir or pki.PkiLayout(self.pki_dir).servers / f"core-{self.core_id}"
 
     @property
-    def registry_path(self) -> Path:
+    def registry_target(self) -> str | Path:
+        """What :func:`pki.open_registry` opens: the configured URL or path, or PKI_DIR's file."""
         return self.registry or pki.PkiLayout(self.pki_dir).registry
+
+    @property
+    def registry_display(self) -> str:
+        """The registry as it may be logged (no password)."""
+        return pki.redacted_url(str(self.registry_target))
 
 
 def load_core_settings(path: Path | None, **overrides: Any) -> CoreSettings:

@@ -9,15 +9,19 @@ soon as the feed sees the revocation (``feed_poll_s``). ``Escalate`` is served b
 handler (:class:`EscalateHandler`) and answers ``UNIMPLEMENTED`` until one is plugged.
 
 The revocation feed replays the registry after ``since_sequence`` and then follows it live. The
-registry may be changed by another process (``edgeward pki revoke``), so one
-:class:`RevocationFeed` task polls its last sequence number every ``poll_s`` and wakes every open
-stream; each stream reads what it has not sent yet, in sequence order, so a gateway that
-reconnects with the last sequence it saw gets no gap and no repeat. A heartbeat (``heartbeat``
-set, ``sequence`` = the last sequence sent) follows the replay and then comes every
-``heartbeat_s`` without events, so a gateway can tell a quiet feed from a dead one.
-Revocations of gateway and core certificates take sequence numbers too but are not sent: the
-feed is of devices. A heartbeat follows them at once instead; its sequence, beyond the last
-event the gateway saw, tells it that newer CRLs exist (its broker fetches them at once).
+registry may be changed by another process (``edgeward pki revoke``, another core replica), so
+one :class:`RevocationFeed` task re-reads its last sequence number and wakes every open stream:
+at once when the registry pushes changes (PostgreSQL: ``LISTEN``/``NOTIFY``, sent in the same
+transaction as the revocation, so a revocation through any replica reaches every replica's
+streams within milliseconds), and every ``poll_s`` in any case (SQLite, which cannot push, and
+a safety net for a listener that was reconnecting). Each stream reads what it has not sent
+yet, in sequence order, so a gateway that reconnects with the last sequence it saw gets no
+gap and no repeat. A heartbeat (``heartbeat`` set, ``sequence`` = the last sequence sent)
+follows the replay and then comes every ``heartbeat_s`` without events, so a gateway can tell
+a quiet feed from a dead one. Revocations of gateway and core certificates take sequence
+numbers too but are not sent: the feed is of devices. A heartbeat follows them at once
+instead; its sequence, beyond the last event the gateway saw, tells it that newer CRLs exist
+(its broker fetches them at once).
 
 Metrics (:class:`gateway._metrics.CoreMetrics`): refusals by method and reason, revocations
 (each sequence number the feed sees), escalations by status with their latency, and the
@@ -27,6 +31,7 @@ number of open revocation streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,7 +80,11 @@ class EscalateHandler(Protocol):
 
 
 class RevocationFeed:
-    """Follows the registry's last revocation sequence and wakes waiting streams."""
+    """Follows the registry's last revocation sequence and wakes waiting streams.
+
+    Re-reads on a push from the registry (:meth:`pki.Registry.watch_revocations`), on
+    :meth:`poke`, and every ``poll_s``. ``pushes`` counts the pushes received.
+    """
 
     def __init__(
         self, registry: pki.Registry, *, poll_s: float, metrics: CoreMetrics | None = None
@@ -86,6 +95,8 @@ class RevocationFeed:
         self._last = registry.last_sequence()
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()
+        self.pushed = False
+        self.pushes = 0
 
     @property
     def last_sequence(self) -> int:
@@ -95,21 +106,51 @@ class RevocationFeed:
         """Check the registry now (after a revocation made in this process)."""
         self._poke.set()
 
+    def _pushed(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Called from the registry's listener thread.
+        def wake() -> None:
+            self.pushes += 1
+            self._poke.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(wake)
+
     async def run(self) -> None:
-        while True:
-            seq = await asyncio.to_thread(self._registry.last_sequence)
-            if seq != self._last:
-                if seq > self._last:
-                    self._metrics.revocations.inc(seq - self._last)
-                self._last = seq
-                async with self._changed:
-                    self._changed.notify_all()
-            self._poke.clear()
-            try:
-                async with asyncio.timeout(self._poll_s):
-                    await self._poke.wait()
-            except TimeoutError:
-                pass
+        loop = asyncio.get_running_loop()
+        stop = await asyncio.to_thread(self._registry.watch_revocations, lambda: self._pushed(loop))
+        self.pushed = stop is not None
+        _log.info("revocations.follow", pushed=self.pushed, poll_s=self._poll_s)
+        failing = False
+        try:
+            while True:
+                self._poke.clear()
+                try:
+                    seq = await asyncio.to_thread(self._registry.last_sequence)
+                except pki.RegistryError as exc:
+                    # The database is away (a restart, a lost network): keep trying at the poll
+                    # interval; streams fail on their own reads and gateways reconnect.
+                    if not failing:
+                        _log.warning("revocations.unreadable", error=str(exc))
+                    failing = True
+                    seq = self._last
+                else:
+                    if failing:
+                        _log.info("revocations.readable")
+                    failing = False
+                if seq != self._last:
+                    if seq > self._last:
+                        self._metrics.revocations.inc(seq - self._last)
+                    self._last = seq
+                    async with self._changed:
+                        self._changed.notify_all()
+                try:
+                    async with asyncio.timeout(self._poll_s):
+                        await self._poke.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            if stop is not None:
+                stop()
 
     async def wait_beyond(self, sequence: int, *, max_wait_s: float) -> None:
         """Return when the registry holds events after ``sequence``, or after ``max_wait_s``."""

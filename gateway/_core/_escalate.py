@@ -8,7 +8,9 @@ Three modules, one job each:
   and releasing it when idle;
 - :mod:`gateway._core._escalate_answers`: :class:`AnswerStore` keeps every answer, keyed by
   (gateway, escalation id): a retry of an escalation whose reply was lost gets the stored
-  answer and the models do not run again;
+  answer and the models do not run again. Replicated cores keep the answers in their
+  PostgreSQL registry instead (:class:`~gateway._core._escalate_answers.PostgresAnswerStore`,
+  ``answers_url=``); the first answer stored is the one every replica replies with;
 - here, the ``[escalation]`` table (:class:`CoreEscalationSettings`) and the handler,
   :class:`EscalateService`, which :class:`gateway._core.CoreServer` plugs in as
   ``escalate=``. The core service has already required a *gateway* identity from the TLS peer
@@ -32,7 +34,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pki
-from gateway._core._escalate_answers import AnswerStore
+from gateway._core._escalate_answers import Answers, AnswerStore, PostgresAnswerStore
 from gateway._core._escalate_models import (
     CLASSIFIER,
     DETECTOR,
@@ -139,18 +141,21 @@ class EscalateService:
         settings: CoreEscalationSettings,
         *,
         models: CoreModels | None = None,
-        store: AnswerStore | None = None,
+        store: Answers | None = None,
+        answers_url: str | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.models = models or CoreModels(settings)
         self._store = store
+        # A PostgreSQL URL (the replicated core's registry): answers shared by every replica.
+        self._answers_url = answers_url
         self._wall = wall_clock
         self._inflight: dict[tuple[str, str], asyncio.Future[core_pb2.EscalationResult]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     @property
-    def store(self) -> AnswerStore:
+    def store(self) -> Answers:
         """The answer store (open inside the context manager)."""
         assert self._store is not None  # noqa: S101 - opened in __aenter__
         return self._store
@@ -158,19 +163,32 @@ class EscalateService:
     async def __aenter__(self) -> Self:
         s = self.settings
         if self._store is None:
-            self._store = AnswerStore(
-                s.answer_store,
-                max_entries=s.max_stored_answers,
-                ttl_s=s.answer_ttl_s,
-                clock=self._wall,
-            )
+            if self._answers_url is not None:
+                self._store = await asyncio.to_thread(
+                    PostgresAnswerStore,
+                    self._answers_url,
+                    max_entries=s.max_stored_answers,
+                    ttl_s=s.answer_ttl_s,
+                    clock=self._wall,
+                )
+            else:
+                self._store = AnswerStore(
+                    s.answer_store,
+                    max_entries=s.max_stored_answers,
+                    ttl_s=s.answer_ttl_s,
+                    clock=self._wall,
+                )
             self._stack.callback(self._store.close)
         await self._stack.enter_async_context(self.models)
         _log.info(
             "escalation enabled",
             models=[DETECTOR, CLASSIFIER],
             idle_release_s=s.idle_release_s,
-            answer_store=str(s.answer_store) if s.answer_store else "memory",
+            answer_store=(
+                pki.redacted_url(self._answers_url)
+                if self._answers_url is not None
+                else str(s.answer_store or "memory")
+            ),
         )
         return self
 
@@ -278,7 +296,5 @@ class EscalateService:
             ),
             model_ms=answer.model_ms,
         )
-        self.store.put(*key, result)
-        # Replicas sharing the store may have raced on this id: the first stored answer is
-        # the one every replica returns.
-        return self.store.get(*key) or result
+        # Another replica may have stored its answer first: reply with the stored one.
+        return self.store.put(*key, result)

@@ -175,7 +175,7 @@ class CoreServer:
 
     # Set in __aenter__.
     ca: pki.CertificateAuthority
-    registry: pki.SqliteRegistry
+    registry: pki.CoreRegistry
     authority: pki.EnrollmentAuthority
     identity: pki.IdentityFiles
     feed: RevocationFeed
@@ -220,7 +220,7 @@ class CoreServer:
             self.escalation_log = EscalationLog()
             if escalate is not None:
                 escalate = self.escalation_log.wrap(escalate)
-        self.registry = pki.SqliteRegistry(s.registry_path)
+        self.registry = await asyncio.to_thread(pki.open_registry, s.registry_target)
         self._stack.callback(self.registry.close)
         # What the services use: the same registry, each operation timed for the metrics.
         registry = timed_registry(self.registry, self.metrics.on_registry)
@@ -336,6 +336,7 @@ class CoreServer:
             enrol_address=self.enrol_address,
             metrics_port=self.metrics_port or None,
             console=self.console.url if self.console is not None else None,
+            registry=s.registry_display,
         )
 
     async def _stop_server(self) -> None:

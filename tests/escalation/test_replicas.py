@@ -168,9 +168,11 @@ class _RacedStore(AnswerStore):
             return None
         return super().get(gateway_id, escalation_id)
 
-    def put(self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult) -> None:
+    def put(
+        self, gateway_id: str, escalation_id: str, result: core_pb2.EscalationResult
+    ) -> core_pb2.EscalationResult:
         super().put(gateway_id, escalation_id, self.other)  # the other replica was first
-        super().put(gateway_id, escalation_id, result)  # first write wins: ignored
+        return super().put(gateway_id, escalation_id, result)  # first write wins
 
 
 async def test_replicas_racing_on_one_id_return_the_first_stored_answer(tmp_path: Path) -> None:

@@ -93,6 +93,9 @@ def test_importing_the_errors_loads_nothing_heavy() -> None:
         (e.ResourceExhausted("busy"), "RESOURCE_EXHAUSTED", "busy"),
         (pki.TokenRejected("unknown"), "PERMISSION_DENIED", "token_rejected"),
         (pki.RateLimited(30.0), "RESOURCE_EXHAUSTED", "rate_limited"),
+        # A registry database that is away is retryable (another core replica may answer).
+        (pki.RegistryUnavailable("db down"), "UNAVAILABLE", "registry_unavailable"),
+        (pki.RegistryError("refused"), "FAILED_PRECONDITION", "registry"),
         (RuntimeError("bug"), "INTERNAL", "internal"),
     ],
 )

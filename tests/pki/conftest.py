@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -48,11 +50,59 @@ def fresh_pki(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's registry lives: an SQLite file, or a fresh PostgreSQL database.
+
+    Every test that takes ``registry`` (or this) runs once per backend: one contract.
+    """
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "registry.sqlite3")
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> pki.SqliteRegistry:
-    reg = pki.SqliteRegistry(tmp_path / "registry.sqlite3")
+def registry(registry_url: str) -> pki.Registry:
+    reg = pki.open_registry(registry_url)
     yield reg  # type: ignore[misc]
     reg.close()
+
+
+def execute_raw(
+    registry: pki.Registry, sql: str, args: tuple[object, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """Run one SQL statement on the registry's database behind its back (``?`` placeholders),
+    as another tool writing to the database might; returns its rows."""
+    if isinstance(registry, pki.SqliteRegistry):
+        with sqlite3.connect(registry.path) as db:
+            return list(db.execute(sql, args).fetchall())
+    import psycopg
+
+    assert isinstance(registry, pki.PostgresRegistry)
+    with psycopg.connect(registry.url, autocommit=True) as conn:
+        cur = conn.execute(sql.replace("?", "%s").encode(), args)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def stored_bytes(registry: pki.Registry) -> bytes:
+    """Everything the registry stored, as bytes: the SQLite file (and its WAL), or every row of
+    every table of the PostgreSQL database as text."""
+    if isinstance(registry, pki.SqliteRegistry):
+        raw = registry.path.read_bytes()
+        wal = registry.path.with_name(registry.path.name + "-wal")
+        return raw + (wal.read_bytes() if wal.exists() else b"")
+    tables = [
+        str(t)
+        for (t,) in execute_raw(
+            registry, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+    ]
+    rows: list[str] = []
+    for table in tables:
+        # Names from the catalog, not input.
+        query = f'SELECT t::text FROM "{table}" t'  # noqa: S608
+        rows += [str(r[0]) for r in execute_raw(registry, query)]
+    return "\n".join(rows).encode()
 
 
 def _der_length(n: int) -> bytes:

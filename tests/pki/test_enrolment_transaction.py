@@ -1,21 +1,20 @@
-"""``SqliteRegistry.complete_enrolment``: one transaction spends the token, registers the device
-and records its certificate, or does none of it."""
+"""``Registry.complete_enrolment`` on SQLite and PostgreSQL: one transaction spends the token,
+registers the device and records its certificate, or does none of it."""
 
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 
 import pytest
 
 import pki
 
-from .conftest import NOW
+from .conftest import NOW, execute_raw
 
 SERIAL = "0a1b2c3d"
 
 
-def _token(registry: pki.SqliteRegistry, device_id: str, *, ttl_s: int = 3600) -> str:
+def _token(registry: pki.Registry, device_id: str, *, ttl_s: int = 3600) -> str:
     token = pki.generate_token(device_id)
     registry.create_token(
         pki.TokenRecord(
@@ -38,7 +37,7 @@ def _cert(device_id: str, serial: str = SERIAL) -> pki.CertificateRecord:
 
 
 def test_enrolment_registers_the_device_and_records_the_certificate(
-    registry: pki.SqliteRegistry,
+    registry: pki.Registry,
 ) -> None:
     token_hash = _token(registry, "cam-tx1")
     device = registry.complete_enrolment(token_hash, certificate=_cert("cam-tx1"), now=NOW).device
@@ -55,7 +54,7 @@ def test_enrolment_registers_the_device_and_records_the_certificate(
 
 
 def test_each_refusal_names_its_reason_and_changes_nothing(
-    registry: pki.SqliteRegistry,
+    registry: pki.Registry,
 ) -> None:
     with pytest.raises(pki.TokenRejected) as unknown:
         registry.complete_enrolment("0" * 64, certificate=_cert("cam-tx2"), now=NOW)
@@ -85,14 +84,13 @@ def test_each_refusal_names_its_reason_and_changes_nothing(
 
 
 def test_a_revoked_device_is_never_registered_again_even_with_a_live_token(
-    registry: pki.SqliteRegistry,
+    registry: pki.Registry,
 ) -> None:
     registry.complete_enrolment(_token(registry, "cam-tx4"), certificate=_cert("cam-tx4"), now=NOW)
     live = _token(registry, "cam-tx4")
     # Revocation normally spends pending tokens too; mark only the device, as a registry
     # written by another tool might, so the transaction's own check is what refuses.
-    with sqlite3.connect(registry.path) as db:
-        db.execute("UPDATE devices SET status = 'revoked' WHERE id = 'cam-tx4'")
+    execute_raw(registry, "UPDATE devices SET status = 'revoked' WHERE id = 'cam-tx4'")
     with pytest.raises(pki.CertificateRevoked):
         registry.complete_enrolment(live, certificate=_cert("cam-tx4", "ff02"), now=NOW)
     device = registry.get_device("cam-tx4")

@@ -5,9 +5,9 @@ and under concurrent claims."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pki
 from edgeward.cli import main
 from gateway._core._status import status_for
 from tests._support.core import running_core, unique_id
-from tests.pki.conftest import NOW, make_csr
+from tests.pki.conftest import NOW, execute_raw, make_csr
 from tests.pki.test_core_service import raw_enroll
 
 HOUR = dt.timedelta(hours=1)
@@ -38,10 +38,9 @@ def server(
     return pki.issue_identity(pki_dir, out, role=role, id=id, registry=registry, **kw)  # type: ignore[arg-type]
 
 
-def tokens_of(registry: pki.SqliteRegistry, device_id: str) -> int:
-    with sqlite3.connect(registry.path) as db:
-        return int(db.execute("SELECT COUNT(*) FROM tokens WHERE device_id = ?", (device_id,))
-                   .fetchone()[0])  # fmt: skip
+def tokens_of(registry: pki.Registry, device_id: str) -> int:
+    rows = execute_raw(registry, "SELECT COUNT(*) FROM tokens WHERE device_id = ?", (device_id,))
+    return int(rows[0][0])
 
 
 # -- Python API -----------------------------------------------------------------------------
@@ -130,12 +129,11 @@ def test_enrolment_checks_the_id_again(pki_dir: Path, registry: pki.SqliteRegist
     announced = token(registry, "gw-late")
     registry.upsert_gateway(pki.GatewayRecord("gw-late", "home", "127.0.0.1:1", "", NOW))
     legacy = token(registry, "core-late")
-    with sqlite3.connect(registry.path) as db:
-        db.execute(
-            "INSERT INTO server_certificates"
-            " VALUES ('c0ffee', 'core', 'core-late', ?, 'active', ?)",
-            (NOW.timestamp() + 86400, NOW.timestamp()),
-        )
+    execute_raw(
+        registry,
+        "INSERT INTO server_certificates VALUES ('c0ffee', 'core', 'core-late', ?, 'active', ?)",
+        (NOW.timestamp() + 86400, NOW.timestamp()),
+    )
     for device_id, tok, holder in (
         ("gw-late", announced, "gateway"),
         ("core-late", legacy, "core"),
@@ -176,15 +174,15 @@ async def test_enrolment_over_grpc_refuses_an_id_a_gateway_took(
 
 
 def test_concurrent_claims_on_one_id_have_exactly_one_winner(
-    tmp_path: Path, registry: pki.SqliteRegistry
+    registry_url: str, registry: pki.Registry
 ) -> None:
     """A token, a gateway and a core certificate for the same id at once, each through its
-    own connection (as separate processes would): one wins, the others are refused."""
-    path = tmp_path / "registry.sqlite3"
+    own connection (as separate processes or core replicas would): one wins, the others are
+    refused."""
     claims = ("device", "gateway", "core")
 
     def claim(kind: str, id: str, barrier: threading.Barrier) -> str:
-        with pki.SqliteRegistry(path) as reg:
+        with contextlib.closing(pki.open_registry(registry_url)) as reg:
             barrier.wait(timeout=30)
             try:
                 if kind == "device":
@@ -218,13 +216,12 @@ def test_concurrent_claims_on_one_id_have_exactly_one_winner(
 
 
 def test_concurrent_tokens_for_one_device_leave_exactly_one_live(
-    pki_dir: Path, tmp_path: Path, registry: pki.SqliteRegistry
+    pki_dir: Path, registry_url: str, registry: pki.Registry
 ) -> None:
-    path = tmp_path / "registry.sqlite3"
     barrier = threading.Barrier(6)
 
     def make(_: int) -> str:
-        with pki.SqliteRegistry(path) as reg:
+        with contextlib.closing(pki.open_registry(registry_url)) as reg:
             barrier.wait(timeout=30)
             return token(reg, "cam-many")
 

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 import pki
-from tests.pki.conftest import NOW, duplicate_extension_csr, make_csr
+from tests.pki.conftest import NOW, duplicate_extension_csr, execute_raw, make_csr
 
 
 def authority(pki_dir: Path, registry: pki.SqliteRegistry) -> pki.EnrollmentAuthority:
@@ -140,15 +140,16 @@ def test_server_certificates_are_recorded_and_revocable_by_serial_and_by_id(
     # Ids are unique across roles now, but a registry written by an earlier version may hold a
     # device that shares the gateway's id: revoking the gateway must not touch it.
     twin_serial = "7e1a"
-    with sqlite3.connect(registry.path) as db:
-        db.execute(
-            "INSERT INTO devices VALUES ('gw-twin', 'pet-camera', 'home', 'active', ?)",
-            (NOW.timestamp(),),
-        )
-        db.execute(
-            "INSERT INTO certificates VALUES (?, 'gw-twin', ?, 'active', ?)",
-            (twin_serial, NOW.timestamp() + 86400, NOW.timestamp()),
-        )
+    execute_raw(
+        registry,
+        "INSERT INTO devices VALUES ('gw-twin', 'pet-camera', 'home', 'active', ?)",
+        (NOW.timestamp(),),
+    )
+    execute_raw(
+        registry,
+        "INSERT INTO certificates VALUES (?, 'gw-twin', ?, 'active', ?)",
+        (twin_serial, NOW.timestamp() + 86400, NOW.timestamp()),
+    )
 
     with structlog.testing.capture_logs() as logs:
         one = pki.revoke_serial(registry, serial["core"].upper(), reason="host lost", now=NOW)
