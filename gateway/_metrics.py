@@ -271,23 +271,6 @@ class CoreMetrics:
             registry=r,
         )
 
-    def add_counters(
-        self,
-        prefix: str,
-        read: CounterReader,
-        *,
-        documentation: Mapping[str, str] | None = None,
-        label: str = "reason",
-    ) -> Callable[[], None]:
-        """Export a component's counters as ``edgeward_gateway_<prefix><name>_total``.
-
-        ``read`` is called at each scrape (on the scraping thread: it must only read).
-        Returns the function that removes them again (the component stopped).
-        """
-        collector = _Counters(prefix, read, documentation or {}, label)
-        self.registry.register(collector)
-        return lambda: self.registry.unregister(collector)
-
     def on_malformed(self, method: str) -> None:
         """``gateway._wire`` hook: a request to ``method`` did not parse."""
         self.malformed_requests.labels(method=method).inc()
