@@ -349,6 +349,43 @@ def _dt(v: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(v, dt.UTC)
 
 
+# Rows to records: the same for every backend's SQL.
+
+
+def _device_row(row: Sequence[Any]) -> DeviceRecord:
+    i, t, r, s, c = row
+    return DeviceRecord(str(i), str(t), str(r), Status(str(s)), _dt(float(c)))
+
+
+def _operator_row(row: Sequence[Any]) -> OperatorRecord:
+    return OperatorRecord(str(row[0]), OperatorRole(row[1]), Status(row[2]), _dt(float(row[3])))
+
+
+def _cert_row(row: Sequence[Any]) -> CertificateRecord:
+    s, d, na, st, ia = row
+    return CertificateRecord(
+        str(s),
+        str(d),
+        _dt(float(na)),
+        Status(str(st)),
+        _dt(float(ia)),
+    )
+
+
+def _server_row(row: Sequence[Any]) -> ServerCertificateRecord:
+    s, role, sid, na, st, ia = row
+    return ServerCertificateRecord(
+        str(s), Role(str(role)), str(sid), _dt(float(na)), Status(str(st)), _dt(float(ia))
+    )
+
+
+def _unspent_reason(used_at: object, voided_at: object) -> str:
+    """Why a known token could not be spent (for the audit log only)."""
+    if voided_at is not None:
+        return "token voided by a newer token"
+    return "token already used" if used_at is not None else "token expired"
+
+
 def _canonical_serial(serial: str) -> str:
     """A serial as the registry keys it (see ``pki.serial_hex``): lower-case hex, no 0x, no
     leading zeros."""
@@ -563,9 +600,7 @@ class SqliteRegistry:
         rows = self._read("SELECT id, role, status, created_at FROM operators ORDER BY id")
         return [self._operator(r) for r in rows]
 
-    @staticmethod
-    def _operator(row: tuple[Any, ...]) -> OperatorRecord:
-        return OperatorRecord(str(row[0]), OperatorRole(row[1]), Status(row[2]), _dt(float(row[3])))
+    _operator = staticmethod(_operator_row)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -626,12 +661,7 @@ class SqliteRegistry:
             None if voided is None else _dt(float(voided)),
         )
 
-    @staticmethod
-    def _unspent_reason(used_at: object, voided_at: object) -> str:
-        """Why a known token could not be spent (for the audit log only)."""
-        if voided_at is not None:
-            return "token voided by a newer token"
-        return "token already used" if used_at is not None else "token expired"
+    _unspent_reason = staticmethod(_unspent_reason)
 
     def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord:
         """Mark the token used and return what it grants, or raise :class:`TokenRejected`.
@@ -757,10 +787,7 @@ class SqliteRegistry:
         rows = self._read("SELECT id, type, region, status, created_at FROM devices ORDER BY id")
         return [self._device(r) for r in rows]
 
-    @staticmethod
-    def _device(row: tuple[Any, ...]) -> DeviceRecord:
-        i, t, r, s, c = row
-        return DeviceRecord(str(i), str(t), str(r), Status(str(s)), _dt(float(c)))
+    _device = staticmethod(_device_row)
 
     def record_certificate(self, record: CertificateRecord) -> None:
         try:
@@ -839,16 +866,7 @@ class SqliteRegistry:
             rows = self._read(sql + " WHERE device_id = ? ORDER BY issued_at", (device_id,))
         return [self._cert(r) for r in rows]
 
-    @staticmethod
-    def _cert(row: tuple[Any, ...]) -> CertificateRecord:
-        s, d, na, st, ia = row
-        return CertificateRecord(
-            str(s),
-            str(d),
-            _dt(float(na)),
-            Status(str(st)),
-            _dt(float(ia)),
-        )
+    _cert = staticmethod(_cert_row)
 
     # -- server (gateway, core) certificates ------------------------------------------------
 
@@ -901,12 +919,7 @@ class SqliteRegistry:
         )
         return [self._server(r) for r in rows]
 
-    @staticmethod
-    def _server(row: tuple[Any, ...]) -> ServerCertificateRecord:
-        s, role, sid, na, st, ia = row
-        return ServerCertificateRecord(
-            str(s), Role(str(role)), str(sid), _dt(float(na)), Status(str(st)), _dt(float(ia))
-        )
+    _server = staticmethod(_server_row)
 
     # -- revocation ------------------------------------------------------------------------
 

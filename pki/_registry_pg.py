@@ -61,9 +61,14 @@ from pki._registry import (
     Status,
     TokenRecord,
     _canonical_serial,
+    _cert_row,
     _clean_reason,
+    _device_row,
     _dt,
+    _operator_row,
+    _server_row,
     _ts,
+    _unspent_reason,
     redacted_url,
 )
 from pki._registry_pg_schema import apply_migrations
@@ -385,9 +390,7 @@ class PostgresRegistry:
         rows = self._read("SELECT id, role, status, created_at FROM operators ORDER BY id")
         return [self._operator(r) for r in rows]
 
-    @staticmethod
-    def _operator(row: Sequence[Any]) -> OperatorRecord:
-        return OperatorRecord(str(row[0]), OperatorRole(row[1]), Status(row[2]), _dt(float(row[3])))
+    _operator = staticmethod(_operator_row)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -444,11 +447,7 @@ class PostgresRegistry:
             None if voided is None else _dt(float(voided)),
         )
 
-    @staticmethod
-    def _unspent_reason(used_at: object, voided_at: object) -> str:
-        if voided_at is not None:
-            return "token voided by a newer token"
-        return "token already used" if used_at is not None else "token expired"
+    _unspent_reason = staticmethod(_unspent_reason)
 
     def consume_token(self, token_hash: str, *, now: dt.datetime) -> TokenRecord:
         """Mark the token used and return what it grants, or raise :class:`TokenRejected`;
@@ -563,10 +562,7 @@ class PostgresRegistry:
         rows = self._read("SELECT id, type, region, status, created_at FROM devices ORDER BY id")
         return [self._device(r) for r in rows]
 
-    @staticmethod
-    def _device(row: Sequence[Any]) -> DeviceRecord:
-        i, t, r, s, c = row
-        return DeviceRecord(str(i), str(t), str(r), Status(str(s)), _dt(float(c)))
+    _device = staticmethod(_device_row)
 
     def record_certificate(self, record: CertificateRecord) -> None:
         with self._write(f"cannot record certificate {record.serial}") as conn:
@@ -635,10 +631,7 @@ class PostgresRegistry:
             )
         return [self._cert(r) for r in rows]
 
-    @staticmethod
-    def _cert(row: Sequence[Any]) -> CertificateRecord:
-        s, d, na, st, ia = row
-        return CertificateRecord(str(s), str(d), _dt(float(na)), Status(str(st)), _dt(float(ia)))
+    _cert = staticmethod(_cert_row)
 
     # -- server (gateway, core) certificates ------------------------------------------------
 
@@ -684,12 +677,7 @@ class PostgresRegistry:
         )
         return [self._server(r) for r in rows]
 
-    @staticmethod
-    def _server(row: Sequence[Any]) -> ServerCertificateRecord:
-        s, role, sid, na, st, ia = row
-        return ServerCertificateRecord(
-            str(s), Role(str(role)), str(sid), _dt(float(na)), Status(str(st)), _dt(float(ia))
-        )
+    _server = staticmethod(_server_row)
 
     # -- revocation ------------------------------------------------------------------------
 
