@@ -170,7 +170,7 @@ def recorded_gateway(core: RunningCore, tmp_path: Path, gateway_id: str) -> pki.
 async def test_a_revocation_through_any_writer_is_pushed_to_every_replica(
     pki_dir: Path, tmp_path: Path, postgres_url: str, through: str
 ) -> None:
-    # Polling every 30 s and heartbeats every 30 s: only the push can explain an event in 1 s.
+    # Polling every 30 s and heartbeats every 30 s: an event long before them came by the push.
     quiet = {"registry": postgres_url, "feed_poll_s": 30.0, "feed_heartbeat_s": 30.0}
     async with (
         running_core(pki_dir, tmp_path, core_id="core-a", **quiet) as core_a,
@@ -198,7 +198,8 @@ async def test_a_revocation_through_any_writer_is_pushed_to_every_replica(
                 _out, err = await proc.communicate()
                 assert proc.returncode == 0, err
                 started = loop.time()  # the revocation is committed by now
-            async with asyncio.timeout(5):
+            # Polling and heartbeats are 30 s apart: only the push can deliver it sooner.
+            async with asyncio.timeout(20):
                 event = await stream.read()
             elapsed = loop.time() - started
             stream.cancel()
@@ -206,7 +207,7 @@ async def test_a_revocation_through_any_writer_is_pushed_to_every_replica(
         assert event.sequence == core_b.registry.last_sequence()
         assert core_b.server.feed.pushed
         assert core_b.server.feed.pushes > pushes_before
-        assert elapsed < 1.0
+        assert elapsed < 20  # bench/core_scale.py measures the figure (ms)
 
 
 async def test_each_token_enrols_once_across_replicas(
