@@ -387,7 +387,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, float | int]:
 
         async with GatewayService(settings) as gw:
             address = f"127.0.0.1:{gw.grpc_port}"
-            print(f"provider: {gw.engine.provider if gw.engine else '?'}", flush=True)
+            print(f"provider: {gw.models.provider or '?'}", flush=True)
             served = await asyncio.to_thread(_run_client, address, load, args.seconds, same=False)
             pairs = await asyncio.to_thread(
                 _run_client, address, load[:1], args.seconds, same=False, paired=True

@@ -19,7 +19,12 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway._core_endpoints import join_core_addresses, parse_core_addresses
-from gateway._models import models_dir_or_default
+from gateway._models import (
+    DEFAULT_EDGE_MODEL,
+    EDGE_DETECTORS,
+    manifest_labels,
+    models_dir_or_default,
+)
 from gateway._settings import ConfigError, ServiceSettings, load_settings
 
 __all__ = [
@@ -60,7 +65,7 @@ def _host_port(value: str) -> str:
 
 
 class InferenceSettings(_Section):
-    """The edge model and how it is served."""
+    """The edge models, which region runs which, and how they are served."""
 
     models_dir: Path = Field(
         default=None,
@@ -68,6 +73,30 @@ class InferenceSettings(_Section):
         description="Directory holding the ONNX models and manifest.json (every file "
         "sha256-verified against it); unset: the installed edgeward-models package "
         "(the models/ directory in a checkout).",
+    )
+    model: str = Field(
+        default=DEFAULT_EDGE_MODEL,
+        description="The edge detector (a models/manifest.json name) of devices whose region "
+        f"names none: {', '.join(sorted(EDGE_DETECTORS))}.",
+    )
+    region_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Region → the edge detector its devices' frames go through "
+        "([inference.region_models], e.g. lab = 'core_nanodet_coco80'). A device uses its "
+        "registry region's model, else the gateway region's, else inference.model (as "
+        "escalation policies fall back). An unknown name stops the start-up.",
+    )
+    idle_release_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="A model with no frame for this long is released from memory (logged, "
+        "counted in edgeward_gateway_edge_model_releases_total); the next frame that needs it "
+        "loads it again, sha256-verified.",
+    )
+    preload: bool = Field(
+        default=True,
+        description="Load inference.model at start-up (its provider and file checked before "
+        "devices are served); false: it loads on its first frame like the regions' models.",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
@@ -112,6 +141,15 @@ class InferenceSettings(_Section):
     )
 
     _default_models_dir = field_validator("models_dir", mode="before")(models_dir_or_default)
+
+    @field_validator("region_models", mode="before")
+    @classmethod
+    def _region_names(cls, value: Any) -> Any:
+        """Region names as the registry spells them (``home-eu``; the environment says
+        ``HOME_EU``)."""
+        if not isinstance(value, dict):
+            return value
+        return {str(name).replace("_", "-"): model for name, model in value.items()}
 
 
 class CacheSettings(_Section):
@@ -388,7 +426,54 @@ def load_gateway_settings(
             f"{ENV_PREFIX}CORE_ADDRESS / {ENV_PREFIX}PKI_DIR)"
         )
     _check_bands(settings)
+    _check_models(settings)
     return settings
+
+
+def _check_models(settings: GatewaySettings) -> None:
+    """Refuse edge models the manifest lacks, and escalation label sets they cannot give.
+
+    A region whose devices would be served by a model that does not exist is a start-up
+    error naming the key and listing the manifest's edge detectors, not a failure on each
+    of the region's frames. A region's ``escalation.regions.<r>.edge_labels`` must be labels
+    of the model the region runs: a label of another model's vocabulary (``person`` for the
+    SSD's ``Person``) can never match, and would silently escalate every detection.
+    """
+    inf = settings.inference
+    manifest = manifest_labels(inf.models_dir)
+    available = sorted(n for n in manifest if n in EDGE_DETECTORS)
+    listing = ", ".join(available) or "(none)"
+    lines = []
+    wanted = {"inference.model": inf.model} | {
+        f"inference.region_models.{region}": model for region, model in inf.region_models.items()
+    }
+    for key, model in wanted.items():
+        if model not in available:
+            env = ENV_PREFIX + key.replace(".", "__").replace("-", "_").upper()
+            lines.append(
+                f"  {key}: {model!r} is not an edge detector of the manifest in "
+                f"{inf.models_dir}; it has: {listing} (environment override: {env})"
+            )
+    raw = settings.escalation
+    regions = raw.get("regions") if isinstance(raw, dict) else None
+    for name, table in (regions or {}).items():
+        labels = table.get("edge_labels") if isinstance(table, dict) else None
+        if not isinstance(labels, list | tuple):
+            continue  # unset, or reported by the escalation component's own validation
+        region = str(name).replace("_", "-")
+        model = inf.region_models.get(region) or inf.region_models.get(
+            settings.region.replace("_", "-"), inf.model
+        )
+        known = manifest.get(model)
+        unknown = [str(x) for x in labels if known is not None and str(x) not in known]
+        if unknown:
+            key = f"escalation.regions.{name}.edge_labels"
+            lines.append(
+                f"  {key}: {', '.join(map(repr, unknown))} not labels of {model}, the edge "
+                f"model region {region!r} runs (its labels: {', '.join(known or ())})"
+            )
+    if lines:
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
 
 
 #: ``band_low``'s default in ``[escalation.regions.<r>]`` (``gateway._escalation._config``).

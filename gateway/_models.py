@@ -14,9 +14,36 @@ before it is loaded (``gateway._inference._manifest``).
 from __future__ import annotations
 
 import importlib.resources
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["MODELS_PACKAGE", "NOT_FOUND_HINT", "find_models_dir", "models_dir_or_default"]
+__all__ = [
+    "DEFAULT_EDGE_MODEL",
+    "EDGE_DETECTORS",
+    "MODELS_PACKAGE",
+    "NOT_FOUND_HINT",
+    "EdgeArchitecture",
+    "find_models_dir",
+    "manifest_labels",
+    "models_dir_or_default",
+]
+
+EdgeArchitecture = Literal["ssd", "nanodet"]
+
+#: The edge detector a gateway runs where no region names another (a manifest name).
+DEFAULT_EDGE_MODEL = "edge_ssd_mobilenetv2_oid24"
+
+#: The manifest's detectors the edge engine can run, with the architecture whose pre- and
+#: post-processing it applies (``gateway._inference._ssd``, ``gateway._inference._nanodet``).
+#: NanoDet-m (COCO-80: horses, birds, kites, giraffes, zebras the OID-24 SSD cannot name) is a
+#: mobile detector of about a million parameters, so a region whose devices see such scenes
+#: can run it at the edge; the core runs it too, as one of its models.
+EDGE_DETECTORS: Mapping[str, EdgeArchitecture] = {
+    DEFAULT_EDGE_MODEL: "ssd",
+    "core_nanodet_coco80": "nanodet",
+}
 
 #: The import name of the ``edgeward-models`` distribution.
 MODELS_PACKAGE = "edgeward_models"
@@ -56,6 +83,22 @@ def find_models_dir() -> Path | None:
     ``None`` when neither holds a manifest (:data:`NOT_FOUND_HINT` says what to do).
     """
     return _checkout_models_dir() or _installed_models_dir()
+
+
+def manifest_labels(models_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Every model of ``models_dir``'s manifest with its labels, for checking a configuration.
+
+    Reads the JSON only (no sha256, no onnxruntime); ``{}`` when it cannot be read (loading the
+    models then reports why, against the files). Every file is still verified when it loads.
+    """
+    try:
+        raw = json.loads((Path(models_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return {
+            str(m["name"]): tuple(str(label) for label in m.get("labels", ()))
+            for m in raw["models"]
+        }
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def models_dir_or_default(value: object) -> object:

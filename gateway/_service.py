@@ -7,13 +7,16 @@ part ready before the next one that uses it):
    ``WatchRevocations`` stream, failing over between the replicas listed in
    ``core_address``, or the PKI registry when standalone), waiting up to
    ``core_timeout_s`` for it to become fresh (until then new sessions are refused);
-2. the inference engine (model verified, session created, provider logged once) and cache;
+2. the edge model catalog (every configured model's file verified against the manifest; the
+   default model loaded, its provider logged, unless ``inference.preload`` is off; the
+   regions' models load on their first frame and every model is released when idle) and the
+   response cache;
 3. the plug-ins, in the order given (the MQTT bridge, the escalation outbox);
 4. the mutual-TLS gRPC server, then the Prometheus endpoint.
 
 Leaving stops them in reverse: the gRPC server stops accepting and gives in-flight calls
-``shutdown_grace_s`` to finish, the plug-ins drain (the outbox flushes), the engine answers
-the frames it admitted, the feed closes. :meth:`GatewayService.run_until_signalled` waits for
+``shutdown_grace_s`` to finish, the plug-ins drain (the outbox flushes), the models answer
+the frames they admitted, the feed closes. :meth:`GatewayService.run_until_signalled` waits for
 SIGTERM or SIGINT and then leaves.
 
 Plug-ins (optional components: the MQTT bridge, escalation). One mechanism, two levels:
@@ -76,7 +79,15 @@ from gateway._door import (
 )
 from gateway._events import EventHub
 from gateway._grpc import DeviceGatewayServicer, GatewayServer, IdentityJudge
-from gateway._inference import InferenceEngine, ResponseCache
+from gateway._inference import (
+    CacheKind,
+    EdgeModelCatalog,
+    EngineObserver,
+    InferenceEngine,
+    ResponseCache,
+    UnknownEdgeModel,
+)
+from gateway._inference._catalog import DEFAULT_REGION
 from gateway._metrics import GatewayMetrics, MetricsServer
 from gateway._revocation import (
     CoreRevocationFeed,
@@ -84,6 +95,7 @@ from gateway._revocation import (
     RevocationState,
     registry_revocation_reader,
 )
+from gateway._settings import ConfigError
 from gateway._wire import check_listen
 
 __all__ = [
@@ -110,7 +122,8 @@ class GatewayRuntime:
     identity: pki.IdentityFiles
     gateway_id: str
     trust_domain: str
-    engine: InferenceEngine
+    #: The edge models (a device's frames go through its region's), loaded on demand.
+    models: EdgeModelCatalog
     events: EventHub
     revocation: RevocationState
     metrics: GatewayMetrics
@@ -207,6 +220,24 @@ def configured_plugins(settings: GatewaySettings) -> list[GatewayPlugin]:
     return plugins
 
 
+class _CatalogObserver(EngineObserver):
+    """The metrics hooks of every model's engine; the queue-depth gauge counts the frames
+    waiting for any loaded model, not the last engine to report."""
+
+    def __init__(self, metrics: GatewayMetrics, depth: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self._depth = depth
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self._metrics.on_batch(size, seconds)
+
+    def on_cache(self, kind: CacheKind) -> None:
+        self._metrics.on_cache(kind)
+
+    def on_queue_depth(self, n: int) -> None:
+        self._metrics.on_queue_depth(self._depth())
+
+
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -261,7 +292,9 @@ class GatewayService:
         self._stack = contextlib.AsyncExitStack()
         self._core_endpoints: CoreEndpoints | None = None
         self._registry: pki.Registry | None = None
-        self.engine: InferenceEngine | None = None
+        #: The edge model catalog: built here, so that a region naming a model the manifest
+        #: lacks fails construction (a ConfigError naming the key).
+        self.models = self._catalog()
         self.door: FrontDoor | None = None
         self.servicer: DeviceGatewayServicer | None = None
         self.server: GatewayServer | None = None
@@ -328,8 +361,10 @@ class GatewayService:
             return CoreDeviceDirectory(self._cores(), timeout_s=self.settings.core_timeout_s)
         return RegistryDeviceDirectory(self._open_registry())
 
-    def _engine(self) -> InferenceEngine:
+    def _catalog(self) -> EdgeModelCatalog:
         inf, c = self.settings.inference, self.settings.cache
+        # One cache for every model: its entries are keyed by model (name, file hash and
+        # threshold), so an answer of one model is never given for another's frame.
         cache = (
             ResponseCache(
                 ttl=c.ttl_s,
@@ -340,19 +375,42 @@ class GatewayService:
             if c.enabled
             else None
         )
-        return InferenceEngine(
-            models_dir=inf.models_dir,
-            providers=inf.providers,
-            intra_op_threads=inf.threads,
-            max_batch=inf.max_batch,
-            max_wait_ms=inf.max_wait_ms,
-            queue_size=inf.queue_size,
-            max_pixels=inf.max_pixels,
-            max_image_bytes=inf.max_image_bytes,
-            score_threshold=inf.score_threshold,
-            cache=cache,
-            observer=self.metrics,
-        )
+        # The catalog is built below, with the engines this observer watches.
+        observer = _CatalogObserver(self.metrics, lambda: catalog.queue_depth())  # noqa: PLW0108
+
+        def engine(model: str) -> InferenceEngine:
+            return InferenceEngine(
+                models_dir=inf.models_dir,
+                model=model,
+                providers=inf.providers,
+                intra_op_threads=inf.threads,
+                max_batch=inf.max_batch,
+                max_wait_ms=inf.max_wait_ms,
+                queue_size=inf.queue_size,
+                max_pixels=inf.max_pixels,
+                max_image_bytes=inf.max_image_bytes,
+                score_threshold=inf.score_threshold,
+                cache=cache,
+                observer=observer,
+            )
+
+        try:
+            catalog = EdgeModelCatalog(
+                engine,
+                models_dir=inf.models_dir,
+                default_model=inf.model,
+                region_models=inf.region_models,
+                gateway_region=self.settings.region,
+                idle_release_s=inf.idle_release_s,
+            )
+        except UnknownEdgeModel as exc:
+            key = (
+                "inference.model"
+                if exc.region == DEFAULT_REGION
+                else f"inference.region_models.{exc.region}"
+            )
+            raise ConfigError(f"invalid configuration:\n  {key}: {exc}") from None
+        return catalog
 
     async def __aenter__(self) -> Self:
         s = self.settings
@@ -380,11 +438,30 @@ class GatewayService:
             except TimeoutError:
                 log.warning("revocation feed not fresh yet; new sessions refused until it is")
             directory = await self._directory()
-            self.engine = await self._stack.enter_async_context(self._engine())
-            log.info("inference provider in use", provider=self.engine.provider)
+            await self._stack.enter_async_context(self.models)
+            unexport = self.metrics.add_counters(
+                "edge_model_",
+                self.models.counters,
+                documentation={
+                    "loads": "Edge models loaded (on first use, or again after a release).",
+                    "releases": "Edge models released (idle, or at shutdown).",
+                },
+                label="model",
+            )
+            self._stack.callback(unexport)
+            if s.inference.preload:
+                await self.models.preload()
+                log.info("inference provider in use", provider=self.models.provider)
+            log.info(
+                "edge models",
+                default=self.models.default_model,
+                regions=dict(s.inference.region_models),
+                preloaded=sorted(self.models.loaded()),
+                idle_release_s=s.inference.idle_release_s,
+            )
             self.door = FrontDoor(
                 gateway_id=self.gateway_id,
-                engine=self.engine,
+                engine=self.models,
                 limits=s.limits,
                 revocation=self.revocation,
                 authoriser=Authoriser(directory, s.authorisation),
@@ -416,7 +493,7 @@ class GatewayService:
                 identity=self.identity,
                 gateway_id=self.gateway_id,
                 trust_domain=self.trust_domain,
-                engine=self.engine,
+                models=self.models,
                 events=self.events,
                 revocation=self.revocation,
                 metrics=self.metrics,

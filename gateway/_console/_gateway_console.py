@@ -164,7 +164,7 @@ class GatewayConsole(WebConsole):
             "revocation_sequence": rt.revocation.last_sequence,
             "fps": round(fps, 1),
             "cache_hit_rate": round(hits / lookups, 3) if lookups else None,
-            "provider": rt.engine.provider,
+            "provider": rt.models.provider,
             "model": self.feed.model,
             "devices": devices,
             "grpc_calls": live.count(),

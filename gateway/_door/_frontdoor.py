@@ -71,10 +71,16 @@ _BUDGETED = frozenset({"Detect", "StreamDetect", "ReportTelemetry"})
 
 
 class Detector(Protocol):
-    """What the front door needs of the inference engine."""
+    """What the front door needs of the inference engine (the gateway's model catalog, which
+    runs the model of the device's ``region``)."""
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ) -> tuple[InferenceResult, Frame | None]: ...
 
 
@@ -269,7 +275,9 @@ class FrontDoor:
             except TimeoutError:
                 raise DeadlineExceeded("deadline passed while waiting for a turn") from None
             try:
-                return await self.engine.detect_with_frame(image, deadline=deadline, key=device_id)
+                return await self.engine.detect_with_frame(
+                    image, deadline=deadline, key=device_id, region=admitted.region
+                )
             finally:
                 self.fair.release()
 

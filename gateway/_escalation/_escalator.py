@@ -238,8 +238,14 @@ class Escalator:
         detections: tuple[Detection, ...],
         frame: npt.NDArray[np.uint8] | None,
         region: str | None = None,
+        edge_model: str = "",
+        edge_labels: tuple[str, ...] | None = None,
     ) -> EscalationOutcome:
         """Escalate what the policy picks from one frame's edge ``detections``.
+
+        ``edge_model`` names the model that produced them and ``edge_labels`` are all the
+        labels it can give (the edge set where the region's policy names none); the model is
+        recorded with each escalation.
 
         ``frame`` is the decoded RGB frame the detections came from (``None`` when the
         engine answered from its exact cache: nothing can be cropped, nothing escalates).
@@ -249,7 +255,7 @@ class Escalator:
         policy = self.policy_for(region)
         if policy is None:
             return EscalationOutcome()
-        candidates = select(policy, detections)
+        candidates = select(policy, detections, model_labels=edge_labels or None)
         if not candidates:
             return EscalationOutcome()
         region_name = region if region in self.settings.regions else self._gateway_region
@@ -262,7 +268,14 @@ class Escalator:
             if reason is None:
                 assert frame is not None  # noqa: S101 - precheck refuses a missing frame
                 result = await self._escalate_one(
-                    device_id, region_name, frame_id, policy, candidate, detections, frame
+                    device_id,
+                    region_name,
+                    frame_id,
+                    policy,
+                    candidate,
+                    detections,
+                    frame,
+                    edge_model,
                 )
                 if isinstance(result, PendingEscalation):
                     pending.append(result)
@@ -307,6 +320,7 @@ class Escalator:
         candidate: Candidate,
         detections: tuple[Detection, ...],
         frame: npt.NDArray[np.uint8],
+        edge_model: str,
     ) -> PendingEscalation | str:
         assert self._outbox is not None  # noqa: S101 - only while open
         det = None if candidate.index is None else detections[candidate.index]
@@ -355,6 +369,7 @@ class Escalator:
             frame_id=frame_id,
             escalation_id=escalation_id,
             reason=candidate.reason,
+            edge_model=edge_model,
             edge_label=entry.edge_label,
             edge_score=round(entry.edge_score, 3),
             sent="frame" if upload.is_full_frame else "crop",

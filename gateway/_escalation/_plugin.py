@@ -80,6 +80,8 @@ class EscalationPlugin:
             frame_id=frame_id,
             detections=result.detections,
             frame=frame,
+            edge_model=result.model_name,
+            edge_labels=result.labels,
         )
         return {p.index: EscalationId(p.escalation_id, p.reason) for p in outcome.pending}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,8 +32,17 @@ class Candidate:
     reason: EscalationReason
 
 
-def select(policy: RegionPolicy, detections: Sequence[Detection]) -> list[Candidate]:
+def select(
+    policy: RegionPolicy,
+    detections: Sequence[Detection],
+    *,
+    model_labels: Collection[str] | None = None,
+) -> list[Candidate]:
     """The detections the policy escalates, most doubtful first, at most ``max_per_frame``.
+
+    The edge set is the policy's ``edge_labels``, else ``model_labels``: every label of the
+    model that produced ``detections`` (a region may run another edge model than the
+    default, see ``inference.region_models``).
 
     An empty frame is a candidate where the region escalates empty frames and lets frames
     leave the edge (``send = 'frame'``). Otherwise the candidates are detections whose label
@@ -48,7 +57,8 @@ def select(policy: RegionPolicy, detections: Sequence[Detection]) -> list[Candid
         if policy.escalate_empty_frames and policy.send == "frame":
             return [Candidate(None, "empty_frame")]
         return []
-    edge_set = None if policy.edge_labels is None else frozenset(policy.edge_labels)
+    labels = policy.edge_labels if policy.edge_labels is not None else model_labels
+    edge_set = None if labels is None else frozenset(labels)
     ranked: list[tuple[int, float, float, int, EscalationReason]] = []
     for i, det in enumerate(detections):
         if edge_set is not None and det.label not in edge_set:

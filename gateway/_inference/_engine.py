@@ -3,8 +3,12 @@
 One request goes through::
 
     size check → exact cache → decode + preprocess (thread pool) → perceptual cache
-      → micro-batcher (bounded queue) → batched SSD run (one inference thread) → post-processing
+      → micro-batcher (bounded queue) → batched model run (one inference thread) → post-processing
       → cache store
+
+One engine runs one detector: the OID-24 SSD, or NanoDet (COCO-80), the manifest's detectors
+the edge can run (:data:`gateway._models.EDGE_DETECTORS`). Which model a device's frames go
+through is the model catalog's decision (:mod:`gateway._inference._catalog`).
 
 Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
 bounded thread pool, the model and its post-processing in the batcher's single thread.
@@ -29,11 +33,20 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from gateway._models import DEFAULT_EDGE_MODEL, EDGE_DETECTORS, EdgeArchitecture
+
 from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from ._cache import ResponseCache, content_digest, difference_hash
 from ._detection import Detection
 from ._image import InvalidImage, decode_image
 from ._manifest import load_manifest, read_verified_model
+from ._nanodet import (
+    NANODET_INPUT_SIZE,
+    pad_square,
+    postprocess_nanodet,
+    preprocess_nanodet,
+    unpad_square,
+)
 from ._runtime import ProviderChoice, create_session, physical_cores
 from ._ssd import SSD_INPUT_SIZE, postprocess_ssd, preprocess_ssd
 
@@ -47,8 +60,8 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-#: The edge detector (``models/manifest.json`` name).
-DEFAULT_MODEL = "edge_ssd_mobilenetv2_oid24"
+#: The default edge detector (``models/manifest.json`` name).
+DEFAULT_MODEL = DEFAULT_EDGE_MODEL
 
 CacheKind = Literal["exact", "perceptual", "miss"]
 
@@ -76,6 +89,9 @@ class InferenceResult:
     #: Names this model run; an answer from the cache keeps the id of the run it repeats, so
     #: what was decided about that answer (its escalation marks) can be found again.
     result_id: str = ""
+    #: Every label the model that answered can give (its manifest labels): the edge's list,
+    #: against which escalation judges a label "outside the edge set".
+    labels: tuple[str, ...] = ()
 
 
 class EngineObserver(Protocol):
@@ -120,7 +136,7 @@ class _Prepared:
     digest: bytes | None
     dhash: int | None
     frame: Frame
-    tensor: Tensor  # [300, 300, 3], ready for the SSD
+    tensor: Tensor  # one frame's model input ([300, 300, 3] SSD, [3, 416, 416] NanoDet)
     seconds: float
 
 
@@ -129,12 +145,13 @@ class _Model:
     """The verified model, its session and what the batch function needs of it."""
 
     name: str
+    architecture: EdgeArchitecture
     version: str
     cache_version: str  # the cache's "version" key
     session: Any
     provider: str
     input_name: str
-    output_names: tuple[str, str]  # box encodings, class logits
+    output_names: tuple[str, ...]  # SSD: box encodings, class logits; NanoDet: all six
     labels: tuple[str, ...]
     fixed_batch: int | None  # a model exported with a fixed batch (1) runs frame by frame
 
@@ -146,9 +163,10 @@ def _prep_threads() -> int:
 
 
 class InferenceEngine:
-    """Detect objects in encoded frames with the edge model, batched, cached and bounded.
+    """Detect objects in encoded frames with one edge model, batched, cached and bounded.
 
-    An async context manager: entering verifies the model against ``models_dir``'s manifest,
+    ``model`` names a detector of :data:`~gateway._models.EDGE_DETECTORS`. An async context
+    manager: entering verifies the model against ``models_dir``'s manifest,
     creates the onnxruntime session (``provider`` then says what really runs), warms it up and
     starts the batcher; leaving stops accepting new frames (:class:`ShuttingDown`), answers
     those already admitted, then returns.
@@ -178,6 +196,11 @@ class InferenceEngine:
             raise ValueError("max_pixels and max_image_bytes must be positive")
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be within 0..1, got {score_threshold}")
+        if model not in EDGE_DETECTORS:
+            raise ValueError(
+                f"model {model!r} is not a detector the edge can run "
+                f"({', '.join(sorted(EDGE_DETECTORS))})"
+            )
         self._models_dir = Path(models_dir)
         self._model_name = model
         self._providers: ProviderChoice = providers
@@ -266,8 +289,15 @@ class InferenceEngine:
         if len(inputs) != 1:
             raise ValueError(f"model {entry.name!r} has {len(inputs)} inputs, expected 1")
         first_dim = inputs[0].shape[0]
+        architecture = EDGE_DETECTORS[entry.name]
+        outputs = (
+            _ssd_outputs(session, len(entry.labels))
+            if architecture == "ssd"
+            else tuple(o.name for o in session.get_outputs())
+        )
         model = _Model(
             name=entry.name,
+            architecture=architecture,
             version=str(entry.source.get("version", "")) or entry.sha256[:12],
             # The file's hash, not the manifest's version string, says which weights answered;
             # the threshold changes the answer too (two engines may share one cache).
@@ -275,17 +305,18 @@ class InferenceEngine:
             session=session,
             provider=provider,
             input_name=inputs[0].name,
-            output_names=_ssd_outputs(session, len(entry.labels)),
+            output_names=outputs,
             labels=entry.labels,
             fixed_batch=first_dim if isinstance(first_dim, int) else None,
         )
         # The first run allocates buffers and picks kernels (much longer on CUDA); pay it
         # here rather than on the first device's frame.
-        _run_ssd(
-            model,
-            np.zeros((1, SSD_INPUT_SIZE, SSD_INPUT_SIZE, 3), dtype=np.float32),
-            self._score_threshold,
+        warm = (
+            (1, SSD_INPUT_SIZE, SSD_INPUT_SIZE, 3)
+            if architecture == "ssd"
+            else (1, 3, NANODET_INPUT_SIZE, NANODET_INPUT_SIZE)
         )
+        _run_model(model, np.zeros(warm, dtype=np.float32), self._score_threshold)
         return model
 
     # -- requests ----------------------------------------------------------------------------
@@ -309,13 +340,20 @@ class InferenceEngine:
         return result
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ) -> tuple[InferenceResult, Frame | None]:
         """Like :meth:`detect`, and also return the decoded ``H×W×3`` RGB frame.
 
         The frame is what escalation crops are cut from; it is ``None`` when the answer came
         from the exact cache (the bytes were not decoded). ``key`` (the device id) makes
         batches fair across devices (see :class:`~gateway._inference._batcher.MicroBatcher`).
+        ``region`` is accepted for the front door's sake and ignored: an engine runs one
+        model (:class:`~gateway._inference.EdgeModelCatalog` picks it by region).
         """
         if self._state is not _State.OPEN:
             raise ShuttingDown(f"the inference engine is not accepting work ({self._state.value})")
@@ -357,6 +395,8 @@ class InferenceEngine:
             prepared.tensor, deadline=deadline, key=key
         )
         height, width = prepared.frame.shape[:2]
+        if model.architecture == "nanodet":  # boxes on the padded square, back to the frame
+            detections = tuple(unpad_square(d, width, height) for d in detections)
         result = InferenceResult(
             detections=detections,
             model_name=model.name,
@@ -366,6 +406,7 @@ class InferenceEngine:
             width=width,
             height=height,
             result_id=uuid.uuid4().hex,
+            labels=model.labels,
         )
         if self._cache is not None and prepared.digest is not None:
             self._cache.put(
@@ -423,7 +464,11 @@ class InferenceEngine:
                 # The boxes are normalised, so they hold for this frame's size too.
                 hit = dataclasses.replace(hit, inference_ms=elapsed, width=width, height=height)
                 return _CacheHit(hit, "perceptual", frame)
-        tensor = preprocess_ssd([frame])[0]
+        tensor = (
+            preprocess_ssd([frame])[0]
+            if model.architecture == "ssd"
+            else preprocess_nanodet(pad_square(frame))[0]
+        )
         return _Prepared(
             digest=digest,
             dhash=dhash,
@@ -438,12 +483,12 @@ class InferenceEngine:
         started = time.perf_counter()
         batch = np.stack(tensors)
         if model.fixed_batch is None or model.fixed_batch == len(tensors):
-            per_frame = _run_ssd(model, batch, self._score_threshold)
+            per_frame = _run_model(model, batch, self._score_threshold)
         else:
-            # Exported with a fixed batch of 1: still one thread hop per batch.
+            # Exported with a fixed batch of 1 (NanoDet): still one thread hop per batch.
             per_frame = []
             for i in range(len(tensors)):
-                per_frame += _run_ssd(model, batch[i : i + 1], self._score_threshold)
+                per_frame += _run_model(model, batch[i : i + 1], self._score_threshold)
         seconds = time.perf_counter() - started
         return [(detections, seconds) for detections in per_frame]
 
@@ -491,6 +536,10 @@ def _ssd_outputs(session: Any, classes: int) -> tuple[str, str]:
     return boxes, logits
 
 
-def _run_ssd(model: _Model, batch: Tensor, score_threshold: float) -> list[tuple[Detection, ...]]:
-    boxes, logits = model.session.run(list(model.output_names), {model.input_name: batch})
-    return postprocess_ssd(boxes, logits, model.labels, score_threshold=score_threshold)
+def _run_model(model: _Model, batch: Tensor, score_threshold: float) -> list[tuple[Detection, ...]]:
+    outputs = model.session.run(list(model.output_names), {model.input_name: batch})
+    if model.architecture == "ssd":
+        boxes, logits = outputs
+        return postprocess_ssd(boxes, logits, model.labels, score_threshold=score_threshold)
+    # NanoDet's graph has a batch of one: one frame per run.
+    return [postprocess_nanodet(outputs, model.labels, score_threshold=score_threshold)]

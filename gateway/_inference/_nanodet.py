@@ -14,9 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ._detection import Detection, check_rgb, clip_box, per_class_nms, resize_rgb
+from ._detection import Box, Detection, check_rgb, clip_box, per_class_nms, resize_rgb
 
-__all__ = ["NANODET_INPUT_SIZE", "postprocess_nanodet", "preprocess_nanodet"]
+__all__ = [
+    "NANODET_INPUT_SIZE",
+    "pad_square",
+    "postprocess_nanodet",
+    "preprocess_nanodet",
+    "unpad_square",
+]
 
 NANODET_INPUT_SIZE = 416
 _REG_BINS = 11  # reg_max 10 → 11 bins per side
@@ -37,6 +43,38 @@ def preprocess_nanodet(image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     bgr = resized[:, :, ::-1].astype(np.float32)
     normalised: npt.NDArray[np.float32] = (bgr - _MEAN_BGR) / _STD_BGR
     return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def pad_square(image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """``image`` centred on a square grey canvas (114, as detectors are usually padded).
+
+    NanoDet was trained on frames resized with their aspect ratio kept: stretched to its
+    square input, a 3:2 photo of a cat reads as a person (``tests/data/photos/chelsea.jpg``).
+    """
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    out = np.full((side, side, 3), 114, dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = image
+    return out
+
+
+def unpad_square(det: Detection, width: int, height: int) -> Detection:
+    """A detection on :func:`pad_square`'s canvas mapped back to the ``width×height`` image."""
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+
+    def fx(v: float) -> float:
+        return min(1.0, max(0.0, (v * side - left) / width))
+
+    def fy(v: float) -> float:
+        return min(1.0, max(0.0, (v * side - top) / height))
+
+    b = det.box
+    box = Box(fx(b.x_min), fy(b.y_min), fx(b.x_max), fy(b.y_max))
+    return Detection(det.label, det.class_id, det.score, box)
 
 
 def _softmax(x: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:

@@ -169,13 +169,18 @@ class _Recording:
         self.held = asyncio.Event()
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ) -> tuple[InferenceResult, Any]:
         if key == "cam-flood" and not self.held.is_set():
             self.held.set()
             await self.release.wait()
         out: tuple[InferenceResult, Any] = await self.engine.detect_with_frame(
-            image, deadline=deadline, key=key
+            image, deadline=deadline, key=key, region=region
         )
         self.done.append(str(key))
         return out

@@ -298,8 +298,7 @@ async def test_full_queue_answers_resource_exhausted_and_recovers(issue, tmp_pat
             assert all("overloaded" in (e.details() or "") for e in errors)
             assert len(errors) < len(results)
             assert (await stub.Detect(image, timeout=10)).detections
-        assert gw.service.engine is not None
-        assert gw.service.engine.queue_depth() == 0
+        assert gw.service.models.queue_depth() == 0
 
 
 async def test_too_many_streams_per_device(issue, tmp_path):

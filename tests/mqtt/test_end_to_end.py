@@ -37,7 +37,12 @@ class CountingEngine:
         self.gate = gate
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.gate is not None:
