@@ -157,7 +157,12 @@ async def gateway_ingest(
 
 class _NoEngine:
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ):  # type: ignore[no-untyped-def]
         raise RuntimeError("no frames in this part")
 

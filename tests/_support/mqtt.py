@@ -316,7 +316,12 @@ class FakeEngine:
         self.delay_s = delay_s
 
     async def detect_with_frame(
-        self, image: bytes, *, deadline: float | None = None, key: str | None = None
+        self,
+        image: bytes,
+        *,
+        deadline: float | None = None,
+        key: str | None = None,
+        region: str | None = None,
     ) -> tuple[InferenceResult, None]:
         if not image.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
             raise InvalidImage("not a JPEG or PNG image")

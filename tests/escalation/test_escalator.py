@@ -15,7 +15,7 @@ from gateway._core._escalate import EscalateService
 from gateway._door import WHOLE_FRAME_LABEL, result_to_pb
 from gateway._escalation import FaceRedactor, crop_with_margin
 from gateway._events import ErrorEvent, EscalationAnswer, EventHub
-from gateway._inference import InferenceEngine
+from gateway._inference import Box, Detection, InferenceEngine
 from gateway._inference._image import decode_image
 from gateway._ports import free_port
 from protos.edgeward.v1 import core_pb2
@@ -240,6 +240,33 @@ async def test_budgets_limit_what_reaches_the_core(make_escalator: EscalatorFact
             "region_budget",
         ]
         assert await esc.pending_count() == 4
+
+
+async def test_empty_frames_escalate_whole_within_their_own_budget_per_device(
+    make_escalator: EscalatorFactory,
+) -> None:
+    sink = Recorder()
+    policy = region(send="frame", empty_frame_budget_per_min=2, device_budget_per_min=10)
+    async with make_escalator(f"127.0.0.1:{free_port()}", sink, policy=policy) as esc:
+        frame = frame_of("motorcycle.jpg")
+        outcomes = [
+            await esc.escalate(device_id=device, frame_id="f", detections=(), frame=frame)
+            for device in ("dev-a", "dev-a", "dev-a", "dev-b")
+        ]
+        # The whole frame (index None), with its reason; the third of dev-a's is held back
+        # by its own empty-frame budget, dev-b has a budget of its own.
+        assert [[(p.index, p.reason) for p in o.pending] for o in outcomes] == [
+            [(None, "empty_frame")],
+            [(None, "empty_frame")],
+            [],
+            [(None, "empty_frame")],
+        ]
+        assert [(r.index, r.reason) for r in outcomes[2].refused] == [(None, "empty_frame_budget")]
+        # dev-a's doubtful detections still escalate: only whole frames were held back.
+        doubtful = (Detection("Person", 4, 0.6, Box(0.2, 0.1, 0.8, 0.9)),)
+        more = await esc.escalate(device_id="dev-a", frame_id="g", detections=doubtful, frame=frame)
+        assert [(p.index, p.reason) for p in more.pending] == [(0, "uncertain")]
+        assert esc.counts["refused_empty_frame_budget"] == 1
 
 
 async def test_full_outbox_refuses_new_and_delivers_stored(

@@ -247,3 +247,16 @@ def test_the_reason_for_each_escalation_is_shown_on_its_detection() -> None:
         "empty_frame",
         1.0,
     )
+
+
+def test_without_edge_labels_the_answering_models_labels_are_the_edge_set() -> None:
+    # A region may run another edge model (inference.region_models): the hook passes the
+    # labels of the model that answered, and a label outside them is outside the edge set.
+    dets = (det("dog", 0.9, tile(0)), det("Dog", 0.9, tile(1)))
+    chosen = select(RegionPolicy(), dets, model_labels=("dog", "cat"))
+    assert [(c.index, c.reason) for c in chosen] == [(1, "outside_edge_set")]
+    assert select(RegionPolicy(), dets) == []  # no list known: the band alone decides
+    # The region's own edge set, where it names one, is what counts.
+    named = RegionPolicy(edge_labels=("Dog",))
+    chosen = select(named, dets, model_labels=("dog", "cat"))
+    assert [(c.index, c.reason) for c in chosen] == [(0, "outside_edge_set")]

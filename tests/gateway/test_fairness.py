@@ -126,7 +126,12 @@ async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
             self.release = asyncio.Event()
 
         async def detect_with_frame(
-            self, image: bytes, *, deadline: float | None = None, key: str | None = None
+            self,
+            image: bytes,
+            *,
+            deadline: float | None = None,
+            key: str | None = None,
+            region: str | None = None,
         ) -> tuple[InferenceResult, None]:
             await self.release.wait()
             return await super().detect_with_frame(image, deadline=deadline, key=key)
