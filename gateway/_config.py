@@ -455,22 +455,32 @@ def _check_models(settings: GatewaySettings) -> None:
                 f"{inf.models_dir}; it has: {listing} (environment override: {env})"
             )
     raw = settings.escalation
-    regions = raw.get("regions") if isinstance(raw, dict) else None
-    for name, table in (regions or {}).items():
-        labels = table.get("edge_labels") if isinstance(table, dict) else None
-        if not isinstance(labels, list | tuple):
-            continue  # unset, or reported by the escalation component's own validation
-        region = str(name).replace("_", "-")
-        model = inf.region_models.get(region) or inf.region_models.get(
-            settings.region.replace("_", "-"), inf.model
-        )
+    tables = raw.get("regions") if isinstance(raw, dict) else None
+    policies = {
+        str(name).replace("_", "-"): (str(name), table)
+        for name, table in (tables or {}).items()
+        if isinstance(table, dict) and table.get("enabled", True) is not False
+    }
+    home = settings.region.replace("_", "-")
+    # Every region a device may come from is served by a (policy, model) pair, each falling
+    # back to the gateway region's: check each pair, once.
+    checked: set[tuple[str, str]] = set()
+    for region in sorted({*policies, *inf.region_models, home}):
+        named = policies.get(region) or policies.get(home)
+        model = inf.region_models.get(region) or inf.region_models.get(home, inf.model)
+        if named is None or (named[0], model) in checked:
+            continue
+        checked.add((named[0], model))
+        labels = named[1].get("edge_labels")
         known = manifest.get(model)
-        unknown = [str(x) for x in labels if known is not None and str(x) not in known]
+        if not isinstance(labels, list | tuple) or known is None:
+            continue  # unset, or reported by the escalation component's own validation
+        unknown = [str(x) for x in labels if str(x) not in known]
         if unknown:
-            key = f"escalation.regions.{name}.edge_labels"
+            key = f"escalation.regions.{named[0]}.edge_labels"
             lines.append(
                 f"  {key}: {', '.join(map(repr, unknown))} not labels of {model}, the edge "
-                f"model region {region!r} runs (its labels: {', '.join(known or ())})"
+                f"model region {region!r} runs (its labels: {', '.join(known)})"
             )
     if lines:
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))

@@ -64,6 +64,14 @@ def test_edge_labels_must_be_labels_of_the_model_the_region_runs(tmp_path: Path)
         settings(["Person", "Cat"], region_models={"lab": NANODET})
     assert "escalation.regions.lab.edge_labels: 'Person', 'Cat' not labels of " in str(info.value)
     assert settings(["person", "cat"], region_models={"lab": NANODET})
+    # A region without a policy of its own is judged by the gateway region's: its labels
+    # must be labels of that region's model too.
+    base = _base(tmp_path, region_models={"lab": NANODET})
+    base["region"] = "home"
+    base["core_address"] = "127.0.0.1:1"
+    base["escalation"] = {"regions": {"home": {"edge_labels": ["Person"]}}}
+    with pytest.raises(ConfigError, match=r"escalation\.regions\.home\.edge_labels: 'Person'"):
+        load_gateway_settings(None, overrides=base)
 
 
 async def test_frames_go_through_their_region_model_and_the_hook_knows_which(
