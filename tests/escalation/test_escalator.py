@@ -264,8 +264,19 @@ async def test_empty_frames_escalate_whole_within_their_own_budget_per_device(
         assert [(r.index, r.reason) for r in outcomes[2].refused] == [(None, "empty_frame_budget")]
         # dev-a's doubtful detections still escalate: only whole frames were held back.
         doubtful = (Detection("Person", 4, 0.6, Box(0.2, 0.1, 0.8, 0.9)),)
-        more = await esc.escalate(device_id="dev-a", frame_id="g", detections=doubtful, frame=frame)
+        with capture_logs() as logs:
+            more = await esc.escalate(
+                device_id="dev-a",
+                frame_id="g",
+                detections=doubtful,
+                frame=frame,
+                edge_model="edge_ssd_mobilenetv2_oid24",
+                edge_labels=("Person", "Cat"),
+            )
         assert [(p.index, p.reason) for p in more.pending] == [(0, "uncertain")]
+        # The model that produced the detection is recorded with its escalation.
+        queued = [e for e in logs if e["event"] == "escalation queued"]
+        assert [e["edge_model"] for e in queued] == ["edge_ssd_mobilenetv2_oid24"]
         assert esc.counts["refused_empty_frame_budget"] == 1
 
 
