@@ -129,6 +129,15 @@ async def test_failover_never_trusts_a_gateway_posing_as_a_core(
         assert rogue.calls == []
 
 
+def test_no_caller_can_replace_the_core_pin(issue) -> None:
+    """Extra channel arguments add to the one recipe; the core's pinned name is not one of
+    them, so no caller can point a gateway-to-core channel at a gateway's name."""
+    gw = issue("gateway", "gw-unpin")
+    unpin = pki.server_name_option(pki.gateway_server_name("gw-unpin"))
+    with pytest.raises(ValueError, match="pinned name"):
+        CoreEndpoints.for_identity(["127.0.0.1:1"], gw, options=[unpin])
+
+
 # -- the revocation feed across replicas -------------------------------------------------------
 
 
