@@ -16,12 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import pki
-from gateway._config import GatewaySettings, load_gateway_settings
+from gateway import ConfigError, GatewaySettings, free_port, load_gateway_settings
 from gateway._core_endpoints import CoreEndpoints, parse_core_addresses
 from gateway._door import CoreDeviceDirectory
-from gateway._ports import free_port
 from gateway._revocation import CoreRevocationFeed, RevocationEvent, RevocationState
-from gateway._settings import ConfigError
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway
 from tests.pki.test_role_pinning import serving

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway._inference import InferenceEngine
+from gateway import InferenceEngine
 from gateway._inference._catalog import EdgeModelCatalog, UnknownEdgeModel
 
 from .conftest import EDGE_MODEL
