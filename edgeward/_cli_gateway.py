@@ -14,7 +14,7 @@ error naming the key.
 
 Quick start (no ``--config``): a gateway started from flags alone does what the product is for.
 With ``--core`` it escalates to that core under the default region policy for its region
-(:class:`gateway._escalation.RegionPolicy`: an uncertainty band, crops only, faces blurred
+(:class:`gateway.RegionPolicy`: an uncertainty band, crops only, faces blurred
 before any pixel leaves, a budget per device), and it speaks MQTT when Mosquitto is installed:
 the devices' mutual-TLS listener on the gRPC host and port + 1 (the core's enrolment port
 follows its listen port the same way). Without Mosquitto it logs one line saying MQTT is off
