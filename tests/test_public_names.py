@@ -65,13 +65,17 @@ BENCH_INTERNALS: dict[str, dict[str, str]] = {
 def _private(name: str) -> bool:
     """``gateway._door`` or ``pki._tls.x`` (a private module of one of the packages)."""
     parts = name.split(".")
-    return parts[0] in PACKAGES and any(p.startswith("_") for p in parts[1:])
+    return parts[0] in PACKAGES and any(_underscored(p) for p in parts[1:])
+
+
+def _underscored(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
 
 
 def _module_of(name: str) -> str:
     """The private module a dotted name reaches: ``gateway._a._b.name`` → ``gateway._a._b``."""
     parts = name.split(".")
-    last = max(i for i, p in enumerate(parts) if p.startswith("_"))
+    last = max(i for i, p in enumerate(parts) if _underscored(p))
     return ".".join(parts[: last + 1])
 
 
@@ -142,6 +146,7 @@ def test_the_list_of_measured_internals_only_shrinks() -> None:
         ("from gateway import GatewayService\nimport pki.errors", set()),
         ("from gateway.errors import ConfigError\nimport device_sdk", set()),
         ("from edgeward._logging import configure_logging", set()),
+        ("import gateway\nnames = gateway.__all__, gateway.FrontDoor.__module__", set()),
     ],
 )
 def test_the_reader_finds_private_uses(tmp_path: Path, source: str, expected: set[str]) -> None:
