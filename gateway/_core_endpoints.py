@@ -86,6 +86,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC's own ping deadline (60 s by default) is what closes the connection in the gRPC
+    # this ships with; the keepalive timeout alone is not enforced. Same bound for both.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # The revocation stream only receives: without this, gRPC stops pinging after two pings
+    # with no frame sent, and a stream older than that would have no keepalive at all.
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
