@@ -63,12 +63,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
+from device_sdk import DeviceSdkError, enroll  # noqa: E402
+from gateway import (  # noqa: E402
+    EscalationSettings,
+    EventPayload,
+    RegionPolicy,
+    RevocationState,
+    free_port,
+)
 from gateway._core_endpoints import CoreEndpoints  # noqa: E402
-from gateway._escalation import EscalationSettings, Escalator, RegionPolicy  # noqa: E402
-from gateway._events import EventPayload  # noqa: E402
+from gateway._escalation import Escalator  # noqa: E402
 from gateway._inference._image import decode_image  # noqa: E402
-from gateway._ports import free_port  # noqa: E402
-from gateway._revocation import CoreRevocationFeed, RevocationState  # noqa: E402
+from gateway._revocation import CoreRevocationFeed  # noqa: E402
 from protos.edgeward.v1 import enrollment_pb2, enrollment_pb2_grpc  # noqa: E402
 
 MODELS = ROOT / "models"
@@ -353,9 +359,6 @@ async def failover(fleet: Fleet) -> tuple[float, str]:
 async def storm(fleet: Fleet, n: int, concurrency: int) -> dict[str, int]:
     """Every device enrols through the SDK (its replicas in turn, starting at a different one
     per device); the last replica is killed (-9) a third of the way through."""
-    from device_sdk._enrollment import enroll
-    from device_sdk.errors import DeviceSdkError
-
     victim = fleet.replicas[-1]
     endpoints = [r.enrol_address for r in fleet.replicas]
     devices = fleet.tokens(n, "storm")

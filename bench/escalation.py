@@ -39,18 +39,21 @@ sys.path.insert(0, str(ROOT))
 import pki  # noqa: E402
 from bench._targets import report_targets  # noqa: E402
 from edgeward._logging import configure_logging  # noqa: E402
-from gateway._core import CoreServer, load_core_settings  # noqa: E402
-from gateway._core._escalate import (  # noqa: E402
+from gateway import (  # noqa: E402
     CoreEscalationSettings,
-    CoreModels,
+    CoreServer,
     EscalateService,
+    EscalationSettings,
+    EventPayload,
+    InferenceEngine,
+    RegionPolicy,
+    free_port,
+    load_core_settings,
 )
-from gateway._escalation import EscalationSettings, Escalator, RegionPolicy  # noqa: E402
+from gateway._core._escalate import CoreModels  # noqa: E402
+from gateway._escalation import Escalator  # noqa: E402
 from gateway._escalation._crop import prepare_upload  # noqa: E402
-from gateway._events import EventPayload  # noqa: E402
-from gateway._inference import InferenceEngine  # noqa: E402
 from gateway._inference._image import decode_image  # noqa: E402
-from gateway._ports import free_port  # noqa: E402
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc  # noqa: E402
 
 MODELS = ROOT / "models"

@@ -104,7 +104,7 @@ async def _paired(args: argparse.Namespace) -> None:
     alternates too (raw first, then served first), so a slow-down that follows whichever runs
     second cancels out.
     """
-    from gateway._inference import InferenceEngine
+    from gateway import InferenceEngine
     from gateway._inference._engine import _run_ssd
     from gateway._inference._image import decode_image
     from gateway._inference._ssd import preprocess_ssd
@@ -208,7 +208,7 @@ def _run_client(
 def _settings(
     identity: pki.IdentityFiles, pki_dir: Path, *, cache: bool, max_wait_ms: float | None = None
 ) -> Any:
-    from gateway._config import load_gateway_settings
+    from gateway import load_gateway_settings
 
     inference: dict[str, Any] = {"models_dir": ROOT / "models", "queue_size": 256}
     if max_wait_ms is not None:
@@ -231,7 +231,7 @@ def _settings(
 
 async def _pipelined(settings: Any, devices: int, seconds: float) -> tuple[float, list[float]]:
     """The gateway's engine, built as the gateway builds it, called in-process (no gRPC)."""
-    from gateway._inference import InferenceEngine
+    from gateway import InferenceEngine
 
     inf = settings.inference
     frames = [(PHOTOS / name).read_bytes() for name in FRAMES]
@@ -267,7 +267,7 @@ async def _pipelined(settings: Any, devices: int, seconds: float) -> tuple[float
 
 async def _raw(seconds: float) -> tuple[float, float, list[float]]:
     """Model alone and the raw pipeline, with the gateway's own session settings."""
-    from gateway._inference import InferenceEngine
+    from gateway import InferenceEngine
     from gateway._inference._engine import _run_ssd
     from gateway._inference._image import decode_image
     from gateway._inference._ssd import preprocess_ssd
@@ -301,7 +301,7 @@ async def _revocations(
     devices: list[Any],
     n: int,
 ) -> list[float]:
-    from gateway._service import GatewayService
+    from gateway import GatewayService
 
     frame = common_pb2.Frame(image=(PHOTOS / "chelsea.jpg").read_bytes())
     cuts: list[float] = []
@@ -342,7 +342,7 @@ async def _revocations(
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, float | int]:
-    from gateway._service import GatewayService
+    from gateway import GatewayService
 
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
         base = Path(tmp)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
 from bench._targets import report_targets  # noqa: E402
-from gateway._inference import InferenceEngine  # noqa: E402
+from gateway import InferenceEngine  # noqa: E402
 from gateway._mqtt import MqttBridge  # noqa: E402
 from tests._support.mqtt import (  # noqa: E402
     BrokerHarness,

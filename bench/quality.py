@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
 from edgeward._logging import configure_logging  # noqa: E402
+from gateway import CoreEscalationSettings, EscalateService, RegionPolicy  # noqa: E402
 from gateway._core._calibrate import (  # noqa: E402
     Escalated,
     Labelled,
@@ -57,10 +58,9 @@ from gateway._core._calibrate import (  # noqa: E402
     load_labelled,
     to_frame,
 )
-from gateway._core._escalate import CoreEscalationSettings, CoreModels, EscalateService  # noqa: E402
+from gateway._core._escalate import CoreModels  # noqa: E402
 from gateway._core._identify import CALIBRATION_FILE, Calibration, candidates  # noqa: E402
 from gateway._core._taxonomy import OID24, taxonomy  # noqa: E402
-from gateway._escalation import RegionPolicy  # noqa: E402
 from gateway._escalation._crop import crop_with_margin  # noqa: E402
 from gateway._escalation._policy import select  # noqa: E402
 from gateway._inference._detection import Box, Detection  # noqa: E402

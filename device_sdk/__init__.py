@@ -14,6 +14,7 @@ never imports the gateway package: a device installs no inference runtime.
 """
 
 from device_sdk._client import ClientOptions, ClientStats, DeviceClient
+from device_sdk._enrollment import EnrollmentResult, enroll, renew
 from device_sdk._identity import DeviceIdentity, parse_gateway_directory
 from device_sdk._queue import QueueStats
 from device_sdk._renewal import RenewalPlan, plan_renewal
@@ -67,6 +68,7 @@ __all__ = [
     "DeviceRevoked",
     "DeviceSdkError",
     "EnrollmentRefused",
+    "EnrollmentResult",
     "EnrollmentUnavailable",
     "ErrorEvent",
     "EscalationAnswer",
@@ -85,6 +87,8 @@ __all__ = [
     "SyncDeviceClient",
     "Telemetry",
     "Transport",
+    "enroll",
     "parse_gateway_directory",
     "plan_renewal",
+    "renew",
 ]

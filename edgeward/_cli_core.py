@@ -56,9 +56,7 @@ def run_cmd(
     """Start the core and serve until SIGTERM or SIGINT."""
     # Imported here: the core needs the service side of the package (grpc health, pydantic
     # settings), a device install does not.
-    from gateway._core import CoreServer, load_core_settings
-    from gateway._core._escalate import EscalateService
-    from gateway._settings import ConfigError
+    from gateway import ConfigError, CoreServer, EscalateService, load_core_settings
 
     if config is None and pki_dir is None:
         raise click.UsageError("give --config FILE, or --pki-dir DIR (and --listen HOST:PORT)")
@@ -85,7 +83,7 @@ def run_cmd(
     if config is None and settings.escalation is None:
         # Quick start: the core answers escalations with its models (loaded on first use),
         # keeping its answers beside the PKI; a configuration file decides for itself.
-        from gateway._core._escalate import CoreEscalationSettings
+        from gateway import CoreEscalationSettings
 
         settings = settings.model_copy(
             update={

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import click
 
-from device_sdk._enrollment import enroll as sdk_enroll
-from device_sdk._enrollment import renew as sdk_renew
+from device_sdk import enroll as sdk_enroll
+from device_sdk import renew as sdk_renew
 from device_sdk.errors import CertificateExpired, DeviceRevoked, DeviceSdkError
 
 __all__ = ["enroll"]

@@ -14,7 +14,7 @@ error naming the key.
 
 Quick start (no ``--config``): a gateway started from flags alone does what the product is for.
 With ``--core`` it escalates to that core under the default region policy for its region
-(:class:`gateway._escalation.RegionPolicy`: an uncertainty band, crops only, faces blurred
+(:class:`gateway.RegionPolicy`: an uncertainty band, crops only, faces blurred
 before any pixel leaves, a budget per device), and it speaks MQTT when Mosquitto is installed:
 the devices' mutual-TLS listener on the gRPC host and port + 1 (the core's enrolment port
 follows its listen port the same way). Without Mosquitto it logs one line saying MQTT is off
@@ -84,9 +84,8 @@ def run(  # noqa: PLR0917 - click passes options as arguments
     """Serve devices until SIGTERM/SIGINT, then drain and exit."""
     import pki
     from edgeward._logging import configure_logging
-    from gateway._config import load_gateway_settings
-    from gateway._inference._manifest import ModelIntegrityError
-    from gateway._settings import ConfigError
+    from gateway import ConfigError, load_gateway_settings
+    from gateway.errors import ModelIntegrityError
 
     # gRPC reads this once when it starts: TLS 1.2 suites are ECDHE with AEAD only
     # (no CBC: LUCKY13, RFC 7457 §2.8). TLS 1.3 suites are all AEAD.
@@ -124,7 +123,7 @@ def _quick_start_defaults(settings: Any) -> Any:
     neither flags nor the environment said anything about them."""
     import structlog
 
-    from gateway._mqtt._config import MqttSettings
+    from gateway import MqttSettings
 
     log = structlog.get_logger("edgeward.gateway")
     state = Path("var") / settings.identity_dir.name
@@ -169,7 +168,7 @@ def _core_option(values: tuple[str, ...]) -> str | None:
 
 
 async def _serve(settings: Any) -> None:
-    from gateway._service import GatewayService
+    from gateway import GatewayService
 
     # The plug-ins the settings configure ([mqtt], [escalation]) start with the service.
     async with GatewayService(settings) as service:
@@ -181,7 +180,7 @@ async def _serve(settings: Any) -> None:
 @gateway.command("config-reference")
 def config_reference() -> None:
     """Print every configuration key, its default and its environment override (Markdown)."""
-    from gateway._config import describe_settings
+    from gateway import describe_settings
 
     click.echo("| key | default | description |")
     click.echo("|---|---|---|")

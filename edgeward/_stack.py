@@ -23,8 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway._models import NOT_FOUND_HINT, find_models_dir
-from gateway._ports import free_port
+from gateway import MODELS_NOT_FOUND_HINT, find_models_dir, free_port
 
 __all__ = [
     "DEMO_DEVICES",
@@ -406,7 +405,7 @@ class DemoStack:
     async def setup(self) -> None:
         """PKI, gateway identities and every configuration file."""
         if self.models_dir is None and find_models_dir() is None:
-            raise RuntimeError(NOT_FOUND_HINT)
+            raise RuntimeError(MODELS_NOT_FOUND_HINT)
         await self.cli(
             "pki", "init", "--dir", str(self.pki_dir), "--trust-domain", self.trust_domain
         )

@@ -10,6 +10,23 @@ Typical embedding::
     settings = load_gateway_settings(Path("gateway.toml"))
     async with GatewayService(settings) as service:
         await service.run_until_signalled()
+
+The surface, by who needs it:
+
+- running a gateway: :class:`GatewayService`, its settings and :func:`load_gateway_settings`,
+  :func:`describe_settings` (every key), :func:`find_models_dir`;
+- plug-in authors: :class:`GatewayRuntime` (what a plug-in gets), the :class:`FrontDoor` and
+  its :data:`DetectionHook` (called with an :class:`InferenceResult`), events, revocation
+  listeners, metrics, and the plug-ins' own tables (:class:`MqttSettings`,
+  :class:`EscalationSettings` with its :class:`RegionPolicy`);
+- running a core (the same package holds the core role): :class:`CoreServer`,
+  :class:`CoreSettings`, :func:`load_core_settings`, and :class:`EscalateService` with its
+  :class:`CoreEscalationSettings` to answer escalations;
+- running inference alone: :class:`InferenceEngine`;
+- wiring processes that must know a port before they bind it: :func:`free_port`.
+
+Everything else (the transports, the front door's stages, the channels to the core) is
+private; the command line and the benchmarks use only these names, and a test holds them to it.
 """
 
 from __future__ import annotations
@@ -24,8 +41,11 @@ if TYPE_CHECKING:
         GatewaySettings,
         InferenceSettings,
         LimitsSettings,
+        describe_settings,
         load_gateway_settings,
     )
+    from gateway._core import CoreServer, CoreSettings, load_core_settings
+    from gateway._core._escalate import CoreEscalationSettings, EscalateService
     from gateway._door import (
         DetectionHook,
         DeviceDirectory,
@@ -35,6 +55,7 @@ if TYPE_CHECKING:
         TelemetryRecord,
         event_to_pb,
     )
+    from gateway._escalation import EscalationSettings, RegionPolicy
     from gateway._events import (
         Command,
         DeviceEvent,
@@ -43,7 +64,11 @@ if TYPE_CHECKING:
         EventHub,
         EventPayload,
     )
+    from gateway._inference import InferenceEngine, InferenceResult
     from gateway._metrics import GatewayMetrics
+    from gateway._models import MODELS_NOT_FOUND_HINT, find_models_dir
+    from gateway._mqtt import MqttSettings
+    from gateway._ports import free_port
     from gateway._revocation import RevocationEvent, RevocationListener, RevocationState
     from gateway._service import GatewayPlugin, GatewayRuntime, GatewayService
     from gateway._status import Status, status_of
@@ -63,7 +88,21 @@ _EXPORTS: dict[str, str] = {
     "GatewaySettings": "gateway._config",
     "InferenceSettings": "gateway._config",
     "LimitsSettings": "gateway._config",
+    "describe_settings": "gateway._config",
     "load_gateway_settings": "gateway._config",
+    "CoreServer": "gateway._core",
+    "CoreSettings": "gateway._core",
+    "load_core_settings": "gateway._core",
+    "CoreEscalationSettings": "gateway._core._escalate",
+    "EscalateService": "gateway._core._escalate",
+    "EscalationSettings": "gateway._escalation",
+    "RegionPolicy": "gateway._escalation",
+    "InferenceEngine": "gateway._inference",
+    "InferenceResult": "gateway._inference",
+    "MODELS_NOT_FOUND_HINT": "gateway._models",
+    "find_models_dir": "gateway._models",
+    "MqttSettings": "gateway._mqtt",
+    "free_port": "gateway._ports",
     "Command": "gateway._events",
     "DeviceEvent": "gateway._events",
     "ErrorEvent": "gateway._events",
@@ -96,17 +135,23 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "MODELS_NOT_FOUND_HINT",
     "AuthorisationSettings",
     "CacheSettings",
     "Command",
     "ConfigError",
+    "CoreEscalationSettings",
+    "CoreServer",
+    "CoreSettings",
     "DetectionHook",
     "DeviceDirectory",
     "DeviceEvent",
     "DeviceInfo",
     "DeviceRevoked",
     "ErrorEvent",
+    "EscalateService",
     "EscalationAnswer",
+    "EscalationSettings",
     "EventHub",
     "EventPayload",
     "FeedStale",
@@ -117,10 +162,14 @@ __all__ = [
     "GatewayRuntime",
     "GatewayService",
     "GatewaySettings",
+    "InferenceEngine",
+    "InferenceResult",
     "InferenceSettings",
     "LimitsSettings",
+    "MqttSettings",
     "PermissionDenied",
     "RateLimited",
+    "RegionPolicy",
     "RevocationEvent",
     "RevocationListener",
     "RevocationState",
@@ -128,7 +177,11 @@ __all__ = [
     "Status",
     "TelemetryRecord",
     "Unauthenticated",
+    "describe_settings",
     "event_to_pb",
+    "find_models_dir",
+    "free_port",
+    "load_core_settings",
     "load_gateway_settings",
     "status_of",
 ]

@@ -1,13 +1,20 @@
 """The gateway's way to its cores: an ordered list of addresses, one pinned channel recipe.
 
 Every call a gateway makes to the core (the revocation feed, ``GetDevice``,
-``AnnounceGateway``, ``GetCrl``, ``Escalate``) goes through :class:`CoreEndpoints`:
+``AnnounceGateway``, ``GetCrl``, ``Escalate``) goes through :class:`CoreEndpoints`, and this
+is the only module of the gateway that builds a gRPC channel or channel credentials (a test
+reads every module to hold it so):
 
-- **One channel recipe.** :meth:`CoreEndpoints.channel` builds a mutual-TLS channel with the
-  gateway's own certificate that demands the core's role-pinned name
+- **One channel recipe.** :func:`core_channel_credentials` presents the gateway's own
+  certificate and trusts only its CA bundle; :meth:`CoreEndpoints.channel` builds a
+  mutual-TLS channel with them that demands the core's role-pinned name
   (``core.edgeward.internal``, :func:`pki.core_server_name`). Every gateway certificate names
   ``localhost`` too, so the address alone would let a stolen gateway key pose as the core; the
-  pin holds for every address of the list.
+  pin holds for every address of the list. The same channel arguments
+  (:data:`CHANNEL_OPTIONS`) hold for every call: keepalive pings on busy connections, so a
+  core that vanished without closing its connection (a dead host, a dropped NAT entry) is
+  noticed within :data:`KEEPALIVE_TIME_MS` + :data:`KEEPALIVE_TIMEOUT_MS` rather than when a
+  deadline runs out, and one message size limit (:data:`MAX_MESSAGE_BYTES`) both ways.
 - **Failover.** Replicas of the core share one registry, so any of them can answer. A call
   goes to the *current* address; on ``UNAVAILABLE``, ``DEADLINE_EXCEEDED`` or a lost
   connection it moves to the next address (wrapping around) and tries again, with full-jitter
@@ -36,8 +43,13 @@ import pki
 from protos.edgeward.v1 import core_pb2_grpc
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "FAILOVER_CODES",
+    "KEEPALIVE_TIMEOUT_MS",
+    "KEEPALIVE_TIME_MS",
+    "MAX_MESSAGE_BYTES",
     "CoreEndpoints",
+    "core_channel_credentials",
     "join_core_addresses",
     "parse_core_addresses",
 ]
@@ -49,6 +61,50 @@ T = TypeVar("T")
 #: Codes after which the same call may succeed on another replica: the replica is down, cut
 #: off, or did not answer in time. Every other code is the core's answer.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+#: Largest request or reply on a gateway-to-core channel, both ways: an ``Escalate`` request
+#: carries crops, which are shrunk well below it.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+#: A keepalive ping after this long without a frame from the core while a call is open (the
+#: revocation stream is always open). Idle channels send none
+#: (``grpc.keepalive_permit_without_calls`` stays 0), and the core accepts pings this often
+#: (its ``grpc.http2.min_ping_interval_without_data_ms`` is below it), so it never answers
+#: them with ``GOAWAY too_many_pings``.
+KEEPALIVE_TIME_MS = 20_000
+
+#: A ping unanswered this long closes the connection: open calls fail with ``UNAVAILABLE``
+#: and move to the next core.
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+#: The channel arguments of every gateway-to-core channel.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # Only a core may answer, at every address of the list.
+    pki.server_name_option(pki.core_server_name()),
+    # Reconnect quickly once a replica is back: callers have their own backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC's own ping deadline (60 s by default) is what closes the connection in the gRPC
+    # this ships with; the keepalive timeout alone is not enforced. Same bound for both.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # The revocation stream only receives: without this, gRPC stops pinging after two pings
+    # with no frame sent, and a stream older than that would have no keepalive at all.
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+
+def core_channel_credentials(identity: pki.IdentityFiles) -> grpc.ChannelCredentials:
+    """mTLS channel credentials presenting the gateway's ``identity``, trusting its CA bundle.
+
+    The one place the gateway turns its identity into gRPC credentials for the core.
+    """
+    return pki.grpc_channel_credentials(
+        ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
+    )
 
 
 def _host_port(value: str) -> str:
@@ -87,8 +143,10 @@ class CoreEndpoints:
     """The gateway's cores: pinned channels to each address, failover between them.
 
     ``credentials`` are the gateway's mTLS channel credentials
-    (:func:`pki.grpc_channel_credentials` with its identity). ``options`` are extra channel
-    arguments (message sizes). ``backoff_base_s``/``backoff_cap_s`` bound the jittered wait
+    (:func:`core_channel_credentials`, or :meth:`for_identity`). ``options`` are extra channel
+    arguments, added after :data:`CHANNEL_OPTIONS`; one that names the core pin is refused
+    (``ValueError``): no caller may point a gateway-to-core channel at another name.
+    ``backoff_base_s``/``backoff_cap_s`` bound the jittered wait
     between rounds over the whole list. Unary calls share one long-lived channel per
     address (:meth:`call`); streams open their own (:meth:`channel`). ``aclose`` closes the
     shared ones.
@@ -106,14 +164,10 @@ class CoreEndpoints:
     ) -> None:
         self.addresses = parse_core_addresses(addresses)
         self._credentials = credentials
-        self._options = [
-            # Only a core may answer, at every address of the list.
-            pki.server_name_option(pki.core_server_name()),
-            # Reconnect quickly once a replica is back: callers have their own backoff.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-            *options,
-        ]
+        pin = pki.server_name_option(pki.core_server_name())
+        if any(key == pin[0] for key, _ in options):
+            raise ValueError("the core's pinned name cannot be overridden")
+        self._options = [*CHANNEL_OPTIONS, *options]
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
@@ -130,10 +184,7 @@ class CoreEndpoints:
         **kwargs: Any,
     ) -> CoreEndpoints:
         """Endpoints presenting ``identity`` and trusting its CA bundle."""
-        creds = pki.grpc_channel_credentials(
-            ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
-        )
-        return cls(addresses, credentials=creds, **kwargs)
+        return cls(addresses, credentials=core_channel_credentials(identity), **kwargs)
 
     # -- addresses --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+<<<<<<< HEAD
 __all__ = [
     "DEFAULT_EDGE_MODEL",
     "EDGE_DETECTORS",
@@ -44,6 +45,9 @@ EDGE_DETECTORS: Mapping[str, EdgeArchitecture] = {
     DEFAULT_EDGE_MODEL: "ssd",
     "core_nanodet_coco80": "nanodet",
 }
+=======
+__all__ = ["MODELS_NOT_FOUND_HINT", "MODELS_PACKAGE", "find_models_dir", "models_dir_or_default"]
+>>>>>>> h-pubapi
 
 #: The import name of the ``edgeward-models`` distribution.
 MODELS_PACKAGE = "edgeward_models"
@@ -51,7 +55,7 @@ MANIFEST_NAME = "manifest.json"
 # A checkout: the repository root holds the packages, pyproject.toml and models/.
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
-NOT_FOUND_HINT = (
+MODELS_NOT_FOUND_HINT = (
     "no models found: install them with the gateway extra "
     "(pip install 'edgeward[gateway]', which brings edgeward-models), "
     "or set models_dir to a directory holding manifest.json and the ONNX files"
@@ -80,7 +84,7 @@ def _installed_models_dir() -> Path | None:
 def find_models_dir() -> Path | None:
     """The default models directory: a checkout's ``models/``, else the installed package.
 
-    ``None`` when neither holds a manifest (:data:`NOT_FOUND_HINT` says what to do).
+    ``None`` when neither holds a manifest (:data:`MODELS_NOT_FOUND_HINT` says what to do).
     """
     return _checkout_models_dir() or _installed_models_dir()
 
@@ -110,5 +114,5 @@ def models_dir_or_default(value: object) -> object:
         return value
     found = find_models_dir()
     if found is None:
-        raise ValueError(NOT_FOUND_HINT)
+        raise ValueError(MODELS_NOT_FOUND_HINT)
     return found

@@ -22,8 +22,7 @@ import pytest
 
 from edgeward._stack import DemoStack
 from edgeward.cli import main as cli_main
-from gateway._config import load_gateway_settings
-from gateway._core import load_core_settings
+from gateway import load_core_settings, load_gateway_settings
 from tests.conftest import ROOT, require_tool
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -231,8 +230,7 @@ def test_configuration_files_validate_and_match_the_demo(
         assert settings.mqtt is not None
         assert settings.escalation is not None
         # The components validate their own tables.
-        from gateway._escalation._config import EscalationSettings
-        from gateway._mqtt._config import MqttSettings
+        from gateway import EscalationSettings, MqttSettings
 
         settings.section("mqtt", MqttSettings)
         settings.section("escalation", EscalationSettings)

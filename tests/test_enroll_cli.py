@@ -188,7 +188,7 @@ async def test_an_unreachable_core_leaves_the_file_system_as_it_was(
 async def test_a_refused_enrolment_through_the_library_leaves_no_directory(
     pki_dir: Path, tmp_path: Path
 ) -> None:
-    from device_sdk._enrollment import enroll
+    from device_sdk import enroll
     from device_sdk.errors import DeviceSdkError
 
     async with running_core(pki_dir, tmp_path) as core:

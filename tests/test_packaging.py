@@ -21,11 +21,14 @@ from packaging.requirements import Requirement
 import edgeward
 import gateway._models as models_mod
 from edgeward.cli import main as cli_main
-from gateway._config import InferenceSettings, load_gateway_settings
-from gateway._core import load_core_settings
-from gateway._core._escalate import CoreEscalationSettings
+from gateway import (
+    ConfigError,
+    CoreEscalationSettings,
+    InferenceSettings,
+    load_core_settings,
+    load_gateway_settings,
+)
 from gateway._inference._manifest import ModelIntegrityError, load_manifest, read_verified_model
-from gateway._settings import ConfigError
 from tests.conftest import ROOT
 
 MODELS = ROOT / "models"

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import edgeward
-from gateway._ports import free_port
+from gateway import free_port
 from tests.conftest import ROOT, require_tool
 
 pytestmark = pytest.mark.slow

@@ -260,6 +260,9 @@ class CoreServer:
             options=[
                 ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
                 ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+                # Gateways ping open calls every 20 s (gateway._core_endpoints); allow it
+                # without letting a client ping-flood the core.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 *SERVER_OPTIONS,
             ]
         )

@@ -10,14 +10,11 @@ from typing import Any
 
 import grpc
 
-from gateway._core_endpoints import CoreEndpoints
+from gateway._core_endpoints import MAX_MESSAGE_BYTES, CoreEndpoints
 from gateway.errors import CoreUnavailable, EscalationFailed
 from protos.edgeward.v1 import core_pb2
 
 __all__ = ["MAX_MESSAGE_BYTES", "CoreClient"]
-
-#: Largest Escalate request or reply; crops are shrunk well below it.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 # Codes after which the same request can never succeed: the image or request is bad. Every
 # other code (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, and also PERMISSION_DENIED
@@ -54,14 +51,7 @@ class CoreClient:
     def _endpoints(self, target: str) -> CoreEndpoints:
         endpoints = self._targets.get(target)
         if endpoints is None:
-            endpoints = CoreEndpoints(
-                target,
-                credentials=self._credentials,
-                options=[
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ],
-            )
+            endpoints = CoreEndpoints(target, credentials=self._credentials)
             self._targets[target] = endpoints
         return endpoints
 

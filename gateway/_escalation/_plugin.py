@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-import pki
+from gateway._core_endpoints import core_channel_credentials
 from gateway._events import EscalationId
 from gateway._inference import InferenceResult
 from gateway._settings import ConfigError
@@ -51,9 +51,7 @@ class EscalationPlugin:
             settings,
             gateway_id=runtime.gateway_id,
             gateway_region=gw.region,
-            credentials=pki.grpc_channel_credentials(
-                ca_bundle_pem=identity.ca_bundle.read_bytes(), identity=identity
-            ),
+            credentials=core_channel_credentials(identity),
             sink=runtime.events.publish,
             models_dir=gw.inference.models_dir,
             default_core_address=gw.core_address,

@@ -25,9 +25,13 @@ from typing import Any
 import grpc
 
 import pki
-from gateway._config import GatewaySettings, load_gateway_settings
-from gateway._door import StaticDeviceDirectory
-from gateway._service import GatewayPlugin, GatewayService
+from gateway import (
+    GatewayPlugin,
+    GatewayService,
+    GatewaySettings,
+    StaticDeviceDirectory,
+    load_gateway_settings,
+)
 from protos.edgeward.v1 import gateway_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]

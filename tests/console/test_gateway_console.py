@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import pki
+from gateway import RevocationEvent
 from gateway._console import LinkVerifier, LiveFeed, mint_link
-from gateway._revocation import RevocationEvent
 from protos.edgeward.v1 import common_pb2
 from tests._support.gateway import start_gateway
 from tests.console._client import ConsoleClient, console_client

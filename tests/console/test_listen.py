@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway._core import load_core_settings
+from gateway import load_core_settings
 from gateway._wire import ListenError
 from tests._support.core import running_core
 from tests._support.gateway import start_gateway

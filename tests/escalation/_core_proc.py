@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeward._logging import configure_logging
-from gateway._core import CoreServer, load_core_settings
-from gateway._core._escalate import CoreEscalationSettings, EscalateService
+from gateway import CoreEscalationSettings, CoreServer, EscalateService, load_core_settings
 from protos.edgeward.v1 import core_pb2
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,14 @@ import numpy.typing as npt
 import pytest
 
 import pki
-from gateway._core import CoreServer, load_core_settings
-from gateway._core._escalate import CoreEscalationSettings, EscalateService
+from gateway import (
+    CoreEscalationSettings,
+    CoreServer,
+    EscalateService,
+    EventPayload,
+    load_core_settings,
+)
 from gateway._escalation import EscalationSettings, Escalator, RegionPolicy
-from gateway._events import EventPayload
 from gateway._inference._detection import Detection
 from gateway._inference._image import decode_image
 from gateway._inference._manifest import load_manifest, open_session

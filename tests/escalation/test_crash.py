@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import pki
-from gateway._ports import free_port
+from gateway import free_port
 
 from .conftest import ROOT, Cores
 

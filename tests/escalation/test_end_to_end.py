@@ -25,9 +25,15 @@ import grpc
 import pytest
 
 import pki
-from gateway._config import GatewaySettings, load_gateway_settings
-from gateway._core import load_core_settings
-from gateway._core._escalate import CoreEscalationSettings, EscalateService
+from gateway import (
+    ConfigError,
+    CoreEscalationSettings,
+    EscalateService,
+    GatewaySettings,
+    free_port,
+    load_core_settings,
+    load_gateway_settings,
+)
 from gateway._escalation import (
     EscalationSettings,
     FaceRedactor,
@@ -36,9 +42,7 @@ from gateway._escalation import (
 )
 from gateway._inference._image import decode_image
 from gateway._inference._manifest import load_manifest
-from gateway._ports import free_port
 from gateway._service import configured_plugins
-from gateway._settings import ConfigError
 from protos.edgeward.v1 import common_pb2, core_pb2, gateway_pb2, gateway_pb2_grpc
 from tests._support.core import RunningCore, running_core, unique_id
 from tests._support.gateway import RunningGateway, start_gateway

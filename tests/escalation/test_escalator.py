@@ -11,13 +11,22 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from gateway._core._escalate import EscalateService
+from gateway import (
+    ErrorEvent,
+    EscalateService,
+    EscalationAnswer,
+    EventHub,
+    InferenceEngine,
+    free_port,
+)
 from gateway._door import WHOLE_FRAME_LABEL, result_to_pb
 from gateway._escalation import FaceRedactor, crop_with_margin
+<<<<<<< HEAD
 from gateway._events import ErrorEvent, EscalationAnswer, EventHub
 from gateway._inference import Box, Detection, InferenceEngine
+=======
+>>>>>>> h-pubapi
 from gateway._inference._image import decode_image
-from gateway._ports import free_port
 from protos.edgeward.v1 import core_pb2
 from tests.conftest import PHOTOS
 

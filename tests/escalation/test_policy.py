@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway._config import GatewaySettings
+from gateway import GatewaySettings, InferenceResult
 from gateway._door import result_to_pb
 from gateway._escalation import (
     Budgets,
@@ -16,7 +16,6 @@ from gateway._escalation import (
     select,
 )
 from gateway._events import EscalationId
-from gateway._inference import InferenceResult
 from gateway._inference._detection import Box, Detection
 from gateway.errors import ConfigError
 
@@ -180,7 +179,7 @@ def _write_config(tmp_path: Path, *, low: float, inference: str = "") -> Path:
 def test_a_band_below_the_engine_threshold_is_refused_naming_both_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway._config import load_gateway_settings
+    from gateway import load_gateway_settings
 
     # The engine (threshold 0.5 by default) never reports a 0.3 detection: refused.
     with pytest.raises(ConfigError) as info:

@@ -9,19 +9,19 @@ import asyncio
 import contextlib
 import datetime as dt
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner
 
+import gateway._core_endpoints as core_endpoints
 import pki
-from gateway._config import GatewaySettings, load_gateway_settings
+from gateway import ConfigError, GatewaySettings, free_port, load_gateway_settings
 from gateway._core_endpoints import CoreEndpoints, parse_core_addresses
 from gateway._door import CoreDeviceDirectory
-from gateway._ports import free_port
 from gateway._revocation import CoreRevocationFeed, RevocationEvent, RevocationState
-from gateway._settings import ConfigError
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway
 from tests.pki.test_role_pinning import serving
@@ -127,6 +127,112 @@ async def test_failover_never_trusts_a_gateway_posing_as_a_core(
             assert info.device_type == "doorbell"
             assert cores.current == core.address
         assert rogue.calls == []
+
+
+def test_no_caller_can_replace_the_core_pin(issue) -> None:
+    """Extra channel arguments add to the one recipe; the core's pinned name is not one of
+    them, so no caller can point a gateway-to-core channel at a gateway's name."""
+    gw = issue("gateway", "gw-unpin")
+    unpin = pki.server_name_option(pki.gateway_server_name("gw-unpin"))
+    with pytest.raises(ValueError, match="pinned name"):
+        CoreEndpoints.for_identity(["127.0.0.1:1"], gw, options=[unpin])
+
+
+class FreezingProxy:
+    """A TCP relay to ``target`` that can go silent without closing anything, as a dead host
+    or a dropped NAT entry does: after :meth:`freeze` no byte passes either way and no
+    connection is closed."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self._frozen = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.address = ""
+
+    def freeze(self) -> None:
+        self._frozen.set()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if self._frozen.is_set():
+                await asyncio.Event().wait()  # swallow it, answer nothing, close nothing
+            writer.write(data)
+            await writer.drain()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self._target.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+        for pump in (self._pump(reader, up_writer), self._pump(up_reader, writer)):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FreezingProxy]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            yield self
+        finally:
+            server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for writer in self._writers:
+                writer.close()
+
+
+@pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "control-without"])
+async def test_a_core_gone_silent_is_dropped_by_keepalive(
+    issue, pki_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keepalive: bool
+) -> None:
+    """The revocation stream through a core that stops answering without closing its
+    connection fails with ``UNAVAILABLE`` once a keepalive ping goes unanswered, so the feed
+    moves on at the transport's pace. The control, the same recipe without keepalive, still
+    waits when the keepalive case has long failed: the ping is what notices."""
+    from protos.edgeward.v1 import core_pb2, core_pb2_grpc
+
+    # Shorter timers than the product's 20 s + 10 s, same recipe otherwise.
+    timers = {
+        "grpc.keepalive_time_ms": 1500,
+        "grpc.keepalive_timeout_ms": 1000,
+        "grpc.http2.ping_timeout_ms": 1000,
+    }
+    options = tuple(
+        (key, timers.get(key, value))
+        for key, value in core_endpoints.CHANNEL_OPTIONS
+        if keepalive or key not in timers
+    )
+    monkeypatch.setattr(core_endpoints, "CHANNEL_OPTIONS", options)
+    gw = issue("gateway", "gw-silent")
+    async with (
+        running_core(pki_dir, tmp_path) as core,
+        FreezingProxy(core.address).running() as proxy,
+        CoreEndpoints.for_identity([proxy.address], gw) as cores,
+        cores.channel() as channel,
+    ):
+        call = core_pb2_grpc.CoreStub(channel).WatchRevocations(
+            core_pb2.WatchRevocationsRequest(since_sequence=0)
+        )
+        stream = aiter(call)
+        async with asyncio.timeout(30):
+            await anext(stream)  # a heartbeat: the stream is up
+        proxy.freeze()
+
+        async def drain() -> None:
+            async for _ in stream:  # heartbeats already in flight, then nothing
+                pass
+
+        if keepalive:
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await asyncio.wait_for(drain(), 30)
+            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+        else:
+            # Several times what the keepalive case needs: nothing notices the silence.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(drain(), 10)
+        call.cancel()
 
 
 # -- the revocation feed across replicas -------------------------------------------------------

@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 import pki
+from gateway import Status, status_of
 from gateway import errors as e
 from gateway._core._status import status_for
-from gateway._status import Status, status_of
 from protos.edgeward.v1 import wire
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,10 +31,10 @@ def test_every_gateway_and_core_error_is_under_the_one_root() -> None:
     assert len(classes) == len(e.__all__)
     assert all(issubclass(c, e.GatewayError) for c in classes)
     # The lower layers raise the same classes (not look-alikes of their own).
+    from gateway import ConfigError
     from gateway._core._status import PermissionDenied, RequestError, Unauthenticated
     from gateway._escalation import CoreUnavailable, OutboxFull
     from gateway._inference import InvalidImage, ModelIntegrityError, Overloaded
-    from gateway._settings import ConfigError
     from gateway._telemetry import InvalidTelemetry
     from gateway._wire import ListenError
 

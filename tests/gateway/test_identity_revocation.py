@@ -12,8 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway._events import Command
-from gateway._revocation import RevocationEvent
+from gateway import Command, RevocationEvent
 from protos.edgeward.v1 import common_pb2, gateway_pb2
 from tests._support.gateway import ManualFeed, start_gateway
 from tests.gateway._helpers import rpc_error, server_auth_only_device, trailing, wait_until

@@ -109,3 +109,56 @@ def test_library_code_never_sets_the_process_environment(package: str) -> None:
 def test_the_environment_check_sees_a_write() -> None:
     """The check above can fail: the command-line entry points do set it."""
     assert _sets_environment(ROOT / "edgeward" / "_cli_core.py")
+
+
+#: What builds a gRPC channel, its credentials or its target-name override.
+_CHANNEL_BUILDERS = frozenset(
+    {
+        "secure_channel",
+        "insecure_channel",
+        "ssl_channel_credentials",
+        "composite_channel_credentials",
+        "grpc_channel_credentials",
+        "server_name_option",
+    }
+)
+_CHANNEL_OWNER = "gateway/_core_endpoints.py"
+
+
+def _builds_channels(path: Path) -> list[str]:
+    """``line:name`` for every use of a channel builder in ``path``: an attribute
+    (``grpc.aio.secure_channel``), a name brought in by ``from … import``, or the override
+    option spelled out (``"grpc.ssl_target_name_override"``)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        name: str | None = None
+        if isinstance(node, ast.Attribute) and node.attr in _CHANNEL_BUILDERS:
+            name = node.attr
+        elif isinstance(node, ast.Name) and node.id in _CHANNEL_BUILDERS:
+            name = node.id
+        elif isinstance(node, ast.ImportFrom):
+            name = next((a.name for a in node.names if a.name in _CHANNEL_BUILDERS), None)
+        elif isinstance(node, ast.Constant) and node.value == "grpc.ssl_target_name_override":
+            name = node.value
+        if name is not None:
+            found.append(f"{node.lineno}:{name}")
+    return found
+
+
+def test_only_the_core_endpoints_module_builds_gateway_channels() -> None:
+    """Every gateway-to-core channel comes from one recipe (credentials from the gateway's
+    identity, the core's pinned name, keepalive, message sizes), so no module can open a
+    channel that skips the pin or the limits."""
+    found = {
+        rel: uses
+        for path in sorted((ROOT / "gateway").rglob("*.py"))
+        if (rel := str(path.relative_to(ROOT))) != _CHANNEL_OWNER
+        and (uses := _builds_channels(path))
+    }
+    assert found == {}
+
+
+def test_the_channel_check_sees_a_channel_being_built() -> None:
+    """The check above can fail: the owner itself builds credentials and channels."""
+    uses = {u.split(":", 1)[1] for u in _builds_channels(ROOT / _CHANNEL_OWNER)}
+    assert {"secure_channel", "grpc_channel_credentials", "server_name_option"} <= uses

@@ -13,9 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edgeward import _cli_gateway
-from gateway._config import load_gateway_settings
-from gateway._escalation._config import EscalationSettings
-from gateway._mqtt._config import MqttSettings
+from gateway import EscalationSettings, MqttSettings, load_gateway_settings
 from tests.conftest import require_tool
 
 

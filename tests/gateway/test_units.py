@@ -9,9 +9,16 @@ import datetime as dt
 import pytest
 
 import gateway
-from gateway._config import AuthorisationSettings, GatewaySettings, load_gateway_settings
+from gateway import (
+    AuthorisationSettings,
+    Command,
+    ConfigError,
+    ErrorEvent,
+    EventHub,
+    GatewaySettings,
+    load_gateway_settings,
+)
 from gateway._door import Authoriser, RateLimiter, StaticDeviceDirectory, telemetry_from_pb
-from gateway._events import Command, ErrorEvent, EventHub
 from gateway._grpc import LiveCalls
 from gateway._grpc._identity import IdentityJudge
 from gateway._revocation import (
@@ -19,7 +26,6 @@ from gateway._revocation import (
     RevocationEvent,
     RevocationState,
 )
-from gateway._settings import ConfigError
 from gateway.errors import (
     DeviceRevoked,
     InvalidRequest,
@@ -86,7 +92,7 @@ def test_settings_need_a_revocation_source():
 
 
 def test_every_setting_is_described():
-    from gateway._config import describe_settings
+    from gateway import describe_settings
 
     rows = describe_settings()
     assert all(" None (`" not in row for row in rows)

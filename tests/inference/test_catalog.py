@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway._inference import InferenceEngine, InferenceError, ResponseCache
+from gateway import InferenceEngine
+from gateway._inference import InferenceError, ResponseCache
 from gateway._inference._catalog import EdgeModelCatalog, UnknownEdgeModel
 from gateway._inference._manifest import ModelIntegrityError
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import pki
 from device_sdk import _enrollment as sdk
 from device_sdk.errors import DeviceRevoked
-from gateway._core import load_core_settings
+from gateway import load_core_settings
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from tests._support.core import running_core, unique_id
 from tests.conftest import IssueFn

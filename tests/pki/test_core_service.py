@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import pki
 from device_sdk import _enrollment as sdk
-from device_sdk._identity import parse_gateway_directory
+from device_sdk import parse_gateway_directory
 from device_sdk.errors import (
     CertificateExpired,
     DeviceRevoked,

@@ -16,8 +16,8 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import pki
+from gateway import Command
 from gateway._core._status import status_for
-from gateway._events import Command
 from protos.edgeward.v1 import common_pb2, gateway_pb2
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway

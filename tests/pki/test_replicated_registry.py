@@ -23,8 +23,8 @@ from cryptography import x509
 
 import pki
 from edgeward.cli import main
+from gateway import ConfigError
 from gateway._core import load_core_settings, status_for
-from gateway._settings import ConfigError
 from protos.edgeward.v1 import (
     common_pb2,
     core_pb2,

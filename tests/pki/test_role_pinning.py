@@ -32,8 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import pki
-from device_sdk import EnrollmentUnavailable
-from device_sdk._enrollment import enroll, renew
+from device_sdk import EnrollmentUnavailable, enroll, renew
 from device_sdk._grpc import ChannelPool, GatewayDown, probe
 from edgeward.cli import main
 from gateway._core._server import ensure_server_identity
@@ -153,8 +152,7 @@ def test_issue_server_refuses_reserved_names(tmp_path: Path) -> None:
 
 
 def test_core_config_refuses_reserved_server_names(pki_dir: Path) -> None:
-    from gateway._core import load_core_settings
-    from gateway._settings import ConfigError
+    from gateway import ConfigError, load_core_settings
 
     with pytest.raises(ConfigError, match="server_names"):
         load_core_settings(None, pki_dir=pki_dir, server_names=["gw.gateway.edgeward.internal"])

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import pki
 from device_sdk._enrollment import endpoint_list, enroll, renew
 from device_sdk.errors import EnrollmentRefused, EnrollmentUnavailable
-from gateway._ports import free_port
+from gateway import free_port
 from tests._support.core import running_core, unique_id
 from tests.pki.test_role_pinning import serving
 

@@ -16,7 +16,7 @@ from device_sdk import (
     Telemetry,
     Transport,
 )
-from gateway._inference import InferenceEngine
+from gateway import InferenceEngine
 from gateway._mqtt import MqttBridge
 from tests._support.gateway import start_gateway
 from tests._support.mqtt import BrokerHarness, front_door

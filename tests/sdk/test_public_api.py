@@ -23,6 +23,8 @@ def test_exported_members_exist_and_are_documented() -> None:
     assert device_sdk.DeviceRevoked.final
     assert device_sdk.CertificateExpired.final
     assert not device_sdk.QueueFull.final
+    # Enrolment and renewal as functions: what ``edgeward enroll`` calls.
+    assert {"enroll", "renew", "EnrollmentResult"} <= set(device_sdk.__all__)
 
 
 def test_the_sdk_imports_no_gateway_and_no_onnxruntime() -> None:
