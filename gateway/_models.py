@@ -19,12 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-<<<<<<< HEAD
 __all__ = [
     "DEFAULT_EDGE_MODEL",
     "EDGE_DETECTORS",
+    "MODELS_NOT_FOUND_HINT",
     "MODELS_PACKAGE",
-    "NOT_FOUND_HINT",
     "EdgeArchitecture",
     "find_models_dir",
     "manifest_labels",
@@ -45,9 +44,6 @@ EDGE_DETECTORS: Mapping[str, EdgeArchitecture] = {
     DEFAULT_EDGE_MODEL: "ssd",
     "core_nanodet_coco80": "nanodet",
 }
-=======
-__all__ = ["MODELS_NOT_FOUND_HINT", "MODELS_PACKAGE", "find_models_dir", "models_dir_or_default"]
->>>>>>> h-pubapi
 
 #: The import name of the ``edgeward-models`` distribution.
 MODELS_PACKAGE = "edgeward_models"

@@ -21,11 +21,7 @@ from gateway import (
 )
 from gateway._door import WHOLE_FRAME_LABEL, result_to_pb
 from gateway._escalation import FaceRedactor, crop_with_margin
-<<<<<<< HEAD
-from gateway._events import ErrorEvent, EscalationAnswer, EventHub
-from gateway._inference import Box, Detection, InferenceEngine
-=======
->>>>>>> h-pubapi
+from gateway._inference import Box, Detection
 from gateway._inference._image import decode_image
 from protos.edgeward.v1 import core_pb2
 from tests.conftest import PHOTOS
