@@ -412,12 +412,14 @@ class Escalator:
         return state is None or (not state.failures and state.next_at <= self._wall())
 
     async def _first_attempt(self, entry: OutboxEntry, stored: asyncio.Future[None]) -> None:
+        settled = False
         try:
-            await self._deliver(entry, stored=stored)
+            settled = await self._deliver(entry, stored=stored)
         finally:
             self._first_attempts.pop(entry.escalation_id, None)
-            # Whatever it left (a retry time, a core in back-off) is the loop's now.
-            self._wake.set()
+            if not settled:
+                # What it left (a retry time, a core in back-off) is the loop's now.
+                self._wake.set()
 
     async def _durable(self, stored: asyncio.Future[None] | None) -> bool:
         """Wait until the entry's row is committed; ``False`` when it never will be."""
@@ -483,10 +485,11 @@ class Escalator:
 
     async def _deliver(
         self, entry: OutboxEntry, *, stored: asyncio.Future[None] | None = None
-    ) -> None:
+    ) -> bool:
         """One attempt at ``entry``; ``stored``: its row's commit, when still under way.
 
         Nothing is written for an entry before its row is durable (:meth:`_durable`).
+        Returns ``False`` when the entry waits in the outbox for another attempt.
         """
         assert self._outbox is not None  # noqa: S101 - started after open
         s = self.settings
@@ -503,7 +506,7 @@ class Escalator:
                 ),
                 outcome="expired",
             )
-            return
+            return True
         request = core_pb2.EscalationRequest(
             escalation_id=entry.escalation_id,
             device_id=entry.device_id,
@@ -521,7 +524,7 @@ class Escalator:
                 first = not self._backoff.get(entry.core_address, _Backoff()).failures
                 next_at = self._failed(entry.core_address)
                 if not await self._durable(stored):
-                    return
+                    return True
                 self.counts["retries"] += 1
                 await self._db(
                     self._outbox.retry_later,
@@ -535,10 +538,10 @@ class Escalator:
                     code=exc.code,
                     retry_in_s=round(next_at - self._wall(), 3),
                 )
-                return
+                return False
             except EscalationFailed as exc:
                 if not await self._durable(stored):
-                    return
+                    return True
                 await self._finish(
                     entry,
                     ErrorEvent(
@@ -548,11 +551,11 @@ class Escalator:
                     ),
                     outcome="failed",
                 )
-                return
+                return True
         if self._backoff.pop(entry.core_address, None) is not None:
             _log.info("core reachable again", core=entry.core_address)
         if not await self._durable(stored):
-            return
+            return True
         a = result.answer
         answer = EscalationAnswer(
             # Our own id, not the core's echo: the answer is filed under what we sent.
@@ -573,6 +576,7 @@ class Escalator:
             ),
         )
         await self._finish(entry, answer, outcome="answered", model_ms=float(result.model_ms))
+        return True
 
     async def _finish(
         self,
