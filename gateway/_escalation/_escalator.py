@@ -3,13 +3,25 @@
 One frame goes through::
 
     edge result ──select (policy)──► candidates ──budgets──► admitted
-      ──crop + face blur + JPEG (CPU thread)──► outbox row (committed, fsynced)
-      ──► detection marked escalated=True with its escalation id, returned to the device
+      ──crop + face blur + JPEG (CPU thread)──┬─► outbox row (committed, fsynced)
+                                              │     ──► detection marked escalated=True with
+                                              │         its escalation id, returned to the device
+                                              └─► Core.Escalate, at once (first attempt)
 
-and, in the background::
+and, in the background, for what the first attempt did not settle::
 
     outbox ──Core.Escalate (mTLS, backoff + jitter while the core is away)──► answer
       ──one transaction: answer stored for the device, outbox row removed──► EventHub.publish
+
+The first attempt runs while the row is being written and fsynced (a few milliseconds on an
+ordinary disk), so the flush is off the answer's path; it is made only while the core is
+answering (no back-off), a delivery slot is free and the outbox has room. Its answer, whatever
+it is, waits for the row to be durable before it is stored and handed to the device: an
+answer never overtakes its "pending", and an escalation whose row could not be stored (full
+outbox, a crash before the commit) is not delivered at all, since the device was never told
+it was pending. A crash between the call and the commit loses nothing that was promised: a
+committed row is sent again at the next start (same escalation id; the core replays its
+answer), an uncommitted one was never reported as pending.
 
 Delivery guarantees (tested with exact counts in ``tests/escalation``):
 
@@ -162,6 +174,13 @@ class Escalator:
         self._cpu_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._outbox: Outbox | None = None
         self._runner: asyncio.Task[None] | None = None
+        #: First attempts started while their rows were being stored, by escalation id; the
+        #: delivery loop leaves these rows to them.
+        self._first_attempts: dict[str, asyncio.Task[None]] = {}
+        #: Rows in the outbox as this process counts them (set at open): a first attempt is
+        #: made only while the outbox has room, so no pixels leave for an escalation that is
+        #: then refused as ``outbox_full``.
+        self._stored_rows = 0
         self._open = False
         #: Counters for metrics and tests ("queued", "answered", "refused_<reason>", …).
         self.counts: Counter[str] = Counter()
@@ -178,9 +197,10 @@ class Escalator:
             max_answers=s.max_stored_answers,
         )
         await self._replay_answers()
+        pending = await self._db(self._outbox.pending_count)
+        self._stored_rows = pending
         self._open = True
         self._runner = asyncio.create_task(self._run(), name="edgeward-escalation")
-        pending = await self._db(self._outbox.pending_count)
         _log.info("escalation outbox open", path=str(s.outbox_path), pending=pending)
         return self
 
@@ -191,10 +211,16 @@ class Escalator:
         tb: TracebackType | None,
     ) -> None:
         self._open = False
+        tasks = [*self._first_attempts.values()]
         if self._runner is not None:
-            self._runner.cancel()
+            tasks.append(self._runner)
+        # What is stored stays in the outbox for the next start; an attempt cut here is made
+        # again then, under the same escalation id.
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+                await task
         await self._client.aclose()
         if self._outbox is not None:
             await self._db(self._outbox.close)
@@ -290,8 +316,6 @@ class Escalator:
                 reason=reason,
                 escalation_reason=candidate.reason,
             )
-        if pending:
-            self._wake.set()
         return EscalationOutcome(tuple(pending), tuple(refused))
 
     def _precheck(
@@ -358,10 +382,21 @@ class Escalator:
             next_attempt_at=now,
             reason=candidate.reason,
         )
+        stored = loop.run_in_executor(self._db_pool, self._outbox.add, entry)
+        sent_first = self._may_send_first(entry.core_address)
+        if sent_first:
+            self._first_attempts[escalation_id] = asyncio.create_task(
+                self._first_attempt(entry, stored), name="edgeward-escalation-first"
+            )
         try:
-            await self._db(self._outbox.add, entry)
+            # Shielded: a caller that gives up does not cut the first attempt short, which
+            # waits for the same commit.
+            await asyncio.shield(stored)
         except OutboxFull:
             return "outbox_full"
+        self._stored_rows += 1
+        if not sent_first:
+            self._wake.set()  # the delivery loop sends it
         self.counts["queued"] += 1
         _log.info(
             "escalation queued",
@@ -382,6 +417,35 @@ class Escalator:
         return PendingEscalation(candidate.index, escalation_id, candidate.reason)
 
     # ---------------------------------------------------------------- delivery
+    def _may_send_first(self, address: str) -> bool:
+        """Whether an escalation for ``address`` is sent while its row is being stored."""
+        rows = self._stored_rows + len(self._first_attempts)
+        if self._slots.locked() or rows >= self.settings.max_outbox_entries:
+            return False
+        state = self._backoff.get(address)
+        # A core in back-off gets its probes from the delivery loop, not a burst from here.
+        return state is None or (not state.failures and state.next_at <= self._wall())
+
+    async def _first_attempt(self, entry: OutboxEntry, stored: asyncio.Future[None]) -> None:
+        settled = False
+        try:
+            settled = await self._deliver(entry, stored=stored)
+        finally:
+            self._first_attempts.pop(entry.escalation_id, None)
+            if not settled:
+                # What it left (a retry time, a core in back-off) is the loop's now.
+                self._wake.set()
+
+    async def _durable(self, stored: asyncio.Future[None] | None) -> bool:
+        """Wait until the entry's row is committed; ``False`` when it never will be."""
+        if stored is None:
+            return True
+        try:
+            await asyncio.shield(stored)
+        except Exception:  # noqa: BLE001 - the caller of escalate() reports why
+            return False
+        return True
+
     async def _deliver_loop(self) -> None:
         assert self._outbox is not None  # noqa: S101 - started after open
         batch_size = self.settings.concurrency * 2
@@ -389,7 +453,14 @@ class Escalator:
             self._wake.clear()
             now = self._wall()
             waiting = frozenset(a for a, b in self._backoff.items() if b.next_at > now)
-            batch = await self._db(self._outbox.due, now, limit=batch_size, skip_addresses=waiting)
+            sending = frozenset(self._first_attempts)
+            batch = await self._db(
+                self._outbox.due,
+                now,
+                limit=batch_size,
+                skip_addresses=waiting,
+                skip_ids=sending,
+            )
             # A core that has been failing gets one probe, not a burst, until it answers.
             probing: set[str] = set()
             chosen: list[OutboxEntry] = []
@@ -405,7 +476,7 @@ class Escalator:
                     for entry in chosen:
                         tg.create_task(self._deliver(entry))
                 continue
-            next_due = await self._db(self._outbox.next_due_at)
+            next_due = await self._db(self._outbox.next_due_at, skip_ids=sending)
             wake_at = [b.next_at for b in self._backoff.values() if b.next_at > now]
             if next_due is not None:
                 wake_at.append(next_due)
@@ -427,11 +498,20 @@ class Escalator:
             state.next_at = now + ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
         return state.next_at
 
-    async def _deliver(self, entry: OutboxEntry) -> None:
+    async def _deliver(
+        self, entry: OutboxEntry, *, stored: asyncio.Future[None] | None = None
+    ) -> bool:
+        """One attempt at ``entry``; ``stored``: its row's commit, when still under way.
+
+        Nothing is written for an entry before its row is durable (:meth:`_durable`).
+        Returns ``False`` when the entry waits in the outbox for another attempt.
+        """
         assert self._outbox is not None  # noqa: S101 - started after open
         s = self.settings
         age = self._wall() - entry.created_at
-        if age > s.delivery_ttl_s or (s.max_attempts and entry.attempts >= s.max_attempts):
+        if stored is None and (
+            age > s.delivery_ttl_s or (s.max_attempts and entry.attempts >= s.max_attempts)
+        ):
             await self._finish(
                 entry,
                 ErrorEvent(
@@ -441,7 +521,7 @@ class Escalator:
                 ),
                 outcome="expired",
             )
-            return
+            return True
         request = core_pb2.EscalationRequest(
             escalation_id=entry.escalation_id,
             device_id=entry.device_id,
@@ -458,6 +538,8 @@ class Escalator:
             except CoreUnavailable as exc:
                 first = not self._backoff.get(entry.core_address, _Backoff()).failures
                 next_at = self._failed(entry.core_address)
+                if not await self._durable(stored):
+                    return True
                 self.counts["retries"] += 1
                 await self._db(
                     self._outbox.retry_later,
@@ -471,8 +553,10 @@ class Escalator:
                     code=exc.code,
                     retry_in_s=round(next_at - self._wall(), 3),
                 )
-                return
+                return False
             except EscalationFailed as exc:
+                if not await self._durable(stored):
+                    return True
                 await self._finish(
                     entry,
                     ErrorEvent(
@@ -482,9 +566,11 @@ class Escalator:
                     ),
                     outcome="failed",
                 )
-                return
+                return True
         if self._backoff.pop(entry.core_address, None) is not None:
             _log.info("core reachable again", core=entry.core_address)
+        if not await self._durable(stored):
+            return True
         a = result.answer
         answer = EscalationAnswer(
             # Our own id, not the core's echo: the answer is filed under what we sent.
@@ -505,6 +591,7 @@ class Escalator:
             ),
         )
         await self._finish(entry, answer, outcome="answered", model_ms=float(result.model_ms))
+        return True
 
     async def _finish(
         self,
@@ -525,6 +612,7 @@ class Escalator:
         )
         if not stored:
             return
+        self._stored_rows -= 1
         self.counts[outcome] += 1
         self._sink(entry.device_id, payload)
         fields: dict[str, Any] = {}

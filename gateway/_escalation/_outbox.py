@@ -194,18 +194,31 @@ class Outbox:
             raise
         db.execute("COMMIT")
 
-    def due(self, now: float, *, limit: int, skip_addresses: frozenset[str]) -> list[OutboxEntry]:
-        """Entries whose next attempt is due, oldest first, not for a core in back-off."""
+    def due(
+        self,
+        now: float,
+        *,
+        limit: int,
+        skip_addresses: frozenset[str],
+        skip_ids: frozenset[str] = frozenset(),
+    ) -> list[OutboxEntry]:
+        """Entries whose next attempt is due, oldest first, not for a core in back-off.
+
+        ``skip_ids``: escalations already on their way to the core (sent while their row
+        was being stored), left to that attempt.
+        """
         skip = sorted(skip_addresses)
+        ids = sorted(skip_ids)
         marks = ",".join("?" * len(skip))
+        id_marks = ",".join("?" * len(ids))
         # Only "?" placeholders are formatted into the query; the values are bound.
         rows = self._db.execute(
             "SELECT escalation_id, device_id, region, frame_id, core_address, image,"  # noqa: S608
             " is_full_frame, edge_label, edge_score, created_at, attempts, next_attempt_at,"
             f" last_error, reason FROM outbox WHERE next_attempt_at <= ?"
-            f" AND core_address NOT IN ({marks})"
+            f" AND core_address NOT IN ({marks}) AND escalation_id NOT IN ({id_marks})"
             " ORDER BY next_attempt_at, created_at LIMIT ?",
-            (now, *skip, limit),
+            (now, *skip, *ids, limit),
         ).fetchall()
         return [
             OutboxEntry(
@@ -227,9 +240,15 @@ class Outbox:
             for r in rows
         ]
 
-    def next_due_at(self) -> float | None:
-        """When the earliest entry is next due, or ``None`` when the outbox is empty."""
-        (at,) = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox").fetchone()
+    def next_due_at(self, *, skip_ids: frozenset[str] = frozenset()) -> float | None:
+        """When the earliest entry (not in ``skip_ids``) is next due; ``None``: there is none."""
+        ids = sorted(skip_ids)
+        marks = ",".join("?" * len(ids))
+        # Only "?" placeholders are formatted into the query; the values are bound.
+        (at,) = self._db.execute(
+            f"SELECT MIN(next_attempt_at) FROM outbox WHERE escalation_id NOT IN ({marks})",  # noqa: S608
+            ids,
+        ).fetchone()
         return None if at is None else float(at)
 
     def retry_later(self, escalation_id: str, *, next_attempt_at: float, error: str) -> None:

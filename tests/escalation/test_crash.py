@@ -6,13 +6,16 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import pki
-from gateway import free_port
+from gateway import EscalateService, free_port
+from protos.edgeward.v1 import core_pb2
 
 from .conftest import ROOT, Cores
 
@@ -52,10 +55,13 @@ class Proc:
         assert raw, "gateway process ended early"
         return raw.decode().strip()
 
-    async def send(self, command: str) -> str:
+    async def write(self, command: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command.encode() + b"\n")
         await self.proc.stdin.drain()
+
+    async def send(self, command: str) -> str:
+        await self.write(command)
         return await self.line()
 
 
@@ -92,3 +98,85 @@ async def test_kill_9_with_pending_escalations(
     # not sent again, the 4 pending ones were sent by the restarted gateway.
     assert first.models.runs == 2
     assert second.models.runs == 4
+
+
+class Holding:
+    """A Core.Escalate handler that records each request and, while ``hold`` is set, never
+    answers it (the call waits until the caller goes away or the core stops)."""
+
+    def __init__(self, inner: EscalateService) -> None:
+        self.inner = inner
+        self.requests: list[str] = []
+        self.hold = False
+
+    async def __aenter__(self) -> Holding:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inner.__aexit__(None, None, None)
+
+    async def __call__(
+        self, request: core_pb2.EscalationRequest, context: Any, *, gateway: Any
+    ) -> core_pb2.EscalationResult:
+        self.requests.append(request.escalation_id)
+        if self.hold:
+            await asyncio.Event().wait()
+        return await self.inner(request, context, gateway=gateway)
+
+
+async def wait_for(predicate: Any, limit_s: float = 60.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 - what a real core received
+            await asyncio.sleep(0.02)
+
+
+async def test_kill_9_between_the_call_and_the_commit(
+    cores: Cores, gateway_identity: pki.IdentityFiles, tmp_path: Path
+) -> None:
+    """The first attempt reaches the core while the row is not yet committed (another
+    connection holds the outbox's write lock); the gateway dies before or after the commit."""
+    port = free_port()
+    core = f"127.0.0.1:{port}"
+    outbox = tmp_path / "outbox.sqlite3"
+    handler = Holding(cores.service())
+    async with cores.run(handler, port=port):
+        gw = await Proc.start("enqueue", outbox, core, gateway_identity.directory)
+        # A first escalation answered: the gateway's channel to the core is up.
+        warm = (await gw.send("enqueue 1")).split()[1:]
+        assert await gw.send("wait-answers 1") == "answered"
+        handler.hold = True
+
+        # Killed before the commit: the core was asked, the device never told "pending".
+        lock = sqlite3.connect(outbox, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        await gw.write("enqueue 1")
+        await wait_for(lambda: len(handler.requests) == 2)
+        gw.proc.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(gw.proc.wait(), 30) == -signal.SIGKILL
+        lock.execute("ROLLBACK")
+        uncommitted = handler.requests[1]
+
+        # Killed after the commit, with the core's answer still to come.
+        gw = await Proc.start("enqueue", outbox, core, gateway_identity.directory)
+        lock.execute("BEGIN IMMEDIATE")
+        await gw.write("enqueue 1")
+        await wait_for(lambda: len(handler.requests) == 3)
+        lock.execute("ROLLBACK")
+        lock.close()
+        queued = (await gw.line()).split()[1:]
+        assert queued == [handler.requests[2]]  # stored, then reported pending
+        gw.proc.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(gw.proc.wait(), 30) == -signal.SIGKILL
+
+        handler.hold = False
+        restarted = await Proc.start("drain", outbox, core, gateway_identity.directory)
+        hub_line = await restarted.line()
+        assert await asyncio.wait_for(restarted.proc.wait(), 30) == 0
+    in_hub = json.loads(hub_line.removeprefix("hub "))
+    # The committed one is answered once after the restart; the uncommitted one, never
+    # reported pending, is not answered at all.
+    assert sorted(in_hub) == sorted(warm + queued)
+    assert uncommitted not in in_hub
+    assert handler.requests[3:] == queued  # sent again under the same id
+    assert handler.inner.models.runs == 2  # warm-up and the committed one, once each
