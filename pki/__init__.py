@@ -53,6 +53,8 @@ from pki._operators import (
     revoke_operator,
 )
 from pki._registry import (
+    FLEET_STATES,
+    MAX_FLEET_PAGE,
     CertificateRecord,
     CoreRegistry,
     DeviceRecord,
@@ -109,9 +111,11 @@ __all__ = [
     "DEFAULT_DEVICE_LIFETIME",
     "DEFAULT_OPERATOR_TOKEN_TTL",
     "DEFAULT_SERVER_LIFETIME",
+    "FLEET_STATES",
     "GATEWAY_SERVER_NAME_SUFFIX",
     "ID_PATTERN",
     "MAX_CSR_BYTES",
+    "MAX_FLEET_PAGE",
     "MAX_TOKEN_LENGTH",
     "RESERVED_DNS_SUFFIX",
     "CertificateAuthority",

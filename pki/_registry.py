@@ -60,6 +60,8 @@ from pki.errors import (
 )
 
 __all__ = [
+    "FLEET_STATES",
+    "MAX_FLEET_PAGE",
     "CertificateRecord",
     "CoreRegistry",
     "DeviceRecord",
