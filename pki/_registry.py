@@ -409,6 +409,8 @@ CREATE TABLE IF NOT EXISTS operator_certificates (
 );
 CREATE INDEX IF NOT EXISTS operator_certificates_operator ON operator_certificates(operator_id);
 CREATE INDEX IF NOT EXISTS operator_tokens_operator ON operator_tokens(operator_id);
+-- The fleet page's "has a valid certificate" test, answered from the index alone.
+CREATE INDEX IF NOT EXISTS certificates_valid ON certificates(device_id, status, not_after);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL

@@ -112,6 +112,7 @@ CREATE TABLE operator_certificates (
     issued_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX operator_certificates_operator ON operator_certificates(operator_id);
+CREATE INDEX certificates_valid ON certificates(device_id, status, not_after);
 """,
     ),
 )
