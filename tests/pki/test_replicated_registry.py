@@ -92,6 +92,7 @@ def test_a_registry_made_before_operators_gains_them_and_keeps_its_data(
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
         device(reg, "cam-old")
         execute_raw(reg, "DROP TABLE operator_certificates, operator_tokens, operators")
+        execute_raw(reg, "DROP INDEX certificates_valid")
         execute_raw(reg, "DELETE FROM schema_migrations WHERE version >= 2")
         assert reg.schema_version() == 1
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
