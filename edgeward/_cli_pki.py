@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import getpass
 import ipaddress
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -236,6 +237,15 @@ def operator_token_cmd(
     click.echo(token)
 
 
+def _cli_user() -> str:
+    """Who ran the command, for the audit line (the login name; the console names its
+    operator instead)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return "cli"
+
+
 def _revoked_text(record: pkilib.RevocationRecord) -> str:
     owner = (
         record.device_id
@@ -252,7 +262,9 @@ def _revoked_text(record: pkilib.RevocationRecord) -> str:
 @click.option("--device-id", callback=validated_id("device id"))
 @click.option("--gateway-id", callback=validated_id("gateway id"))
 @click.option("--serial", help="hex serial of one certificate (a device's, gateway's or core's)")
+@click.option("--operator", callback=validated_id("operator name"), help="a console operator")
 @click.option("--reason", default="revoked by operator", show_default=True)
+@click.option("--force", is_flag=True, help="with --operator: revoke even the last admin")
 @one_line_errors
 def revoke_cmd(
     *,
@@ -260,14 +272,23 @@ def revoke_cmd(
     device_id: str | None,
     gateway_id: str | None,
     serial: str | None,
+    operator: str | None,
     reason: str,
+    force: bool,
     registry_url: str | None,
 ) -> None:
-    """Revoke a device (all its certificates), a gateway (all its recorded certificates) or
-    one certificate. Gateways hear of device revocations at once; the core refuses a revoked
-    gateway at once."""
-    if sum(v is not None for v in (device_id, gateway_id, serial)) != 1:
-        raise click.UsageError("give exactly one of --device-id, --gateway-id and --serial")
+    """Revoke a device (all its certificates), a gateway (all its recorded certificates), one
+    certificate, or a console operator (its role, unused login tokens and recorded
+    certificates; its console sessions end, at the core and at every gateway). Gateways hear
+    of device and operator revocations at once; the core refuses a revoked gateway at once.
+    Revoking the last active admin operator is refused unless --force."""
+    targets = (device_id, gateway_id, serial, operator)
+    if sum(v is not None for v in targets) != 1:
+        raise click.UsageError(
+            "give exactly one of --device-id, --gateway-id, --serial and --operator"
+        )
+    if force and operator is None:
+        raise click.UsageError("--force applies to --operator only")
     if serial is not None:
         try:
             int(serial.strip().removeprefix("0x"), 16)
@@ -285,8 +306,12 @@ def revoke_cmd(
                 click.echo(f"every certificate of gateway {gateway_id} was already revoked")
         elif serial is not None:
             records = [pkilib.revoke_serial(registry, serial, reason=reason, now=_now())]
+        elif operator is not None:
+            records = pkilib.revoke_operator(
+                registry, operator, reason=reason, now=_now(), by=_cli_user(), force=force
+            )
         else:  # pragma: no cover - excluded by the check above
-            raise click.UsageError("give exactly one of --device-id, --gateway-id and --serial")
+            raise click.UsageError("give exactly one target")
     for record in records:
         click.echo(_revoked_text(record))
 

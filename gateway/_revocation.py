@@ -11,6 +11,9 @@ state it checks against is :class:`RevocationState`:
   otherwise (cutting every device because the core blinked would be a self-inflicted outage);
 - ``add_listener(cb)``: ``cb(event)`` runs on every revocation event (the gRPC layer cancels
   the device's live calls, the MQTT bridge kicks its session). Sync or async callbacks.
+- ``operator_revoked(name)`` and ``add_operator_listener(cb)``: console operators revoked at
+  the core (events with ``role == "operator"``); the gateway's console ends their sessions
+  and refuses their logins. Device listeners never hear of them.
 
 Two feeds fill it, each an async context manager owning one background task:
 
@@ -47,6 +50,7 @@ from gateway._core_endpoints import CoreEndpoints
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc
 
 __all__ = [
+    "OPERATOR_ROLE",
     "CoreRevocationFeed",
     "RegistryRevocationPoller",
     "RevocationEvent",
@@ -67,7 +71,12 @@ class RevocationEvent:
     device_id: str
     serial: str | None
     reason: str
+    #: "" for a device; "operator" for a console operator (``device_id`` is its name).
+    role: str = ""
 
+
+#: The ``role`` of an operator's revocation event.
+OPERATOR_ROLE = "operator"
 
 RevocationListener = Callable[[RevocationEvent], Awaitable[None] | None]
 
@@ -92,6 +101,8 @@ class RevocationState:
         self._last_sequence = 0
         self._fresh_at: float | None = None
         self._listeners: list[RevocationListener] = []
+        self._operators: dict[str, RevocationEvent] = {}
+        self._operator_listeners: list[RevocationListener] = []
         self._fresh = asyncio.Event()
 
     # -- queries ----------------------------------------------------------------------------
@@ -99,6 +110,10 @@ class RevocationState:
     def is_revoked(self, device_id: str, serial: str) -> bool:
         """True when the device, or this certificate serial (lower-case hex), is revoked."""
         return device_id in self._devices or serial.lower() in self._serials
+
+    def operator_revoked(self, name: str) -> bool:
+        """True when console operator ``name`` is revoked (any certificate of it, too)."""
+        return name in self._operators
 
     def healthy(self) -> bool:
         """True while the feed delivered an event or heartbeat within the bound."""
@@ -135,6 +150,14 @@ class RevocationState:
         with contextlib.suppress(ValueError):
             self._listeners.remove(cb)
 
+    def add_operator_listener(self, cb: RevocationListener) -> None:
+        """Call ``cb(event)`` for each new revocation of a console operator."""
+        self._operator_listeners.append(cb)
+
+    def remove_operator_listener(self, cb: RevocationListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._operator_listeners.remove(cb)
+
     def mark_fresh(self) -> None:
         """The feed is alive (a heartbeat, a successful poll)."""
         self._fresh_at = self._clock()
@@ -162,7 +185,8 @@ class RevocationState:
         return True
 
     async def _notify(self, event: RevocationEvent) -> None:
-        for cb in list(self._listeners):
+        listeners = self._operator_listeners if event.role == OPERATOR_ROLE else self._listeners
+        for cb in list(listeners):
             try:
                 result = cb(event)
                 if inspect.isawaitable(result):
@@ -177,6 +201,18 @@ class RevocationState:
         if event.sequence and event.sequence <= self._last_sequence:
             return False  # a replay after a resume: already known
         self._last_sequence = max(self._last_sequence, event.sequence)
+        if event.role == OPERATOR_ROLE:
+            self._operators.setdefault(event.device_id, event)
+            _log.warning(
+                "operator revocation applied",
+                audit=True,
+                operator=event.device_id,
+                serial=event.serial,
+                sequence=event.sequence,
+                reason=event.reason,
+            )
+            await self._notify(event)
+            return True
         if event.serial:
             self._serials[event.serial.lower()] = event
         else:
@@ -286,6 +322,7 @@ class CoreRevocationFeed(_Background):
                                 device_id=message.device_id,
                                 serial=message.serial or None,
                                 reason=message.reason,
+                                role=OPERATOR_ROLE if message.role == OPERATOR_ROLE else "",
                             )
                         )
                     _log.info("revocation feed ended by the core; reconnecting", core=address)
@@ -336,6 +373,7 @@ def registry_revocation_reader(registry: pki.Registry, *, batch: int = 1000) -> 
                 device_id=r.device_id,
                 serial=r.serial.lower() if r.serial else None,
                 reason=r.reason,
+                role=OPERATOR_ROLE if r.role is pki.Role.OPERATOR else "",
             )
             for r in registry.revocations_since(after, limit=batch)
         ]

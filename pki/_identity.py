@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from pki._ca import CertificateAuthority, PkiLayout, serial_hex
 from pki._files import generate_private_key, write_atomic, write_private_key
 from pki._names import Identity, Role, identity_from_certificate
-from pki._registry import Registry, ServerCertificateRecord, Status
+from pki._registry import OperatorRegistry, Registry, ServerCertificateRecord, Status
 from pki.errors import PkiNotFound, RegistryError
 
 __all__ = ["IdentityFiles", "issue_identity", "write_identity"]
@@ -133,6 +133,28 @@ def _private_directory(directory: Path) -> None:
     directory.chmod(0o700)  # mkdir's mode is masked by the umask, and exist_ok keeps old modes
 
 
+def _record_operator_certificate(
+    registry: object, cert: x509.Certificate, *, id: str, now: dt.datetime
+) -> None:
+    if not isinstance(registry, OperatorRegistry):
+        raise TypeError("operator certificates are recorded in a registry that keeps operators")
+    serial = serial_hex(cert.serial_number)
+    try:
+        registry.record_operator_certificate(
+            serial, operator_id=id, not_after=cert.not_valid_after_utc, now=now
+        )
+    except RegistryError as exc:
+        _audit.warning("operator_certificate.refused", audit=True, operator=id, reason=str(exc))
+        raise
+    _audit.info(
+        "operator_certificate.issued",
+        audit=True,
+        operator=id,
+        serial=serial,
+        not_after=cert.not_valid_after_utc.isoformat(),
+    )
+
+
 def issue_identity(
     pki_dir: Path,
     out_dir: Path,
@@ -152,7 +174,9 @@ def issue_identity(
     Used for gateway and core identities (``edgeward pki issue-server``, the core's own) and by
     tests. Devices enrol with a token instead, so that their key never leaves them. With
     ``registry``, a gateway or core certificate is recorded there *before* any file is
-    written, so every certificate in use can be revoked (``edgeward pki revoke --serial``).
+    written, so every certificate in use can be revoked (``edgeward pki revoke --serial``);
+    an operator's is recorded for its operator (which must be registered), so that
+    revoking the operator revokes it and the CRL lists it.
     """
     if registry is not None and role is Role.DEVICE:
         raise ValueError("device certificates are recorded by enrolment; pass no registry")
@@ -168,7 +192,9 @@ def issue_identity(
         dns_names=dns_names,
         ip_addresses=ip_addresses,
     )
-    if registry is not None:
+    if registry is not None and role is Role.OPERATOR:
+        _record_operator_certificate(registry, cert, id=id, now=now)
+    elif registry is not None:
         serial = serial_hex(cert.serial_number)
         try:
             registry.record_server_certificate(

@@ -1,5 +1,9 @@
 """Console operators: one-time login tokens, and who a login token or certificate names.
 
+Revoking an operator (:func:`revoke_operator`) ends everything it holds: its role, its unused
+login tokens, its recorded client certificates (listed by the CRL), and, through the
+revocation sequence, its sessions at the core's and every gateway's console.
+
 An operator is an identity of the trust domain, ``spiffe://<td>/operator/<name>``, whose
 viewer or admin role is kept in the registry (:class:`~pki.OperatorRecord`). It logs in to the
 console either with a client certificate (role ``operator``, ``clientAuth`` only) or with a
@@ -13,11 +17,16 @@ import datetime as dt
 
 import structlog
 
-from pki._registry import OperatorRecord, OperatorRegistry, OperatorRole
+from pki._registry import OperatorRecord, OperatorRegistry, OperatorRole, RevocationRecord
 from pki._tokens import generate_token, hash_token, token_device_id
-from pki.errors import RegistryError, TokenRejected
+from pki.errors import LastAdmin, RegistryError, TokenRejected
 
-__all__ = ["DEFAULT_OPERATOR_TOKEN_TTL", "create_operator_token", "redeem_operator_token"]
+__all__ = [
+    "DEFAULT_OPERATOR_TOKEN_TTL",
+    "create_operator_token",
+    "redeem_operator_token",
+    "revoke_operator",
+]
 
 _audit = structlog.get_logger("pki.audit")
 
@@ -89,3 +98,44 @@ def redeem_operator_token(
         peer=peer,
     )
     return record
+
+
+def revoke_operator(
+    registry: OperatorRegistry,
+    name: str,
+    *,
+    reason: str,
+    now: dt.datetime,
+    by: str = "",
+    force: bool = False,
+) -> list[RevocationRecord]:
+    """Revoke operator ``name``; audit-logged (``operator.revoked``, naming ``by``, who did it).
+
+    Returns the revocations: the operator's own (``serial`` None) first, then one per
+    certificate recorded for it. Raises :class:`~pki.errors.LastAdmin` when ``name`` is the
+    last active admin (unless ``force``), :class:`~pki.errors.RegistryError` for an unknown
+    or already revoked operator; refusals are audited too.
+    """
+    try:
+        records = registry.revoke_operator(name, reason=reason, now=now, force=force)
+    except RegistryError as exc:
+        _audit.warning(
+            "operator.revoke_refused",
+            audit=True,
+            operator=name,
+            by=by,
+            last_admin=isinstance(exc, LastAdmin),
+            reason=str(exc),
+        )
+        raise
+    _audit.info(
+        "operator.revoked",
+        audit=True,
+        operator=name,
+        by=by,
+        sequence=records[0].sequence,
+        certificates=[r.serial for r in records[1:]],
+        reason=records[0].reason,
+        forced=force,
+    )
+    return records

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 import sqlite3
 import threading
 import urllib.parse
@@ -53,15 +54,20 @@ from pki.errors import (
     CertificateRevoked,
     IdentityConflict,
     InvalidIdentity,
+    LastAdmin,
     RegistryError,
     TokenRejected,
 )
 
 __all__ = [
+    "FLEET_STATES",
+    "MAX_FLEET_PAGE",
     "CertificateRecord",
     "CoreRegistry",
     "DeviceRecord",
     "EnrolmentRecord",
+    "FleetPage",
+    "FleetRow",
     "GatewayRecord",
     "OperatorRecord",
     "OperatorRegistry",
@@ -180,6 +186,61 @@ class GatewayRecord:
     updated_at: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class FleetRow:
+    """A device as the console's fleet list shows it: ``state`` is ``revoked``, ``expired``
+    (active, but no active certificate valid now) or ``active``; ``current`` its newest
+    active certificate (else its newest), if any."""
+
+    device: DeviceRecord
+    state: str
+    current: CertificateRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPage:
+    """One page of the fleet (``rows``, ordered by id), how many devices match the filter
+    (``matching``), and the whole fleet's ``counts`` by state (``all``, ``active``,
+    ``expired``, ``revoked``): read together, from one aggregate query."""
+
+    rows: tuple[FleetRow, ...]
+    matching: int
+    counts: dict[str, int]
+
+
+#: The states a fleet page filters on.
+FLEET_STATES = ("active", "expired", "revoked")
+#: The most rows one fleet page holds.
+MAX_FLEET_PAGE = 200
+
+
+def _fleet_filter(prefix: str, state: str | None, limit: int, offset: int) -> str:
+    """Checked fleet filter values (no SQL is built from them; they are bound parameters)."""
+    if prefix and not _PREFIX.fullmatch(prefix):
+        raise ValueError("a device id prefix holds only a-z, 0-9 and '-' (at most 63)")
+    if state is not None and state not in FLEET_STATES:
+        raise ValueError(f"state must be one of {', '.join(FLEET_STATES)}")
+    if not 0 < limit <= MAX_FLEET_PAGE or offset < 0:
+        raise ValueError(f"limit must be 1 to {MAX_FLEET_PAGE}, offset 0 or more")
+    return prefix
+
+
+def _current_certificates(
+    rows: Sequence[Sequence[Any]],
+) -> dict[str, CertificateRecord]:
+    """Per device, the certificate the fleet shows: the newest active one, else the newest."""
+    mine: dict[str, list[CertificateRecord]] = {}
+    for row in rows:
+        c = _cert_row(row)
+        mine.setdefault(c.device_id, []).append(c)
+    found: dict[str, CertificateRecord] = {}
+    for device_id, certs in mine.items():
+        certs.sort(key=lambda c: (c.issued_at, c.serial))
+        active = [c for c in certs if c.status is Status.ACTIVE]
+        found[device_id] = (active or certs)[-1]
+    return found
+
+
 @runtime_checkable
 class Registry(Protocol):
     """What the core and the ``pki`` commands need from the registry.
@@ -201,6 +262,16 @@ class Registry(Protocol):
     ) -> DeviceRecord: ...
     def get_device(self, device_id: str) -> DeviceRecord | None: ...
     def list_devices(self) -> list[DeviceRecord]: ...
+    def fleet_page(
+        self,
+        *,
+        prefix: str = "",
+        state: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        now: dt.datetime,
+    ) -> FleetPage: ...
+    def fleet_version(self) -> str: ...
     def record_certificate(self, record: CertificateRecord) -> None: ...
     def record_renewal(self, previous_serial: str, certificate: CertificateRecord) -> None: ...
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
@@ -251,6 +322,12 @@ class OperatorRegistry(Protocol):
     def consume_operator_token(self, token_hash: str, *, now: dt.datetime) -> OperatorRecord: ...
     def get_operator(self, operator_id: str) -> OperatorRecord | None: ...
     def list_operators(self) -> list[OperatorRecord]: ...
+    def record_operator_certificate(
+        self, serial: str, *, operator_id: str, not_after: dt.datetime, now: dt.datetime
+    ) -> None: ...
+    def revoke_operator(
+        self, operator_id: str, *, reason: str, now: dt.datetime, force: bool = False
+    ) -> list[RevocationRecord]: ...
 
 
 @runtime_checkable
@@ -323,6 +400,17 @@ CREATE TABLE IF NOT EXISTS operator_tokens (
     used_at REAL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS operator_certificates (
+    serial TEXT PRIMARY KEY,
+    operator_id TEXT NOT NULL REFERENCES operators(id),
+    not_after REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operator_certificates_operator ON operator_certificates(operator_id);
+CREATE INDEX IF NOT EXISTS operator_tokens_operator ON operator_tokens(operator_id);
+-- The fleet page's "has a valid certificate" test, answered from the index alone.
+CREATE INDEX IF NOT EXISTS certificates_valid ON certificates(device_id, status, not_after);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -330,6 +418,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 _MAX_REASON = 200
+_PREFIX = re.compile(r"[a-z0-9-]{1,63}")
 _SERVER_ROLES = frozenset({Role.GATEWAY, Role.CORE})
 _REPLACED_REASON = "replaced by a new enrolment"
 # Columns added after the first release: (table, column, definition), applied by _migrate.
@@ -396,6 +485,72 @@ def _clean_reason(reason: str) -> str:
     # Reasons end up in logs and on the wire: printable, one line, bounded.
     text = "".join(c if c.isprintable() else " " for c in reason).strip()
     return text[:_MAX_REASON] or "unspecified"
+
+
+# The fleet as the console lists it, written once for both backends (psycopg's named
+# parameters; SQLite's spelling is derived by _sqlite_params). Every value is bound.
+_FLEET_STATE = (
+    "CASE WHEN d.status = 'revoked' THEN 'revoked'"
+    " WHEN EXISTS (SELECT 1 FROM certificates c WHERE c.device_id = d.id"
+    " AND c.status = 'active' AND c.not_after > %(now)s) THEN 'active' ELSE 'expired' END"
+)
+_FLEET_MATCH = (
+    "(CAST(%(prefix)s AS TEXT) = '' OR substr(d.id, 1, length(CAST(%(prefix)s AS TEXT)))"
+    " = CAST(%(prefix)s AS TEXT))"
+)
+_FLEET_STATE_MATCH = "(CAST(%(state)s AS TEXT) IS NULL OR f.state = CAST(%(state)s AS TEXT))"
+# Fixed fragments joined once at import; every value is a bound parameter.
+FLEET_PAGE_SQL = "".join(
+    (
+        "SELECT f.id, f.type, f.region, f.status, f.created_at, f.state FROM (",
+        "SELECT d.id, d.type, d.region, d.status, d.created_at, ",
+        _FLEET_STATE,
+        " AS state FROM devices d WHERE ",
+        _FLEET_MATCH,
+        ") f WHERE ",
+        _FLEET_STATE_MATCH,
+        " ORDER BY f.id {collate} LIMIT %(limit)s OFFSET %(offset)s",
+    )
+)
+FLEET_COUNTS_SQL = "".join(
+    (
+        "SELECT COUNT(*),",
+        " COALESCE(SUM(CASE WHEN f.state = 'active' THEN 1 ELSE 0 END), 0),",
+        " COALESCE(SUM(CASE WHEN f.state = 'expired' THEN 1 ELSE 0 END), 0),",
+        " COALESCE(SUM(CASE WHEN f.state = 'revoked' THEN 1 ELSE 0 END), 0),",
+        " COALESCE(SUM(CASE WHEN f.m = 1 AND ",
+        _FLEET_STATE_MATCH,
+        " THEN 1 ELSE 0 END), 0) FROM (SELECT ",
+        _FLEET_STATE,
+        " AS state, CASE WHEN ",
+        _FLEET_MATCH,
+        " THEN 1 ELSE 0 END AS m FROM devices d) f",
+    )
+)
+#: The fleet's version: bumped by every write that changes what the fleet list shows
+#: (enrolment, renewal, a device's facts; revocations advance the sequence).
+FLEET_VERSION_SQL = (
+    "SELECT COALESCE((SELECT value FROM counters WHERE name = 'fleet'), 0),"
+    " COALESCE((SELECT MAX(sequence) FROM revocations), 0)"
+)
+
+
+def _sqlite_params(sql: str) -> str:
+    return re.sub(r"%\((\w+)\)s", r":\1", sql)
+
+
+def _fleet_page(
+    rows: Sequence[Sequence[Any]],
+    certs: Sequence[Sequence[Any]],
+    counts: Sequence[Any],
+) -> FleetPage:
+    current = _current_certificates(certs)
+    total, active, expired, revoked, matching = (int(v) for v in counts)
+    return FleetPage(
+        tuple(FleetRow(_device_row(r[:5]), str(r[5]), current.get(str(r[0]))) for r in rows),
+        matching,
+        {"all": total, "active": active, "expired": expired, "revoked": revoked},
+    )
 
 
 class SqliteRegistry:
@@ -602,6 +757,81 @@ class SqliteRegistry:
 
     _operator = staticmethod(_operator_row)
 
+    def record_operator_certificate(
+        self, serial: str, *, operator_id: str, not_after: dt.datetime, now: dt.datetime
+    ) -> None:
+        """Record an operator's client certificate, so that revoking the operator revokes it
+        (and the CRL lists it). Raises :class:`RegistryError` unless the operator is
+        registered and active."""
+        validate_id(operator_id, kind="operator name")
+        try:
+            with self._write() as db:
+                row = db.execute(
+                    "SELECT status FROM operators WHERE id = ?", (operator_id,)
+                ).fetchone()
+                if row is None or row[0] != Status.ACTIVE:
+                    raise RegistryError(f"operator {operator_id} is not registered or revoked")
+                db.execute(
+                    "INSERT INTO operator_certificates"
+                    " (serial, operator_id, not_after, status, issued_at)"
+                    " VALUES (?, ?, ?, 'active', ?)",
+                    (_canonical_serial(serial), operator_id, _ts(not_after), _ts(now)),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(f"cannot record certificate {serial}: {exc}") from exc
+
+    def revoke_operator(
+        self, operator_id: str, *, reason: str, now: dt.datetime, force: bool = False
+    ) -> list[RevocationRecord]:
+        """Revoke an operator, in one transaction: its status, its unused login tokens (spent),
+        its recorded certificates, and one revocation per certificate plus one for the
+        operator itself (``serial`` None), each with the next sequence number, so the feed
+        carries them to every gateway console. Raises :class:`RegistryError` for an unknown
+        or already revoked operator, :class:`LastAdmin` when it is the last active admin
+        (unless ``force``): checked inside the write, so two admins revoking each other at
+        once cannot both win."""
+        validate_id(operator_id, kind="operator name")
+        reason = _clean_reason(reason)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT role, status FROM operators WHERE id = ?", (operator_id,)
+            ).fetchone()
+            if row is None:
+                raise RegistryError(f"no operator {operator_id} in the registry")
+            if row[1] == Status.REVOKED:
+                raise RegistryError(f"operator {operator_id} is already revoked")
+            if row[0] == OperatorRole.ADMIN and not force:
+                others = db.execute(
+                    "SELECT COUNT(*) FROM operators WHERE role = 'admin' AND status = 'active'"
+                    " AND id != ?",
+                    (operator_id,),
+                ).fetchone()
+                if int(others[0]) == 0:
+                    raise LastAdmin(operator_id)
+            db.execute("UPDATE operators SET status = 'revoked' WHERE id = ?", (operator_id,))
+            db.execute(
+                "UPDATE operator_tokens SET used_at = ? WHERE operator_id = ? AND used_at IS NULL",
+                (_ts(now), operator_id),
+            )
+            serials = db.execute(
+                "UPDATE operator_certificates SET status = 'revoked' WHERE operator_id = ?"
+                " AND status = 'active' RETURNING serial",
+                (operator_id,),
+            ).fetchall()
+            records = []
+            for serial in [None, *sorted(str(s) for (s,) in serials)]:
+                cur = db.execute(
+                    "INSERT INTO revocations (device_id, serial, reason, revoked_at, role)"
+                    " VALUES (?, ?, ?, ?, 'operator')",
+                    (operator_id, serial, reason, _ts(now)),
+                )
+                records.append(
+                    RevocationRecord(
+                        int(cur.lastrowid or 0), operator_id, serial, reason, now, Role.OPERATOR
+                    )
+                )
+            return records
+
     # -- tokens ---------------------------------------------------------------------------
 
     def create_token(self, record: TokenRecord, *, now: dt.datetime) -> int:
@@ -751,6 +981,7 @@ class SqliteRegistry:
                     _ts(certificate.issued_at),
                 ),
             )
+            self._bump(db, "fleet")
         return EnrolmentRecord(self._device(created[0]), replaced)
 
     # -- devices and certificates ----------------------------------------------------------
@@ -772,6 +1003,7 @@ class SqliteRegistry:
                 " ON CONFLICT(id) DO UPDATE SET type = excluded.type, region = excluded.region",
                 (device_id, type, region, _ts(now)),
             )
+            self._bump(db, "fleet")
         device = self.get_device(device_id)
         if device is None:  # deleted by another process between the two statements
             raise RegistryError(f"device {device_id} vanished from the registry")
@@ -786,6 +1018,57 @@ class SqliteRegistry:
     def list_devices(self) -> list[DeviceRecord]:
         rows = self._read("SELECT id, type, region, status, created_at FROM devices ORDER BY id")
         return [self._device(r) for r in rows]
+
+    def fleet_page(
+        self,
+        *,
+        prefix: str = "",
+        state: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        now: dt.datetime,
+    ) -> FleetPage:
+        """One page of the fleet for the console: devices whose id starts with ``prefix`` and
+        whose state is ``state`` (any when None), ordered by id; ``limit`` rows from
+        ``offset``. Three reads: the page, the page's certificates, and one aggregate for the
+        counts; none reads the whole certificate table."""
+        args = {
+            "prefix": _fleet_filter(prefix, state, limit, offset),
+            "state": state,
+            "now": _ts(now),
+            "limit": int(limit),
+            "offset": int(offset),
+        }
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")  # one snapshot for the three reads
+                try:
+                    rows = self._db.execute(
+                        _sqlite_params(FLEET_PAGE_SQL.replace("{collate}", "")), args
+                    ).fetchall()
+                    ids = [str(r[0]) for r in rows]
+                    # One placeholder per id of the page; the ids are bound.
+                    sql = "".join(
+                        (
+                            "SELECT serial, device_id, not_after, status, issued_at",
+                            " FROM certificates WHERE device_id IN (",
+                            ", ".join("?" * len(ids)),
+                            ")",
+                        )
+                    )
+                    certs = self._db.execute(sql, ids).fetchall()
+                    counts = self._db.execute(_sqlite_params(FLEET_COUNTS_SQL), args).fetchone()
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry read failed: {exc}") from exc
+        return _fleet_page(rows, certs, counts)
+
+    def fleet_version(self) -> str:
+        """Changes whenever what :meth:`fleet_page` shows may have changed (besides the clock
+        passing a certificate's expiry): the fleet counter and the revocation sequence."""
+        row = self._read(FLEET_VERSION_SQL)[0]
+        return f"{int(row[0])}.{int(row[1])}"
 
     _device = staticmethod(_device_row)
 
@@ -803,6 +1086,7 @@ class SqliteRegistry:
                         _ts(record.issued_at),
                     ),
                 )
+                self._bump(db, "fleet")
         except sqlite3.IntegrityError as exc:
             raise RegistryError(f"cannot record certificate {record.serial}: {exc}") from exc
 
@@ -847,6 +1131,7 @@ class SqliteRegistry:
                         _ts(certificate.issued_at),
                     ),
                 )
+                self._bump(db, "fleet")
         except sqlite3.IntegrityError as exc:
             raise RegistryError(f"cannot record certificate {certificate.serial}: {exc}") from exc
 
@@ -1075,6 +1360,11 @@ class SqliteRegistry:
             "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = s.serial),"
             "  s.issued_at)"
             " FROM server_certificates s WHERE s.status = 'revoked'"
+            " UNION ALL "
+            "SELECT o.serial, COALESCE("
+            "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = o.serial),"
+            "  o.issued_at)"
+            " FROM operator_certificates o WHERE o.status = 'revoked'"
             " ORDER BY 1"
         )
         return [(str(s), _dt(float(at))) for s, at in rows]

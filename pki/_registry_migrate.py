@@ -50,6 +50,10 @@ MIGRATED_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gateways", ("id", "region", "grpc_address", "mqtt_address", "updated_at")),
     ("operators", ("id", "role", "status", "created_at")),
     ("operator_tokens", ("token_hash", "operator_id", "expires_at", "used_at", "created_at")),
+    (
+        "operator_certificates",
+        ("serial", "operator_id", "not_after", "status", "issued_at"),
+    ),
     ("counters", ("name", "value")),
 )
 _SEQUENCE_COUNTER = "revocation_sequence"

@@ -50,9 +50,13 @@ from pki._names import Role, validate_device_type, validate_id
 from pki._registry import (
     _REPLACED_REASON,
     _SERVER_ROLES,
+    FLEET_COUNTS_SQL,
+    FLEET_PAGE_SQL,
+    FLEET_VERSION_SQL,
     CertificateRecord,
     DeviceRecord,
     EnrolmentRecord,
+    FleetPage,
     GatewayRecord,
     OperatorRecord,
     OperatorRole,
@@ -65,6 +69,8 @@ from pki._registry import (
     _clean_reason,
     _device_row,
     _dt,
+    _fleet_filter,
+    _fleet_page,
     _operator_row,
     _server_row,
     _ts,
@@ -76,6 +82,7 @@ from pki.errors import (
     CertificateRevoked,
     IdentityConflict,
     InvalidIdentity,
+    LastAdmin,
     RegistryError,
     RegistryUnavailable,
     TokenRejected,
@@ -392,6 +399,70 @@ class PostgresRegistry:
 
     _operator = staticmethod(_operator_row)
 
+    def record_operator_certificate(
+        self, serial: str, *, operator_id: str, not_after: dt.datetime, now: dt.datetime
+    ) -> None:
+        """See :meth:`pki.SqliteRegistry.record_operator_certificate`."""
+        validate_id(operator_id, kind="operator name")
+        with self._write(f"cannot record certificate {serial}") as conn:
+            row = conn.execute(
+                "SELECT status FROM operators WHERE id = %s", (operator_id,)
+            ).fetchone()
+            if row is None or row[0] != Status.ACTIVE:
+                raise RegistryError(f"operator {operator_id} is not registered or revoked")
+            conn.execute(
+                "INSERT INTO operator_certificates"
+                " (serial, operator_id, not_after, status, issued_at)"
+                " VALUES (%s, %s, %s, 'active', %s)",
+                (_canonical_serial(serial), operator_id, _ts(not_after), _ts(now)),
+            )
+
+    def revoke_operator(
+        self, operator_id: str, *, reason: str, now: dt.datetime, force: bool = False
+    ) -> list[RevocationRecord]:
+        """See :meth:`pki.SqliteRegistry.revoke_operator`; under the writer lock, so the
+        last-admin check and the revocation are one step on every replica."""
+        validate_id(operator_id, kind="operator name")
+        reason = _clean_reason(reason)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT role, status FROM operators WHERE id = %s", (operator_id,)
+            ).fetchone()
+            if row is None:
+                raise RegistryError(f"no operator {operator_id} in the registry")
+            if row[1] == Status.REVOKED:
+                raise RegistryError(f"operator {operator_id} is already revoked")
+            if row[0] == OperatorRole.ADMIN and not force:
+                others = conn.execute(
+                    "SELECT COUNT(*) FROM operators WHERE role = 'admin' AND status = 'active'"
+                    " AND id != %s",
+                    (operator_id,),
+                ).fetchone()
+                if others is None or int(others[0]) == 0:
+                    raise LastAdmin(operator_id)
+            conn.execute("UPDATE operators SET status = 'revoked' WHERE id = %s", (operator_id,))
+            conn.execute(
+                "UPDATE operator_tokens SET used_at = %s WHERE operator_id = %s"
+                " AND used_at IS NULL",
+                (_ts(now), operator_id),
+            )
+            serials = conn.execute(
+                "UPDATE operator_certificates SET status = 'revoked' WHERE operator_id = %s"
+                " AND status = 'active' RETURNING serial",
+                (operator_id,),
+            ).fetchall()
+            return [
+                self._insert_revocation(
+                    conn,
+                    device_id=operator_id,
+                    serial=serial,
+                    reason=reason,
+                    now=now,
+                    role=Role.OPERATOR,
+                )
+                for serial in [None, *sorted(str(s) for (s,) in serials)]
+            ]
+
     # -- tokens ---------------------------------------------------------------------------
 
     def create_token(self, record: TokenRecord, *, now: dt.datetime) -> int:
@@ -528,6 +599,7 @@ class PostgresRegistry:
                     _ts(certificate.issued_at),
                 ),
             )
+            self._bump(conn, "fleet")
         return EnrolmentRecord(self._device(created[0]), replaced)
 
     # -- devices and certificates ----------------------------------------------------------
@@ -550,6 +622,7 @@ class PostgresRegistry:
                 " RETURNING id, type, region, status, created_at",
                 (device_id, type, region, _ts(now)),
             ).fetchall()
+            self._bump(conn, "fleet")
         return self._device(created[0])
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -564,6 +637,49 @@ class PostgresRegistry:
 
     _device = staticmethod(_device_row)
 
+    def fleet_page(
+        self,
+        *,
+        prefix: str = "",
+        state: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        now: dt.datetime,
+    ) -> FleetPage:
+        """One page of the fleet (see :meth:`pki.SqliteRegistry.fleet_page`), read in one
+        REPEATABLE READ snapshot; ids ordered byte-wise (``COLLATE "C"``) as in SQLite."""
+        args: dict[str, object] = {
+            "prefix": _fleet_filter(prefix, state, limit, offset),
+            "state": state,
+            "now": _ts(now),
+            "limit": int(limit),
+            "offset": int(offset),
+        }
+        psycopg = self._psycopg
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                rows = conn.execute(
+                    FLEET_PAGE_SQL.replace("{collate}", 'COLLATE "C"'), args
+                ).fetchall()
+                certs = conn.execute(
+                    "SELECT serial, device_id, not_after, status, issued_at FROM certificates"
+                    " WHERE device_id = ANY(%s)",
+                    ([str(r[0]) for r in rows],),
+                ).fetchall()
+                counts = conn.execute(FLEET_COUNTS_SQL, args).fetchone()
+        except psycopg.Error as exc:
+            raise _error("registry read failed", exc) from None
+        except self._pool_errors() as exc:
+            raise _error("registry is unreachable", exc) from None
+        assert counts is not None  # noqa: S101 - an aggregate always has a row
+        return _fleet_page(rows, certs, counts)
+
+    def fleet_version(self) -> str:
+        """See :meth:`pki.SqliteRegistry.fleet_version`."""
+        row = self._read(FLEET_VERSION_SQL)[0]
+        return f"{int(row[0])}.{int(row[1])}"
+
     def record_certificate(self, record: CertificateRecord) -> None:
         with self._write(f"cannot record certificate {record.serial}") as conn:
             conn.execute(
@@ -577,6 +693,7 @@ class PostgresRegistry:
                     _ts(record.issued_at),
                 ),
             )
+            self._bump(conn, "fleet")
 
     def record_renewal(self, previous_serial: str, certificate: CertificateRecord) -> None:
         """Record a renewed certificate if its device and ``previous_serial`` still may renew
@@ -612,6 +729,7 @@ class PostgresRegistry:
                     _ts(certificate.issued_at),
                 ),
             )
+            self._bump(conn, "fleet")
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(
@@ -835,6 +953,11 @@ class PostgresRegistry:
             "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = s.serial),"
             "  s.issued_at)"
             " FROM server_certificates s WHERE s.status = 'revoked'"
+            " UNION ALL "
+            "SELECT o.serial, COALESCE("
+            "  (SELECT MIN(r.revoked_at) FROM revocations r WHERE r.serial = o.serial),"
+            "  o.issued_at)"
+            " FROM operator_certificates o WHERE o.status = 'revoked'"
             " ORDER BY 1"
         )
         return [(str(s), _dt(float(at))) for s, at in rows]

@@ -101,6 +101,20 @@ CREATE TABLE operator_tokens (
 CREATE INDEX operator_tokens_operator ON operator_tokens(operator_id);
 """,
     ),
+    (
+        3,
+        """
+CREATE TABLE operator_certificates (
+    serial TEXT PRIMARY KEY,
+    operator_id TEXT NOT NULL REFERENCES operators(id),
+    not_after DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    issued_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX operator_certificates_operator ON operator_certificates(operator_id);
+CREATE INDEX certificates_valid ON certificates(device_id, status, not_after);
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

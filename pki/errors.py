@@ -14,6 +14,7 @@
     ├── CertificateExpired     the certificate is outside its validity period
     ├── RegistryError          the registry refused an operation (unknown device, conflict)
     │   ├── IdentityConflict   an id another role already holds (ids are unique across roles)
+    │   ├── LastAdmin          revoking the last active admin operator (refused unless forced)
     │   └── RegistryUnavailable  the registry's database cannot be reached now (retry)
     └── SignatureInvalid       a signed payload (the gateway directory) that does not verify
 
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidCsr",
     "InvalidIdentity",
     "InvalidName",
+    "LastAdmin",
     "PkiError",
     "PkiExists",
     "PkiNotFound",
@@ -138,6 +140,18 @@ class IdentityConflict(RegistryError):
         self.holder = holder
         self.wanted = wanted
         self.pending = pending
+
+
+class LastAdmin(RegistryError):
+    """Revoking ``operator`` would leave no active admin operator, so nobody could act in the
+    console any more; refused unless forced (``edgeward pki revoke --operator N --force``)."""
+
+    def __init__(self, operator: str) -> None:
+        super().__init__(
+            f"operator {operator} is the last active admin: revoking it would leave nobody "
+            "able to act in the console; make another admin first, or force it"
+        )
+        self.operator = operator
 
 
 class RegistryUnavailable(RegistryError):

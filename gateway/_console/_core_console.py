@@ -16,7 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import json
+import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,13 +48,20 @@ from gateway._console._web import (
 if TYPE_CHECKING:
     from gateway._core._server import CoreServer
 
-__all__ = ["CoreConsole", "DeviceRow"]
+__all__ = ["PAGE_SIZE", "CoreConsole", "DeviceRow"]
 
 _log = structlog.get_logger(__name__)
 _TTL_CHOICES = ("1h", "24h", "7d")
+_PREFIX = re.compile(r"[a-z0-9-]{1,63}")
 #: How often the core reads each gateway console's figures, and how long it waits for them.
 _POLL_S = 2.0
 _POLL_TIMEOUT_S = 3.0
+#: Devices per fleet page.
+PAGE_SIZE = 50
+#: Fleet pages read from the registry are reused until its fleet version moves, or this
+#: long at most (a certificate that expires changes no version).
+_EXPIRY_BUCKET_S = 10.0
+_FLEET_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,7 @@ class DeviceRow:
             "gateway": self.gateway,
             "transport": self.transport,
             "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+            "last_escalation": self.last_escalation.isoformat() if self.last_escalation else None,
         }
 
 
@@ -112,6 +125,8 @@ class CoreConsole(WebConsole):
         self._gateway_reads = {**self._gateway_consoles, **s.console_gateways_internal}
         #: Gateway id → (monotonic time read, what its console reported), see _poll_gateways.
         self.edge: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._fleet_cache: OrderedDict[tuple[Any, ...], pki.FleetPage] = OrderedDict()
+        self._fleet_lock = threading.Lock()
         self._stack = contextlib.AsyncExitStack()
 
     async def started(self) -> None:
@@ -195,25 +210,40 @@ class CoreConsole(WebConsole):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def fleet(self) -> list[DeviceRow]:
+    def _registry_page(self, prefix: str, state: str | None, page: int) -> pki.FleetPage:
+        """The registry's fleet page, reused while its fleet version stands (a worker thread:
+        two registry reads at most)."""
         now = self._clock()
-        certs: dict[str, list[pki.CertificateRecord]] = {}
-        for c in self.registry.list_certificates():
-            certs.setdefault(c.device_id, []).append(c)
-        last: dict[str, tuple[dt.datetime, str]] = {}
-        for e in reversed(self.escalations.recent(limit=10_000)):
-            last[e.device_id] = (e.at, e.gateway_id)
+        version = self.registry.fleet_version()
+        key = (prefix, state, page, version, int(now.timestamp() // _EXPIRY_BUCKET_S))
+        with self._fleet_lock:
+            found = self._fleet_cache.get(key)
+            if found is not None:
+                self._fleet_cache.move_to_end(key)
+                return found
+        found = self.registry.fleet_page(
+            prefix=prefix, state=state, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, now=now
+        )
+        with self._fleet_lock:
+            self._fleet_cache[key] = found
+            while len(self._fleet_cache) > _FLEET_CACHE_SIZE:
+                self._fleet_cache.popitem(last=False)
+        return found
+
+    async def fleet_page(
+        self, *, prefix: str = "", state: str | None = None, page: int = 1
+    ) -> tuple[list[DeviceRow], pki.FleetPage, int]:
+        """One page of the fleet (``PAGE_SIZE`` rows) as the console shows it, the registry's
+        page (counts included) and the number of pages. The registry is read only when its
+        fleet version moved (or every ``_EXPIRY_BUCKET_S``, for certificates expiring);
+        where each device was last seen comes from the gateways' reports."""
+        page = max(1, page)
+        found = await asyncio.to_thread(self._registry_page, prefix, state, page)
+        last = self.escalations.last_per_device()
         edge = self.edge_view()["devices"]
         rows = []
-        for d in self.registry.list_devices():
-            mine = sorted(certs.get(d.id, []), key=lambda c: c.issued_at)
-            current = next(
-                (c for c in reversed(mine) if c.status is pki.Status.ACTIVE),
-                mine[-1] if mine else None,
-            )
-            status = d.status.value
-            if status == "active" and (current is None or current.not_after <= now):
-                status = "expired"
+        for r in found.rows:
+            d, current = r.device, r.current
             seen = last.get(d.id)
             where = edge.get(d.id)
             rows.append(
@@ -221,7 +251,7 @@ class CoreConsole(WebConsole):
                     d.id,
                     d.type,
                     d.region,
-                    status,
+                    r.state,
                     current.serial if current else "",
                     current.not_after if current else None,
                     d.created_at,
@@ -231,7 +261,13 @@ class CoreConsole(WebConsole):
                     where[2] if where else "",
                 )
             )
-        return sorted(rows, key=lambda r: r.id)
+        pages = max(1, -(-found.matching // PAGE_SIZE))
+        return rows, found, pages
+
+    async def device_row(self, device_id: str) -> DeviceRow | None:
+        """The fleet row of one device (the first row of the page its id starts)."""
+        rows, _, _ = await self.fleet_page(prefix=device_id)
+        return rows[0] if rows and rows[0].id == device_id else None
 
     def gateways(self) -> list[dict[str, Any]]:
         entries: dict[str, dict[str, Any]] = {}
@@ -299,6 +335,8 @@ class CoreConsole(WebConsole):
             web.get("/", self._index),
             web.get("/fleet", self._fleet),
             web.get("/api/fleet", self._fleet_json),
+            web.get("/operators", self._operators),
+            web.post("/operators/{name}/revoke", admin_only(self._revoke_operator)),
             web.get("/devices/{id}", self._device),
             web.post("/devices/{id}/revoke", admin_only(self._revoke_device)),
             web.post("/tokens", admin_only(self._token)),
@@ -314,21 +352,114 @@ class CoreConsole(WebConsole):
     async def _index(self, _request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther("/fleet")
 
-    async def _fleet(self, request: web.Request) -> web.StreamResponse:
-        q = request.query.get("q", "")[:100].strip().lower()
+    def _fleet_query(self, request: web.Request) -> tuple[str, str | None, int, str]:
+        """The fleet filter a request asks for: id prefix, state, page; and why it is refused
+        ('' when it is not)."""
+        q = request.query.get("q", "")[:64].strip().lower()
         status = request.query.get("status", "")[:20]
-        rows = [
-            r
-            for r in self.fleet()
-            if (not q or q in f"{r.id} {r.type} {r.region} {r.serial} {r.gateway}".lower())
-            and (not status or r.status == status)
-        ]
+        try:
+            page = int(request.query.get("page", "1")[:6])
+        except ValueError:
+            page = 1
+        error = ""
+        if q and not _PREFIX.fullmatch(q):
+            error = "search by the start of a device id: a-z, 0-9 and '-'"
+        if status and status not in pki.FLEET_STATES:
+            error = "unknown status"
+        return q, status or None, max(1, page), error
+
+    async def _fleet(self, request: web.Request) -> web.StreamResponse:
+        q, status, page, error = self._fleet_query(request)
+        if error:
+            rows: list[DeviceRow] = []
+            counts = {"all": 0, "active": 0, "expired": 0, "revoked": 0}
+            matching, pages = 0, 1
+        else:
+            rows, found, pages = await self.fleet_page(prefix=q, state=status, page=page)
+            counts, matching = found.counts, found.matching
         return self.render(
-            request, "fleet.html", rows=rows, q=q, status=status, ttl_choices=_TTL_CHOICES
+            request,
+            "fleet.html",
+            http_status=400 if error else 200,
+            rows=rows,
+            q=q,
+            status=status or "",
+            page=page,
+            pages=pages,
+            matching=matching,
+            counts=counts,
+            error=error,
+            ttl_choices=_TTL_CHOICES,
         )
 
-    async def _fleet_json(self, _request: web.Request) -> web.StreamResponse:
-        return web.json_response({"devices": [r.as_json() for r in self.fleet()]})
+    async def _fleet_json(self, request: web.Request) -> web.StreamResponse:
+        """The fleet page as JSON for the page's refresh. Its ``ETag`` is the digest of the
+        body: a poll sending it back (``If-None-Match``) gets 304 and no body while nothing
+        it shows changed, and the registry is read again only when its fleet version moved."""
+        q, status, page, error = self._fleet_query(request)
+        if error:
+            raise web.HTTPBadRequest(text=error)
+        rows, found, pages = await self.fleet_page(prefix=q, state=status, page=page)
+        body = json.dumps(
+            {
+                "devices": [r.as_json() for r in rows],
+                "matching": found.matching,
+                "counts": found.counts,
+                "page": page,
+                "pages": pages,
+                "page_size": PAGE_SIZE,
+            },
+            separators=(",", ":"),
+        ).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    async def _operators(self, request: web.Request) -> web.StreamResponse:
+        operators = await asyncio.to_thread(self.registry.list_operators)
+        return self.render(request, "operators.html", operators=operators, error="")
+
+    async def _revoke_operator(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        try:
+            pki.validate_id(name, kind="operator name")
+        except pki.InvalidName:
+            raise web.HTTPNotFound(text="no such operator") from None
+        form = await read_form(request)
+        reason = form_text(form, "reason") or "revoked from the console"
+        by = request[SESSION].operator.name
+        try:
+            records = await asyncio.to_thread(
+                self.server.revoke_operator, name, reason=reason, by=by
+            )
+        except pki.PkiError as exc:
+            audit(
+                "console.action_refused",
+                request,
+                action="revoke_operator",
+                target=name,
+                reason=str(exc),
+            )
+            operators = await asyncio.to_thread(self.registry.list_operators)
+            return self.render(
+                request,
+                "operators.html",
+                http_status=409,
+                operators=operators,
+                error=str(exc).splitlines()[0],
+            )
+        audit(
+            "console.operator_revoked",
+            request,
+            target=name,
+            sequence=records[0].sequence,
+            certificates=len(records) - 1,
+            reason=records[0].reason,
+        )
+        if name == by:  # revoked oneself: the session is gone
+            raise web.HTTPSeeOther("/login")
+        raise web.HTTPSeeOther("/operators")
 
     def _device_or_404(self, request: web.Request) -> pki.DeviceRecord:
         device_id = request.match_info["id"]
@@ -343,7 +474,9 @@ class CoreConsole(WebConsole):
 
     async def _device(self, request: web.Request) -> web.StreamResponse:
         device = self._device_or_404(request)
-        row = next(r for r in self.fleet() if r.id == device.id)
+        row = await self.device_row(device.id)
+        if row is None:
+            raise web.HTTPNotFound(text="no such device")
         return self.render(
             request,
             "device.html",

@@ -7,6 +7,11 @@ gives the viewer role: the gateway has no registry to look a role up in, and not
 needs more). The page subscribes to ``/api/live`` (server-sent events): frames with their
 boxes, the core's answers to escalations, revocations as they cut devices, and the gateway's
 figures every two seconds.
+
+An operator revoked at the core (``edgeward pki revoke --operator``, the core console's
+Operators page) reaches this console through the gateway's revocation feed, like a device's
+revocation: its sessions here end at once (an open live stream within half a second), and its
+certificate and any link minted for it are refused from then on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = ["GatewayConsole"]
 
 _log = structlog.get_logger(__name__)
 _STATS_EVERY_S = 2.0
+_SESSION_CHECK_S = 0.5
 
 
 def _total(counter: Any, **match: str) -> float:
@@ -103,6 +109,10 @@ class GatewayConsole(WebConsole):
         self.runtime.events.add_listener(self.feed.on_event)
         self.runtime.revocation.add_listener(self._on_revocation)
         self._stack.callback(self.runtime.revocation.remove_listener, self._on_revocation)
+        self.runtime.revocation.add_operator_listener(self._on_operator_revoked)
+        self._stack.callback(
+            self.runtime.revocation.remove_operator_listener, self._on_operator_revoked
+        )
         tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         worker = tasks.create_task(self.feed.run(), name="edgeward-console-live")
         self._stack.callback(worker.cancel)
@@ -114,7 +124,35 @@ class GatewayConsole(WebConsole):
         self._revoked[event.device_id] = event.reason
         self.feed.on_revoked(event.device_id, event.serial, event.reason)
 
+    def _on_operator_revoked(self, event: RevocationEvent) -> None:
+        ended = self.sessions.drop_operator(event.device_id)
+        audit(
+            "console.operator_sessions_ended",
+            None,
+            operator=event.device_id,
+            sessions=ended,
+            sequence=event.sequence,
+            reason=event.reason,
+            gateway_id=self.runtime.gateway_id,
+        )
+
+    def _refuse_revoked(self, name: str, *, method: str, peer: str) -> None:
+        if self.runtime.revocation.operator_revoked(name):
+            audit(
+                "console.login_refused",
+                None,
+                operator=name,
+                reason="operator revoked",
+                method=method,
+                peer=peer,
+                gateway_id=self.runtime.gateway_id,
+            )
+            raise pki.CertificateRevoked(name)
+
     # -- authentication -------------------------------------------------------------------------
+
+    async def still_allowed(self, operator: Operator) -> Operator | None:
+        return None if self.runtime.revocation.operator_revoked(operator.name) else operator
 
     async def login_secret(self, secret: str, *, peer: str) -> Operator:
         try:
@@ -129,12 +167,14 @@ class GatewayConsole(WebConsole):
                 gateway_id=self.runtime.gateway_id,
             )
             raise
+        self._refuse_revoked(link.operator, method="link", peer=peer)
         return Operator(link.operator, link.role, "link")
 
     async def login_certificate(self, cert: x509.Certificate, *, peer: str) -> Operator:
         identity = pki.identity_from_certificate(
             cert, trust_domain=self.trust_domain, role=pki.Role.OPERATOR
         )
+        self._refuse_revoked(identity.id, method="certificate", peer=peer)
         return Operator(identity.id, pki.OperatorRole.VIEWER, "certificate")
 
     # -- figures ----------------------------------------------------------------------------------
@@ -231,8 +271,10 @@ class GatewayConsole(WebConsole):
             next_stats = time.monotonic() + _STATS_EVERY_S
             while True:
                 if self.sessions.get(sid)[0] is None:
-                    break  # logged out or expired: the stream ends with the session
-                timeout = max(0.05, next_stats - time.monotonic())
+                    break  # logged out, expired or revoked: the stream ends with the session
+                # The session is looked at twice a second at least, so a revoked operator's
+                # stream ends within half a second of the revocation reaching this gateway.
+                timeout = min(_SESSION_CHECK_S, max(0.05, next_stats - time.monotonic()))
                 try:
                     async with asyncio.timeout(timeout):
                         message = await queue.get()

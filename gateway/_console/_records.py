@@ -109,6 +109,10 @@ class EscalationLog:
     def get(self, gateway_id: str, escalation_id: str) -> EscalationRecord | None:
         return self._entries.get((gateway_id, escalation_id))
 
+    def last_per_device(self) -> dict[str, tuple[dt.datetime, str]]:
+        """Per device, when its latest kept escalation was answered and through which gateway."""
+        return {r.device_id: (r.at, r.gateway_id) for r in self._entries.values()}
+
     def recent(self, device_id: str | None = None, limit: int = 200) -> list[EscalationRecord]:
         """Newest first."""
         out = [

@@ -154,9 +154,12 @@ class SessionStore:
     def drop(self, sid: str) -> None:
         self._sessions.pop(_digest(sid), None)
 
-    def drop_operator(self, name: str) -> None:
-        for key in [k for k, s in self._sessions.items() if s.operator.name == name]:
+    def drop_operator(self, name: str) -> int:
+        """End every session of operator ``name``; how many there were."""
+        keys = [k for k, s in self._sessions.items() if s.operator.name == name]
+        for key in keys:
             del self._sessions[key]
+        return len(keys)
 
     def __len__(self) -> int:
         return len(self._sessions)

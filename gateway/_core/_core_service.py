@@ -19,9 +19,10 @@ yet, in sequence order, so a gateway that reconnects with the last sequence it s
 gap and no repeat. A heartbeat (``heartbeat`` set, ``sequence`` = the last sequence sent)
 follows the replay and then comes every ``heartbeat_s`` without events, so a gateway can tell
 a quiet feed from a dead one. Revocations of gateway and core certificates take sequence
-numbers too but are not sent: the feed is of devices. A heartbeat follows them at once
-instead; its sequence, beyond the last event the gateway saw, tells it that newer CRLs exist
-(its broker fetches them at once).
+numbers too but are not sent: the feed is of devices (and of console operators, marked
+``role = "operator"``, so that gateway consoles end their sessions). A heartbeat follows
+them at once instead; its sequence, beyond the last event the gateway saw, tells it that
+newer CRLs exist (its broker fetches them at once).
 
 Metrics (:class:`gateway._metrics.CoreMetrics`): refusals by method and reason, revocations
 (each sequence number the feed sees), escalations by status with their latency, and the
@@ -161,6 +162,10 @@ class RevocationFeed:
             pass
 
 
+#: Whose revocations the feed sends as events; the others only advance its sequence.
+_SENT_ROLES = frozenset({pki.Role.DEVICE, pki.Role.OPERATOR})
+
+
 def _event(record: pki.RevocationRecord) -> core_pb2.RevocationEvent:
     at = Timestamp()
     at.FromDatetime(record.revoked_at)
@@ -170,6 +175,7 @@ def _event(record: pki.RevocationRecord) -> core_pb2.RevocationEvent:
         serial=record.serial or "",
         reason=record.reason,
         revoked_at=at,
+        role="" if record.role is pki.Role.DEVICE else record.role.value,
     )
 
 
@@ -297,7 +303,7 @@ class CoreService(core_pb2_grpc.CoreServicer):
             servers = False
             for record in records:
                 sent = record.sequence
-                if record.role is pki.Role.DEVICE:
+                if record.role in _SENT_ROLES:
                     yield _event(record)
                 else:
                     servers = True

@@ -382,6 +382,19 @@ class CoreServer:
         self.feed.poke()
         return records
 
+    def revoke_operator(
+        self, name: str, *, reason: str = "revoked", by: str = "", force: bool = False
+    ) -> list[pki.RevocationRecord]:
+        """Revoke a console operator (see :func:`pki.revoke_operator`), end its sessions at
+        this core's console and wake the feed at once, so gateway consoles end theirs."""
+        records = pki.revoke_operator(
+            self.registry, name, reason=reason, now=self._clock(), by=by, force=force
+        )
+        if self.console is not None:
+            self.console.sessions.drop_operator(name)
+        self.feed.poke()
+        return records
+
     def create_token(
         self,
         device_id: str,

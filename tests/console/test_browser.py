@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import os
 import time
@@ -27,6 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import pki
 from edgeward._cli_device import Simulator  # noqa: F401 - the simulator's module must import
 from edgeward._stack import DEMO_DEVICES, DemoStack, ServiceProcess, edgeward_command
 from tests.conftest import require_tool
@@ -299,3 +301,58 @@ def test_a_viewer_is_refused_an_admin_action(browser: Any, stack: DemoStack) -> 
     browser.get(stack.console_url + "/fleet")
     vac = _by_css(browser, f'tr[data-device="{VACUUM}"] .status')[0]
     assert vac.get_attribute("data-status") == "active"
+
+
+def test_the_fleet_pages_filters_and_refreshes_on_change(browser: Any, stack: DemoStack) -> None:
+    """Sixty more devices (ids after the demo's): the fleet shows 50 a page with a link to the
+    next; the search narrows to ids that start with what was typed, the status filter to one
+    state; and a revocation made elsewhere shows on the filtered page without a reload (the
+    page's poll gets 304 until something on it changed)."""
+    now = dt.datetime.now(dt.UTC)
+    with pki.SqliteRegistry(pki.PkiLayout(stack.pki_dir).registry) as registry:
+        for n in range(60):
+            device_id = f"zz-{n:04d}"
+            registry.upsert_device(device_id, type="pet_camera", region="home", now=now)
+            registry.record_certificate(
+                pki.CertificateRecord(
+                    f"{0xF00000 + n:x}", device_id, now + dt.timedelta(days=1),
+                    pki.Status.ACTIVE, now,
+                )
+            )  # fmt: skip
+    _login(browser, stack, "ops-pager", "viewer")
+    browser.get(stack.console_url + "/fleet")
+    rows = _by_css(browser, "#fleet tr[data-device]")
+    assert len(rows) == 50
+    assert [r.get_attribute("data-device") for r in rows[:2]] == [PET, VACUUM]
+    assert _by_css(browser, '[data-count="all"]')[0].text == "62"
+    _by_css(browser, "#next-page")[0].click()
+    _wait(browser, lambda d: "page=2" in d.current_url, what="the second page")
+    ids = [r.get_attribute("data-device") for r in _by_css(browser, "#fleet tr[data-device]")]
+    assert ids == [f"zz-{n:04d}" for n in range(48, 60)]
+    assert not _by_css(browser, "#next-page")
+
+    search = _by_css(browser, 'form.filters input[name="q"]')[0]
+    search.clear()
+    search.send_keys("zz-003")
+    _by_css(browser, "form.filters button")[0].click()
+    _wait(browser, lambda d: "q=zz-003" in d.current_url, what="the search")
+    ids = [r.get_attribute("data-device") for r in _by_css(browser, "#fleet tr[data-device]")]
+    assert ids == [f"zz-{n:04d}" for n in range(30, 40)]
+    assert "10 matching" in _by_css(browser, "#page-info")[0].text
+
+    with pki.SqliteRegistry(pki.PkiLayout(stack.pki_dir).registry) as registry:
+        registry.revoke_device("zz-0031", reason="lost", now=dt.datetime.now(dt.UTC))
+    _wait(
+        browser,
+        lambda d: bool(_by_css(d, 'tr[data-device="zz-0031"] .status[data-status="revoked"]')),
+        within_s=30,
+        what="the revocation shown without a reload",
+    )
+    assert "q=zz-003" in browser.current_url  # no navigation happened
+
+    browser.get(stack.console_url + "/fleet?status=revoked")
+    ids = {r.get_attribute("data-device") for r in _by_css(browser, "#fleet tr[data-device]")}
+    assert "zz-0031" in ids
+    assert VACUUM not in ids
+    statuses = {s.get_attribute("data-status") for s in _by_css(browser, "#fleet .status")}
+    assert statuses == {"revoked"}

@@ -61,7 +61,7 @@ def test_open_registry_picks_the_backend_from_the_url(tmp_path: Path, postgres_u
     assert (tmp_path / "c").is_file()
     with contextlib.closing(pki.open_registry(postgres_url)) as reg:
         assert isinstance(reg, pki.PostgresRegistry)
-        assert reg.schema_version() == 2
+        assert reg.schema_version() == 3
     with pytest.raises(pki.RegistryError, match="unsupported registry URL scheme 'mysql'"):
         pki.open_registry("mysql://root:hunter2@db/x")
 
@@ -75,26 +75,28 @@ def test_migrations_run_once_when_replicas_start_together(postgres_url: str) -> 
             return reg.schema_version()
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(start, range(4))) == [2, 2, 2, 2]
+        assert list(pool.map(start, range(4))) == [3, 3, 3, 3]
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:  # again: nothing to do
         assert execute_raw(reg, "SELECT version FROM schema_migrations ORDER BY version") == [
             (1,),
             (2,),
+            (3,),
         ]
 
 
 def test_a_registry_made_before_operators_gains_them_and_keeps_its_data(
     postgres_url: str,
 ) -> None:
-    """A database at schema version 1 (no operator tables) opened by this edgeward: step 2
-    adds them, the devices stay, and the id namespace covers operators from then on."""
+    """A database at schema version 1 (no operator tables) opened by this edgeward: steps 2
+    and 3 add them, the devices stay, and the id namespace covers operators from then on."""
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
         device(reg, "cam-old")
-        execute_raw(reg, "DROP TABLE operator_tokens, operators")
-        execute_raw(reg, "DELETE FROM schema_migrations WHERE version = 2")
+        execute_raw(reg, "DROP TABLE operator_certificates, operator_tokens, operators")
+        execute_raw(reg, "DROP INDEX certificates_valid")
+        execute_raw(reg, "DELETE FROM schema_migrations WHERE version >= 2")
         assert reg.schema_version() == 1
     with contextlib.closing(pki.PostgresRegistry(postgres_url)) as reg:
-        assert reg.schema_version() == 2
+        assert reg.schema_version() == 3
         assert [d.id for d in reg.list_devices()] == ["cam-old"]
         pki.create_operator_token(reg, name="ops-new", role="viewer", now=NOW)
         with pytest.raises(pki.IdentityConflict):
@@ -496,7 +498,7 @@ def test_migrate_refuses_a_target_with_data_unless_forced(
         device(reg, "cam-already-there")
     code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url)
     assert code == 1
-    assert "not empty (devices 1)" in out
+    assert "not empty (devices 1" in out
     with contextlib.closing(pki.open_registry(postgres_url)) as reg:
         assert [d.id for d in reg.list_devices()] == ["cam-already-there"]
     code, out = cli("pki", "migrate", "--dir", str(pki_dir), "--to", postgres_url, "--force")

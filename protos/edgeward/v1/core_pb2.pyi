@@ -164,6 +164,7 @@ class RevocationEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     device_id: _builtins.str
     serial: _builtins.str
@@ -171,6 +172,11 @@ class RevocationEvent(_message.Message):
     reason: _builtins.str
     heartbeat: _builtins.bool
     """Heartbeats carry no revocation (device_id empty) and keep the feed fresh."""
+    role: _builtins.str
+    """Whose revocation: empty for a device; "operator" for a console operator (device_id
+    then holds the operator's name, serial one of its certificates or empty for the
+    operator itself), so gateway consoles end its sessions.
+    """
     @_builtins.property
     def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -182,10 +188,11 @@ class RevocationEvent(_message.Message):
         reason: _builtins.str = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         heartbeat: _builtins.bool = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "heartbeat", b"heartbeat", "reason", b"reason", "revoked_at", b"revoked_at", "sequence", b"sequence", "serial", b"serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "heartbeat", b"heartbeat", "reason", b"reason", "revoked_at", b"revoked_at", "role", b"role", "sequence", b"sequence", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
