@@ -150,7 +150,11 @@ def _threshold(probs: np.ndarray, wrong: np.ndarray, max_wrong: float, floor: fl
 
 
 def fit(examples: Sequence[Example], *, max_wrong: float = 0.01, floor: float = 0.5) -> Calibration:
-    """Logistic weights on correct-vs-wrong candidates and the threshold for ``max_wrong``."""
+    """Logistic weights on correct-vs-wrong candidates and the threshold for ``max_wrong``.
+
+    This threshold counts candidates (three sources proposing one object count three
+    times); :func:`fit_calibration` keeps the weights and chooses the threshold on answers.
+    """
     usable = [e for e in examples if e.verdict != "general"]
     x = np.array([e.features for e in usable], dtype=np.float64)
     y = np.array([1.0 if e.verdict == "correct" else 0.0 for e in usable])

@@ -12,7 +12,9 @@ classifier calls a person "sweatshirt" and a painting "bird"), so no single scor
    breeds of 5 % make 0.6 of ``dog``, and a "sweatshirt" adds to ``person``.
 3. Every concept that some source proposes becomes a :class:`Candidate` with *features*:
    the detector's score for it, the classifier's mass for it on the crop of that box and on
-   the whole image, whether the edge's hint agrees or disagrees, the box's size.
+   the whole image, the largest single class behind that mass (one confident class, or
+   many weak neighbours adding up), whether it is the whole image's strongest concept,
+   whether the edge's hint agrees or disagrees, the box's size.
 4. A logistic model fit on the labelled photos (:class:`Calibration`, committed in
    ``calibration.json`` with how it was fit) turns the features into the probability that a
    person would agree. Candidates at or above the calibrated threshold are the answer; when
