@@ -11,10 +11,12 @@ approximate boxes. An answer (a concept, a box, a probability) is
 - ``wrong`` otherwise ("cattle" for a horse, "bird" for a painting).
 
 :func:`fit` fits the logistic weights of :mod:`gateway._core._identify` on candidates
-labelled correct (1) or wrong (0) and picks the lowest threshold at which at most
-``max_wrong`` of the answers above it are wrong. :func:`leave_one_out` repeats the fit
-without each photo in turn and judges that photo with it, so the figures it reports are
-for photos the fit never saw.
+labelled correct (1) or wrong (0); :func:`fit_calibration` then picks the threshold by the
+figures a device would see on the training photos: the lowest one (at least 0.5) at which
+at most ``max_wrong`` of all answers -- the edge's that stand, the core's, and its
+``unknown`` -- are confidently wrong. :func:`leave_one_out` repeats the whole fit without
+each photo in turn and judges that photo with it, so the figures it reports are for photos
+the fit never saw.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "Labelled",
     "Verdict",
     "fit",
+    "fit_calibration",
     "judge",
     "leave_one_out",
     "load_labelled",
@@ -147,7 +150,11 @@ def _threshold(probs: np.ndarray, wrong: np.ndarray, max_wrong: float, floor: fl
 
 
 def fit(examples: Sequence[Example], *, max_wrong: float = 0.01, floor: float = 0.5) -> Calibration:
-    """Logistic weights on correct-vs-wrong candidates and the threshold for ``max_wrong``."""
+    """Logistic weights on correct-vs-wrong candidates and the threshold for ``max_wrong``.
+
+    This threshold counts candidates (three sources proposing one object count three
+    times); :func:`fit_calibration` keeps the weights and chooses the threshold on answers.
+    """
     usable = [e for e in examples if e.verdict != "general"]
     x = np.array([e.features for e in usable], dtype=np.float64)
     y = np.array([1.0 if e.verdict == "correct" else 0.0 for e in usable])
@@ -233,29 +240,84 @@ def answers_of(esc: Escalated, calibration: Calibration) -> tuple[list[ObjectAns
     return objects, not objects
 
 
-def leave_one_out(
+EdgeAnswers = dict[str, list[tuple[str, Box, float]]]
+
+
+def tally_photos(
     escalated: Sequence[Escalated],
     photos: dict[str, Labelled],
-    edge: dict[str, list[tuple[str, Box, float]]],
-    **fit_args: float,
-) -> dict[str, float]:
-    """Figures for each photo judged by a fit made without it, summed over photos.
+    edge: EdgeAnswers,
+    calibration: Calibration,
+    names: Sequence[str] | None = None,
+) -> Tally:
+    """The figures a device would see on ``names`` (default: all photos) with ``calibration``.
 
     A photo's answers are the edge's for what it did not escalate (``edge``) and the core's
     for what the policy sent (``Escalated.sent``), as a device gets them.
     """
-    examples = examples_of(escalated, photos)
+    tax = taxonomy()
     tally = Tally()
-    for name, photo in photos.items():
-        held = fit([e for e in examples if e.photo != name], **fit_args)
+    for name in names if names is not None else list(photos):
         answers: list[tuple[str, Box, float]] = list(edge.get(name, ()))
         unknowns = 0
         for esc in (e for e in escalated if e.photo == name and e.sent):
-            objects, unknown = answers_of(esc, held)
+            objects, unknown = answers_of(esc, calibration)
             unknowns += int(unknown)
             answers += [(o.concept, to_frame(o.box, esc.region), o.probability) for o in objects]
-        tally.add_photo(photo, answers, unknowns)
-    return tally.report()
+        tally.add_photo(photos[name], answers, unknowns, tax)
+    return tally
+
+
+def fit_calibration(
+    escalated: Sequence[Escalated],
+    photos: dict[str, Labelled],
+    edge: EdgeAnswers,
+    *,
+    max_wrong: float = 0.03,
+    floor: float = 0.5,
+) -> Calibration:
+    """Weights fit on every candidate of ``photos``; the threshold chosen by their figures.
+
+    The threshold is the lowest calibrated probability (at least ``floor``) at which the
+    share of confidently wrong answers over ``photos`` -- as :func:`tally_photos` counts
+    them -- is at most ``max_wrong``: it is chosen on what a device would be told, not on
+    candidates (one object proposed by three sources is one answer, not three).
+    """
+    examples = examples_of([e for e in escalated if e.photo in photos], photos)
+    weights = fit(examples).weights
+    sent = [e for e in escalated if e.photo in photos and e.sent]
+    probe = Calibration(weights, 1.0)
+    levels = sorted(
+        {p for e in sent for c in e.candidates if (p := probe.probability(c.features)) >= floor},
+        reverse=True,
+    )
+    best = 1.0
+    for level in levels:
+        candidate = Calibration(weights, level)
+        tally = tally_photos(sent, photos, edge, candidate)
+        if tally.answers and tally.confident_wrong / tally.answers <= max_wrong:
+            best = level
+    return Calibration(weights, best)
+
+
+def leave_one_out(
+    escalated: Sequence[Escalated],
+    photos: dict[str, Labelled],
+    edge: EdgeAnswers,
+    **fit_args: float,
+) -> dict[str, float]:
+    """Figures for each photo judged by a fit (weights and threshold) made without it."""
+    total = Tally()
+    for name in photos:
+        rest = {n: p for n, p in photos.items() if n != name}
+        held = fit_calibration(escalated, rest, edge, **fit_args)
+        one = tally_photos(escalated, photos, edge, held, [name])
+        total.objects += one.objects
+        total.recalled += one.recalled
+        total.answers += one.answers
+        total.confident_wrong += one.confident_wrong
+        total.unknown += one.unknown
+    return total.report()
 
 
 def ceiling(

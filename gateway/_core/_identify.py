@@ -12,7 +12,9 @@ classifier calls a person "sweatshirt" and a painting "bird"), so no single scor
    breeds of 5 % make 0.6 of ``dog``, and a "sweatshirt" adds to ``person``.
 3. Every concept that some source proposes becomes a :class:`Candidate` with *features*:
    the detector's score for it, the classifier's mass for it on the crop of that box and on
-   the whole image, whether the edge's hint agrees or disagrees, the box's size.
+   the whole image, the largest single class behind that mass (one confident class, or
+   many weak neighbours adding up), whether it is the whole image's strongest concept,
+   whether the edge's hint agrees or disagrees, the box's size.
 4. A logistic model fit on the labelled photos (:class:`Calibration`, committed in
    ``calibration.json`` with how it was fit) turns the features into the probability that a
    person would agree. Candidates at or above the calibrated threshold are the answer; when
@@ -66,6 +68,9 @@ FEATURES = (
     "sqrt_frame_mass",
     "sqrt_crop_mass",
     "detector_logit_classifier_blind",
+    "frame_peak",
+    "crop_peak",
+    "frame_top",
 )
 
 #: Detections whose crops the classifier also sees (strongest first).
@@ -75,7 +80,9 @@ _MIN_AREA = 0.004
 #: A detection under this share of its concept's best score in the image is not proposed.
 _ECHO = 0.5
 #: Concepts too general to be an answer a person would call naming the object.
-_GENERIC = frozenset({ROOT, "animal", "object", "scene", "plant", "food", "mammal"})
+_GENERIC = frozenset(
+    {ROOT, "animal", "object", "scene", "plant", "food", "mammal", "invertebrate", "arthropod"}
+)
 
 Rgb = npt.NDArray[np.uint8]
 _WHOLE = Box(0.0, 0.0, 1.0, 1.0)
@@ -111,6 +118,12 @@ class Candidate:
     #: Whether some classifier class is this concept or a kind of it (no ImageNet class is a
     #: giraffe or a kite: the classifier's silence then says nothing against the detector).
     classifier_knows: bool = True
+    #: The largest single classifier class behind the concept's mass (on the whole image,
+    #: on the crop of its box): one confident class, or many weak neighbours adding up.
+    frame_peak: float = 0.0
+    crop_peak: float = 0.0
+    #: Whether the concept is (a kind of, or a kind above) the whole image's strongest one.
+    frame_top: bool = False
     sources: set[str] = field(default_factory=set)
 
     @property
@@ -136,6 +149,9 @@ class Candidate:
             math.sqrt(self.frame_mass),
             math.sqrt(self.crop_mass),
             0.0 if self.classifier_knows else math.log(d / (1 - d)) * from_det,
+            self.frame_peak if whole else 0.0,
+            self.crop_peak,
+            1.0 if self.frame_top and whole else 0.0,
         ]
 
 
@@ -185,19 +201,28 @@ def crop_boxes(detections: Sequence[Detection]) -> list[Box]:
     return chosen
 
 
-def _masses(
-    probs: npt.NDArray[np.float32], labels: Sequence[str], tax: Taxonomy
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Classifier probability summed per concept up the taxonomy, and per named concept.
+@dataclass(frozen=True, slots=True)
+class _Masses:
+    """What the classifier said about one image, per concept of the taxonomy.
 
-    The first map holds every concept with its descendants' mass (``dog`` holds all
-    breeds); the second only the concepts classes map to directly, the candidates for an
-    answer (never an ancestor such as ``ungulate`` that merely collects them).
+    ``mass``: every concept with its descendants' probability (``dog`` holds all breeds);
+    ``named``: only the concepts classes map to directly, the candidates for an answer
+    (never an ancestor such as ``ungulate`` that merely collects them); ``peak``: the
+    largest single class under each concept.
     """
+
+    mass: dict[str, float]
+    named: dict[str, float]
+    peak: dict[str, float]
+
+
+def _masses(probs: npt.NDArray[np.float32], labels: Sequence[str], tax: Taxonomy) -> _Masses:
+    """Classifier probability summed per concept up the taxonomy (see :class:`_Masses`)."""
     concepts = tax.vocabulary(IMAGENET1K, labels)
     implied = tax.implied(IMAGENET1K, labels)
     mass: dict[str, float] = {}
     named: dict[str, float] = {}
+    peak: dict[str, float] = {}
     for i in np.flatnonzero(probs >= 1e-3):
         p = float(probs[i])
         target = implied[i] or concepts[i]
@@ -206,7 +231,8 @@ def _masses(
         named[target] = named.get(target, 0.0) + p
         for concept in tax.ancestors(target):
             mass[concept] = mass.get(concept, 0.0) + p
-    return mass, named
+            peak[concept] = max(peak.get(concept, 0.0), p)
+    return _Masses(mass, named, peak)
 
 
 def _proposals(named: dict[str, float], mass: dict[str, float], k: int = 2) -> list[str]:
@@ -242,10 +268,9 @@ def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]
     """Every concept a source proposes for ``obs``, with its evidence (merged per object)."""
     tax = tax or taxonomy()
     det_concepts = tax.vocabulary(COCO80, obs.detector_labels)
-    frame_mass, frame_named = _masses(obs.frame_probs, obs.classifier_labels, tax)
+    frame = _masses(obs.frame_probs, obs.classifier_labels, tax)
     boxes = crop_boxes(obs.detections)
-    crop_results = [_masses(p, obs.classifier_labels, tax) for p in obs.crop_probs]
-    crop_masses = [mass for mass, _ in crop_results]
+    crops = [_masses(p, obs.classifier_labels, tax) for p in obs.crop_probs]
     edge_concept = None
     if obs.edge_label:
         edge_concept = tax.vocabulary(OID24, [obs.edge_label])[0] or tax.canonical(obs.edge_label)
@@ -275,23 +300,26 @@ def candidates(obs: Observation, tax: Taxonomy | None = None) -> list[Candidate]
         if det.score < _ECHO * strongest[concept]:
             continue
         add(concept, det.box, "detector", det.score)
-    for box, (mass, named) in zip(boxes, crop_results, strict=True):
-        for concept in _proposals(named, mass):
+    for box, crop in zip(boxes, crops, strict=True):
+        for concept in _proposals(crop.named, crop.mass):
             add(concept, box, "crop_classifier")
-    for concept in _proposals(frame_named, frame_mass, k=3):
+    frame_proposals = _proposals(frame.named, frame.mass, k=3)
+    for concept in frame_proposals:
         add(concept, whole, "frame_classifier")
     if edge_concept is not None and edge_concept not in _GENERIC:
         add(edge_concept, whole, "edge")
 
     known = _classifier_concepts(obs.classifier_labels, tax)
+    top = frame_proposals[0] if frame_proposals else None
     for cand in found:
         cand.classifier_knows = cand.concept in known
-        cand.frame_mass = frame_mass.get(cand.concept, 0.0)
-        best = 0.0
-        for box, mass in zip(boxes, crop_masses, strict=True):
+        cand.frame_mass = frame.mass.get(cand.concept, 0.0)
+        cand.frame_peak = frame.peak.get(cand.concept, 0.0)
+        cand.frame_top = top is not None and tax.related(cand.concept, top)
+        for box, crop in zip(boxes, crops, strict=True):
             if _iou(box, cand.box) > 0.5:
-                best = max(best, mass.get(cand.concept, 0.0))
-        cand.crop_mass = best
+                cand.crop_mass = max(cand.crop_mass, crop.mass.get(cand.concept, 0.0))
+                cand.crop_peak = max(cand.crop_peak, crop.peak.get(cand.concept, 0.0))
         if edge_concept is not None and edge_concept not in _GENERIC:
             cand.edge = 1 if tax.related(cand.concept, edge_concept) else -1
     return found

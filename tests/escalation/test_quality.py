@@ -15,7 +15,7 @@ import pytest
 
 from gateway._core._calibrate import Labelled, Tally, judge, load_labelled
 from gateway._core._escalate import CoreAnswer, CoreEscalationSettings, CoreModels
-from gateway._core._identify import FEATURES, Calibration
+from gateway._core._identify import FEATURES, Calibration, Candidate, candidates
 from gateway._core._taxonomy import taxonomy
 from gateway._inference._image import decode_image
 from tests.conftest import ROOT
@@ -149,3 +149,41 @@ def test_the_committed_calibration_says_how_it_was_fit_and_is_not_a_guess() -> N
     assert isinstance(loo, dict)
     assert loo["confident_wrong_rate"] <= 0.05
     assert calibration.fit["photos"] == len(photos())
+
+
+@functools.cache
+def whole_frame_candidates(name: str) -> dict[str, Candidate]:
+    """The candidates of a whole-frame escalation, per concept (the largest box of each)."""
+    frame = decode_image(photos()[name].path.read_bytes(), max_pixels=40_000_000)
+    found: dict[str, Candidate] = {}
+    for c in sorted(candidates(models().observe_sync(frame)), key=lambda c: c.box.area):
+        found[c.concept] = c
+    return found
+
+
+def test_a_concept_carries_its_strongest_single_class_and_whether_it_tops_the_frame() -> None:
+    # The Alps: one class ("alp") carries almost all of the mountain's mass, and mountain is
+    # the strongest concept of the frame; "landscape" (valley, cliff...) is neither.
+    found = whole_frame_candidates("mountain_view")
+    mountain = found["mountain"]
+    assert mountain.frame_top
+    assert 0.5 < mountain.frame_peak <= mountain.frame_mass
+    assert mountain.frame_mass - mountain.frame_peak < 0.1
+    assert not found["landscape"].frame_top
+    assert found["landscape"].frame_peak < 0.1
+
+
+def test_insect_mass_spread_over_many_classes_has_a_low_peak() -> None:
+    # Heather full of blossom: the classifier spreads "insect" over cabbage butterfly, bee,
+    # monarch... -- the mass is high, no single class is: the peak tells the two apart.
+    insect = whole_frame_candidates("heather")["insect"]
+    assert insect.frame_mass > 0.5
+    assert insect.frame_peak < 0.6 * insect.frame_mass
+    assert insect.crop_peak < 0.6 * insect.crop_mass
+
+
+@pytest.mark.parametrize("name", ["heather", "butterfly_leaf"])
+def test_invertebrate_is_too_general_to_be_proposed(name: str) -> None:
+    # "invertebrate" collects jellyfish, snails, crabs and every insect: never an answer
+    # (like "mammal"), though "insect" and "butterfly" below it are.
+    assert "invertebrate" not in whole_frame_candidates(name)
