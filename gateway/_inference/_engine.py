@@ -7,7 +7,10 @@ One request goes through::
       → cache store
 
 Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
-bounded thread pool, the model and its post-processing in the batcher's single thread.
+bounded thread pool, the model and its post-processing in the batcher's single thread. A lone
+frame (the batcher idle, no other frame being decoded: one device, or a quiet gateway) has no
+batch to join, so all of it runs as one job in the batcher's thread: one hand-off from the
+event loop to a thread and one back, rather than two of each.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import functools
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -336,6 +340,9 @@ class InferenceEngine:
         self, image: bytes, deadline: float | None, key: str | None
     ) -> tuple[InferenceResult, Frame | None]:
         model = self._loaded()
+        if self._preparing == 0 and self._batcher.idle():
+            # Alone: no frame to share a batch with, none being decoded that could join.
+            return await self._detect_alone(image, deadline, model)
         timeout = None if deadline is None else deadline - time.monotonic()
         self._preparing += 1
         try:
@@ -356,6 +363,53 @@ class InferenceEngine:
         detections, batch_seconds = await self._batcher.submit(
             prepared.tensor, deadline=deadline, key=key
         )
+        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+
+    async def _detect_alone(
+        self, image: bytes, deadline: float | None, model: _Model
+    ) -> tuple[InferenceResult, Frame | None]:
+        """Decode, pre-process and run the model in one job in the inference thread.
+
+        The lone frame's path (the batcher idle, nothing being decoded): one hand-off to a
+        thread and one back, instead of the decode pool, the batcher's queue and its thread.
+        A frame that arrives meanwhile takes the pooled path and its batch runs after this.
+        """
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the frame was decoded")
+        try:
+            async with asyncio.timeout(timeout):
+                prepared, detections, batch_seconds = await self._batcher.run_alone(
+                    functools.partial(self._alone_sync, image)
+                )
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while waiting for inference") from None
+        if isinstance(prepared, _CacheHit):
+            self._observe(self._observer.on_cache, prepared.kind)
+            return prepared.result, prepared.frame
+        if self._cache is not None:
+            self._observe(self._observer.on_cache, "miss")
+        self._observe(self._observer.on_batch, 1, batch_seconds)
+        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+
+    def _alone_sync(
+        self, image: bytes
+    ) -> tuple[_Prepared | _CacheHit, tuple[Detection, ...], float]:
+        """:meth:`_prepare_sync` and a batch of one, in the inference thread."""
+        prepared = self._prepare_sync(image)
+        if isinstance(prepared, _CacheHit):
+            return prepared, (), 0.0
+        ((detections, batch_seconds),) = self._run_batch([prepared.tensor])
+        return prepared, detections, batch_seconds
+
+    def _answer(
+        self,
+        model: _Model,
+        prepared: _Prepared,
+        detections: tuple[Detection, ...],
+        batch_seconds: float,
+    ) -> InferenceResult:
+        """The result of a model run over ``prepared``, stored in the cache when there is one."""
         height, width = prepared.frame.shape[:2]
         result = InferenceResult(
             detections=detections,
@@ -371,7 +425,7 @@ class InferenceEngine:
             self._cache.put(
                 model.name, model.cache_version, prepared.digest, result, dhash=prepared.dhash
             )
-        return result, prepared.frame
+        return result
 
     async def _prepare(self, image: bytes) -> _Prepared | _CacheHit:
         """Run :meth:`_prepare_sync` in the decode pool, at most one job per thread.
@@ -459,9 +513,9 @@ class InferenceEngine:
         self._observe(self._observer.on_queue_depth, self.queue_depth())
 
     @staticmethod
-    def _observe(hook: Callable[[Any], None], value: object) -> None:
+    def _observe(hook: Callable[..., None], *values: object) -> None:
         try:
-            hook(value)
+            hook(*values)
         except Exception:  # noqa: BLE001 - a metrics bug must not fail a device's frame
             _log.exception("engine observer failed", hook=getattr(hook, "__name__", "?"))
 
