@@ -8,9 +8,9 @@ One request goes through::
 
 Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
 bounded thread pool, the model and its post-processing in the batcher's single thread. A lone
-frame (the batcher idle, no other frame being decoded: one device, or a quiet gateway) has no
-batch to join, so all of it runs as one job in the batcher's thread: one hand-off from the
-event loop to a thread and one back, rather than two of each.
+frame (the batcher idle, no other frame being decoded, and the last run a batch of one: one
+device, or a quiet gateway) has no batch to join, so all of it runs as one job in the batcher's
+thread: one hand-off from the event loop to a thread and one back, rather than two of each.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class InferenceEngine:
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
             name="edgeward-infer",
-            on_batch=self._observer.on_batch,
+            on_batch=self._on_batch,
             on_queue_depth=self._on_batcher_depth,
             # A frame reaches the batcher only after decoding (milliseconds, usually more
             # than max_wait): waiting for company is worth it only while another frame is
@@ -210,6 +210,9 @@ class InferenceEngine:
         self._prep_threads = threads
         self._prep_waiting = 0
         self._preparing = 0  # frames between admission and submission to the batcher
+        # Whether the last model run had one frame: only then may a frame go alone (devices
+        # whose frames shared a run would otherwise lose that to whichever answers first).
+        self._lone = True
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._model: _Model | None = None
         self._state = _State.NEW
@@ -340,8 +343,9 @@ class InferenceEngine:
         self, image: bytes, deadline: float | None, key: str | None
     ) -> tuple[InferenceResult, Frame | None]:
         model = self._loaded()
-        if self._preparing == 0 and self._batcher.idle():
-            # Alone: no frame to share a batch with, none being decoded that could join.
+        if self._lone and self._preparing == 0 and self._batcher.idle():
+            # Alone: no frame to share a batch with, none being decoded that could join, and
+            # the last run had no company either.
             return await self._detect_alone(image, deadline, model)
         timeout = None if deadline is None else deadline - time.monotonic()
         self._preparing += 1
@@ -505,6 +509,10 @@ class InferenceEngine:
         if self._model is None:
             raise RuntimeError("the inference engine has not been entered")
         return self._model
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self._lone = size == 1
+        self._observer.on_batch(size, seconds)
 
     def _on_batcher_depth(self, _n: int) -> None:
         self._report_depth()

@@ -175,6 +175,37 @@ async def test_a_lone_frame_is_decoded_and_run_in_one_thread_hand_off(
     assert again.from_cache
 
 
+async def test_devices_whose_frames_shared_a_run_keep_sharing(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    # Four devices, one frame in flight each: when one run answers several of them, they send
+    # their next frames at once. The first of those must not go alone (a run of one, and the
+    # others' run after it) just because it found the batcher idle for a moment: a frame goes
+    # alone only when the run before it had one frame too.
+    observer = Recorder()
+    images = list(photo_bytes.values())
+    alone_after: list[int | None] = []  # the size of the run before each lone frame
+    engine = _engine(models_dir, max_batch=8, max_wait_ms=2_000, observer=observer)
+    run_alone = engine._batcher.run_alone
+
+    async def spy_alone(job: object) -> object:
+        alone_after.append(observer.batches[-1] if observer.batches else None)
+        return await run_alone(job)  # type: ignore[arg-type]
+
+    engine._batcher.run_alone = spy_alone  # type: ignore[method-assign,assignment]
+
+    async def device(k: int) -> None:
+        for i in range(4):
+            await engine.detect(images[(k + i) % len(images)])
+
+    async with engine:
+        await asyncio.gather(*(device(k) for k in range(4)))
+    assert sum(observer.batches) == 16
+    assert max(observer.batches) > 1
+    assert alone_after  # the first frame: nothing ran before it
+    assert all(size in (None, 1) for size in alone_after), (alone_after, observer.batches)
+
+
 def _truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
