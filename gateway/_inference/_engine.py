@@ -374,8 +374,9 @@ class InferenceEngine:
     ) -> tuple[InferenceResult, Frame | None]:
         """Decode, pre-process and run the model in one job in the inference thread.
 
-        The lone frame's path (the batcher idle, nothing being decoded): one hand-off to a
-        thread and one back, instead of the decode pool, the batcher's queue and its thread.
+        The lone frame's path (the batcher idle, nothing being decoded, the last run a batch
+        of one): one hand-off to a thread and one back, instead of the decode pool, the
+        batcher's queue and its thread.
         A frame that arrives meanwhile takes the pooled path and its batch runs after this.
         """
         timeout = None if deadline is None else deadline - time.monotonic()
