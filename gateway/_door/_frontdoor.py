@@ -252,6 +252,11 @@ class FrontDoor:
         """Take a frame token for a stream's next frame, waiting for one (gRPC flow control)."""
         await self._frames.wait_take(device_id)
 
+    def pace_now(self, device_id: str) -> bool:
+        """Take a frame token for a stream's next frame if one is there (no wait); whether
+        it was (else :meth:`pace` waits for one)."""
+        return self._frames.try_take(device_id) == 0.0
+
     # -- pipeline ---------------------------------------------------------------------------
 
     async def detect(

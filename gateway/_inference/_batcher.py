@@ -44,6 +44,7 @@ _log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+A = TypeVar("A")
 
 
 class _State(enum.Enum):
@@ -170,10 +171,41 @@ class MicroBatcher(Generic[T, R]):
         self._state = _State.NEW
         self._stack = contextlib.AsyncExitStack()
         self._executor: ThreadPoolExecutor | None = None
+        self._alone = 0  # run_alone jobs submitted and not finished
 
     def queue_depth(self) -> int:
         """How many items wait for a batch (the running batch not included)."""
         return len(self._pending)
+
+    def idle(self) -> bool:
+        """Nothing waits, no batch runs and no :meth:`run_alone` job runs: the thread is free."""
+        return not self._pending and not self._running and not self._alone
+
+    async def run_alone(self, job: Callable[[], A]) -> A:
+        """Run ``job`` in the batcher's thread at once, for a request that no other joins.
+
+        For a caller that found the batcher :meth:`idle` (with no await in between): a lone
+        request then crosses to a thread and back once, rather than through the worker's
+        queue. Batches that form meanwhile run after it, in the same thread. Cancelling the
+        caller does not stop a job already running; the batcher counts it as busy until it
+        ends. Raises :class:`ShuttingDown` once the batcher is closing.
+        """
+        executor = self._executor
+        if self._state is not _State.OPEN or executor is None:
+            raise ShuttingDown(f"{self._name} is not accepting work ({self._state.value})")
+        loop = asyncio.get_running_loop()
+        future = executor.submit(job)
+        self._alone += 1
+        try:
+            return await asyncio.wrap_future(future, loop=loop)
+        finally:
+            if future.done():
+                self._alone -= 1
+            else:
+                future.add_done_callback(lambda _: _call_soon(loop, self._alone_ended))
+
+    def _alone_ended(self) -> None:
+        self._alone -= 1
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
@@ -339,3 +371,9 @@ class MicroBatcher(Generic[T, R]):
             p = self._pending.popleft()
             if not p.future.done():
                 p.future.set_exception(exc)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Schedule ``callback`` on ``loop`` from any thread (nothing to do once it is closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)

@@ -11,7 +11,10 @@ the edge can run (:data:`gateway._models.EDGE_DETECTORS`). Which model a device'
 through is the model catalog's decision (:mod:`gateway._inference._catalog`).
 
 Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
-bounded thread pool, the model and its post-processing in the batcher's single thread.
+bounded thread pool, the model and its post-processing in the batcher's single thread. A lone
+frame (the batcher idle, no other frame being decoded, and the last run a batch of one: one
+device, or a quiet gateway) has no batch to join, so all of it runs as one job in the batcher's
+thread: one hand-off from the event loop to a thread and one back, rather than two of each.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import functools
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -217,7 +221,7 @@ class InferenceEngine:
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
             name="edgeward-infer",
-            on_batch=self._observer.on_batch,
+            on_batch=self._on_batch,
             on_queue_depth=self._on_batcher_depth,
             # A frame reaches the batcher only after decoding (milliseconds, usually more
             # than max_wait): waiting for company is worth it only while another frame is
@@ -229,6 +233,9 @@ class InferenceEngine:
         self._prep_threads = threads
         self._prep_waiting = 0
         self._preparing = 0  # frames between admission and submission to the batcher
+        # Whether the last model run had one frame: only then may a frame go alone (devices
+        # whose frames shared a run would otherwise lose that to whichever answers first).
+        self._lone = True
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._model: _Model | None = None
         self._state = _State.NEW
@@ -374,6 +381,10 @@ class InferenceEngine:
         self, image: bytes, deadline: float | None, key: str | None
     ) -> tuple[InferenceResult, Frame | None]:
         model = self._loaded()
+        if self._lone and self._preparing == 0 and self._batcher.idle():
+            # Alone: no frame to share a batch with, none being decoded that could join, and
+            # the last run had no company either.
+            return await self._detect_alone(image, deadline, model)
         timeout = None if deadline is None else deadline - time.monotonic()
         self._preparing += 1
         try:
@@ -394,6 +405,54 @@ class InferenceEngine:
         detections, batch_seconds = await self._batcher.submit(
             prepared.tensor, deadline=deadline, key=key
         )
+        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+
+    async def _detect_alone(
+        self, image: bytes, deadline: float | None, model: _Model
+    ) -> tuple[InferenceResult, Frame | None]:
+        """Decode, pre-process and run the model in one job in the inference thread.
+
+        The lone frame's path (the batcher idle, nothing being decoded, the last run a batch
+        of one): one hand-off to a thread and one back, instead of the decode pool, the
+        batcher's queue and its thread.
+        A frame that arrives meanwhile takes the pooled path and its batch runs after this.
+        """
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the frame was decoded")
+        try:
+            async with asyncio.timeout(timeout):
+                prepared, detections, batch_seconds = await self._batcher.run_alone(
+                    functools.partial(self._alone_sync, image)
+                )
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while waiting for inference") from None
+        if isinstance(prepared, _CacheHit):
+            self._observe(self._observer.on_cache, prepared.kind)
+            return prepared.result, prepared.frame
+        if self._cache is not None:
+            self._observe(self._observer.on_cache, "miss")
+        self._observe(self._observer.on_batch, 1, batch_seconds)
+        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+
+    def _alone_sync(
+        self, image: bytes
+    ) -> tuple[_Prepared | _CacheHit, tuple[Detection, ...], float]:
+        """:meth:`_prepare_sync` and a batch of one, in the inference thread."""
+        prepared = self._prepare_sync(image)
+        if isinstance(prepared, _CacheHit):
+            return prepared, (), 0.0
+        ((detections, batch_seconds),) = self._run_batch([prepared.tensor])
+        return prepared, detections, batch_seconds
+
+    def _answer(
+        self,
+        model: _Model,
+        prepared: _Prepared,
+        detections: tuple[Detection, ...],
+        batch_seconds: float,
+    ) -> InferenceResult:
+        """The result of a model run over ``prepared``, stored in the cache when there is one."""
         height, width = prepared.frame.shape[:2]
         if model.architecture == "nanodet":  # boxes on the padded square, back to the frame
             detections = tuple(unpad_square(d, width, height) for d in detections)
@@ -412,7 +471,7 @@ class InferenceEngine:
             self._cache.put(
                 model.name, model.cache_version, prepared.digest, result, dhash=prepared.dhash
             )
-        return result, prepared.frame
+        return result
 
     async def _prepare(self, image: bytes) -> _Prepared | _CacheHit:
         """Run :meth:`_prepare_sync` in the decode pool, at most one job per thread.
@@ -497,6 +556,10 @@ class InferenceEngine:
             raise RuntimeError("the inference engine has not been entered")
         return self._model
 
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self._lone = size == 1
+        self._observer.on_batch(size, seconds)
+
     def _on_batcher_depth(self, _n: int) -> None:
         self._report_depth()
 
@@ -504,9 +567,9 @@ class InferenceEngine:
         self._observe(self._observer.on_queue_depth, self.queue_depth())
 
     @staticmethod
-    def _observe(hook: Callable[[Any], None], value: object) -> None:
+    def _observe(hook: Callable[..., None], *values: object) -> None:
         try:
-            hook(value)
+            hook(*values)
         except Exception:  # noqa: BLE001 - a metrics bug must not fail a device's frame
             _log.exception("engine observer failed", hook=getattr(hook, "__name__", "?"))
 

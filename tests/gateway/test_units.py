@@ -226,6 +226,26 @@ def test_token_bucket_refills_at_rate():
     limiter.take("cam-1")
 
 
+async def test_stream_pacing_takes_a_token_at_once_or_waits_for_one():
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor
+    from tests._support.mqtt import FakeEngine
+
+    door = FrontDoor(
+        gateway_id="gw-1",
+        engine=FakeEngine(),
+        limits=LimitsSettings(frames_per_s=20.0, burst=2),
+    )
+    assert door.pace_now("cam-1")
+    assert door.pace_now("cam-1")
+    assert not door.pace_now("cam-1")  # the budget is spent: nothing taken, the stream waits
+    assert door.pace_now("cam-2")  # another device has its own budget
+    async with asyncio.timeout(30):
+        await door.pace("cam-1")  # a token refills (1/20 s), and pace takes it
+    assert not door.pace_now("cam-1")
+    door.close()
+
+
 async def test_live_calls_cut_only_the_revoked_device_and_cap_streams():
     from gateway.errors import TooManyStreams
 

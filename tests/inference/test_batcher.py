@@ -286,3 +286,67 @@ def test_bad_settings() -> None:
         MicroBatcher(Recorder(), max_batch=0)
     with pytest.raises(ValueError, match="queue_size"):
         MicroBatcher(Recorder(), queue_size=0)
+
+
+async def test_run_alone_runs_in_the_batchers_thread_and_batches_wait_behind_it() -> None:
+    rec = Recorder()
+    gate = threading.Event()
+    ran_in: list[int] = []
+
+    def job() -> str:
+        ran_in.append(threading.get_ident())
+        gate.wait(5)
+        return "alone"
+
+    async with MicroBatcher(rec, max_batch=8, max_wait_ms=0) as batcher:
+        assert batcher.idle()
+        await batcher.submit(1)  # the batcher's thread, seen by the recorder
+        alone = asyncio.create_task(batcher.run_alone(job))
+        await asyncio.sleep(0)
+        assert not batcher.idle()  # a lone job runs: a new frame must not go alone too
+        later = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # its batch waits for the one thread
+        gate.set()
+        assert await alone == "alone"
+        assert await later == 4
+        assert batcher.idle()
+    assert ran_in
+    assert set(ran_in) == rec.threads
+    assert threading.get_ident() not in rec.threads
+
+
+async def test_cancelled_run_alone_keeps_the_thread_busy_until_the_job_ends() -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def job() -> None:
+        started.set()
+        gate.wait(5)
+
+    async with MicroBatcher(Recorder(), max_batch=8, max_wait_ms=0) as batcher:
+        alone = asyncio.create_task(batcher.run_alone(job))
+        for _ in range(500):
+            if started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        assert not batcher.idle()  # the job still holds the thread
+        gate.set()
+        for _ in range(500):
+            if batcher.idle():
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.idle()
+
+
+async def test_run_alone_is_refused_once_closing() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(Recorder())
+    with pytest.raises(ShuttingDown):
+        await batcher.run_alone(lambda: 1)  # never entered
+    async with batcher:
+        assert await batcher.run_alone(lambda: 7) == 7
+    with pytest.raises(ShuttingDown):
+        await batcher.run_alone(lambda: 1)

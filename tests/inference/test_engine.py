@@ -133,7 +133,77 @@ async def test_model_and_decoding_never_run_on_the_event_loop(
     assert threads["decode"]
     assert loop_thread not in threads["model"] | threads["decode"]
     assert all(t.startswith("edgeward-infer") for t in threads["model"])
-    assert all(t.startswith("edgeward-decode") for t in threads["decode"])
+    # A lone frame is decoded in the inference thread with its model run (one hand-off).
+    assert all(t.startswith(("edgeward-decode", "edgeward-infer")) for t in threads["decode"])
+
+
+async def test_a_lone_frame_is_decoded_and_run_in_one_thread_hand_off(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    threads: dict[str, list[str]] = {"model": [], "decode": []}
+    observer = Recorder()
+    engine = _engine(models_dir, observer=observer, cache=ResponseCache())
+    run_batch = engine._run_batch
+    prepare = engine._prepare_sync
+
+    def spy_batch(items: Sequence[object]) -> Sequence[object]:
+        threads["model"].append(threading.current_thread().name)
+        return run_batch(items)  # type: ignore[arg-type]
+
+    def spy_prepare(image: bytes) -> object:
+        threads["decode"].append(threading.current_thread().name)
+        return prepare(image)
+
+    # The engine's own seams, whichever path calls them (the batcher or a lone frame's job).
+    engine._batcher._batch_fn = spy_batch  # type: ignore[assignment]
+    engine._run_batch = spy_batch  # type: ignore[method-assign,assignment]
+    engine._prepare_sync = spy_prepare  # type: ignore[method-assign,assignment]
+    async with engine:
+        result, frame = await engine.detect_with_frame(photo_bytes["chelsea"])
+        again = await engine.detect(photo_bytes["chelsea"])
+    # One device, one frame in flight: decoding and the model in the same inference thread.
+    assert len(threads["decode"]) == 2
+    assert threads["model"]
+    assert all(t.startswith("edgeward-infer") for t in threads["model"])
+    assert all(t.startswith("edgeward-infer") for t in threads["decode"])
+    assert _labels(result).get("Cat", 0) >= 0.7
+    assert frame is not None
+    assert frame.shape == (300, 451, 3)
+    assert result.inference_ms > 0
+    assert observer.batches == [1]  # counted as a batch of one
+    assert observer.cache == ["miss", "exact"]
+    assert again.from_cache
+
+
+async def test_devices_whose_frames_shared_a_run_keep_sharing(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    # Four devices, one frame in flight each: when one run answers several of them, they send
+    # their next frames at once. The first of those must not go alone (a run of one, and the
+    # others' run after it) just because it found the batcher idle for a moment: a frame goes
+    # alone only when the run before it had one frame too.
+    observer = Recorder()
+    images = list(photo_bytes.values())
+    alone_after: list[int | None] = []  # the size of the run before each lone frame
+    engine = _engine(models_dir, max_batch=8, max_wait_ms=2_000, observer=observer)
+    run_alone = engine._batcher.run_alone
+
+    async def spy_alone(job: object) -> object:
+        alone_after.append(observer.batches[-1] if observer.batches else None)
+        return await run_alone(job)  # type: ignore[arg-type]
+
+    engine._batcher.run_alone = spy_alone  # type: ignore[method-assign,assignment]
+
+    async def device(k: int) -> None:
+        for i in range(4):
+            await engine.detect(images[(k + i) % len(images)])
+
+    async with engine:
+        await asyncio.gather(*(device(k) for k in range(4)))
+    assert sum(observer.batches) == 16
+    assert max(observer.batches) > 1
+    assert alone_after  # the first frame: nothing ran before it
+    assert all(size in (None, 1) for size in alone_after), (alone_after, observer.batches)
 
 
 def _truncated(data: bytes) -> bytes:
