@@ -132,8 +132,9 @@ class FrontDoor:
     """Admission, the frame pipeline, the telemetry store and refusals for every transport.
 
     ``authoriser`` ``None`` admits every device type (no registry, tests); ``revocation``
-    ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once and
-    at most ``max_waiting`` wait for a turn (:class:`~gateway._door._fair.FairQueue`).
+    ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once, at
+    most ``per_device`` of one device, and at most ``max_waiting`` wait for a turn
+    (:class:`~gateway._door._fair.FairQueue`).
     ``detection_hook`` is installed by the escalation plug-in and read per frame.
     """
 
@@ -150,6 +151,7 @@ class FrontDoor:
         refusals: RefusalLog | None = None,
         slots: int = 16,
         max_waiting: int = 64,
+        per_device: int = 1,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         limits = limits if limits is not None else LimitsSettings()
@@ -163,7 +165,7 @@ class FrontDoor:
         self.clock = clock
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
-        self.fair = FairQueue(slots=slots, max_waiting=max_waiting)
+        self.fair = FairQueue(slots=slots, max_waiting=max_waiting, per_device=per_device)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
         #: Escalation marks of answers, given again with cached repeats.
@@ -271,7 +273,7 @@ class FrontDoor:
             try:
                 return await self.engine.detect_with_frame(image, deadline=deadline, key=device_id)
             finally:
-                self.fair.release()
+                self.fair.release(device_id)
 
         if guard is not None:
             result, decoded = await guard(run())

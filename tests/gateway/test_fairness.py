@@ -64,6 +64,54 @@ async def test_fair_queue_serves_a_waiting_device_before_a_floods_backlog() -> N
     assert (fair.busy, fair.waiting()) == (0, 0)
 
 
+async def test_fair_queue_keeps_slots_free_for_other_devices() -> None:
+    # Four slots, one turn per device: the flood's backlog holds one slot, never all four.
+    fair = FairQueue(slots=4, max_waiting=100, per_device=1)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def frame(device_id: str) -> None:
+        async with fair.turn(device_id):
+            order.append(device_id)
+            await release.wait()
+
+    flood = [asyncio.create_task(frame("flood")) for _ in range(10)]
+    await _until(lambda: fair.waiting("flood") == 9)
+    assert (fair.busy, fair.held("flood")) == (1, 1)
+    # A newcomer takes a free slot at once: no turn of the flood's to wait for.
+    victims = [asyncio.create_task(frame(f"victim-{i}")) for i in range(3)]
+    await _until(lambda: fair.busy == 4)
+    assert fair.waiting() == 9
+    assert sorted(order) == ["flood", "victim-0", "victim-1", "victim-2"]
+    # Full: a fifth device waits, and is served after at most one more of the flood's frames.
+    late = asyncio.create_task(frame("late"))
+    await _until(lambda: fair.waiting("late") == 1)
+    release.set()
+    await asyncio.gather(*flood, *victims, late)
+    assert order.index("late") < [i for i, d in enumerate(order) if d == "flood"][2]
+    assert (fair.busy, fair.waiting(), fair.held("flood")) == (0, 0, 0)
+
+
+async def test_fair_queue_never_gives_a_device_more_than_its_cap() -> None:
+    fair = FairQueue(slots=8, max_waiting=100, per_device=2)
+    most = 0
+    step = asyncio.Event()
+
+    async def frame(device_id: str) -> None:
+        nonlocal most
+        async with fair.turn(device_id):
+            most = max(most, fair.held(device_id))
+            await step.wait()
+
+    tasks = [asyncio.create_task(frame(d)) for d in ("a",) * 12 + ("b",) * 5]
+    await _until(lambda: fair.busy == 4)
+    assert (fair.held("a"), fair.held("b"), fair.waiting()) == (2, 2, 13)
+    step.set()
+    await asyncio.gather(*tasks)
+    assert most == 2
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
 async def test_fair_queue_is_bounded_and_forgets_cancelled_waiters() -> None:
     fair = FairQueue(slots=1, max_waiting=2)
     hold = asyncio.Event()
@@ -113,6 +161,55 @@ async def test_micro_batches_take_devices_in_turn() -> None:
     assert sorted(x for b in batches for x in b) == sorted(
         ["f0", "v0"] + [f"f{i}" for i in range(1, 9)]
     )
+
+
+async def test_a_batch_holds_at_most_one_frame_per_device() -> None:
+    batches: list[list[str]] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def run(items: Any) -> list[str]:
+        if not batches:
+            running.set()
+            gate.wait(timeout=30)
+        batches.append(list(items))
+        return list(items)
+
+    async with MicroBatcher(
+        run, max_batch=8, max_per_key=1, max_wait_ms=0, queue_size=64
+    ) as batcher:
+        first = asyncio.create_task(batcher.submit("f0", key="flood"))
+        await _until(running.is_set)
+        # The flood's backlog of 20 and one frame each of two other devices, queued last.
+        flood = [asyncio.create_task(batcher.submit(f"f{i}", key="flood")) for i in range(1, 21)]
+        others = [asyncio.create_task(batcher.submit(f"{d}0", key=d)) for d in ("victim", "other")]
+        await _until(lambda: batcher.queue_depth() == 22)
+        gate.set()
+        await asyncio.gather(first, *flood, *others)
+    # The backlog runs one frame per batch; the others' frames are in the very next batch.
+    assert batches[1] == ["f1", "victim0", "other0"]
+    assert all(sum(x.startswith("f") for x in b) <= 1 for b in batches)
+    assert [x for b in batches for x in b if x.startswith("f")] == [f"f{i}" for i in range(21)]
+
+
+async def test_frames_without_a_key_are_not_capped() -> None:
+    batches: list[list[str]] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def run(items: Any) -> list[str]:
+        if not batches:
+            running.set()
+            gate.wait(timeout=30)
+        batches.append(list(items))
+        return list(items)
+
+    async with MicroBatcher(run, max_batch=4, max_per_key=1, max_wait_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit("x0"))
+        await _until(running.is_set)
+        rest = [asyncio.create_task(batcher.submit(f"x{i}")) for i in range(1, 5)]
+        await _until(lambda: batcher.queue_depth() == 4)
+        gate.set()
+        await asyncio.gather(first, *rest)
+    assert batches == [["x0"], ["x1", "x2", "x3", "x4"]]
 
 
 async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
