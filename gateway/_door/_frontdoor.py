@@ -138,6 +138,11 @@ class FrontDoor:
     ``detection_hook`` is installed by the escalation plug-in and read per frame.
     """
 
+    #: Longest a flooding device's refused call is held before it is answered.
+    REFUSAL_HOLD_S = 0.5
+    #: Refused calls of one device held at once; beyond it they are answered at once.
+    MAX_HELD_PER_DEVICE = 256
+
     def __init__(
         self,
         *,
@@ -166,6 +171,7 @@ class FrontDoor:
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self.fair = FairQueue(slots=slots, max_waiting=max_waiting, per_device=per_device)
+        self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
         #: Escalation marks of answers, given again with cached repeats.
@@ -243,6 +249,42 @@ class FrontDoor:
         return Admitted(
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
+
+    async def hold_refusal(
+        self, method: str, device_id: str, *, remaining: float | None = None
+    ) -> float:
+        """Back-pressure on a flooding device: wait before its refusal is answered.
+
+        A device refused more than its burst in a row since it was last admitted is
+        flooding, not a little over budget. Answering each of its calls at once would let it
+        send as fast as the gateway can refuse; holding the refusal for up to
+        :attr:`REFUSAL_HOLD_S` (within the call's deadline, ``remaining`` seconds) makes its
+        own concurrency limit (HTTP/2 streams, its SDK's window) slow it to a few calls per
+        second, at the cost of one sleeping task per held call. At most
+        :attr:`MAX_HELD_PER_DEVICE` of a device's refusals are held at once (memory stays
+        bounded); the rest are answered at once. Returns the seconds held (0.0: not held).
+        """
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        if method not in _BUDGETED or limiter.refused_in_row(device_id) <= limiter.burst:
+            return 0.0
+        held = self._held.get(device_id, 0)
+        if held >= self.MAX_HELD_PER_DEVICE:
+            return 0.0
+        hold = self.REFUSAL_HOLD_S
+        if remaining is not None:
+            # Answered before the caller's deadline: it must see the refusal, not a timeout.
+            hold = min(hold, remaining / 2)
+        if hold <= 0.0:
+            return 0.0
+        self._held[device_id] = held + 1
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            if self._held[device_id] <= 1:
+                del self._held[device_id]
+            else:
+                self._held[device_id] -= 1
+        return hold
 
     async def pace(self, device_id: str) -> None:
         """Take a frame token for a stream's next frame, waiting for one (gRPC flow control)."""
