@@ -13,8 +13,11 @@ busy), and the micro-batcher behind it never holds more than one frame of a devi
 (:class:`~gateway._inference._batcher.MicroBatcher` caps frames per device per batch too). A
 newcomer's frame therefore waits for at most the model run in progress, not for a backlog.
 
-Bounded: at most ``max_waiting`` frames wait in all; one more is refused at once with
-:class:`~gateway.errors.Overloaded` (retry later) rather than growing the queue.
+Bounded: at most ``max_waiting`` frames wait in all, and at most ``max_waiting_per_device``
+of one device; one more is refused at once with :class:`~gateway.errors.Overloaded` (retry
+later) rather than growing the queue. The per-device bound also bounds how long an admitted
+frame waits (a few turns), which MQTT needs: the bridge acknowledges frames in the order they
+arrived, so one long-waiting frame would hold back the acknowledgements behind it.
 Event-loop only.
 """
 
@@ -34,12 +37,24 @@ class FairQueue:
     """``slots`` concurrent turns, at most ``per_device`` per device, handed out round robin
     across devices."""
 
-    def __init__(self, *, slots: int, max_waiting: int, per_device: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_waiting: int,
+        per_device: int = 1,
+        max_waiting_per_device: int | None = None,
+    ) -> None:
         if slots < 1 or per_device < 1 or max_waiting < 0:
             raise ValueError("slots and per_device must be at least 1, max_waiting not negative")
+        if max_waiting_per_device is not None and max_waiting_per_device < 0:
+            raise ValueError("max_waiting_per_device must not be negative")
         self._slots = slots
         self._per_device = per_device
         self._max_waiting = max_waiting
+        self._max_waiting_per_device = (
+            max_waiting if max_waiting_per_device is None else max_waiting_per_device
+        )
         self._busy = 0
         self._held: dict[str, int] = {}  # turns held per device (only devices holding any)
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
@@ -83,6 +98,8 @@ class FairQueue:
             return
         if self._count >= self._max_waiting:
             raise Overloaded(self._max_waiting)
+        if self.waiting(device_id) >= self._max_waiting_per_device:
+            raise Overloaded(self._max_waiting_per_device)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._waiting.get(device_id)
         if queue is None:

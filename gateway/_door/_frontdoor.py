@@ -133,8 +133,8 @@ class FrontDoor:
 
     ``authoriser`` ``None`` admits every device type (no registry, tests); ``revocation``
     ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once, at
-    most ``per_device`` of one device, and at most ``max_waiting`` wait for a turn
-    (:class:`~gateway._door._fair.FairQueue`).
+    most ``per_device`` of one device, and at most ``max_waiting`` wait for a turn, at most
+    ``limits.frames_waiting_per_device`` of one device (:class:`~gateway._door._fair.FairQueue`).
     ``detection_hook`` is installed by the escalation plug-in and read per frame.
     """
 
@@ -170,7 +170,12 @@ class FrontDoor:
         self.clock = clock
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
-        self.fair = FairQueue(slots=slots, max_waiting=max_waiting, per_device=per_device)
+        self.fair = FairQueue(
+            slots=slots,
+            max_waiting=max_waiting,
+            per_device=per_device,
+            max_waiting_per_device=limits.frames_waiting_per_device,
+        )
         self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
@@ -249,6 +254,10 @@ class FrontDoor:
         return Admitted(
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
+
+    def held_refusals(self, device_id: str) -> int:
+        """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""
+        return self._held.get(device_id, 0)
 
     async def hold_refusal(
         self, method: str, device_id: str, *, remaining: float | None = None

@@ -112,6 +112,26 @@ async def test_fair_queue_never_gives_a_device_more_than_its_cap() -> None:
     assert (fair.busy, fair.waiting()) == (0, 0)
 
 
+async def test_fair_queue_bounds_each_devices_backlog() -> None:
+    fair = FairQueue(slots=1, max_waiting=100, max_waiting_per_device=2)
+    hold = asyncio.Event()
+
+    async def frame(device_id: str) -> None:
+        async with fair.turn(device_id):
+            await hold.wait()
+
+    tasks = [asyncio.create_task(frame("flood")) for _ in range(3)]
+    await _until(lambda: fair.waiting("flood") == 2)
+    # The flood's third waiting frame is refused at once; another device still queues.
+    with pytest.raises(Overloaded):
+        await fair.acquire("flood")
+    tasks.append(asyncio.create_task(frame("victim")))
+    await _until(lambda: fair.waiting("victim") == 1)
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
 async def test_fair_queue_is_bounded_and_forgets_cancelled_waiters() -> None:
     fair = FairQueue(slots=1, max_waiting=2)
     hold = asyncio.Event()
@@ -252,6 +272,47 @@ async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
     assert (door.fair.busy, door.fair.waiting()) == (0, 0)
 
 
+async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> None:
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor, TopicIdentity
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    door = FrontDoor(
+        gateway_id="gw-1",
+        engine=FakeEngine(),
+        limits=LimitsSettings(frames_per_s=0.001, burst=2),
+    )
+    door.REFUSAL_HOLD_S = 600.0  # held until cancelled: nothing here waits for it
+    door.MAX_HELD_PER_DEVICE = 3
+
+    def refused(device_id: str) -> None:
+        with pytest.raises(RateLimited):
+            door.admit_now("Detect", lambda: TopicIdentity(device_id))
+
+    for _ in range(2):
+        assert door.admit_now("Detect", lambda: TopicIdentity("cam-a")) is not None
+    # A little over budget (up to its burst of refusals in a row): answered at once.
+    for _ in range(2):
+        refused("cam-a")
+        assert await door.hold_refusal("Detect", "cam-a") == 0.0
+    # Flooding: its refusals are held, at most MAX_HELD_PER_DEVICE at once.
+    refused("cam-a")
+    held = [asyncio.create_task(door.hold_refusal("Detect", "cam-a")) for _ in range(3)]
+    await _until(lambda: door.held_refusals("cam-a") == 3)
+    assert await door.hold_refusal("Detect", "cam-a") == 0.0
+    # Never past the caller's deadline: held for half of what is left of it.
+    door.MAX_HELD_PER_DEVICE = 4
+    assert await door.hold_refusal("Detect", "cam-a", remaining=0.02) == pytest.approx(0.01)
+    # Another device, and methods outside the budget, are not held.
+    assert await door.hold_refusal("Detect", "cam-b") == 0.0
+    assert await door.hold_refusal("Subscribe", "cam-a") == 0.0
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+    assert door.held_refusals("cam-a") == 0  # nothing left behind
+
+
 # -- a real gateway, both transports ----------------------------------------------------------
 
 
@@ -308,7 +369,8 @@ async def gateway(tmp_path: Path) -> Any:
         tmp_path,
         # One frame in the model at a time, so a backlog forms and its order shows.
         inference={"models_dir": str(MODELS_DIR), "threads": 1, "max_batch": 1},
-        limits={"frames_per_s": 0.001, "burst": BURST},
+        # The whole budget may wait (its order is what these tests look at).
+        limits={"frames_per_s": 0.001, "burst": BURST, "frames_waiting_per_device": BURST},
     ) as gw:
         yield gw
 
@@ -382,3 +444,49 @@ async def test_grpc_flood_is_refused_at_once_and_the_victim_is_served_in_turn(
         assert await asyncio.gather(*admitted) == ["OK"] * BURST
     _check_order(recording)
     assert recording.done.count("cam-flood") == BURST
+
+
+async def test_grpc_flood_is_answered_after_a_hold_with_retry_after(gateway: Any) -> None:
+    gw = gateway
+    service = gw.service
+    flooder = gw.device("cam-flood", device_type="pet_camera")
+    victim = gw.device("cam-victim", device_type="pet_camera")
+    creds = pki.grpc_channel_credentials(
+        ca_bundle_pem=service.identity.ca_bundle.read_bytes(), identity=flooder
+    )
+    victim_creds = pki.grpc_channel_credentials(
+        ca_bundle_pem=service.identity.ca_bundle.read_bytes(), identity=victim
+    )
+    jpeg = (PHOTOS / "chelsea.jpg").read_bytes()
+    address = f"127.0.0.1:{service.grpc_port}"
+    excess = 2 * BURST + 16
+
+    async def call(stub: Any, frame_id: str) -> grpc.aio.AioRpcError | None:
+        try:
+            await stub.Detect(common_pb2.Frame(image=jpeg, frame_id=frame_id), timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    async with (
+        grpc.aio.secure_channel(address, creds) as fc,
+        grpc.aio.secure_channel(address, victim_creds) as vc,
+    ):
+        stub = gateway_pb2_grpc.DeviceGatewayStub(fc)
+        assert await asyncio.gather(*(call(stub, f"f-{i}") for i in range(BURST))) == [None] * BURST
+        # Its burst of refusals in a row is answered at once ...
+        quick = await asyncio.gather(*(call(stub, f"q-{i}") for i in range(BURST)))
+        assert service.door.held_refusals("cam-flood") == 0
+        # ... after that, its refusals wait: its own concurrency limit now paces it.
+        calls = [asyncio.create_task(call(stub, f"x-{i}")) for i in range(excess)]
+        await _until(lambda: service.door.held_refusals("cam-flood") == excess)
+        # Another device is served meanwhile.
+        assert await call(gateway_pb2_grpc.DeviceGatewayStub(vc), "v-1") is None
+        held = await asyncio.gather(*calls)
+    # Every refusal still reaches the device, with its retry-after.
+    for exc in quick + held:
+        assert exc is not None
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "edgeward-retry-after-s" in dict(exc.trailing_metadata() or ())
+    assert service.door.held_refusals("cam-flood") == 0
+    assert _denials(service, "rate_limited") == BURST + excess
