@@ -167,7 +167,9 @@ class MqttBridge:
         )
         self._protobuf_devices: OrderedDict[str, bool] = OrderedDict()
         self._clients: dict[int, aiomqtt.Client] = {}
-        self._any_connected = asyncio.Event()
+        # Answers and events go out on a connection of their own (see _publisher).
+        self._out: aiomqtt.Client | None = None
+        self._out_connected = asyncio.Event()
         self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-bridge")
         self._frames = TaskSet("mqtt-frames")
@@ -191,6 +193,7 @@ class MqttBridge:
         await self._reap_stale_sessions()
         for i in range(self.settings.frame_workers):
             self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
+        self._tasks.spawn(self._publisher(), name="mqtt-publisher")
         self._tasks.spawn(self._forward_events(), name="mqtt-events")
         self._tasks.spawn(self._ingest.admit_loop(), name="mqtt-telemetry-admission")
         self._ingest.start()
@@ -235,7 +238,11 @@ class MqttBridge:
             await self._ready.wait()
 
     def _check_ready(self) -> None:
-        if self._subscribed >= self.settings.frame_workers and self._ingest.workers_connected():
+        if (
+            self._subscribed >= self.settings.frame_workers
+            and self._out_connected.is_set()
+            and self._ingest.workers_connected()
+        ):
             self._ready.set()
 
     # -- telemetry -------------------------------------------------------------------------
@@ -369,7 +376,6 @@ class MqttBridge:
                         # The persistent session may hold it from an earlier configuration.
                         await client.unsubscribe(telemetry)
                     self._clients[index] = client
-                    self._any_connected.set()
                     if first:
                         self._subscribed += 1
                         self._check_ready()
@@ -385,10 +391,36 @@ class MqttBridge:
                 # the next one (same session); those answers go out then (de-duplicated).
                 acks.close()
                 self._clients.pop(index, None)
-                if not self._clients:
-                    self._any_connected.clear()
             self.stats.reconnects += 1
             # Full jitter: many gateways (or consumers) must not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _publisher(self) -> None:
+        """The connection that answers and events go out on, apart from the consumers'.
+
+        A consumer's connection brings in whatever devices send, in order: during one
+        device's flood, the broker's acknowledgements of our answers would arrive behind
+        thousands of its frames, and the client sends only a few publications ahead of their
+        acknowledgements. A connection that brings nothing in gets them in milliseconds, so
+        another device's answer never waits for a flood to be read.
+        """
+        client = self._new_client(self._client_id("publisher", 0), persistent=False)
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                async with client:
+                    self._out = client
+                    self._out_connected.set()
+                    self._check_ready()
+                    delay = self.settings.reconnect_min_s
+                    async for _message in client.messages:  # pragma: no cover - subscribes none
+                        pass
+            except aiomqtt.MqttError as exc:
+                _log.warning("mqtt publisher disconnected", error=str(exc))
+            finally:
+                self._out = None
+                self._out_connected.clear()
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
@@ -455,13 +487,13 @@ class MqttBridge:
         while True:
             try:
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    await self._any_connected.wait()
-                    clients = list(self._clients.values())
-                    if clients:
+                    await self._out_connected.wait()
+                    client = self._out
+                    if client is not None:
                         # A PUBACK takes milliseconds; one that does not come means the
                         # connection died under us: publish again once reconnected (the
                         # device may see the answer twice, with the same correlation data).
-                        await clients[0].publish(
+                        await client.publish(
                             topic, payload, qos=self.settings.qos, properties=props, timeout=2.0
                         )
                         return
