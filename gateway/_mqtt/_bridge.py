@@ -421,6 +421,7 @@ class MqttBridge:
             finally:
                 self._out = None
                 self._out_connected.clear()
+            self.stats.reconnects += 1
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
