@@ -146,12 +146,12 @@ class LimitsSettings(_Section):
         default=30, ge=1, description="Frames a device may send at once (token bucket size)."
     )
     frames_waiting_per_device: int = Field(
-        default=4,
+        default=8,
         ge=1,
         le=10_000,
-        description="Admitted frames of one device waiting for the model at most (it has one "
-        "in the model at a time); more are refused at once (RESOURCE_EXHAUSTED, retry later), "
-        "so one device's backlog never delays another's frames.",
+        description="Admitted frames of one device waiting for the model at most (it has at "
+        "most two in the model); more are refused at once (RESOURCE_EXHAUSTED, retry later), "
+        "so one device's backlog never delays another's frames for long.",
     )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024 + 64 * 1024,

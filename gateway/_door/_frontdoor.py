@@ -156,7 +156,7 @@ class FrontDoor:
         refusals: RefusalLog | None = None,
         slots: int = 16,
         max_waiting: int = 64,
-        per_device: int = 1,
+        per_device: int = 2,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         limits = limits if limits is not None else LimitsSettings()
@@ -255,6 +255,14 @@ class FrontDoor:
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
 
+    def flooding(self, method: str, device_id: str) -> bool:
+        """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
+        budget since it was last admitted: a flood, not a device a little over budget."""
+        if method not in _BUDGETED:
+            return False
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        return limiter.refused_in_row(device_id) > limiter.burst
+
     def held_refusals(self, device_id: str) -> int:
         """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""
         return self._held.get(device_id, 0)
@@ -273,8 +281,7 @@ class FrontDoor:
         :attr:`MAX_HELD_PER_DEVICE` of a device's refusals are held at once (memory stays
         bounded); the rest are answered at once. Returns the seconds held (0.0: not held).
         """
-        limiter = self._reports if method == "ReportTelemetry" else self._frames
-        if method not in _BUDGETED or limiter.refused_in_row(device_id) <= limiter.burst:
+        if not self.flooding(method, device_id):
             return 0.0
         held = self._held.get(device_id, 0)
         if held >= self.MAX_HELD_PER_DEVICE:

@@ -24,6 +24,10 @@ token-bucket check, so a flood drains from the broker as fast as it arrives and 
 in front of another device's frames. Admitted frames then wait their device's turn at the
 front door (round robin across devices). Refusals are counted exactly (Prometheus, ``stats``)
 and audited in bounded lines; error events about them are bounded per device per interval.
+A device refused more than its burst in a row is disconnected from the managed broker
+(:class:`~gateway._mqtt._floodgate.FloodGate`), so its flood stops costing the broker and the
+bridge its reading and stops queueing ahead of other devices' frames. Answers and events
+go out on a connection of their own, never behind the frames coming in.
 
 **Where the device id comes from.** Identity is read from the TLS layer only; the bridge never
 sees the publisher's certificate, but the broker does: its ACL lets a certificate with CN
@@ -71,9 +75,10 @@ from gateway._door import (
     encode,
     event_to_pb,
 )
-from gateway._events import DeviceEvent
+from gateway._events import DeviceEvent, ErrorEvent
 from gateway._mqtt._acks import Ack, Acks
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
+from gateway._mqtt._floodgate import FloodGate, Kicker
 from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
@@ -81,7 +86,7 @@ from gateway._mqtt._telemetry import (
     WorkerOptions,
     device_from_topic,
 )
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, RateLimited
 from protos.edgeward.v1 import common_pb2
 
 __all__ = ["BridgeConnection", "BridgeStats", "MqttBridge"]
@@ -156,12 +161,19 @@ class MqttBridge:
         *,
         connection: BridgeConnection,
         door: FrontDoor,
+        control: Kicker | None = None,
     ) -> None:
         self.settings = settings
         self._conn = connection
         self._door = door
         self._gateway_id = door.gateway_id
         self.stats = BridgeStats()
+        #: Disconnects a flooding device (managed broker: ``control``).
+        self.gate = (
+            FloodGate(control, tell=self._tell_flooding)
+            if control is not None and settings.disconnect_floods
+            else None
+        )
         self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
             OrderedDict()
         )
@@ -205,6 +217,8 @@ class MqttBridge:
         hub: Any = self._door.events
         if hasattr(hub, "remove_listener"):
             hub.remove_listener(self._on_hub_event)
+        if self.gate is not None:
+            await self.gate.aclose()
         await self._tasks.close()
         await self._frames.close()
         await self._ingest.stop()
@@ -529,6 +543,21 @@ class MqttBridge:
     def _frame_refused(self, device_id: str, exc: BaseException, frame_id: str) -> None:
         self.stats.frames_rejected += 1
         self._refused(device_id, exc, method="Detect", frame_id=frame_id)
+        if (
+            self.gate is not None
+            and isinstance(exc, RateLimited)
+            and self._door.flooding("Detect", device_id)
+        ):
+            self.gate.flooding(device_id)
+
+    def _tell_flooding(self, device_id: str) -> None:
+        self._door.events.publish(
+            device_id,
+            ErrorEvent(
+                code="RESOURCE_EXHAUSTED",
+                message="far over the frame budget: disconnected; honour retry-after",
+            ),
+        )
 
     async def _handle_frame(self, admitted: Admitted, message: aiomqtt.Message) -> None:
         device_id = admitted.device_id
