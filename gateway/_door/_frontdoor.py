@@ -174,7 +174,7 @@ class FrontDoor:
             slots=slots,
             max_waiting=max_waiting,
             per_device=per_device,
-            max_waiting_per_device=limits.frames_waiting_per_device,
+            max_waiting_per_device=limits.frames_waiting_per_device or limits.burst,
         )
         self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
@@ -255,13 +255,17 @@ class FrontDoor:
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
 
+    def refused_in_row(self, method: str, device_id: str) -> int:
+        """Refusals of ``device_id`` on ``method``'s budget since it was last admitted."""
+        if method not in _BUDGETED:
+            return 0
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        return limiter.refused_in_row(device_id)
+
     def flooding(self, method: str, device_id: str) -> bool:
         """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
         budget since it was last admitted: a flood, not a device a little over budget."""
-        if method not in _BUDGETED:
-            return False
-        limiter = self._reports if method == "ReportTelemetry" else self._frames
-        return limiter.refused_in_row(device_id) > limiter.burst
+        return self.refused_in_row(method, device_id) > self.limits.burst
 
     def held_refusals(self, device_id: str) -> int:
         """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""

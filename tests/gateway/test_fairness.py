@@ -370,7 +370,7 @@ async def gateway(tmp_path: Path) -> Any:
         # One frame in the model at a time, so a backlog forms and its order shows.
         inference={"models_dir": str(MODELS_DIR), "threads": 1, "max_batch": 1},
         # The flooder stays connected: its refusals are what the MQTT test counts.
-        mqtt={"disconnect_floods": False},
+        mqtt={"disconnect_after_refusals": 0},
         # The whole budget may wait (its order is what these tests look at).
         limits={"frames_per_s": 0.001, "burst": BURST, "frames_waiting_per_device": BURST},
     ) as gw:

@@ -116,7 +116,8 @@ async def test_a_refused_flood_writes_bounded_log_and_events_with_exact_counts(
     }
     with structlog.testing.capture_logs() as logs:
         # Every refused frame is read and counted here: the flooder stays connected.
-        async with mqtt_gateway(tmp_path, limits=limits, mqtt={"disconnect_floods": False}) as gw:
+        mqtt = {"disconnect_after_refusals": 0}
+        async with mqtt_gateway(tmp_path, limits=limits, mqtt=mqtt) as gw:
             service = gw.service
             flood = gw.device("cam-flood", device_type="pet_camera")
             calm = gw.device("cam-calm", device_type="pet_camera")
