@@ -9,7 +9,9 @@ it is holding. Bounded: idle buckets are dropped (a full bucket carries no infor
 Each bucket also counts the device's refusals since its last admitted frame
 (:meth:`RateLimiter.refused_in_row`): more than ``burst`` of them in a row is a flood, not a
 device a little over budget, and the front door answers it with back-pressure rather than at
-once (:meth:`~gateway._door.FrontDoor.hold_refusal`).
+once (:meth:`~gateway._door.FrontDoor.hold_refusal`). It also counts refusals per one-second
+window (:meth:`RateLimiter.refused_recently`), which the refill does not reset: the MQTT
+bridge disconnects a device refused too many frames within a second.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from collections.abc import Callable
 from gateway.errors import RateLimited
 
 __all__ = ["RateLimiter"]
+
+#: The window of :meth:`RateLimiter.refused_recently`.
+_WINDOW_S = 1.0
 
 
 class RateLimiter:
@@ -41,8 +46,8 @@ class RateLimiter:
         self._burst = float(burst)
         self._clock = clock
         self._max_devices = max_devices
-        # tokens, at, refusals since the last token taken
-        self._buckets: OrderedDict[str, tuple[float, float, int]] = OrderedDict()
+        # tokens, at, refusals since the last token taken, refusals in the window since
+        self._buckets: OrderedDict[str, tuple[float, float, int, int, float]] = OrderedDict()
 
     @property
     def burst(self) -> int:
@@ -52,13 +57,17 @@ class RateLimiter:
     def try_take(self, device_id: str) -> float:
         """Take one token; return 0.0, or the seconds until one is available (nothing taken)."""
         now = self._clock()
-        tokens, at, refused = self._buckets.get(device_id, (self._burst, now, 0))
+        tokens, at, in_row, recent, since = self._buckets.get(
+            device_id, (self._burst, now, 0, 0, now)
+        )
         tokens = min(self._burst, tokens + (now - at) * self._rate)
         if tokens >= 1.0:
-            self._buckets[device_id] = (tokens - 1.0, now, 0)
+            self._buckets[device_id] = (tokens - 1.0, now, 0, recent, since)
             wait = 0.0
         else:
-            self._buckets[device_id] = (tokens, now, refused + 1)
+            if now - since >= _WINDOW_S:
+                recent, since = 0, now
+            self._buckets[device_id] = (tokens, now, in_row + 1, recent + 1, since)
             wait = (1.0 - tokens) / self._rate
         self._buckets.move_to_end(device_id)
         if len(self._buckets) > self._max_devices:
@@ -70,6 +79,14 @@ class RateLimiter:
         """Refusals of ``device_id`` since it last took a token."""
         bucket = self._buckets.get(device_id)
         return 0 if bucket is None else bucket[2]
+
+    def refused_recently(self, device_id: str) -> int:
+        """Refusals of ``device_id`` in its current one-second window (a rate, unlike
+        :meth:`refused_in_row`, which the budget's refill resets)."""
+        bucket = self._buckets.get(device_id)
+        if bucket is None or self._clock() - bucket[4] >= _WINDOW_S:
+            return 0
+        return bucket[3]
 
     def take(self, device_id: str) -> None:
         """Take one token or raise :class:`RateLimited`."""

@@ -262,6 +262,13 @@ class FrontDoor:
         limiter = self._reports if method == "ReportTelemetry" else self._frames
         return limiter.refused_in_row(device_id)
 
+    def refused_recently(self, method: str, device_id: str) -> int:
+        """Refusals of ``device_id`` on ``method``'s budget within the current second."""
+        if method not in _BUDGETED:
+            return 0
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        return limiter.refused_recently(device_id)
+
     def flooding(self, method: str, device_id: str) -> bool:
         """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
         budget since it was last admitted: a flood, not a device a little over budget."""

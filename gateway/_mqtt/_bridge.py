@@ -24,8 +24,8 @@ token-bucket check, so a flood drains from the broker as fast as it arrives and 
 in front of another device's frames. Admitted frames then wait their device's turn at the
 front door (round robin across devices). Refusals are counted exactly (Prometheus, ``stats``)
 and audited in bounded lines; error events about them are bounded per device per interval.
-A device refused ``disconnect_after_refusals`` frames in a row is disconnected from the
-managed broker
+A device refused ``disconnect_after_refusals`` frames within a second is disconnected from
+the managed broker
 (:class:`~gateway._mqtt._floodgate.FloodGate`), so its flood stops costing the broker and the
 bridge its reading and stops queueing ahead of other devices' frames. Answers and events
 go out on a connection of their own, never behind the frames coming in.
@@ -547,7 +547,7 @@ class MqttBridge:
         if (
             self.gate is not None
             and isinstance(exc, RateLimited)
-            and self._door.refused_in_row("Detect", device_id)
+            and self._door.refused_recently("Detect", device_id)
             >= self.settings.disconnect_after_refusals
         ):
             self.gate.flooding(device_id)

@@ -175,9 +175,9 @@ class MqttSettings(BaseModel):
     disconnect_after_refusals: int = Field(
         default=100,
         ge=0,
-        description="Managed: a device refused this many frames in a row (none admitted in "
-        "between) is disconnected and told why on its events, so its flood stops costing the "
-        "broker and the bridge and no other device's frames queue behind it; 0: never.",
+        description="Managed: a device refused this many frames within one second is "
+        "disconnected and told why on its events, so its flood stops costing the broker and "
+        "the bridge and no other device's frames queue behind it; 0: never.",
     )
     frame_deadline_s: float = Field(
         default=5.0, gt=0.0, description="Deadline of one frame's inference."

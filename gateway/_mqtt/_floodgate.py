@@ -6,8 +6,8 @@ to the bridge first-in-first-out: while one device floods faster than the bridge
 other devices' frames wait behind its flood and its CPU. A refusal cannot slow an MQTT
 publisher (the broker acknowledges its publications itself, at once), so :class:`FloodGate`
 ends the connection instead: once the front door counts a device refused
-``disconnect_after_refusals`` frames in a row, none admitted in between
-(:meth:`~gateway._door.FrontDoor.refused_in_row`), the device is told on its events and its
+``disconnect_after_refusals`` frames within one second
+(:meth:`~gateway._door.FrontDoor.refused_recently`), the device is told on its events and its
 connections are closed through the dynamic security plugin (the revocation enforcer's
 :meth:`~gateway._mqtt._enforcer.BrokerControl.kick`; MQTT 5 reason 0x98). A device that honours
 retry-after never gets there; one that reconnects and floods again is disconnected again, at

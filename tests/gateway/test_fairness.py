@@ -313,6 +313,32 @@ async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> Non
     assert door.held_refusals("cam-a") == 0  # nothing left behind
 
 
+def test_the_budget_counts_refusals_in_a_row_and_per_second() -> None:
+    from gateway._door._budget import RateLimiter
+
+    now = [0.0]
+    budget = RateLimiter(rate=1.0, burst=1, clock=lambda: now[0])
+    assert budget.try_take("cam-a") == 0.0
+    for t in (0.1, 0.2, 0.3):
+        now[0] = t
+        assert budget.try_take("cam-a") > 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (3, 3)
+    # A token refilled and taken ends the run of refusals, not the second's count.
+    now[0] = 1.05
+    assert budget.try_take("cam-a") == 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (0, 3)
+    now[0] = 1.06
+    assert budget.try_take("cam-a") > 0.0
+    assert budget.refused_recently("cam-a") == 4
+    # A new second, a new count.
+    now[0] = 1.2
+    assert budget.try_take("cam-a") > 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (2, 1)
+    now[0] = 2.5
+    assert budget.refused_recently("cam-a") == 0
+    assert budget.refused_recently("cam-unknown") == 0
+
+
 # -- a real gateway, both transports ----------------------------------------------------------
 
 
