@@ -65,8 +65,8 @@ class RateLimiter:
             self._buckets[device_id] = (tokens - 1.0, now, 0, recent, since)
             wait = 0.0
         else:
-            if now - since >= _WINDOW_S:
-                recent, since = 0, now
+            if recent == 0 or now - since >= _WINDOW_S:
+                recent, since = 0, now  # a window starts at its first refusal
             self._buckets[device_id] = (tokens, now, in_row + 1, recent + 1, since)
             wait = (1.0 - tokens) / self._rate
         self._buckets.move_to_end(device_id)
