@@ -173,7 +173,7 @@ class MqttSettings(BaseModel):
         "frames. Frames waiting for the model are bounded by [inference] queue_size.",
     )
     disconnect_after_refusals: int = Field(
-        default=100,
+        default=20,
         ge=0,
         description="Managed: a device refused this many frames within one second is "
         "disconnected and told why on its events, so its flood stops costing the broker and "
