@@ -183,6 +183,14 @@ class LimitsSettings(_Section):
     burst: int = Field(
         default=30, ge=1, description="Frames a device may send at once (token bucket size)."
     )
+    frames_waiting_per_device: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Admitted frames of one device waiting for the model at most (it has at "
+        "most two in the model); more are refused at once (RESOURCE_EXHAUSTED, retry later), "
+        "so one device's backlog cannot fill the queue of all; unset: its burst.",
+    )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024 + 64 * 1024,
         ge=4096,

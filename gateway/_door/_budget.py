@@ -5,6 +5,13 @@
 (``RateLimited`` with a retry-after); a ``StreamDetect`` waits for its token instead, so a
 stream is paced to the budget by gRPC flow control and never queues more than the one frame
 it is holding. Bounded: idle buckets are dropped (a full bucket carries no information).
+
+Each bucket also counts the device's refusals since its last admitted frame
+(:meth:`RateLimiter.refused_in_row`): more than ``burst`` of them in a row is a flood, not a
+device a little over budget, and the front door answers it with back-pressure rather than at
+once (:meth:`~gateway._door.FrontDoor.hold_refusal`). It also counts refusals per one-second
+window (:meth:`RateLimiter.refused_recently`), which the refill does not reset: the MQTT
+bridge disconnects a device refused too many frames within a second.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from collections.abc import Callable
 from gateway.errors import RateLimited
 
 __all__ = ["RateLimiter"]
+
+#: The window of :meth:`RateLimiter.refused_recently`.
+_WINDOW_S = 1.0
 
 
 class RateLimiter:
@@ -36,26 +46,47 @@ class RateLimiter:
         self._burst = float(burst)
         self._clock = clock
         self._max_devices = max_devices
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        # tokens, at, refusals since the last token taken, refusals in the window since
+        self._buckets: OrderedDict[str, tuple[float, float, int, int, float]] = OrderedDict()
 
-    def _refill(self, device_id: str) -> float:
+    @property
+    def burst(self) -> int:
+        """Tokens a full bucket holds."""
+        return int(self._burst)
+
+    def try_take(self, device_id: str) -> float:
+        """Take one token; return 0.0, or the seconds until one is available (nothing taken)."""
         now = self._clock()
-        tokens, at = self._buckets.get(device_id, (self._burst, now))
+        tokens, at, in_row, recent, since = self._buckets.get(
+            device_id, (self._burst, now, 0, 0, now)
+        )
         tokens = min(self._burst, tokens + (now - at) * self._rate)
-        self._buckets[device_id] = (tokens, now)
+        if tokens >= 1.0:
+            self._buckets[device_id] = (tokens - 1.0, now, 0, recent, since)
+            wait = 0.0
+        else:
+            if recent == 0 or now - since >= _WINDOW_S:
+                recent, since = 0, now  # a window starts at its first refusal
+            self._buckets[device_id] = (tokens, now, in_row + 1, recent + 1, since)
+            wait = (1.0 - tokens) / self._rate
         self._buckets.move_to_end(device_id)
         if len(self._buckets) > self._max_devices:
             # The least recently seen device: its bucket has refilled by now, or soon will.
             self._buckets.popitem(last=False)
-        return tokens
+        return wait
 
-    def try_take(self, device_id: str) -> float:
-        """Take one token; return 0.0, or the seconds until one is available (nothing taken)."""
-        tokens = self._refill(device_id)
-        if tokens >= 1.0:
-            self._buckets[device_id] = (tokens - 1.0, self._buckets[device_id][1])
-            return 0.0
-        return (1.0 - tokens) / self._rate
+    def refused_in_row(self, device_id: str) -> int:
+        """Refusals of ``device_id`` since it last took a token."""
+        bucket = self._buckets.get(device_id)
+        return 0 if bucket is None else bucket[2]
+
+    def refused_recently(self, device_id: str) -> int:
+        """Refusals of ``device_id`` in its current one-second window (a rate, unlike
+        :meth:`refused_in_row`, which the budget's refill resets)."""
+        bucket = self._buckets.get(device_id)
+        if bucket is None or self._clock() - bucket[4] >= _WINDOW_S:
+            return 0
+        return bucket[3]
 
     def take(self, device_id: str) -> None:
         """Take one token or raise :class:`RateLimited`."""

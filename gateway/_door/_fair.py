@@ -2,15 +2,22 @@
 
 A device that floods the gateway must not hold up the others: its frames over budget are
 refused before they queue (:mod:`gateway._door._budget`), and what it may send still waits its
-turn here. :class:`FairQueue` lets ``slots`` frames into the engine at once; the rest wait in
-one queue *per device*, and each freed slot goes to the next device in turn (round robin over
-devices with waiting work, each device's own frames in arrival order). A device with one frame
-waiting is therefore served after at most one frame of every other waiting device, however
-many those have queued, and the micro-batcher behind it keeps the same order
-(:class:`~gateway._inference._batcher.MicroBatcher` batches round robin by device too).
+turn here. :class:`FairQueue` lets ``slots`` frames into the engine at once, at most
+``per_device`` of them from one device; the rest wait in one queue *per device*, and each
+freed slot goes to the next device in turn that is under its cap (round robin over devices
+with waiting work, each device's own frames in arrival order).
 
-Bounded: at most ``max_waiting`` frames wait in all; one more is refused at once with
-:class:`~gateway.errors.Overloaded` (retry later) rather than growing the queue.
+So one device never fills the engine: with ``per_device`` 1 a device's frames go through one
+after another while every other device finds a slot free (at most ``slots - 1`` other devices
+busy), and the micro-batcher behind it never holds more than one frame of a device in a batch
+(:class:`~gateway._inference._batcher.MicroBatcher` caps frames per device per batch too). A
+newcomer's frame therefore waits for at most the model run in progress, not for a backlog.
+
+Bounded: at most ``max_waiting`` frames wait in all, and at most ``max_waiting_per_device``
+of one device; one more is refused at once with :class:`~gateway.errors.Overloaded` (retry
+later) rather than growing the queue. The per-device bound also bounds how long an admitted
+frame waits (a few turns), which MQTT needs: the bridge acknowledges frames in the order they
+arrived, so one long-waiting frame would hold back the acknowledgements behind it.
 Event-loop only.
 """
 
@@ -27,14 +34,29 @@ __all__ = ["FairQueue"]
 
 
 class FairQueue:
-    """``slots`` concurrent turns, handed out round robin across devices."""
+    """``slots`` concurrent turns, at most ``per_device`` per device, handed out round robin
+    across devices."""
 
-    def __init__(self, *, slots: int, max_waiting: int) -> None:
-        if slots < 1 or max_waiting < 0:
-            raise ValueError("slots must be at least 1 and max_waiting not negative")
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_waiting: int,
+        per_device: int = 1,
+        max_waiting_per_device: int | None = None,
+    ) -> None:
+        if slots < 1 or per_device < 1 or max_waiting < 0:
+            raise ValueError("slots and per_device must be at least 1, max_waiting not negative")
+        if max_waiting_per_device is not None and max_waiting_per_device < 0:
+            raise ValueError("max_waiting_per_device must not be negative")
         self._slots = slots
+        self._per_device = per_device
         self._max_waiting = max_waiting
+        self._max_waiting_per_device = (
+            max_waiting if max_waiting_per_device is None else max_waiting_per_device
+        )
         self._busy = 0
+        self._held: dict[str, int] = {}  # turns held per device (only devices holding any)
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._count = 0
 
@@ -42,6 +64,10 @@ class FairQueue:
     def busy(self) -> int:
         """Turns being used now."""
         return self._busy
+
+    def held(self, device_id: str) -> int:
+        """Turns ``device_id`` holds now (at most ``per_device``)."""
+        return self._held.get(device_id, 0)
 
     def waiting(self, device_id: str | None = None) -> int:
         """Frames waiting for a turn (of ``device_id`` only, when given)."""
@@ -56,16 +82,24 @@ class FairQueue:
         try:
             yield
         finally:
-            self.release()
+            self.release(device_id)
 
     async def acquire(self, device_id: str) -> None:
         """Wait for ``device_id``'s turn (``Overloaded`` at once when too many wait); pair
         with :meth:`release`. Cancelled while waiting, it leaves no trace."""
-        if self._busy < self._slots and not self._count:
-            self._busy += 1
+        # Whoever waits is at its device's cap, or every slot is busy (``_grant`` keeps it
+        # so): a device under its cap that finds a free slot goes ahead of no one.
+        if (
+            self._busy < self._slots
+            and self.held(device_id) < self._per_device
+            and device_id not in self._waiting
+        ):
+            self._take(device_id)
             return
         if self._count >= self._max_waiting:
             raise Overloaded(self._max_waiting)
+        if self.waiting(device_id) >= self._max_waiting_per_device:
+            raise Overloaded(self._max_waiting_per_device)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._waiting.get(device_id)
         if queue is None:
@@ -78,10 +112,45 @@ class FairQueue:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 # Granted and cancelled in the same step: pass the turn on.
-                self.release()
+                self.release(device_id)
             else:
                 self._forget(device_id, fut)
             raise
+
+    def release(self, device_id: str) -> None:
+        """Give ``device_id``'s turn back: to the next device in the round, or free."""
+        held = self._held.get(device_id, 0)
+        if held <= 0:
+            raise RuntimeError(f"{device_id!r} holds no turn")
+        if held == 1:
+            del self._held[device_id]
+        else:
+            self._held[device_id] = held - 1
+        self._busy -= 1
+        self._grant()
+
+    def _take(self, device_id: str) -> None:
+        self._busy += 1
+        self._held[device_id] = self._held.get(device_id, 0) + 1
+
+    def _grant(self) -> None:
+        """Hand free slots to waiting devices under their cap, in the round's order."""
+        while self._busy < self._slots:
+            for device_id in self._waiting:
+                if self.held(device_id) < self._per_device:
+                    break
+            else:
+                return  # nobody waiting, or every waiting device at its cap
+            queue = self._waiting[device_id]
+            fut = queue.popleft()
+            self._count -= 1
+            if queue:
+                self._waiting.move_to_end(device_id)  # its next frame waits a whole round
+            else:
+                del self._waiting[device_id]
+            if not fut.done():
+                self._take(device_id)
+                fut.set_result(None)  # the turn passes to it
 
     def _forget(self, device_id: str, fut: asyncio.Future[None]) -> None:
         queue = self._waiting.get(device_id)
@@ -92,18 +161,3 @@ class FairQueue:
             self._count -= 1
         if not queue:
             del self._waiting[device_id]
-
-    def release(self) -> None:
-        """Give the turn back: to the next device in the round, or free."""
-        while self._waiting:
-            device_id, queue = next(iter(self._waiting.items()))
-            fut = queue.popleft()
-            self._count -= 1
-            if queue:
-                self._waiting.move_to_end(device_id)  # its next frame waits a whole round
-            else:
-                del self._waiting[device_id]
-            if not fut.done():
-                fut.set_result(None)  # the turn passes to it: busy unchanged
-                return
-        self._busy -= 1

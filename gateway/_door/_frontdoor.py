@@ -138,10 +138,16 @@ class FrontDoor:
     """Admission, the frame pipeline, the telemetry store and refusals for every transport.
 
     ``authoriser`` ``None`` admits every device type (no registry, tests); ``revocation``
-    ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once and
-    at most ``max_waiting`` wait for a turn (:class:`~gateway._door._fair.FairQueue`).
+    ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once, at
+    most ``per_device`` of one device, and at most ``max_waiting`` wait for a turn, at most
+    ``limits.frames_waiting_per_device`` of one device (:class:`~gateway._door._fair.FairQueue`).
     ``detection_hook`` is installed by the escalation plug-in and read per frame.
     """
+
+    #: Longest a flooding device's refused call is held before it is answered.
+    REFUSAL_HOLD_S = 0.5
+    #: Refused calls of one device held at once; beyond it they are answered at once.
+    MAX_HELD_PER_DEVICE = 256
 
     def __init__(
         self,
@@ -156,6 +162,7 @@ class FrontDoor:
         refusals: RefusalLog | None = None,
         slots: int = 16,
         max_waiting: int = 64,
+        per_device: int = 2,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         limits = limits if limits is not None else LimitsSettings()
@@ -169,7 +176,13 @@ class FrontDoor:
         self.clock = clock
         self._frames = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
         self._reports = RateLimiter(rate=limits.frames_per_s, burst=limits.burst)
-        self.fair = FairQueue(slots=slots, max_waiting=max_waiting)
+        self.fair = FairQueue(
+            slots=slots,
+            max_waiting=max_waiting,
+            per_device=per_device,
+            max_waiting_per_device=limits.frames_waiting_per_device or limits.burst,
+        )
+        self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
         #: Escalation marks of answers, given again with cached repeats.
@@ -248,6 +261,64 @@ class FrontDoor:
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
 
+    def refused_in_row(self, method: str, device_id: str) -> int:
+        """Refusals of ``device_id`` on ``method``'s budget since it was last admitted."""
+        if method not in _BUDGETED:
+            return 0
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        return limiter.refused_in_row(device_id)
+
+    def refused_recently(self, method: str, device_id: str) -> int:
+        """Refusals of ``device_id`` on ``method``'s budget within the current second."""
+        if method not in _BUDGETED:
+            return 0
+        limiter = self._reports if method == "ReportTelemetry" else self._frames
+        return limiter.refused_recently(device_id)
+
+    def flooding(self, method: str, device_id: str) -> bool:
+        """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
+        budget since it was last admitted: a flood, not a device a little over budget."""
+        return self.refused_in_row(method, device_id) > self.limits.burst
+
+    def held_refusals(self, device_id: str) -> int:
+        """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""
+        return self._held.get(device_id, 0)
+
+    async def hold_refusal(
+        self, method: str, device_id: str, *, remaining: float | None = None
+    ) -> float:
+        """Back-pressure on a flooding device: wait before its refusal is answered.
+
+        A device refused more than its burst in a row since it was last admitted is
+        flooding, not a little over budget. Answering each of its calls at once would let it
+        send as fast as the gateway can refuse; holding the refusal for up to
+        :attr:`REFUSAL_HOLD_S` (within the call's deadline, ``remaining`` seconds) makes its
+        own concurrency limit (HTTP/2 streams, its SDK's window) slow it to a few calls per
+        second, at the cost of one sleeping task per held call. At most
+        :attr:`MAX_HELD_PER_DEVICE` of a device's refusals are held at once (memory stays
+        bounded); the rest are answered at once. Returns the seconds held (0.0: not held).
+        """
+        if not self.flooding(method, device_id):
+            return 0.0
+        held = self._held.get(device_id, 0)
+        if held >= self.MAX_HELD_PER_DEVICE:
+            return 0.0
+        hold = self.REFUSAL_HOLD_S
+        if remaining is not None:
+            # Answered before the caller's deadline: it must see the refusal, not a timeout.
+            hold = min(hold, remaining / 2)
+        if hold <= 0.0:
+            return 0.0
+        self._held[device_id] = held + 1
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            if self._held[device_id] <= 1:
+                del self._held[device_id]
+            else:
+                self._held[device_id] -= 1
+        return hold
+
     async def pace(self, device_id: str) -> None:
         """Take a frame token for a stream's next frame, waiting for one (gRPC flow control)."""
         await self._frames.wait_take(device_id)
@@ -284,7 +355,7 @@ class FrontDoor:
                     image, deadline=deadline, key=device_id, region=admitted.region
                 )
             finally:
-                self.fair.release()
+                self.fair.release(device_id)
 
         if guard is not None:
             result, decoded = await guard(run())

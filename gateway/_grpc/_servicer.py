@@ -11,7 +11,9 @@ what only gRPC has:
 * every call registers as live under its device id (:class:`~gateway._grpc._live.LiveCalls`),
   and a revocation event cuts it at once;
 * a stream is paced to the device's budget (gRPC flow control slows the sender) rather than
-  refused.
+  refused, and a unary call of a device flooding far over its budget is refused only after
+  a hold (:meth:`~gateway._door.FrontDoor.hold_refusal`), so the device's own concurrency
+  limit slows it instead of the gateway refusing as fast as it can send.
 
 Protobuf stops at the front door: the engine, the event hub and the telemetry store see domain
 objects only. Handlers raise domain errors; :meth:`DeviceGatewayServicer._finish` aborts with
@@ -136,6 +138,13 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             method=method,
         )
 
+    async def _back_off(self, context: Context, method: str, status: Status) -> None:
+        """A flooding device's refusal waits before it is answered (back-pressure, see
+        :meth:`~gateway._door.FrontDoor.hold_refusal`); other refusals go out at once."""
+        device_id = structlog.contextvars.get_contextvars().get("device_id")
+        if status.reason == "rate_limited" and isinstance(device_id, str):
+            await self.door.hold_refusal(method, device_id, remaining=context.time_remaining())
+
     async def _finish(
         self,
         context: Context,
@@ -197,6 +206,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 response = await self._infer(call, context, request, admitted)
         except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
             status = self._status(method, exc)
+            await self._back_off(context, method, status)
         self._metrics.frames.labels(method=method, code=status.code if status else "OK").inc()
         await self._finish(
             context,
@@ -273,6 +283,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             ack = common_pb2.Ack(id=uuid.uuid4().hex)
         except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
             status = self._status(method, exc)
+            await self._back_off(context, method, status)
         await self._finish(context, method, started, status, readings=len(request.readings))
         return ack
 

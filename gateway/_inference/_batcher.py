@@ -9,9 +9,10 @@ each other share one run. The queue is bounded: when it is full the caller is to
 (``Overloaded``) rather than waiting behind work the gateway cannot finish in time.
 
 Fair across devices: each request may carry a ``key`` (the device id), and a batch takes the
-waiting requests round robin over keys (each key's own in arrival order), so a device with many
-frames waiting fills a batch only when no other device is waiting. A request without a key is
-its own key.
+waiting requests round robin over keys (each key's own in arrival order), at most
+``max_per_key`` of one key, so a device with many frames waiting never fills a batch: its
+backlog runs over several batches, each of which another device's frame can join, and a
+newcomer waits for at most the batch in progress. A request without a key is its own key.
 """
 
 from __future__ import annotations
@@ -107,6 +108,25 @@ class _FairPending(Generic[T, R]):
         """When the longest-waiting request arrived."""
         return min(q[0].enqueued for q in self._by_key.values())
 
+    def takeable(self, per_key: int | None) -> int:
+        """How many requests one batch could take now (``per_key`` of each key at most)."""
+        if per_key is None:
+            return self._count
+        return sum(min(per_key, len(q)) for q in self._by_key.values())
+
+    def take(self, count: int, per_key: int | None) -> list[_Pending[T, R]]:
+        """Up to ``count`` requests in the round, at most ``per_key`` of one key."""
+        if per_key is None:
+            return [self.popleft() for _ in range(min(count, self._count))]
+        taken: list[_Pending[T, R]] = []
+        for _ in range(per_key):
+            # One pass of the round: each key that has a request gives its first one.
+            for _key in range(len(self._by_key)):
+                if len(taken) == count:
+                    return taken
+                taken.append(self.popleft())
+        return taken
+
     def popleft(self) -> _Pending[T, R]:
         """The next request in the round: the first key's first; that key goes to the end."""
         key, queue = next(iter(self._by_key.items()))
@@ -122,11 +142,12 @@ class _FairPending(Generic[T, R]):
 class MicroBatcher(Generic[T, R]):
     """Groups concurrent :meth:`submit` calls into batches for ``batch_fn``.
 
-    ``batch_fn`` receives up to ``max_batch`` items and must return one result per item, in
-    order. It runs in one dedicated thread, never on the event loop, one batch at a time. The
-    worker takes the first waiting item, then waits at most ``max_wait_ms`` after that item
-    arrived for more, so a lone request pays at most ``max_wait_ms`` of extra latency and a
-    backlog is drained in full batches without waiting.
+    ``batch_fn`` receives up to ``max_batch`` items, at most ``max_per_key`` of one key
+    (``None``: no cap), and must return one result per item, in order. It runs in one
+    dedicated thread, never on the event loop, one batch at a time. The worker takes the
+    first waiting item, then waits at most ``max_wait_ms`` after that item arrived for more
+    (while a batch could take more), so a lone request pays at most ``max_wait_ms`` of extra
+    latency and a backlog is drained in full batches without waiting.
 
     Use it as an async context manager: entering starts the worker (in its own task group);
     leaving stops accepting (:class:`ShuttingDown`), finishes everything already queued, then
@@ -144,6 +165,7 @@ class MicroBatcher(Generic[T, R]):
         batch_fn: Callable[[Sequence[T]], Sequence[R]],
         *,
         max_batch: int = 8,
+        max_per_key: int | None = None,
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
         name: str = "batcher",
@@ -155,10 +177,13 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if max_per_key is not None and max_per_key < 1:
+            raise ValueError(f"max_per_key must be at least 1, got {max_per_key}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
         self._batch_fn = batch_fn
         self._max_batch = max_batch
+        self._max_per_key = max_per_key
         self._max_wait = max_wait_ms / 1000.0
         self._queue_size = queue_size
         self._name = name
@@ -336,7 +361,10 @@ class MicroBatcher(Generic[T, R]):
         # The wait is counted from the first item's arrival: an item that already waited
         # behind a running batch is not made to wait again.
         until = self._pending.oldest() + self._max_wait
-        while len(self._pending) < self._max_batch and self._state is _State.OPEN:
+        while (
+            self._pending.takeable(self._max_per_key) < self._max_batch
+            and self._state is _State.OPEN
+        ):
             if self._more_coming is not None and not self._more_coming():
                 break
             remaining = until - time.monotonic()
@@ -348,8 +376,7 @@ class MicroBatcher(Generic[T, R]):
                     await self._wakeup.wait()
             except TimeoutError:
                 break
-        count = min(self._max_batch, len(self._pending))
-        batch = [self._pending.popleft() for _ in range(count)]
+        batch = self._pending.take(self._max_batch, self._max_per_key)
         self._notify(self._on_queue_depth, len(self._pending))
         return batch
 

@@ -178,6 +178,8 @@ class InferenceEngine:
     Errors per request: :class:`InvalidImage` (too many bytes or pixels, not a JPEG/PNG,
     corrupt), :class:`Overloaded` (queue full, at once), :class:`DeadlineExceeded`,
     :class:`ShuttingDown`. A model that fails a batch fails only that batch's frames.
+    A batch holds at most ``max_batch_per_device`` frames of one device (the ``key`` of
+    :meth:`detect_with_frame`; ``None``: no cap); frames without a key are not capped.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class InferenceEngine:
         providers: ProviderChoice = "auto",
         intra_op_threads: int | None = None,
         max_batch: int = 8,
+        max_batch_per_device: int | None = 1,
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
         max_pixels: int = 16_000_000,
@@ -218,6 +221,9 @@ class InferenceEngine:
         self._batcher: MicroBatcher[Tensor, tuple[tuple[Detection, ...], float]] = MicroBatcher(
             self._run_batch,
             max_batch=max_batch,
+            # Frames of one device (``key``) per batch: a device's backlog never fills a
+            # batch that another device's frame must then wait behind.
+            max_per_key=max_batch_per_device,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
             name="edgeward-infer",

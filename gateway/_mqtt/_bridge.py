@@ -24,6 +24,11 @@ token-bucket check, so a flood drains from the broker as fast as it arrives and 
 in front of another device's frames. Admitted frames then wait their device's turn at the
 front door (round robin across devices). Refusals are counted exactly (Prometheus, ``stats``)
 and audited in bounded lines; error events about them are bounded per device per interval.
+A device refused ``disconnect_after_refusals`` frames within a second is disconnected from
+the managed broker
+(:class:`~gateway._mqtt._floodgate.FloodGate`), so its flood stops costing the broker and the
+bridge its reading and stops queueing ahead of other devices' frames. Answers and events
+go out on a connection of their own, never behind the frames coming in.
 
 **Where the device id comes from.** Identity is read from the TLS layer only; the bridge never
 sees the publisher's certificate, but the broker does: its ACL lets a certificate with CN
@@ -71,9 +76,10 @@ from gateway._door import (
     encode,
     event_to_pb,
 )
-from gateway._events import DeviceEvent
+from gateway._events import DeviceEvent, ErrorEvent
 from gateway._mqtt._acks import Ack, Acks
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
+from gateway._mqtt._floodgate import FloodGate, Kicker
 from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
@@ -81,7 +87,7 @@ from gateway._mqtt._telemetry import (
     WorkerOptions,
     device_from_topic,
 )
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, RateLimited
 from protos.edgeward.v1 import common_pb2
 
 __all__ = ["BridgeConnection", "BridgeStats", "MqttBridge"]
@@ -156,18 +162,27 @@ class MqttBridge:
         *,
         connection: BridgeConnection,
         door: FrontDoor,
+        control: Kicker | None = None,
     ) -> None:
         self.settings = settings
         self._conn = connection
         self._door = door
         self._gateway_id = door.gateway_id
         self.stats = BridgeStats()
+        #: Disconnects a flooding device (managed broker: ``control``).
+        self.gate = (
+            FloodGate(control, tell=self._tell_flooding)
+            if control is not None and settings.disconnect_after_refusals > 0
+            else None
+        )
         self._answers: OrderedDict[tuple[str, bytes], asyncio.Future[_Answer | None]] = (
             OrderedDict()
         )
         self._protobuf_devices: OrderedDict[str, bool] = OrderedDict()
         self._clients: dict[int, aiomqtt.Client] = {}
-        self._any_connected = asyncio.Event()
+        # Answers and events go out on a connection of their own (see _publisher).
+        self._out: aiomqtt.Client | None = None
+        self._out_connected = asyncio.Event()
         self._outbox: asyncio.Queue[tuple[str, DeviceEvent]] = asyncio.Queue(maxsize=10_000)
         self._tasks = TaskSet("mqtt-bridge")
         self._frames = TaskSet("mqtt-frames")
@@ -191,6 +206,7 @@ class MqttBridge:
         await self._reap_stale_sessions()
         for i in range(self.settings.frame_workers):
             self._tasks.spawn(self._consume(i), name=f"mqtt-consumer-{i}")
+        self._tasks.spawn(self._publisher(), name="mqtt-publisher")
         self._tasks.spawn(self._forward_events(), name="mqtt-events")
         self._tasks.spawn(self._ingest.admit_loop(), name="mqtt-telemetry-admission")
         self._ingest.start()
@@ -202,6 +218,8 @@ class MqttBridge:
         hub: Any = self._door.events
         if hasattr(hub, "remove_listener"):
             hub.remove_listener(self._on_hub_event)
+        if self.gate is not None:
+            await self.gate.aclose()
         await self._tasks.close()
         await self._frames.close()
         await self._ingest.stop()
@@ -235,7 +253,11 @@ class MqttBridge:
             await self._ready.wait()
 
     def _check_ready(self) -> None:
-        if self._subscribed >= self.settings.frame_workers and self._ingest.workers_connected():
+        if (
+            self._subscribed >= self.settings.frame_workers
+            and self._out_connected.is_set()
+            and self._ingest.workers_connected()
+        ):
             self._ready.set()
 
     # -- telemetry -------------------------------------------------------------------------
@@ -369,7 +391,6 @@ class MqttBridge:
                         # The persistent session may hold it from an earlier configuration.
                         await client.unsubscribe(telemetry)
                     self._clients[index] = client
-                    self._any_connected.set()
                     if first:
                         self._subscribed += 1
                         self._check_ready()
@@ -385,10 +406,37 @@ class MqttBridge:
                 # the next one (same session); those answers go out then (de-duplicated).
                 acks.close()
                 self._clients.pop(index, None)
-                if not self._clients:
-                    self._any_connected.clear()
             self.stats.reconnects += 1
             # Full jitter: many gateways (or consumers) must not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _publisher(self) -> None:
+        """The connection that answers and events go out on, apart from the consumers'.
+
+        A consumer's connection brings in whatever devices send, in order: during one
+        device's flood, the broker's acknowledgements of our answers would arrive behind
+        thousands of its frames, and the client sends only a few publications ahead of their
+        acknowledgements. A connection that brings nothing in gets them in milliseconds, so
+        another device's answer never waits for a flood to be read.
+        """
+        client = self._new_client(self._client_id("publisher", 0), persistent=False)
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                async with client:
+                    self._out = client
+                    self._out_connected.set()
+                    self._check_ready()
+                    delay = self.settings.reconnect_min_s
+                    async for _message in client.messages:  # pragma: no cover - subscribes none
+                        pass
+            except aiomqtt.MqttError as exc:
+                _log.warning("mqtt publisher disconnected", error=str(exc))
+            finally:
+                self._out = None
+                self._out_connected.clear()
+            self.stats.reconnects += 1
             await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
@@ -455,13 +503,13 @@ class MqttBridge:
         while True:
             try:
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    await self._any_connected.wait()
-                    clients = list(self._clients.values())
-                    if clients:
+                    await self._out_connected.wait()
+                    client = self._out
+                    if client is not None:
                         # A PUBACK takes milliseconds; one that does not come means the
                         # connection died under us: publish again once reconnected (the
                         # device may see the answer twice, with the same correlation data).
-                        await clients[0].publish(
+                        await client.publish(
                             topic, payload, qos=self.settings.qos, properties=props, timeout=2.0
                         )
                         return
@@ -496,6 +544,22 @@ class MqttBridge:
     def _frame_refused(self, device_id: str, exc: BaseException, frame_id: str) -> None:
         self.stats.frames_rejected += 1
         self._refused(device_id, exc, method="Detect", frame_id=frame_id)
+        if (
+            self.gate is not None
+            and isinstance(exc, RateLimited)
+            and self._door.refused_recently("Detect", device_id)
+            >= self.settings.disconnect_after_refusals
+        ):
+            self.gate.flooding(device_id)
+
+    def _tell_flooding(self, device_id: str) -> None:
+        self._door.events.publish(
+            device_id,
+            ErrorEvent(
+                code="RESOURCE_EXHAUSTED",
+                message="far over the frame budget: disconnected; honour retry-after",
+            ),
+        )
 
     async def _handle_frame(self, admitted: Admitted, message: aiomqtt.Message) -> None:
         device_id = admitted.device_id

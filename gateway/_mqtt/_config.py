@@ -172,6 +172,13 @@ class MqttSettings(BaseModel):
         "hold both, or a flood's refusals stall at the broker in front of other devices' "
         "frames. Frames waiting for the model are bounded by [inference] queue_size.",
     )
+    disconnect_after_refusals: int = Field(
+        default=20,
+        ge=0,
+        description="Managed: a device refused this many frames within one second is "
+        "disconnected and told why on its events, so its flood stops costing the broker and "
+        "the bridge and no other device's frames queue behind it; 0: never.",
+    )
     frame_deadline_s: float = Field(
         default=5.0, gt=0.0, description="Deadline of one frame's inference."
     )

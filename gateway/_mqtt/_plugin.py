@@ -93,6 +93,7 @@ def plugin(
                         timeout_s=mqtt.connect_timeout_s,
                     )
                 )
+                gate_control = control
                 enforcer = await stack.enter_async_context(RevocationEnforcer(broker, control))
                 runtime.revocation.add_listener(enforcer.on_revocation)
                 stack.callback(runtime.revocation.remove_listener, enforcer.on_revocation)
@@ -104,6 +105,7 @@ def plugin(
                     password=creds.bridge_password,
                 )
             else:
+                gate_control = None
                 assert mqtt.broker_address is not None  # noqa: S101 - validated
                 host, _, port = mqtt.broker_address.rpartition(":")
                 password = mqtt.password_file.read_text().strip() if mqtt.password_file else None
@@ -119,6 +121,7 @@ def plugin(
                     mqtt,
                     connection=connection,
                     door=runtime.door,
+                    control=gate_control,
                 )
             )
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)

@@ -64,6 +64,74 @@ async def test_fair_queue_serves_a_waiting_device_before_a_floods_backlog() -> N
     assert (fair.busy, fair.waiting()) == (0, 0)
 
 
+async def test_fair_queue_keeps_slots_free_for_other_devices() -> None:
+    # Four slots, one turn per device: the flood's backlog holds one slot, never all four.
+    fair = FairQueue(slots=4, max_waiting=100, per_device=1)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def frame(device_id: str) -> None:
+        async with fair.turn(device_id):
+            order.append(device_id)
+            await release.wait()
+
+    flood = [asyncio.create_task(frame("flood")) for _ in range(10)]
+    await _until(lambda: fair.waiting("flood") == 9)
+    assert (fair.busy, fair.held("flood")) == (1, 1)
+    # A newcomer takes a free slot at once: no turn of the flood's to wait for.
+    victims = [asyncio.create_task(frame(f"victim-{i}")) for i in range(3)]
+    await _until(lambda: fair.busy == 4)
+    assert fair.waiting() == 9
+    assert sorted(order) == ["flood", "victim-0", "victim-1", "victim-2"]
+    # Full: a fifth device waits, and is served after at most one more of the flood's frames.
+    late = asyncio.create_task(frame("late"))
+    await _until(lambda: fair.waiting("late") == 1)
+    release.set()
+    await asyncio.gather(*flood, *victims, late)
+    assert order.index("late") < [i for i, d in enumerate(order) if d == "flood"][2]
+    assert (fair.busy, fair.waiting(), fair.held("flood")) == (0, 0, 0)
+
+
+async def test_fair_queue_never_gives_a_device_more_than_its_cap() -> None:
+    fair = FairQueue(slots=8, max_waiting=100, per_device=2)
+    most = 0
+    step = asyncio.Event()
+
+    async def frame(device_id: str) -> None:
+        nonlocal most
+        async with fair.turn(device_id):
+            most = max(most, fair.held(device_id))
+            await step.wait()
+
+    tasks = [asyncio.create_task(frame(d)) for d in ("a",) * 12 + ("b",) * 5]
+    await _until(lambda: fair.busy == 4)
+    assert (fair.held("a"), fair.held("b"), fair.waiting()) == (2, 2, 13)
+    step.set()
+    await asyncio.gather(*tasks)
+    assert most == 2
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
+async def test_fair_queue_bounds_each_devices_backlog() -> None:
+    fair = FairQueue(slots=1, max_waiting=100, max_waiting_per_device=2)
+    hold = asyncio.Event()
+
+    async def frame(device_id: str) -> None:
+        async with fair.turn(device_id):
+            await hold.wait()
+
+    tasks = [asyncio.create_task(frame("flood")) for _ in range(3)]
+    await _until(lambda: fair.waiting("flood") == 2)
+    # The flood's third waiting frame is refused at once; another device still queues.
+    with pytest.raises(Overloaded):
+        await fair.acquire("flood")
+    tasks.append(asyncio.create_task(frame("victim")))
+    await _until(lambda: fair.waiting("victim") == 1)
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
 async def test_fair_queue_is_bounded_and_forgets_cancelled_waiters() -> None:
     fair = FairQueue(slots=1, max_waiting=2)
     hold = asyncio.Event()
@@ -115,6 +183,55 @@ async def test_micro_batches_take_devices_in_turn() -> None:
     )
 
 
+async def test_a_batch_holds_at_most_one_frame_per_device() -> None:
+    batches: list[list[str]] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def run(items: Any) -> list[str]:
+        if not batches:
+            running.set()
+            gate.wait(timeout=30)
+        batches.append(list(items))
+        return list(items)
+
+    async with MicroBatcher(
+        run, max_batch=8, max_per_key=1, max_wait_ms=0, queue_size=64
+    ) as batcher:
+        first = asyncio.create_task(batcher.submit("f0", key="flood"))
+        await _until(running.is_set)
+        # The flood's backlog of 20 and one frame each of two other devices, queued last.
+        flood = [asyncio.create_task(batcher.submit(f"f{i}", key="flood")) for i in range(1, 21)]
+        others = [asyncio.create_task(batcher.submit(f"{d}0", key=d)) for d in ("victim", "other")]
+        await _until(lambda: batcher.queue_depth() == 22)
+        gate.set()
+        await asyncio.gather(first, *flood, *others)
+    # The backlog runs one frame per batch; the others' frames are in the very next batch.
+    assert batches[1] == ["f1", "victim0", "other0"]
+    assert all(sum(x.startswith("f") for x in b) <= 1 for b in batches)
+    assert [x for b in batches for x in b if x.startswith("f")] == [f"f{i}" for i in range(21)]
+
+
+async def test_frames_without_a_key_are_not_capped() -> None:
+    batches: list[list[str]] = []
+    running, gate = threading.Event(), threading.Event()
+
+    def run(items: Any) -> list[str]:
+        if not batches:
+            running.set()
+            gate.wait(timeout=30)
+        batches.append(list(items))
+        return list(items)
+
+    async with MicroBatcher(run, max_batch=4, max_per_key=1, max_wait_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit("x0"))
+        await _until(running.is_set)
+        rest = [asyncio.create_task(batcher.submit(f"x{i}")) for i in range(1, 5)]
+        await _until(lambda: batcher.queue_depth() == 4)
+        gate.set()
+        await asyncio.gather(first, *rest)
+    assert batches == [["x0"], ["x1", "x2", "x3", "x4"]]
+
+
 async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
     from gateway._door import Admitted, FrontDoor
     from gateway.errors import DeadlineExceeded
@@ -158,6 +275,73 @@ async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
     msg, _ = await first
     assert msg.frame_id == "a"
     assert (door.fair.busy, door.fair.waiting()) == (0, 0)
+
+
+async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> None:
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor, TopicIdentity
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    door = FrontDoor(
+        gateway_id="gw-1",
+        engine=FakeEngine(),
+        limits=LimitsSettings(frames_per_s=0.001, burst=2),
+    )
+    door.REFUSAL_HOLD_S = 600.0  # held until cancelled: nothing here waits for it
+    door.MAX_HELD_PER_DEVICE = 3
+
+    def refused(device_id: str) -> None:
+        with pytest.raises(RateLimited):
+            door.admit_now("Detect", lambda: TopicIdentity(device_id))
+
+    for _ in range(2):
+        assert door.admit_now("Detect", lambda: TopicIdentity("cam-a")) is not None
+    # A little over budget (up to its burst of refusals in a row): answered at once.
+    for _ in range(2):
+        refused("cam-a")
+        assert await door.hold_refusal("Detect", "cam-a") == 0.0
+    # Flooding: its refusals are held, at most MAX_HELD_PER_DEVICE at once.
+    refused("cam-a")
+    held = [asyncio.create_task(door.hold_refusal("Detect", "cam-a")) for _ in range(3)]
+    await _until(lambda: door.held_refusals("cam-a") == 3)
+    assert await door.hold_refusal("Detect", "cam-a") == 0.0
+    # Never past the caller's deadline: held for half of what is left of it.
+    door.MAX_HELD_PER_DEVICE = 4
+    assert await door.hold_refusal("Detect", "cam-a", remaining=0.02) == pytest.approx(0.01)
+    # Another device, and methods outside the budget, are not held.
+    assert await door.hold_refusal("Detect", "cam-b") == 0.0
+    assert await door.hold_refusal("Subscribe", "cam-a") == 0.0
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+    assert door.held_refusals("cam-a") == 0  # nothing left behind
+
+
+def test_the_budget_counts_refusals_in_a_row_and_per_second() -> None:
+    from gateway._door._budget import RateLimiter
+
+    now = [0.0]
+    budget = RateLimiter(rate=1.0, burst=1, clock=lambda: now[0])
+    assert budget.try_take("cam-a") == 0.0
+    for t in (0.1, 0.2, 0.3):
+        now[0] = t
+        assert budget.try_take("cam-a") > 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (3, 3)
+    # A token refilled and taken ends the run of refusals, not the second's count.
+    now[0] = 1.05
+    assert budget.try_take("cam-a") == 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (0, 3)
+    now[0] = 1.06
+    assert budget.try_take("cam-a") > 0.0
+    assert budget.refused_recently("cam-a") == 4
+    # A new second, a new count.
+    now[0] = 1.2
+    assert budget.try_take("cam-a") > 0.0
+    assert (budget.refused_in_row("cam-a"), budget.refused_recently("cam-a")) == (2, 1)
+    now[0] = 2.5
+    assert budget.refused_recently("cam-a") == 0
+    assert budget.refused_recently("cam-unknown") == 0
 
 
 # -- a real gateway, both transports ----------------------------------------------------------
@@ -221,7 +405,10 @@ async def gateway(tmp_path: Path) -> Any:
         tmp_path,
         # One frame in the model at a time, so a backlog forms and its order shows.
         inference={"models_dir": str(MODELS_DIR), "threads": 1, "max_batch": 1},
-        limits={"frames_per_s": 0.001, "burst": BURST},
+        # The flooder stays connected: its refusals are what the MQTT test counts.
+        mqtt={"disconnect_after_refusals": 0},
+        # The whole budget may wait (its order is what these tests look at).
+        limits={"frames_per_s": 0.001, "burst": BURST, "frames_waiting_per_device": BURST},
     ) as gw:
         yield gw
 
@@ -295,3 +482,49 @@ async def test_grpc_flood_is_refused_at_once_and_the_victim_is_served_in_turn(
         assert await asyncio.gather(*admitted) == ["OK"] * BURST
     _check_order(recording)
     assert recording.done.count("cam-flood") == BURST
+
+
+async def test_grpc_flood_is_answered_after_a_hold_with_retry_after(gateway: Any) -> None:
+    gw = gateway
+    service = gw.service
+    flooder = gw.device("cam-flood", device_type="pet_camera")
+    victim = gw.device("cam-victim", device_type="pet_camera")
+    creds = pki.grpc_channel_credentials(
+        ca_bundle_pem=service.identity.ca_bundle.read_bytes(), identity=flooder
+    )
+    victim_creds = pki.grpc_channel_credentials(
+        ca_bundle_pem=service.identity.ca_bundle.read_bytes(), identity=victim
+    )
+    jpeg = (PHOTOS / "chelsea.jpg").read_bytes()
+    address = f"127.0.0.1:{service.grpc_port}"
+    excess = 2 * BURST + 16
+
+    async def call(stub: Any, frame_id: str) -> grpc.aio.AioRpcError | None:
+        try:
+            await stub.Detect(common_pb2.Frame(image=jpeg, frame_id=frame_id), timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    async with (
+        grpc.aio.secure_channel(address, creds) as fc,
+        grpc.aio.secure_channel(address, victim_creds) as vc,
+    ):
+        stub = gateway_pb2_grpc.DeviceGatewayStub(fc)
+        assert await asyncio.gather(*(call(stub, f"f-{i}") for i in range(BURST))) == [None] * BURST
+        # Its burst of refusals in a row is answered at once ...
+        quick = await asyncio.gather(*(call(stub, f"q-{i}") for i in range(BURST)))
+        assert service.door.held_refusals("cam-flood") == 0
+        # ... after that, its refusals wait: its own concurrency limit now paces it.
+        calls = [asyncio.create_task(call(stub, f"x-{i}")) for i in range(excess)]
+        await _until(lambda: service.door.held_refusals("cam-flood") == excess)
+        # Another device is served meanwhile.
+        assert await call(gateway_pb2_grpc.DeviceGatewayStub(vc), "v-1") is None
+        held = await asyncio.gather(*calls)
+    # Every refusal still reaches the device, with its retry-after.
+    for exc in quick + held:
+        assert exc is not None
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "edgeward-retry-after-s" in dict(exc.trailing_metadata() or ())
+    assert service.door.held_refusals("cam-flood") == 0
+    assert _denials(service, "rate_limited") == BURST + excess

@@ -97,7 +97,8 @@ async def _attacker(
 async def test_device_posing_as_the_gateways_clients_disturbs_nothing(
     harness: BrokerHarness, issue: IssueFn
 ) -> None:
-    """Control, frame consumer and telemetry consumer ids: all answered, nobody reconnects."""
+    """Control, frame consumer, publisher and telemetry consumer ids: all answered, nobody
+    reconnects."""
     evil = issue("device", "evil-one")
     cam = issue("device", "cam-honest")
     victim = issue("device", "cam-victim")
@@ -110,8 +111,13 @@ async def test_device_posing_as_the_gateways_clients_disturbs_nothing(
     ) as bridge:
         await bridge.wait_ready(timeout_s=20)
         internal = _internal_ids(harness)
-        # Control, frames-0, telemetry-0: the ids to steal, as the broker saw them.
-        assert {i.rsplit(".", 1)[-1] for i in internal} == {"control", "frames-0", "telemetry-0"}
+        # Control, frames-0, publisher-0, telemetry-0: the ids to steal, as the broker saw them.
+        assert {i.rsplit(".", 1)[-1] for i in internal} == {
+            "control",
+            "frames-0",
+            "publisher-0",
+            "telemetry-0",
+        }
         # ... and what they were before (a device could pick those too).
         legacy = ["edgeward-control", "edgeward-gw-mqtt-frames-0", "edgeward-gw-mqtt-telemetry-0"]
         async with (

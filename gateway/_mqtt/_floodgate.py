@@ -1,0 +1,93 @@
+"""Disconnecting a device that floods, before its flood costs the gateway and the others.
+
+The bridge refuses a frame over its device's budget on receipt, but reading it still costs the
+broker and the bridge the frame's TLS and parsing, and the broker hands every device's frames
+to the bridge first-in-first-out: while one device floods faster than the bridge drains,
+other devices' frames wait behind its flood and its CPU. A refusal cannot slow an MQTT
+publisher (the broker acknowledges its publications itself, at once), so :class:`FloodGate`
+ends the connection instead: once the front door counts a device refused
+``disconnect_after_refusals`` frames within one second
+(:meth:`~gateway._door.FrontDoor.refused_recently`), the device is told on its events and its
+connections are closed through the dynamic security plugin (the revocation enforcer's
+:meth:`~gateway._mqtt._enforcer.BrokerControl.kick`; MQTT 5 reason 0x98). A device that honours
+retry-after never gets there; one that reconnects and floods again is disconnected again, at
+most once per ``cooldown_s``.
+
+Frames the gateway had already received are answered as ever (on the device's persistent
+session, if it has one); nothing the gateway acknowledged is dropped. Bounded: at most
+``max_devices`` devices remembered. Managed broker only (an external broker is not ours to
+manage). Modifying the bridge's own role instead (a deny rule for the device's topic) would
+make the plugin disconnect every bridge connection at each change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+import pki
+from gateway._mqtt._tasks import TaskSet
+
+__all__ = ["FloodGate"]
+
+_log = structlog.get_logger(__name__)
+
+
+class Kicker(Protocol):
+    """What the gate needs of :class:`~gateway._mqtt._enforcer.BrokerControl`."""
+
+    async def kick(self, username: str) -> None: ...
+
+
+class FloodGate:
+    """Disconnects flooding devices (see the module docstring)."""
+
+    def __init__(
+        self,
+        control: Kicker,
+        *,
+        tell: Callable[[str], None],
+        cooldown_s: float = 1.0,
+        max_devices: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._control = control
+        self._tell = tell
+        self._cooldown_s = cooldown_s
+        self._max_devices = max_devices
+        self._clock = clock
+        self._last: OrderedDict[str, float] = OrderedDict()  # device id → when last kicked
+        self._tasks = TaskSet("mqtt-floodgate")
+        #: Devices disconnected so far (exported with the bridge's counters).
+        self.disconnected = 0
+
+    def flooding(self, device_id: str) -> None:
+        """``device_id`` is flooding: disconnect it, unless it was moments ago."""
+        now = self._clock()
+        last = self._last.get(device_id)
+        if last is not None and now - last < self._cooldown_s:
+            return
+        self._last[device_id] = now
+        self._last.move_to_end(device_id)
+        while len(self._last) > self._max_devices:
+            self._last.popitem(last=False)
+        self._tasks.spawn(self._disconnect(device_id), name="mqtt-floodgate-kick")
+
+    async def aclose(self) -> None:
+        """Stop (kicks under way are cancelled)."""
+        await self._tasks.close()
+
+    async def _disconnect(self, device_id: str) -> None:
+        # Told first: a persistent session receives the event even as the connection ends.
+        self._tell(device_id)
+        try:
+            await self._control.kick(device_id)
+        except (ConnectionError, TimeoutError, RuntimeError, pki.InvalidName) as exc:
+            _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
+            return
+        self.disconnected += 1
+        _log.warning("flooding device disconnected", audit=True, device_id=device_id)

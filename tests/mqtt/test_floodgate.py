@@ -1,0 +1,142 @@
+"""A device that floods the managed broker is disconnected, told why, and nobody else notices.
+
+Against the real managed broker and its dynamic security plugin: once the front door counts a
+device refused ``disconnect_after_refusals`` frames in a row, the bridge has the broker close the
+device's connection. The bridge's own connections are not disturbed, another device is served,
+the flooder finds the reason on its events when it comes back (persistent session), and a
+device that stays within its budget is never disconnected. Counts are checked, not times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from gateway._config import LimitsSettings
+from gateway._mqtt import MqttBridge
+from tests._support.mqtt import (
+    BrokerHarness,
+    FakeEngine,
+    collect,
+    device_client,
+    frame_props,
+    front_door,
+)
+from tests.conftest import IssueFn
+
+JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
+BURST = 2
+AFTER = 10  # refusals in a row that get a device disconnected
+
+
+async def _until(predicate: Callable[[], bool], *, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - polling the bridge's own state
+            await asyncio.sleep(0.01)
+
+
+def _bridge(harness: BrokerHarness, engine: Any, *, after: int = AFTER) -> MqttBridge:
+    door = front_door(engine, limits=LimitsSettings(frames_per_s=0.001, burst=BURST))
+    settings = harness.settings.model_copy(update={"disconnect_after_refusals": after})
+    return MqttBridge(
+        settings, connection=harness.bridge_connection(), door=door, control=harness.control
+    )
+
+
+async def _flood_until_cut(client: aiomqtt.Client, n: int) -> int:
+    """Publish up to ``n`` frames; how many went out before the broker closed the connection."""
+    sent = 0
+    with contextlib.suppress(aiomqtt.MqttError):
+        for i in range(n):
+            await client.publish(
+                "devices/cam-flood/frames", JPEG, qos=1, properties=frame_props(f"f{i}")
+            )
+            sent += 1
+        async with asyncio.timeout(30):
+            async for _ in client.messages:  # ends when the broker closes the connection
+                pass
+    return sent
+
+
+async def test_a_flooding_device_is_disconnected_and_told_why(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    flood, victim = issue("device", "cam-flood"), issue("device", "cam-victim")
+    engine = FakeEngine()
+    async with _bridge(harness, engine) as bridge, device_client(victim, harness.port) as v:
+        await bridge.wait_ready(timeout_s=20)
+        gate = bridge.gate
+        assert gate is not None
+        await v.subscribe("devices/cam-victim/detections", qos=1)
+        persistent: dict[str, Any] = {"clean_start": False, "session_expiry_s": 600}
+        async with device_client(flood, harness.port, **persistent) as f:
+            await f.subscribe("devices/cam-flood/events", qos=1)
+            # Its budget, then AFTER refusals in a row: cut.
+            sent = await _flood_until_cut(f, 500)
+        assert gate.disconnected >= 1
+        assert sent < 500  # the connection ended under the flood
+        # Another device is served; the bridge itself was not disturbed.
+        await v.publish("devices/cam-victim/frames", JPEG, qos=1, properties=frame_props("v-1"))
+        (answer,) = await collect(v, count=1, timeout_s=30)
+        assert json.loads(bytes(answer.payload))["frameId"] == "v-1"  # type: ignore[arg-type]
+        assert bridge.stats.reconnects == 0
+        assert engine.calls == BURST + 1
+        # Back on its persistent session, the device finds why.
+        async with device_client(flood, harness.port, **persistent) as f:
+            events = await collect(f, count=AFTER + 5, timeout_s=5)
+        messages = [json.loads(bytes(m.payload))["error"]["message"] for m in events]  # type: ignore[arg-type]
+        assert any("disconnected" in m for m in messages), messages
+
+
+async def test_a_device_a_little_over_its_budget_stays_connected(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    calm = issue("device", "cam-calm")
+    async with _bridge(harness, FakeEngine()) as bridge, device_client(calm, harness.port) as c:
+        await bridge.wait_ready(timeout_s=20)
+        assert bridge.gate is not None
+        await c.subscribe("devices/cam-calm/detections", qos=1)
+        # Its burst, then one refusal short of being cut: over budget, not flooding.
+        for i in range(BURST + AFTER - 1):
+            await c.publish("devices/cam-calm/frames", JPEG, qos=1, properties=frame_props(f"c{i}"))
+        await _until(lambda: bridge.stats.frames_rejected == AFTER - 1)
+        answers = await collect(c, count=BURST, timeout_s=30)
+        assert len(answers) == BURST
+        await c.publish("devices/cam-calm/frames", JPEG, qos=1)  # still connected
+        assert bridge.gate.disconnected == 0
+
+
+async def test_with_the_gate_off_a_flood_is_only_refused(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    flood = issue("device", "cam-flood")
+    async with _bridge(harness, FakeEngine(), after=0) as bridge:
+        await bridge.wait_ready(timeout_s=20)
+        assert bridge.gate is None
+        async with device_client(flood, harness.port) as f:
+            for i in range(50):
+                await f.publish(
+                    "devices/cam-flood/frames", JPEG, qos=1, properties=frame_props(f"f{i}")
+                )
+            await _until(lambda: bridge.stats.frames_rejected == 50 - BURST)
+    door = front_door(FakeEngine())
+    unmanaged = MqttBridge(harness.settings, connection=harness.bridge_connection(), door=door)
+    assert unmanaged.gate is None  # no broker control: nothing to disconnect with
+
+
+@pytest.mark.parametrize("device_id", ["_edgeward.bridge", "bad/id"])
+async def test_the_gate_disconnects_device_ids_only(harness: BrokerHarness, device_id: str) -> None:
+    async with _bridge(harness, FakeEngine()) as bridge:
+        await bridge.wait_ready(timeout_s=20)
+        assert bridge.gate is not None
+        bridge.gate.flooding(device_id)
+        await asyncio.sleep(0)
+        await _until(lambda: len(bridge.gate._tasks) == 0)  # type: ignore[union-attr]
+        assert bridge.gate.disconnected == 0
+        assert bridge.stats.reconnects == 0
