@@ -197,7 +197,7 @@ class TelemetryIngest:
         for _ in range(batch.rejected_topics):
             self._reject_topic()
         for note in batch.notes:
-            _log.warning("telemetry worker", worker=batch.worker, event=note)
+            _log.warning("telemetry worker connection", worker=batch.worker, detail=note)
         for reading in batch.latest:
             self._store_reading(reading)
         for device_id, message, protobuf in batch.errors:

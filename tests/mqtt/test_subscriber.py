@@ -20,9 +20,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import structlog
 
 import pki
 from gateway._mqtt import MqttBridge
+from gateway._mqtt._bridge import BridgeStats
+from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._subscriber import (
     PacketReader,
     ProtocolViolation,
@@ -30,7 +34,7 @@ from gateway._mqtt._subscriber import (
     Subscriber,
     encode_varint,
 )
-from gateway._mqtt._telemetry import _Collector
+from gateway._mqtt._telemetry import IngestBatch, _Collector
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
@@ -362,3 +366,39 @@ async def test_worker_counts_odd_topics_and_malformed_payloads(
         assert latest.battery_percent == 61
         assert bridge.latest_telemetry("VAC-ODD") is None
         assert bridge.latest_telemetry("vac-odd") is None
+
+
+def test_parent_applies_worker_counts_and_logs_connection_notes(tmp_path: Path) -> None:
+    """A worker's connection events reach the gateway's log (one line each, with the
+    reason); its rejected topics reach the bridge's counter."""
+    rejected: list[None] = []
+    ingest = TelemetryIngest(
+        MqttSettings(data_dir=tmp_path),
+        door=front_door(FakeEngine(), gateway_id="gw-mqtt"),
+        stats=BridgeStats(),
+        worker_options=lambda _i: pytest.fail("no worker is started"),
+        prefer=lambda _d, _p: None,
+        refused=lambda *_a, **_k: None,
+        reject_topic=lambda: rejected.append(None),
+        on_connected=lambda: None,
+    )
+    batch = IngestBatch(
+        worker=3,
+        received=5,
+        latest=(),
+        errors=(),
+        connected=False,
+        rejected_topics=4,
+        notes=("connection closed: PUBLISH at QoS 2; subscribed at most QoS 1",),
+    )
+    with structlog.testing.capture_logs() as logs:
+        ingest._apply_batch(batch, proc=object())
+    assert ingest.stats.telemetry_received == 5
+    assert len(rejected) == 4
+    assert [(e["event"], e["worker"], e["detail"]) for e in logs] == [
+        (
+            "telemetry worker connection",
+            3,
+            "connection closed: PUBLISH at QoS 2; subscribed at most QoS 1",
+        )
+    ]
