@@ -307,6 +307,8 @@ class MqttBridge:
             reconnect_min_s=self.settings.reconnect_min_s,
             reconnect_max_s=self.settings.reconnect_max_s,
             check_hostname=self._conn.check_hostname,
+            max_packet_bytes=self.settings.max_payload_bytes + 65536,
+            connect_timeout_s=self.settings.connect_timeout_s,
         )
 
     def _new_client(

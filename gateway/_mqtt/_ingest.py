@@ -194,6 +194,10 @@ class TelemetryIngest:
             proc._edgeward_connected = True
             self._on_connected()
         self.stats.telemetry_received += batch.received
+        for _ in range(batch.rejected_topics):
+            self._reject_topic()
+        for note in batch.notes:
+            _log.warning("telemetry worker connection", worker=batch.worker, detail=note)
         for reading in batch.latest:
             self._store_reading(reading)
         for device_id, message, protobuf in batch.errors:

@@ -26,6 +26,9 @@ _VALUES: list[Any] = [
     1e39,
     -1e39,
     2**60,
+    2**64,
+    10**30,
+    -(2**63) - 1,
     3.4e38,
     True,
     False,
@@ -98,7 +101,9 @@ def test_fast_path_agrees_with_protobuf_parse_dict(monkeypatch: pytest.MonkeyPat
     )
     fast = [_outcome(p) for p in payloads]
     taken = sum(1 for p in payloads if _telemetry._plain_json(json.loads(p), 32) is not None)
+    # The reference: the stdlib's JSON parser and protobuf's ParseDict for everything.
     monkeypatch.setattr(_telemetry, "_plain_json", lambda _obj, _max: None)
+    monkeypatch.setattr(_telemetry, "_loads", json.loads)
     full = [_outcome(p) for p in payloads]
     mismatches = [
         (p, a, b) for p, a, b in zip(payloads, fast, full, strict=True) if not _same(a, b)
