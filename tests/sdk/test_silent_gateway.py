@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -93,8 +93,7 @@ async def _gateways(
         yield gateways
 
 
-async def _wait_for(predicate: object, timeout_s: float) -> None:
-    assert callable(predicate)
+async def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110 - polls state another task updates
             await asyncio.sleep(0.05)
@@ -147,15 +146,18 @@ async def test_a_silent_gateway_is_left_within_the_keepalive_bound(
                 async for outcome in client.results():
                     outcomes.append(outcome)
 
+            camera_off = asyncio.Event()
+
             async def camera() -> None:
-                for n in range(10_000):
+                n = 0
+                while not camera_off.is_set():
                     sent.append(await client.submit(CHELSEA, frame_id=f"f-{n:04d}"))
+                    n += 1
                     await asyncio.sleep(0.1)
 
             def answered_by(gateway_id: str) -> int:
                 return sum(
-                    isinstance(o, DetectionResult) and o.gateway_id == gateway_id
-                    for o in outcomes
+                    isinstance(o, DetectionResult) and o.gateway_id == gateway_id for o in outcomes
                 )
 
             async with asyncio.TaskGroup() as tg:
@@ -169,19 +171,20 @@ async def test_a_silent_gateway_is_left_within_the_keepalive_bound(
                     with pytest.raises(TimeoutError):
                         await _wait_for(lambda: answered_by("gw-far") > 0, 4 * bound_s + 5)
                     assert client.gateway == entries[0]
-                    producer.cancel()
+                    camera_off.set()
                     collector.cancel()
                     return
                 # Far below gRPC's own 60 s; generous for a loaded 2-core machine.
                 await _wait_for(lambda: answered_by("gw-far") > 0, 4 * bound_s + 5)
                 took_s = time.monotonic() - frozen_at
-                producer.cancel()
+                camera_off.set()
+                await producer
                 assert client.gateway == entries[1]
                 assert client.stats().failovers >= 1
                 assert await client.flush(timeout_s=30)
                 await asyncio.sleep(0.1)
                 collector.cancel()
-    print(f"failover after {took_s:.2f} s (bound {bound_s:.2f} s scaled)")  # noqa: T201
+    print(f"failover after {took_s:.2f} s (bound {bound_s:.2f} s scaled)")
     # Every frame submitted has exactly one answer, none lost to the silent stream.
     assert sorted(o.frame_id for o in outcomes) == sorted(sent)
     assert all(isinstance(o, DetectionResult) for o in outcomes)
@@ -210,7 +213,6 @@ async def test_an_idle_device_is_not_disconnected_for_its_pings(
         monkeypatch.setattr(
             gateway_server, "MIN_PING_INTERVAL_MS", 2 * options["grpc.keepalive_time_ms"]
         )
-    keepalive_s = options["grpc.keepalive_time_ms"] / 1000
     device = issue("device", "cam-idle")
     async with _gateways(issue, tmp_path, "cam-idle", "gw-idle") as (gw,):
         creds = pki.grpc_channel_credentials(
@@ -228,7 +230,6 @@ async def test_an_idle_device_is_not_disconnected_for_its_pings(
             if pace == "sdk":
                 assert not done, "the gateway ended an idle device's stream"
                 assert not call.done()
-                assert idle_s / keepalive_s >= 6
             else:
                 assert done, "pings faster than the gateway's minimum were accepted"
                 with pytest.raises(grpc.aio.AioRpcError) as ended:
@@ -307,7 +308,7 @@ async def test_a_silent_broker_ends_the_mqtt_session_within_the_keepalive_bound(
                     async with asyncio.timeout(4 * bound_s + 5):
                         await running
                 took_s = time.monotonic() - frozen_at
-                print(f"MQTT session ended after {took_s:.2f} s (bound {bound_s} s)")  # noqa: T201
+                print(f"MQTT session ended after {took_s:.2f} s (bound {bound_s} s)")
         finally:
             stop.set()
             running.cancel()
