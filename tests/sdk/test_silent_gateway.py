@@ -12,6 +12,7 @@ probe interval) are set out of reach, so that only the keepalive can notice.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -119,19 +120,23 @@ async def test_a_silent_gateway_is_left_within_the_keepalive_bound(
     monkeypatch.setattr(sdk_grpc, "CHANNEL_OPTIONS", _scaled_channel_options(old=old))
     bound_s = (sdk_grpc.KEEPALIVE_TIME_MS / SCALE + PING_TIMEOUT_MS) / 1000
     device = issue("device", "cam-silent")
+    # The device's region decides between gateways equally near (the relay adds a little).
+    metadata = {**device.read_metadata(), "region": "home"}
+    device.metadata.write_text(json.dumps(metadata))
     async with (
         _gateways(issue, tmp_path, "cam-silent", "gw-near", "gw-far") as (near, far),
         FreezingProxy(near.address).running() as relay,
     ):
         entries = [
             GatewayInfo("gw-near", "home", relay.address),
-            GatewayInfo("gw-far", "home", far.address),
+            GatewayInfo("gw-far", "away", far.address),
         ]
         options = ClientOptions(
             gateways=entries,
             transport=Transport.GRPC_STREAM,
-            # Equally near by the margin: the first of the list is used.
+            # Equally near by the margin: the one of the device's region is used.
             tie_margin_s=5.0,
+            probe_timeout_s=10.0,
             # The SDK's slower bounds out of reach: only the keepalive may notice.
             call_timeout_s=120.0,
             probe_interval_s=120.0,
