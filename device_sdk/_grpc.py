@@ -70,9 +70,10 @@ _RETRY_ELSEWHERE = {
 KEEPALIVE_TIME_MS = 20_000
 
 #: A ping unanswered this long closes the connection: every call on it fails with
-#: ``UNAVAILABLE`` (frames on it fail over to the next gateway). A gateway gone silent without closing its
-#: connection (power lost, a dropped NAT entry, a hung host) is therefore noticed within
-#: ``KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS`` (25 s), even by a call that has no deadline.
+#: ``UNAVAILABLE`` (frames on it fail over to the next gateway). A gateway gone silent
+#: without closing its connection (power lost, a dropped NAT entry, a hung host) is therefore
+#: noticed within ``KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS`` (25 s), even by a call that
+#: has no deadline.
 KEEPALIVE_TIMEOUT_MS = 5_000
 
 # Channel arguments: reconnect quickly (gRPC's default backoff grows to 120 s, which would
