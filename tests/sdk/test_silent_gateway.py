@@ -103,19 +103,28 @@ async def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
 # -- gRPC: failover from a silent gateway ------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["fixed", "old"])
+_CASES = {
+    "stream": ("fixed", Transport.GRPC_STREAM),
+    "stream-old-options": ("old", Transport.GRPC_STREAM),
+    "unary": ("fixed", Transport.GRPC),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
 async def test_a_silent_gateway_is_left_within_the_keepalive_bound(
     issue: IssueFn,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     scaled_server: None,
-    recipe: str,
+    case: str,
 ) -> None:
-    """A device streaming frames to the nearer gateway, which goes silent mid-stream: the
-    stream and the event stream fail once a keepalive ping goes unanswered, the device
-    fails over, and every frame (those in flight on the silent stream too) is answered by
-    the other gateway. The control, the options before the fix, has not noticed after four
-    times the bound (gRPC's own ping deadline, 60 s, is what would end it)."""
+    """A device sending frames to the nearer gateway, which goes silent mid-stream: the calls
+    on the connection (the frame stream or the unary calls in flight, and the event stream)
+    fail once a keepalive ping goes unanswered, the device fails over, and every frame
+    (those in flight on the silent connection too) is answered by the other gateway. The
+    control, the options before the fix, has not noticed after four times the bound (gRPC's
+    own ping deadline, 60 s, is what would end it)."""
+    recipe, transport = _CASES[case]
     old = recipe == "old"
     monkeypatch.setattr(sdk_grpc, "CHANNEL_OPTIONS", _scaled_channel_options(old=old))
     bound_s = (sdk_grpc.KEEPALIVE_TIME_MS / SCALE + PING_TIMEOUT_MS) / 1000
@@ -133,7 +142,7 @@ async def test_a_silent_gateway_is_left_within_the_keepalive_bound(
         ]
         options = ClientOptions(
             gateways=entries,
-            transport=Transport.GRPC_STREAM,
+            transport=transport,
             # Equally near by the margin: the one of the device's region is used.
             tie_margin_s=5.0,
             probe_timeout_s=10.0,
