@@ -32,7 +32,10 @@ from protos.edgeward.v1 import gateway_pb2_grpc
 from protos.edgeward.v1.wire import FINAL_METADATA_KEY, FINAL_REVOKED, RETRY_AFTER_METADATA_KEY
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "FINAL_METADATA_KEY",
+    "KEEPALIVE_TIMEOUT_MS",
+    "KEEPALIVE_TIME_MS",
     "MAX_RETRY_AFTER_S",
     "Busy",
     "ChannelPool",
@@ -59,14 +62,34 @@ _RETRY_ELSEWHERE = {
     grpc.StatusCode.UNAUTHENTICATED,
 }
 
+#: A keepalive ping after this long without a frame from the gateway while a call is open
+#: (the event stream, ``Subscribe``, is open all the time). The gateway accepts pings this
+#: often: its ``grpc.http2.min_ping_interval_without_data_ms``
+#: (``gateway._grpc._server.MIN_PING_INTERVAL_MS``) is half of it, so it never answers them
+#: with ``GOAWAY too_many_pings``.
+KEEPALIVE_TIME_MS = 20_000
+
+#: A ping unanswered this long closes the connection: every call on it fails with
+#: ``UNAVAILABLE`` (frames on it fail over to the next gateway). A gateway gone silent
+#: without closing its connection (power lost, a dropped NAT entry, a hung host) is therefore
+#: noticed within ``KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS`` (25 s), even by a call that
+#: has no deadline.
+KEEPALIVE_TIMEOUT_MS = 5_000
+
 # Channel arguments: reconnect quickly (gRPC's default backoff grows to 120 s, which would
 # keep a recovered gateway unused for minutes), and notice a dead peer without traffic.
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # What closes a connection whose ping goes unanswered is gRPC's ping deadline (60 s by
+    # default); the installed gRPC does not enforce the keepalive timeout by itself.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # The event stream only receives: without this, gRPC stops pinging after two pings with
+    # no frame sent, and a quiet device's stream would have no keepalive at all.
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
 )

@@ -28,7 +28,13 @@ from device_sdk._types import DetectionResult, DeviceEvent, ErrorEvent, GatewayI
 from device_sdk.errors import DeviceRevoked
 from protos.edgeward.v1 import common_pb2
 
-__all__ = ["PROTOBUF_CONTENT_TYPE", "SOCKET_OPTIONS", "MqttSession", "split_address"]
+__all__ = [
+    "MQTT_KEEPALIVE_S",
+    "PROTOBUF_CONTENT_TYPE",
+    "SOCKET_OPTIONS",
+    "MqttSession",
+    "split_address",
+]
 
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
@@ -37,6 +43,14 @@ PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 #: about 40 ms on Linux, before it leaves the device: every frame round trip paid it.
 #: Applied by aiomqtt right after connecting, on the TLS socket.
 SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+#: The MQTT keepalive interval (seconds). paho sends PINGREQ after this long without a packet
+#: either way and drops the session when no PINGRESP came within another interval, so a
+#: broker gone silent without closing the connection (power lost, a dropped NAT entry) ends
+#: the session within ``2 * MQTT_KEEPALIVE_S`` (+1 s, paho's timer tick) and the client fails
+#: over; the broker in turn drops a silent device after 1.5 intervals (MQTT 5 §3.1.2.10).
+MQTT_KEEPALIVE_S = 10
+
 _log = structlog.get_logger(__name__)
 _M = TypeVar("_M", bound=Message)
 
@@ -97,7 +111,7 @@ class MqttSession:
                 protocol=aiomqtt.ProtocolVersion.V5,
                 tls_context=self._ssl,
                 timeout=self._timeout,
-                keepalive=30,
+                keepalive=MQTT_KEEPALIVE_S,
                 socket_options=SOCKET_OPTIONS,
             ) as client:
                 await client.subscribe(f"{self._prefix}/detections", qos=1)

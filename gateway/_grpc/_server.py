@@ -35,11 +35,21 @@ from gateway._metrics import GatewayMetrics
 from gateway._wire import SERVER_OPTIONS, add_service, bind
 from protos.edgeward.v1 import gateway_pb2, gateway_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "GatewayServer"]
+__all__ = ["MAX_PING_STRIKES", "MIN_PING_INTERVAL_MS", "SERVICE_NAME", "GatewayServer"]
 
 _log = structlog.get_logger(__name__)
 
 SERVICE_NAME: str = gateway_pb2.DESCRIPTOR.services_by_name["DeviceGateway"].full_name
+
+#: The shortest interval between a device's keepalive pings the server accepts while it has
+#: sent nothing itself (an idle event stream): half the device SDK's keepalive time (20 s),
+#: so timer slack never turns a device's regular ping into a strike, while a client pinging
+#: faster than this cannot make the server answer a flood of pings.
+MIN_PING_INTERVAL_MS = 10_000
+
+#: Pings faster than :data:`MIN_PING_INTERVAL_MS` tolerated before the server ends the
+#: connection with ``GOAWAY too_many_pings`` (gRPC's default, stated here).
+MAX_PING_STRIKES = 2
 
 
 class GatewayServer:
@@ -68,9 +78,10 @@ class GatewayServer:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-                # Keepalive pings from devices at most every 10 s, so a silent NAT drop is
-                # noticed without letting a client ping-flood the server.
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # Devices ping every 20 s to notice a gateway gone silent; accept that, and
+                # no flood of pings (see MIN_PING_INTERVAL_MS).
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
                 *SERVER_OPTIONS,
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
