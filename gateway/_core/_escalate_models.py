@@ -36,13 +36,18 @@ from gateway._core._identify import (
 )
 from gateway._core._taxonomy import taxonomy
 from gateway._inference._classifier import preprocess_efficientnet
-from gateway._inference._detection import Box, Detection
+from gateway._inference._detection import Box
 from gateway._inference._manifest import (
     Manifest,
     load_manifest,
     read_verified_model,
 )
-from gateway._inference._nanodet import postprocess_nanodet, preprocess_nanodet
+from gateway._inference._nanodet import (
+    pad_square,
+    postprocess_nanodet,
+    preprocess_nanodet,
+    unpad_square,
+)
 
 if TYPE_CHECKING:
     from gateway._core._escalate import CoreEscalationSettings
@@ -256,15 +261,15 @@ class CoreModels:
         around each of the strongest detections (:func:`crop_boxes`).
         """
         self.open()
-        square = _pad_square(image)
+        square = pad_square(image)
         raw = postprocess_nanodet(
             self._run(DETECTOR, preprocess_nanodet(square)),
             self._detector_labels,
             score_threshold=0.2,
         )
-        detections = tuple(_unpad(det, image.shape[1], image.shape[0]) for det in raw)
+        detections = tuple(unpad_square(det, image.shape[1], image.shape[0]) for det in raw)
         boxes = crop_boxes(detections)
-        batch = [square, *(_pad_square(_crop(image, box)) for box in boxes)]
+        batch = [square, *(pad_square(_crop(image, box)) for box in boxes)]
         logits = np.asarray(self._run(CLASSIFIER, preprocess_efficientnet(batch))[0])
         probs = _softmax(logits.astype(np.float32))
         return Observation(
@@ -325,31 +330,3 @@ def _crop(image: Rgb, box: Box, margin: float = 0.1) -> Rgb:
     x1 = max(x0 + 1, int(min(1.0, box.x_max + margin * bw) * width))
     y1 = max(y0 + 1, int(min(1.0, box.y_max + margin * bh) * height))
     return image[y0:y1, x0:x1]
-
-
-def _unpad(det: Detection, width: int, height: int) -> Detection:
-    """A detection on the padded square mapped back to the ``width`` x ``height`` image."""
-    side = max(width, height)
-    left, top = (side - width) // 2, (side - height) // 2
-
-    def fx(v: float) -> float:
-        return min(1.0, max(0.0, (v * side - left) / width))
-
-    def fy(v: float) -> float:
-        return min(1.0, max(0.0, (v * side - top) / height))
-
-    b = det.box
-    box = Box(fx(b.x_min), fy(b.y_min), fx(b.x_max), fy(b.y_max))
-    return Detection(det.label, det.class_id, det.score, box)
-
-
-def _pad_square(image: Rgb) -> Rgb:
-    """``image`` centred on a square grey canvas (114, as detectors are usually padded)."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    if height == width:
-        return image
-    out = np.full((side, side, 3), 114, dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    out[top : top + height, left : left + width] = image
-    return out
