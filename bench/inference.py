@@ -105,7 +105,7 @@ async def _paired(args: argparse.Namespace) -> None:
     second cancels out.
     """
     from gateway import InferenceEngine
-    from gateway._inference._engine import _run_ssd
+    from gateway._inference._engine import _run_model
     from gateway._inference._image import decode_image
     from gateway._inference._ssd import preprocess_ssd
 
@@ -130,7 +130,7 @@ async def _paired(args: argparse.Namespace) -> None:
 
         def raw_once(image: bytes) -> float:
             t = time.perf_counter()
-            _run_ssd(model, preprocess_ssd([decode_image(image, max_pixels=16_000_000)]), 0.5)
+            _run_model(model, preprocess_ssd([decode_image(image, max_pixels=16_000_000)]), 0.5)
             return time.perf_counter() - t
 
         call = gateway_pb2_grpc.DeviceGatewayStub(channel).StreamDetect(requests())
@@ -268,7 +268,7 @@ async def _pipelined(settings: Any, devices: int, seconds: float) -> tuple[float
 async def _raw(seconds: float) -> tuple[float, float, list[float]]:
     """Model alone and the raw pipeline, with the gateway's own session settings."""
     from gateway import InferenceEngine
-    from gateway._inference._engine import _run_ssd
+    from gateway._inference._engine import _run_model
     from gateway._inference._image import decode_image
     from gateway._inference._ssd import preprocess_ssd
 
@@ -279,7 +279,7 @@ async def _raw(seconds: float) -> tuple[float, float, list[float]]:
         tensors = [preprocess_ssd([decode_image(f, max_pixels=16_000_000)]) for f in frames]
         n, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            _run_ssd(model, tensors[n % len(tensors)], 0.5)
+            _run_model(model, tensors[n % len(tensors)], 0.5)
             n += 1
         model_fps = n / (time.perf_counter() - started)
         per_frame: list[float] = []
@@ -287,7 +287,7 @@ async def _raw(seconds: float) -> tuple[float, float, list[float]]:
         while time.perf_counter() - started < seconds:
             t = time.perf_counter()
             img = decode_image(frames[n % len(frames)], max_pixels=16_000_000)
-            _run_ssd(model, preprocess_ssd([img]), 0.5)
+            _run_model(model, preprocess_ssd([img]), 0.5)
             per_frame.append(time.perf_counter() - t)
             n += 1
         raw_fps = n / (time.perf_counter() - started)
