@@ -4,7 +4,8 @@
 ``__aenter__`` and ``__aexit__`` may run in different tasks (a service assembling its parts,
 a test fixture's setup and teardown) keeps its tasks in a :class:`TaskSet` instead: it
 spawns them, logs any that die of an unexpected error, and on :meth:`close` cancels every
-one and waits for all of them to finish.
+one (again, until it ends: a cancellation can be lost) and waits, within a bound, for all of
+them to finish.
 """
 
 from __future__ import annotations
@@ -50,11 +51,29 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Cancel every task and wait (at most ``timeout_s``) for them to finish."""
+    async def close(self, timeout_s: float = 10.0, *, recancel_s: float = 1.0) -> None:
+        """Cancel every task and wait (at most ``timeout_s``) for them to finish.
+
+        A cancellation can be lost: before Python 3.12, ``asyncio.wait_for`` (which aiomqtt
+        uses for its connect and disconnect) returns the result instead of raising when the
+        awaited future completes in the same loop turn as the cancel, so a reconnect loop
+        carries on as if never cancelled. Tasks still running are therefore cancelled again
+        every ``recancel_s`` until they end; any left at ``timeout_s`` are logged.
+        """
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        pending = set(self._tasks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while pending:
+            for task in pending:
+                task.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            _done, pending = await asyncio.wait(pending, timeout=min(recancel_s, left))
+        if pending:
+            _log.error(
+                "background tasks did not stop",
+                component=self._name,
+                tasks=sorted(t.get_name() for t in pending),
+            )

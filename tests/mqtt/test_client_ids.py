@@ -20,6 +20,7 @@ import pytest
 
 import pki
 from gateway._mqtt import MqttBridge
+from gateway._mqtt._tasks import TaskSet
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
@@ -65,11 +66,16 @@ async def _drain(client: aiomqtt.Client) -> None:
 async def _attacker(
     identity: pki.IdentityFiles, port: int, ids: list[str]
 ) -> AsyncIterator[list[int]]:
-    """A device looping over ``ids`` as its client id, clean and persistent, until left."""
+    """A device looping over ``ids`` as its client id, clean and persistent, until left.
+
+    It stops on a flag as well as on cancellation: aiomqtt's connect and disconnect can lose
+    a cancellation (``asyncio.wait_for`` before Python 3.12), which left the loop running.
+    """
     rounds = [0]
+    stop = asyncio.Event()
 
     async def loop() -> None:
-        while True:
+        while not stop.is_set():
             for cid in ids:
                 for clean in (True, False):
                     with contextlib.suppress(aiomqtt.MqttError):
@@ -85,13 +91,14 @@ async def _attacker(
                             await asyncio.sleep(0.02)
             rounds[0] += 1
 
-    task = asyncio.create_task(loop())
+    tasks = TaskSet("attacker")
+    task = tasks.spawn(loop(), name="attacker")
     try:
         yield rounds
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await tasks.close(timeout_s=30)
+        assert task.done()
 
 
 async def test_device_posing_as_the_gateways_clients_disturbs_nothing(
