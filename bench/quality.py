@@ -75,6 +75,7 @@ from gateway._inference._image import decode_image  # noqa: E402
 from gateway._inference._manifest import load_manifest, open_session  # noqa: E402
 from gateway._inference._ssd import postprocess_ssd, preprocess_ssd  # noqa: E402
 from protos.edgeward.v1 import common_pb2, core_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from tests._support.core import ObservedCore  # noqa: E402
 
 MODELS = ROOT / "models"
 PHOTOS = ROOT / "tests" / "data" / "quality"
@@ -236,26 +237,15 @@ def run_fit(photos: list[Labelled]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- live run
-class TimedCore:
+class TimedCore(ObservedCore):
     """The real ``Core.Escalate`` handler, timing each call."""
 
     def __init__(self, inner: EscalateService) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.model_ms: list[float] = []
 
-    async def __aenter__(self) -> TimedCore:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inner.__aexit__(None, None, None)
-
-    async def __call__(
-        self, request: core_pb2.EscalationRequest, context: Any, *, gateway: Any
-    ) -> core_pb2.EscalationResult:
-        result = await self.inner(request, context, gateway=gateway)
+    def answered(self, result: core_pb2.EscalationResult) -> None:
         self.model_ms.append(float(result.model_ms))
-        return result
 
 
 @contextlib.asynccontextmanager

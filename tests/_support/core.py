@@ -118,3 +118,30 @@ async def running_core(
             ca_bundle_pem=server.ca_bundle_pem,
             pki_dir=pki_dir,
         )
+
+
+class ObservedCore:
+    """The real ``Core.Escalate`` handler with a look at each request and answer: subclasses
+    override :meth:`seen` and :meth:`answered` (counting, capturing, timing)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __aenter__(self) -> Any:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inner.__aexit__(None, None, None)
+
+    def seen(self, request: Any) -> None:
+        """Called with each request before the real handler answers it."""
+
+    def answered(self, result: Any) -> None:
+        """Called with each answer the real handler gave."""
+
+    async def __call__(self, request: Any, context: Any, *, gateway: Any) -> Any:
+        self.seen(request)
+        result = await self.inner(request, context, gateway=gateway)
+        self.answered(result)
+        return result

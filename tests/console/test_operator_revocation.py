@@ -323,7 +323,9 @@ async def test_revoking_an_operator_at_the_core_ends_its_gateway_console_session
                 )
                 async with asyncio.timeout(10):
                     await stream  # the live stream ends with the session
-                assert loop.time() - t0 < 1.5
+                # Within a second on a quiet machine (the live view checks its session every
+                # 0.5 s); the bound here is one a loaded 2-core machine keeps.
+                assert loop.time() - t0 < 5.0
                 assert (await eve.get("/api/stats"))[0] == 401
                 assert (await eve_cert.get("/api/stats"))[0] == 401
                 async with console_client(console.url, bundle) as fresh:

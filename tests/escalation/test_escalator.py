@@ -24,6 +24,7 @@ from gateway._escalation import FaceRedactor, crop_with_margin
 from gateway._inference import Box, Detection
 from gateway._inference._image import decode_image
 from protos.edgeward.v1 import core_pb2
+from tests._support.core import ObservedCore
 from tests.conftest import PHOTOS
 
 from .conftest import (
@@ -103,25 +104,15 @@ async def test_labels_outside_the_region_set_come_back_in_the_edge_vocabulary(
     assert by_edge["Car"] in {"Car", "unknown"}
 
 
-class Capturing:
+class Capturing(ObservedCore):
     """A Core.Escalate handler that keeps what arrived, then lets the real one answer."""
 
     def __init__(self, inner: EscalateService) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.images: list[bytes] = []
 
-    async def __aenter__(self) -> Capturing:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inner.__aexit__(None, None, None)
-
-    async def __call__(
-        self, request: core_pb2.EscalationRequest, context: Any, *, gateway: Any
-    ) -> core_pb2.EscalationResult:
+    def seen(self, request: core_pb2.EscalationRequest) -> None:
         self.images.append(bytes(request.image))
-        return await self.inner(request, context, gateway=gateway)
 
 
 def _face_variance(image: np.ndarray, box: Any) -> float:

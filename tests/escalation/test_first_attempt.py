@@ -15,6 +15,7 @@ from gateway._escalation import Escalator
 from gateway._escalation._outbox import Outbox
 from gateway._events import EscalationAnswer
 from protos.edgeward.v1 import core_pb2
+from tests._support.core import ObservedCore
 
 from .conftest import Cores, EscalatorFactory, Recorder, frame_of, region
 
@@ -22,25 +23,15 @@ FRAMES = region(escalate_empty_frames=True, send="frame")
 MOTORCYCLE = frame_of("motorcycle.jpg")
 
 
-class Counting:
+class Counting(ObservedCore):
     """A Core.Escalate handler that counts the requests, then lets the real one answer."""
 
     def __init__(self, inner: EscalateService) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.requests: list[str] = []
 
-    async def __aenter__(self) -> Counting:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inner.__aexit__(None, None, None)
-
-    async def __call__(
-        self, request: core_pb2.EscalationRequest, context: Any, *, gateway: Any
-    ) -> core_pb2.EscalationResult:
+    def seen(self, request: core_pb2.EscalationRequest) -> None:
         self.requests.append(request.escalation_id)
-        return await self.inner(request, context, gateway=gateway)
 
 
 async def wait_for(predicate: Any, limit_s: float = 60.0) -> None:
