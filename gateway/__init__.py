@@ -16,17 +16,20 @@ The surface, by who needs it:
 - running a gateway: :class:`GatewayService`, its settings and :func:`load_gateway_settings`,
   :func:`describe_settings` (every key), :func:`find_models_dir`;
 - plug-in authors: :class:`GatewayRuntime` (what a plug-in gets), the :class:`FrontDoor` and
-  its :data:`DetectionHook` (called with an :class:`InferenceResult`), events, revocation
+  its :data:`DetectionHook` (called with an :class:`InferenceResult`, whose detections are
+  :class:`Detection` with a :class:`Box`), events, revocation
   listeners, metrics, and the plug-ins' own tables (:class:`MqttSettings`,
   :class:`EscalationSettings` with its :class:`RegionPolicy`);
 - running a core (the same package holds the core role): :class:`CoreServer`,
   :class:`CoreSettings`, :func:`load_core_settings`, and :class:`EscalateService` with its
-  :class:`CoreEscalationSettings` to answer escalations;
+  :class:`CoreEscalationSettings` to answer escalations (any :class:`EscalateHandler` will do:
+  it is the type of ``CoreServer(settings, escalate=…)``);
 - running inference alone: :class:`InferenceEngine`;
 - wiring processes that must know a port before they bind it: :func:`free_port`.
 
 Everything else (the transports, the front door's stages, the channels to the core) is
-private; the command line and the benchmarks use only these names, and a test holds them to it.
+private; the command line, the benchmarks and the tests use only these names (a test that
+exercises one internal unit on its own names it, with the reason), and a test holds them to it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
         describe_settings,
         load_gateway_settings,
     )
-    from gateway._core import CoreServer, CoreSettings, load_core_settings
+    from gateway._core import CoreServer, CoreSettings, EscalateHandler, load_core_settings
     from gateway._core._escalate import CoreEscalationSettings, EscalateService
     from gateway._door import (
         DetectionHook,
@@ -64,7 +67,7 @@ if TYPE_CHECKING:
         EventHub,
         EventPayload,
     )
-    from gateway._inference import InferenceEngine, InferenceResult
+    from gateway._inference import Box, Detection, InferenceEngine, InferenceResult
     from gateway._metrics import GatewayMetrics
     from gateway._models import MODELS_NOT_FOUND_HINT, find_models_dir
     from gateway._mqtt import MqttSettings
@@ -93,12 +96,15 @@ _EXPORTS: dict[str, str] = {
     "CoreServer": "gateway._core",
     "CoreSettings": "gateway._core",
     "load_core_settings": "gateway._core",
+    "EscalateHandler": "gateway._core",
     "CoreEscalationSettings": "gateway._core._escalate",
     "EscalateService": "gateway._core._escalate",
     "EscalationSettings": "gateway._escalation",
     "RegionPolicy": "gateway._escalation",
     "InferenceEngine": "gateway._inference",
     "InferenceResult": "gateway._inference",
+    "Box": "gateway._inference",
+    "Detection": "gateway._inference",
     "MODELS_NOT_FOUND_HINT": "gateway._models",
     "find_models_dir": "gateway._models",
     "MqttSettings": "gateway._mqtt",
@@ -137,18 +143,21 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "MODELS_NOT_FOUND_HINT",
     "AuthorisationSettings",
+    "Box",
     "CacheSettings",
     "Command",
     "ConfigError",
     "CoreEscalationSettings",
     "CoreServer",
     "CoreSettings",
+    "Detection",
     "DetectionHook",
     "DeviceDirectory",
     "DeviceEvent",
     "DeviceInfo",
     "DeviceRevoked",
     "ErrorEvent",
+    "EscalateHandler",
     "EscalateService",
     "EscalationAnswer",
     "EscalationSettings",

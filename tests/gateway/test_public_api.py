@@ -44,13 +44,14 @@ GATEWAY_SURFACE = {
     "find_models_dir", "MODELS_NOT_FOUND_HINT", "Status", "status_of",
     # plug-in authors
     "GatewayPlugin", "GatewayRuntime", "FrontDoor", "DetectionHook", "InferenceResult",
+    "Detection", "Box",
     "DeviceDirectory", "DeviceInfo", "StaticDeviceDirectory", "TelemetryRecord", "event_to_pb",
     "Command", "DeviceEvent", "ErrorEvent", "EscalationAnswer", "EventHub", "EventPayload",
     "GatewayMetrics", "RevocationEvent", "RevocationListener", "RevocationState",
     "MqttSettings", "EscalationSettings", "RegionPolicy",
     # running a core
     "CoreServer", "CoreSettings", "load_core_settings", "EscalateService",
-    "CoreEscalationSettings",
+    "CoreEscalationSettings", "EscalateHandler",
     # inference alone, and ports chosen before they are bound
     "InferenceEngine", "free_port",
     # errors
