@@ -17,7 +17,8 @@ The surface, by who needs it:
   :func:`describe_settings` (every key), :func:`find_models_dir`;
 - plug-in authors: :class:`GatewayRuntime` (what a plug-in gets), the :class:`FrontDoor` and
   its :data:`DetectionHook` (called with an :class:`InferenceResult`, whose detections are
-  :class:`Detection` with a :class:`Box`), events, revocation
+  :class:`Detection` with a :class:`Box`), events (an :class:`EscalationAnswer` names
+  :class:`AnsweredObject`), revocation
   listeners, metrics, and the plug-ins' own tables (:class:`MqttSettings`,
   :class:`EscalationSettings` with its :class:`RegionPolicy`);
 - running a core (the same package holds the core role): :class:`CoreServer`,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     )
     from gateway._escalation import EscalationSettings, RegionPolicy
     from gateway._events import (
+        AnsweredObject,
         Command,
         DeviceEvent,
         ErrorEvent,
@@ -109,6 +111,7 @@ _EXPORTS: dict[str, str] = {
     "find_models_dir": "gateway._models",
     "MqttSettings": "gateway._mqtt",
     "free_port": "gateway._ports",
+    "AnsweredObject": "gateway._events",
     "Command": "gateway._events",
     "DeviceEvent": "gateway._events",
     "ErrorEvent": "gateway._events",
@@ -142,6 +145,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "MODELS_NOT_FOUND_HINT",
+    "AnsweredObject",
     "AuthorisationSettings",
     "Box",
     "CacheSettings",

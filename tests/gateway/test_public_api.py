@@ -47,6 +47,7 @@ GATEWAY_SURFACE = {
     "Detection", "Box",
     "DeviceDirectory", "DeviceInfo", "StaticDeviceDirectory", "TelemetryRecord", "event_to_pb",
     "Command", "DeviceEvent", "ErrorEvent", "EscalationAnswer", "EventHub", "EventPayload",
+    "AnsweredObject",
     "GatewayMetrics", "RevocationEvent", "RevocationListener", "RevocationState",
     "MqttSettings", "EscalationSettings", "RegionPolicy",
     # running a core
