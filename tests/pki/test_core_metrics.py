@@ -15,8 +15,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import device_sdk as sdk
 import pki
-from device_sdk import _enrollment as sdk
 from device_sdk.errors import DeviceRevoked
 from gateway import load_core_settings
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
@@ -128,7 +128,7 @@ async def test_escalations_are_counted_with_their_latency(
     pki_dir: Path, tmp_path: Path, issue: IssueFn
 ) -> None:
     """An escalation handler's answers and refusals, by status, in the latency histogram."""
-    from gateway._core._status import InvalidArgument
+    from gateway.errors import InvalidArgument
 
     async def handler(
         request: core_pb2.EscalationRequest, context: object, *, gateway: pki.Identity

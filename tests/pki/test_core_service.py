@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import device_sdk as sdk
 import pki
-from device_sdk import _enrollment as sdk
 from device_sdk import parse_gateway_directory
 from device_sdk.errors import (
     CertificateExpired,

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import pki
 from edgeward.cli import main
-from gateway._core._status import status_for
+from gateway import status_of
 from tests._support.core import running_core, unique_id
 from tests.pki.conftest import NOW, execute_raw, make_csr
 from tests.pki.test_core_service import raw_enroll
@@ -148,9 +148,9 @@ def test_enrolment_checks_the_id_again(pki_dir: Path, registry: pki.SqliteRegist
         assert holder in line["reason"]
         assert tok not in json.dumps(logs, default=str)
     # Over gRPC the refusal is a failed precondition naming the id, not a token refusal.
-    code, message, _ = status_for(info.value)
-    assert code is grpc.StatusCode.FAILED_PRECONDITION
-    assert "core-late" in message
+    status = status_of(info.value)
+    assert status.grpc_code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "core-late" in status.message
 
 
 async def test_enrolment_over_grpc_refuses_an_id_a_gateway_took(

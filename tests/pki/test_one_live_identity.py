@@ -16,8 +16,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import pki
-from gateway import Command
-from gateway._core._status import status_for
+from gateway import Command, status_of
 from protos.edgeward.v1 import common_pb2, gateway_pb2
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway
@@ -64,7 +63,13 @@ def test_a_new_token_voids_the_unused_one_before_it(
         auth.enroll("cam-void.unknown", make_csr("cam-void"), peer="p", now=NOW)
     # The caller cannot tell a voided token from one that never existed.
     assert str(old.value) == str(unknown.value)
-    assert status_for(old.value) == status_for(unknown.value)
+    voided, never_existed = (status_of(exc) for exc in (old.value, unknown.value))
+    assert voided.code == "PERMISSION_DENIED"
+    assert (voided.code, voided.message, voided.trailing_metadata) == (
+        never_existed.code,
+        never_existed.message,
+        never_existed.trailing_metadata,
+    )
 
     issued = auth.enroll(second, make_csr("cam-void"), peer="p", now=NOW)
     assert issued.identity.id == "cam-void"

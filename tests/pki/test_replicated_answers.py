@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway._core._escalate import AnswerStore, CoreEscalationSettings, EscalateService
+from gateway import CoreEscalationSettings, EscalateService
+from gateway._core._escalate import AnswerStore
 from gateway._core._escalate_answers import Answers, PostgresAnswerStore
 from protos.edgeward.v1 import common_pb2, core_pb2
 from tests.conftest import PHOTOS, ROOT

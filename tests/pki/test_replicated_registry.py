@@ -23,8 +23,7 @@ from cryptography import x509
 
 import pki
 from edgeward.cli import main
-from gateway import ConfigError
-from gateway._core import load_core_settings, status_for
+from gateway import ConfigError, load_core_settings, status_of
 from protos.edgeward.v1 import (
     common_pb2,
     core_pb2,
@@ -572,7 +571,7 @@ def test_a_restarted_server_is_reconnected_and_pushes_resume(tmp_path: Path) -> 
             # While it is away: a retryable error (UNAVAILABLE on the wire), not a refusal.
             with pytest.raises(pki.RegistryUnavailable) as info:
                 reg.revoke_device("cam-restart", reason="lost", now=NOW)
-            assert status_for(info.value)[0] is grpc.StatusCode.UNAVAILABLE
+            assert status_of(info.value).grpc_code is grpc.StatusCode.UNAVAILABLE
             server.start()
             pushed.clear()
             assert pushed.wait(10)  # the listener is back

@@ -36,7 +36,8 @@ from device_sdk import EnrollmentUnavailable, enroll, renew
 from device_sdk._grpc import ChannelPool, GatewayDown, probe
 from edgeward.cli import main
 from gateway._core._server import ensure_server_identity
-from gateway._escalation._client import CoreClient, CoreUnavailable
+from gateway._escalation._client import CoreClient
+from gateway.errors import CoreUnavailable
 from protos.edgeward.v1 import core_pb2, core_pb2_grpc, enrollment_pb2_grpc
 from tests._support.gateway import start_gateway
 from tests.conftest import TRUST_DOMAIN
