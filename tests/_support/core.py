@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 import pki
-from gateway._core import CoreServer, EscalateHandler, load_core_settings
+from gateway import CoreServer, EscalateHandler, load_core_settings
 
 __all__ = ["RunningCore", "running_core", "unique_id"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway import load_core_settings
-from gateway._wire import ListenError
+from gateway.errors import ListenError
 from tests._support.core import running_core
 from tests._support.gateway import start_gateway
 

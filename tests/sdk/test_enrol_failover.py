@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 import pki
-from device_sdk._enrollment import endpoint_list, enroll, renew
+from device_sdk import enroll, renew
+from device_sdk._enrollment import endpoint_list
 from device_sdk.errors import EnrollmentRefused, EnrollmentUnavailable
 from gateway import free_port
 from tests._support.core import running_core, unique_id

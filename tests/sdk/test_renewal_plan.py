@@ -8,8 +8,14 @@ import random
 
 import pytest
 
-from device_sdk import CertificateExpired, DeviceRevoked, EnrollmentUnavailable, plan_renewal
-from device_sdk._renewal import RenewalPlan, run_renewal
+from device_sdk import (
+    CertificateExpired,
+    DeviceRevoked,
+    EnrollmentUnavailable,
+    RenewalPlan,
+    plan_renewal,
+)
+from device_sdk._renewal import run_renewal
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
