@@ -17,17 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gateway import Detection
 from gateway._inference._classifier import preprocess_efficientnet, top_k
-from gateway._inference._detection import Detection
 from gateway._inference._faces import postprocess_centerface, preprocess_centerface
-from gateway._inference._image import InvalidImage, decode_image
-from gateway._inference._manifest import (
-    Manifest,
-    ModelIntegrityError,
-    load_manifest,
-    open_session,
-    read_verified_model,
-)
+from gateway._inference._image import decode_image
+from gateway._inference._manifest import Manifest, load_manifest, open_session, read_verified_model
 from gateway._inference._nanodet import postprocess_nanodet, preprocess_nanodet
 from gateway._inference._ssd import (
     SSD_NUM_ANCHORS,
@@ -35,6 +29,7 @@ from gateway._inference._ssd import (
     preprocess_ssd,
     ssd_anchors,
 )
+from gateway.errors import InvalidImage, ModelIntegrityError
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

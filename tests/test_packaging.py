@@ -25,10 +25,12 @@ from gateway import (
     ConfigError,
     CoreEscalationSettings,
     InferenceSettings,
+    find_models_dir,
     load_core_settings,
     load_gateway_settings,
 )
-from gateway._inference._manifest import ModelIntegrityError, load_manifest, read_verified_model
+from gateway._inference._manifest import load_manifest, read_verified_model
+from gateway.errors import ModelIntegrityError
 from tests.conftest import ROOT
 
 MODELS = ROOT / "models"
@@ -120,7 +122,7 @@ def _install_models_package(
 
 
 def test_a_checkout_uses_its_own_models() -> None:
-    assert models_mod.find_models_dir() == MODELS
+    assert find_models_dir() == MODELS
     assert InferenceSettings().models_dir == MODELS
     assert CoreEscalationSettings().models_dir == MODELS
 
@@ -130,7 +132,7 @@ def test_an_installed_models_package_is_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     package = _install_models_package(tmp_path, monkeypatch)
-    assert models_mod.find_models_dir() == package
+    assert find_models_dir() == package
     assert InferenceSettings().models_dir == package
     settings = load_gateway_settings(None, overrides=GATEWAY_OVERRIDES)
     assert settings.inference.models_dir == package
@@ -138,7 +140,7 @@ def test_an_installed_models_package_is_found(
 
 @pytest.mark.usefixtures("no_checkout")
 def test_without_models_start_up_fails_naming_the_key_and_the_fix(tmp_path: Path) -> None:
-    assert models_mod.find_models_dir() is None
+    assert find_models_dir() is None
     with pytest.raises(ConfigError, match=r"inference\.models_dir") as gateway_error:
         load_gateway_settings(None, overrides=GATEWAY_OVERRIDES)
     assert "edgeward[gateway]" in str(gateway_error.value)
@@ -164,7 +166,7 @@ def test_a_zipped_or_manifestless_package_is_not_taken(
 ) -> None:
     package = _install_models_package(tmp_path, monkeypatch)
     (package / "manifest.json").unlink()
-    assert models_mod.find_models_dir() is None
+    assert find_models_dir() is None
 
 
 @pytest.mark.usefixtures("no_checkout")
@@ -175,7 +177,7 @@ def test_a_tampered_model_in_the_installed_package_is_refused(
     tampered = bytearray(genuine)
     tampered[len(tampered) // 2] ^= 0xFF
     package = _install_models_package(tmp_path, monkeypatch, {"centerface.onnx": bytes(tampered)})
-    manifest = load_manifest(models_mod.find_models_dir() or tmp_path)
+    manifest = load_manifest(find_models_dir() or tmp_path)
     assert manifest.directory == package
     with pytest.raises(ModelIntegrityError, match="sha256 mismatch"):
         read_verified_model(manifest, "centerface")

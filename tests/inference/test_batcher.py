@@ -9,12 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway._inference._batcher import (
-    DeadlineExceeded,
-    MicroBatcher,
-    Overloaded,
-    ShuttingDown,
-)
+from gateway._inference._batcher import MicroBatcher
+from gateway.errors import DeadlineExceeded, Overloaded, ShuttingDown
 
 
 class Recorder:

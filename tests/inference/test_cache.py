@@ -10,7 +10,8 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from gateway._inference import Box, Detection, InferenceResult, ResponseCache
+from gateway import Box, Detection, InferenceResult
+from gateway._inference import ResponseCache
 from gateway._inference._cache import content_digest, difference_hash
 from gateway._inference._image import decode_image
 

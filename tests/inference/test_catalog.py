@@ -11,9 +11,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway import InferenceEngine
-from gateway._inference import InferenceError, ResponseCache
+from gateway._inference import ResponseCache
 from gateway._inference._catalog import EdgeModelCatalog, UnknownEdgeModel
-from gateway._inference._manifest import ModelIntegrityError
+from gateway.errors import InferenceError, ModelIntegrityError
 
 from .conftest import EDGE_MODEL
 

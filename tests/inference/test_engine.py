@@ -19,19 +19,17 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from gateway._inference import (
+from gateway import InferenceEngine, InferenceResult
+from gateway._inference import EngineObserver, ResponseCache
+from gateway._inference._engine import CacheKind
+from gateway._inference._runtime import create_session, physical_cores
+from gateway.errors import (
     DeadlineExceeded,
-    EngineObserver,
-    InferenceEngine,
-    InferenceResult,
     InvalidImage,
     Overloaded,
     ProviderUnavailable,
-    ResponseCache,
     ShuttingDown,
 )
-from gateway._inference._engine import CacheKind
-from gateway._inference._runtime import create_session, physical_cores
 
 pytestmark = pytest.mark.slow
 
