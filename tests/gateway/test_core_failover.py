@@ -18,10 +18,17 @@ from click.testing import CliRunner
 
 import gateway._core_endpoints as core_endpoints
 import pki
-from gateway import ConfigError, GatewaySettings, free_port, load_gateway_settings
+from gateway import (
+    ConfigError,
+    GatewaySettings,
+    RevocationEvent,
+    RevocationState,
+    free_port,
+    load_gateway_settings,
+)
 from gateway._core_endpoints import CoreEndpoints, parse_core_addresses
 from gateway._door import CoreDeviceDirectory
-from gateway._revocation import CoreRevocationFeed, RevocationEvent, RevocationState
+from gateway._revocation import CoreRevocationFeed
 from tests._support.core import running_core, unique_id
 from tests._support.gateway import start_gateway
 from tests.pki.test_role_pinning import serving

@@ -8,10 +8,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway._config import load_gateway_settings
-from gateway._door import Admitted, FrontDoor
-from gateway._inference import InferenceResult
-from gateway._settings import ConfigError
+from gateway import ConfigError, FrontDoor, InferenceResult, load_gateway_settings
+from gateway._door import Admitted
 from protos.edgeward.v1 import common_pb2
 from tests._support.gateway import MODELS, start_gateway
 

@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 import pki
+from gateway import InferenceResult
 from gateway._door import FairQueue
-from gateway._inference import InferenceResult, Overloaded
 from gateway._inference._batcher import MicroBatcher
+from gateway.errors import Overloaded
 from protos.edgeward.v1 import common_pb2, gateway_pb2_grpc
 from tests._support.mqtt import MODELS_DIR, collect, device_client, frame_props, mqtt_gateway
 from tests.conftest import PHOTOS, require_tool
@@ -233,7 +234,8 @@ async def test_frames_without_a_key_are_not_capped() -> None:
 
 
 async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
-    from gateway._door import Admitted, FrontDoor
+    from gateway import FrontDoor
+    from gateway._door import Admitted
     from gateway.errors import DeadlineExceeded
     from tests._support.mqtt import FakeEngine
 
@@ -278,8 +280,8 @@ async def test_a_frame_waiting_for_its_turn_keeps_its_deadline() -> None:
 
 
 async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> None:
-    from gateway._config import LimitsSettings
-    from gateway._door import FrontDoor, TopicIdentity
+    from gateway import FrontDoor, LimitsSettings
+    from gateway._door import TopicIdentity
     from gateway.errors import RateLimited
     from tests._support.mqtt import FakeEngine
 

@@ -19,8 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import pki
-from gateway._mqtt import MosquittoBroker, MqttSettings
-from gateway._wire import ListenError
+from gateway import MqttSettings
+from gateway._mqtt import MosquittoBroker
+from gateway.errors import ListenError
 from tests._support.core import running_core
 from tests._support.gateway import ROOT, start_gateway
 from tests._support.mqtt import BrokerHarness

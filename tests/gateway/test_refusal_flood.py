@@ -281,7 +281,7 @@ def test_refusal_log_rejects_nonsense_settings() -> None:
 
 
 def test_refusal_settings_are_configuration_keys(tmp_path: Path) -> None:
-    from gateway._config import load_gateway_settings
+    from gateway import load_gateway_settings
 
     settings = load_gateway_settings(
         None,

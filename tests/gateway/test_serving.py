@@ -9,8 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway._events import Command, ErrorEvent, EscalationAnswer
-from gateway._grpc import SERVICE_NAME
+from gateway import Command, ErrorEvent, EscalationAnswer
 from protos.edgeward.v1 import common_pb2, gateway_pb2
 from tests._support.gateway import start_gateway
 from tests.gateway._helpers import png_header_only, rpc_error, tiny_jpeg, wait_until
@@ -140,7 +139,8 @@ async def test_health_service_reports_serving(issue, tmp_path):
         gw.channel(issue("device", "cam-health")) as channel,
     ):
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", SERVICE_NAME):
+        # The whole server, and the service by its wire name (what a health probe names).
+        for name in ("", "edgeward.v1.DeviceGateway"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 

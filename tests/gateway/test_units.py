@@ -16,16 +16,15 @@ from gateway import (
     ErrorEvent,
     EventHub,
     GatewaySettings,
-    load_gateway_settings,
-)
-from gateway._door import Authoriser, RateLimiter, StaticDeviceDirectory, telemetry_from_pb
-from gateway._grpc import LiveCalls
-from gateway._grpc._identity import IdentityJudge
-from gateway._revocation import (
-    RegistryRevocationPoller,
     RevocationEvent,
     RevocationState,
+    StaticDeviceDirectory,
+    load_gateway_settings,
 )
+from gateway._door import Authoriser, RateLimiter, telemetry_from_pb
+from gateway._grpc import LiveCalls
+from gateway._grpc._identity import IdentityJudge
+from gateway._revocation import RegistryRevocationPoller
 from gateway.errors import (
     DeviceRevoked,
     InvalidRequest,
@@ -227,8 +226,7 @@ def test_token_bucket_refills_at_rate():
 
 
 async def test_stream_pacing_takes_a_token_at_once_or_waits_for_one():
-    from gateway._config import LimitsSettings
-    from gateway._door import FrontDoor
+    from gateway import FrontDoor, LimitsSettings
     from tests._support.mqtt import FakeEngine
 
     door = FrontDoor(
