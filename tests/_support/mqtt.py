@@ -32,19 +32,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import pki
-from gateway._door import FrontDoor
-from gateway._events import EventHub
-from gateway._inference import Box, Detection, InferenceResult, InvalidImage
+from gateway import (
+    Box,
+    Detection,
+    EventHub,
+    FrontDoor,
+    InferenceResult,
+    MqttSettings,
+    RevocationState,
+)
 from gateway._mqtt import (
     NODELAY,
     BridgeConnection,
     BrokerControl,
     CrlSnapshot,
     MosquittoBroker,
-    MqttSettings,
     RevocationEnforcer,
 )
-from gateway._revocation import RevocationState
+from gateway.errors import InvalidImage
 
 __all__ = [
     "MODELS_DIR",
@@ -416,7 +421,7 @@ def mqtt_gateway_settings(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Settings (as a dict, for a TOML file or ``load_gateway_settings``) of a test gateway."""
-    from gateway._mqtt import free_port
+    from gateway import free_port
 
     identity = pki.issue_identity(
         pki_dir,
@@ -464,8 +469,7 @@ async def mqtt_gateway(
     **overrides: Any,
 ) -> AsyncIterator[MqttGateway]:
     """A ``GatewayService`` started from settings with an ``[mqtt]`` table (see MqttGateway)."""
-    from gateway._config import load_gateway_settings
-    from gateway._service import GatewayService
+    from gateway import GatewayService, load_gateway_settings
 
     pki_dir = core.pki_dir if core is not None else standalone_pki(base)
     values = mqtt_gateway_settings(

@@ -9,9 +9,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway._events import Command, EventHub
+from gateway import Command, EventHub, RevocationEvent, RevocationState
 from gateway._mqtt import MqttBridge
-from gateway._revocation import RevocationEvent, RevocationState
 from protos.edgeward.v1 import common_pb2
 from tests._support.mqtt import (
     BrokerHarness,

@@ -8,12 +8,12 @@ import pytest
 from pydantic import ValidationError
 
 import pki
+from gateway import MqttSettings
 from gateway._mqtt import (
     INTERNAL_PREFIX,
     BrokerCredentials,
     BrokerFiles,
     MqttBridge,
-    MqttSettings,
     device_acl,
     dynsec_config,
     internal_name,
@@ -86,9 +86,8 @@ def test_dynsec_grants_the_bridge_only_what_it_needs() -> None:
 
 
 def test_plugin_validates_its_table(tmp_path: Path) -> None:
-    from gateway._config import GatewaySettings
+    from gateway import ConfigError, GatewaySettings
     from gateway._mqtt import plugin
-    from gateway._settings import ConfigError
 
     base = {"identity_dir": tmp_path, "pki_dir": tmp_path}
     assert plugin(GatewaySettings(**base)) is None

@@ -16,9 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import pki
+from gateway import RevocationState
 from gateway._grpc._identity import IdentityJudge
 from gateway._mqtt import CrlSnapshot, MqttBridge
-from gateway._revocation import RevocationState
 from gateway.errors import PermissionDenied, Unauthenticated
 from tests._support.mqtt import (
     BrokerHarness,

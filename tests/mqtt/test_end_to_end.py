@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway._inference import InferenceEngine
+from gateway import InferenceEngine
 from gateway._mqtt import MqttBridge
 from tests._support.mqtt import (
     BrokerHarness,

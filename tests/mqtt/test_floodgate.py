@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway._config import LimitsSettings
+from gateway import LimitsSettings
 from gateway._mqtt import MqttBridge
 from tests._support.mqtt import (
     BrokerHarness,

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 import pki
-from gateway._mqtt._config import BROKER_RESERVED_FILES, MqttSettings
+from gateway import MqttSettings
+from gateway._mqtt._config import BROKER_RESERVED_FILES
 from gateway._service import limit_malloc_arenas, raise_open_files_limit
 from tests._support.mqtt import BrokerHarness
 from tests.conftest import IssueFn, require_tool

@@ -13,8 +13,8 @@ import aiomqtt
 import pytest
 
 import pki
+from gateway import RevocationEvent
 from gateway._mqtt import CrlSnapshot
-from gateway._revocation import RevocationEvent
 from tests._support.core import running_core
 from tests._support.mqtt import BrokerHarness, device_client, mqtt_gateway
 from tests.conftest import IssueFn, require_tool

@@ -208,8 +208,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
     policy and a real core: the detection carries the pending whole-frame escalation, and
     the core's answer arrives on ``devices/<id>/events`` under the same id."""
     require_tool("mosquitto")
-    from gateway._core._escalate import CoreEscalationSettings, EscalateService
-    from gateway._door import WHOLE_FRAME_LABEL
+    from gateway import CoreEscalationSettings, EscalateService
     from tests._support.core import running_core
 
     pki_dir = standalone_pki(tmp_path)
@@ -257,7 +256,7 @@ async def test_escalation_over_mqtt_marks_the_frame_and_answers_on_events(
     assert set(by_topic) == {"devices/moto-cam/detections", "devices/moto-cam/events"}, got
     result = by_topic["devices/moto-cam/detections"]
     (pending,) = result["detections"]
-    assert pending["label"] == WHOLE_FRAME_LABEL
+    assert pending["label"] == "unknown"  # the whole frame, until the core answers
     assert pending["escalated"] is True
     assert pending["escalationId"].startswith("esc-")
     answer = by_topic["devices/moto-cam/events"]["escalation"]

@@ -23,9 +23,9 @@ import pytest
 import structlog
 
 import pki
+from gateway import MqttSettings
 from gateway._mqtt import MqttBridge
 from gateway._mqtt._bridge import BridgeStats
-from gateway._mqtt._config import MqttSettings
 from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._subscriber import (
     PacketReader,

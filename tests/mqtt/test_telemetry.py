@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from gateway._mqtt import _telemetry
-from gateway._mqtt._telemetry import InvalidTelemetry, TelemetryReading, parse_telemetry
+from gateway._mqtt._telemetry import TelemetryReading, parse_telemetry
+from gateway.errors import InvalidTelemetry
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
