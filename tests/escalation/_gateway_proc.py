@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pki
 from edgeward._logging import configure_logging
-from gateway import EscalationAnswer, EventHub
-from gateway._escalation import EscalationSettings, Escalator, RegionPolicy
+from gateway import EscalationAnswer, EscalationSettings, EventHub, RegionPolicy
+from gateway._escalation import Escalator
 from gateway._inference._image import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,12 +17,14 @@ import pki
 from gateway import (
     CoreEscalationSettings,
     CoreServer,
+    Detection,
     EscalateService,
+    EscalationSettings,
     EventPayload,
+    RegionPolicy,
     load_core_settings,
 )
-from gateway._escalation import EscalationSettings, Escalator, RegionPolicy
-from gateway._inference._detection import Detection
+from gateway._escalation import Escalator
 from gateway._inference._image import decode_image
 from gateway._inference._manifest import load_manifest, open_session
 from gateway._inference._ssd import postprocess_ssd, preprocess_ssd

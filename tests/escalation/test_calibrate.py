@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway import Box
 from gateway._core._calibrate import (
     Escalated,
     Labelled,
@@ -14,7 +15,6 @@ from gateway._core._calibrate import (
     tally_photos,
 )
 from gateway._core._identify import Candidate
-from gateway._inference._detection import Box
 
 WHOLE = Box(0.0, 0.0, 1.0, 1.0)
 BOX = Box(0.2, 0.2, 0.8, 0.8)

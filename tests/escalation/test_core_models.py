@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway._core._escalate import (
-    CLASSIFIER,
-    DETECTOR,
-    CoreEscalationSettings,
-    CoreModels,
-)
+from gateway import CoreEscalationSettings
+from gateway._core._escalate import CLASSIFIER, DETECTOR, CoreModels
 from gateway._escalation import crop_with_margin
 
 from .conftest import MODELS, edge_detections, frame_of

@@ -29,17 +29,14 @@ from gateway import (
     ConfigError,
     CoreEscalationSettings,
     EscalateService,
+    EscalationSettings,
     GatewaySettings,
+    RegionPolicy,
     free_port,
     load_core_settings,
     load_gateway_settings,
 )
-from gateway._escalation import (
-    EscalationSettings,
-    FaceRedactor,
-    RegionPolicy,
-    plugin,
-)
+from gateway._escalation import FaceRedactor, plugin
 from gateway._inference._image import decode_image
 from gateway._inference._manifest import load_manifest
 from gateway._service import configured_plugins

@@ -12,6 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway import (
+    Box,
+    Detection,
     ErrorEvent,
     EscalateService,
     EscalationAnswer,
@@ -21,7 +23,6 @@ from gateway import (
 )
 from gateway._door import WHOLE_FRAME_LABEL, result_to_pb
 from gateway._escalation import FaceRedactor, crop_with_margin
-from gateway._inference import Box, Detection
 from gateway._inference._image import decode_image
 from protos.edgeward.v1 import core_pb2
 from tests._support.core import ObservedCore

@@ -10,10 +10,9 @@ import asyncio
 import threading
 from typing import Any
 
-from gateway._core._escalate import EscalateService
+from gateway import EscalateService, EscalationAnswer
 from gateway._escalation import Escalator
 from gateway._escalation._outbox import Outbox
-from gateway._events import EscalationAnswer
 from protos.edgeward.v1 import core_pb2
 from tests._support.core import ObservedCore
 

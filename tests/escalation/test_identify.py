@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from gateway import Box
 from gateway._core._identify import FEATURES, Calibration, Candidate, decide
-from gateway._inference._detection import Box
 
 WHOLE = Box(0.0, 0.0, 1.0, 1.0)
 # A calibration whose probability is the detector's score or the frame mass, whichever

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway._escalation import Outbox, OutboxEntry, OutboxFull
-from gateway._events import AnsweredObject, ErrorEvent, EscalationAnswer
+from gateway import AnsweredObject, ErrorEvent, EscalationAnswer
+from gateway._escalation import Outbox, OutboxEntry
+from gateway.errors import OutboxFull
 
 
 def entry(n: int, *, at: float = 100.0, address: str = "127.0.0.1:1") -> OutboxEntry:

@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway import GatewaySettings, InferenceResult
-from gateway._door import result_to_pb
-from gateway._escalation import (
-    Budgets,
+from gateway import (
+    Box,
+    Detection,
     EscalationSettings,
+    GatewaySettings,
+    InferenceResult,
     RegionPolicy,
-    select,
 )
+from gateway._door import result_to_pb
+from gateway._escalation import Budgets, select
 from gateway._events import EscalationId
-from gateway._inference._detection import Box, Detection
 from gateway.errors import ConfigError
 
 

@@ -13,8 +13,9 @@ import json
 
 import pytest
 
+from gateway import CoreEscalationSettings
 from gateway._core._calibrate import Labelled, Tally, judge, load_labelled
-from gateway._core._escalate import CoreAnswer, CoreEscalationSettings, CoreModels
+from gateway._core._escalate import CoreAnswer, CoreModels
 from gateway._core._identify import FEATURES, Calibration, Candidate, candidates
 from gateway._core._taxonomy import taxonomy
 from gateway._inference._image import decode_image

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from gateway import EscalationAnswer
-from gateway._core._escalate import AnswerStore, CoreEscalationSettings, EscalateService
+from gateway import CoreEscalationSettings, EscalateService, EscalationAnswer
+from gateway._core._escalate import AnswerStore
 from protos.edgeward.v1 import common_pb2, core_pb2
 from tests.conftest import PHOTOS, IssueFn
 from tests.pki.test_role_pinning import serving
