@@ -73,8 +73,52 @@ def test_gateway_exported_members() -> None:
     assert gateway.FrontDoor.__module__ == "gateway._door._frontdoor"
 
 
+#: The PKI package's surface, by what it is for. A name joins (or leaves) deliberately, here.
+PKI_SURFACE = {
+    # the CA and its files
+    "CertificateAuthority", "PkiLayout", "init_pki", "add_device_ca", "device_ca_certificates",
+    "trusted_client_anchor_pem", "serial_hex", "DEFAULT_DEVICE_LIFETIME",
+    "DEFAULT_SERVER_LIFETIME", "generate_private_key", "load_private_key", "write_private_key",
+    "write_atomic",
+    # names, identities and roles
+    "Identity", "Role", "ID_PATTERN", "validate_id", "validate_device_type",
+    "validate_trust_domain", "parse_spiffe_id", "identity_from_certificate",
+    "CORE_SERVER_NAME", "GATEWAY_SERVER_NAME_SUFFIX", "RESERVED_DNS_SUFFIX", "core_server_name",
+    "gateway_server_name", "is_reserved_dns_name", "reserved_dns_names",
+    "IdentityFiles", "issue_identity", "write_identity",
+    # enrolment, tokens and revocation
+    "EnrollmentAuthority", "FailureLimiter", "IssuedCertificate", "create_token",
+    "revoke_device", "revoke_serial", "revoke_server", "MAX_CSR_BYTES", "load_csr",
+    "validate_csr", "MAX_TOKEN_LENGTH", "generate_token", "hash_token", "parse_ttl",
+    "token_device_id", "DEFAULT_OPERATOR_TOKEN_TTL", "create_operator_token",
+    "redeem_operator_token", "revoke_operator",
+    # CRLs and the signed gateway directory
+    "CrlSet", "build_crl", "crl_bytes", "DEFAULT_CRL_VALIDITY", "SignedPayload",
+    "sign_payload", "verify_signed_payload",
+    # TLS recipes
+    "AEAD_CIPHERS_TLS12", "client_ssl_context", "server_ssl_context", "server_name_option",
+    "grpc_channel_credentials", "grpc_server_credentials",
+    # the registry
+    "Registry", "CoreRegistry", "OperatorRegistry", "SqliteRegistry", "PostgresRegistry",
+    "open_registry", "is_postgres_url", "redacted_url", "MigrationReport", "migrate_registry",
+    "CertificateRecord", "DeviceRecord", "EnrolmentRecord", "GatewayRecord", "OperatorRecord",
+    "OperatorRole", "RevocationRecord", "ServerCertificateRecord", "TokenRecord", "Status",
+    "FleetPage", "FleetRow", "FLEET_STATES", "MAX_FLEET_PAGE",
+    # errors
+    "PkiError", "InvalidName", "InvalidIdentity", "PkiExists", "PkiNotFound", "InvalidCsr",
+    "TokenRejected", "RateLimited", "CertificateRevoked", "CertificateExpired",
+    "RegistryError", "IdentityConflict", "LastAdmin", "RegistryUnavailable",
+    "SignatureInvalid",
+}  # fmt: skip
+
+
 def test_pki_exported_members() -> None:
     _check_surface(pki)
+    assert set(pki.__all__) == PKI_SURFACE
+    # Every PKI error is offered by the package itself, the same class, under the one root.
+    for name in pki.errors.__all__:
+        assert getattr(pki, name) is getattr(pki.errors, name), name
+        assert issubclass(getattr(pki.errors, name), pki.PkiError), name
 
 
 @pytest.mark.parametrize(
