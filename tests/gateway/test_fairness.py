@@ -321,7 +321,7 @@ async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> Non
 
 
 def test_the_budget_counts_refusals_in_a_row_and_per_second() -> None:
-    from gateway._door._budget import RateLimiter
+    from gateway._door import RateLimiter
 
     now = [0.0]
     budget = RateLimiter(rate=1.0, burst=1, clock=lambda: now[0])

@@ -24,8 +24,7 @@ import structlog
 
 import pki
 from gateway import MqttSettings
-from gateway._mqtt import MqttBridge
-from gateway._mqtt._bridge import BridgeStats
+from gateway._mqtt import BridgeStats, MqttBridge
 from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._subscriber import (
     PacketReader,
