@@ -25,7 +25,9 @@ The surface, by who needs it:
   :class:`CoreSettings`, :func:`load_core_settings`, and :class:`EscalateService` with its
   :class:`CoreEscalationSettings` to answer escalations (any :class:`EscalateHandler` will do:
   it is the type of ``CoreServer(settings, escalate=…)``);
-- running inference alone: :class:`InferenceEngine`;
+- running inference alone: :class:`InferenceEngine`, with its optional :class:`ResponseCache`
+  and an :class:`EngineObserver` for metrics (told each batch and each cache outcome, a
+  :data:`CacheKind`);
 - wiring processes that must know a port before they bind it: :func:`free_port`.
 
 Everything else (the transports, the front door's stages, the channels to the core) is
@@ -69,7 +71,15 @@ if TYPE_CHECKING:
         EventHub,
         EventPayload,
     )
-    from gateway._inference import Box, Detection, InferenceEngine, InferenceResult
+    from gateway._inference import (
+        Box,
+        CacheKind,
+        Detection,
+        EngineObserver,
+        InferenceEngine,
+        InferenceResult,
+        ResponseCache,
+    )
     from gateway._metrics import GatewayMetrics
     from gateway._models import MODELS_NOT_FOUND_HINT, find_models_dir
     from gateway._mqtt import MqttSettings
@@ -107,6 +117,9 @@ _EXPORTS: dict[str, str] = {
     "InferenceResult": "gateway._inference",
     "Box": "gateway._inference",
     "Detection": "gateway._inference",
+    "CacheKind": "gateway._inference",
+    "EngineObserver": "gateway._inference",
+    "ResponseCache": "gateway._inference",
     "MODELS_NOT_FOUND_HINT": "gateway._models",
     "find_models_dir": "gateway._models",
     "MqttSettings": "gateway._mqtt",
@@ -148,6 +161,7 @@ __all__ = [
     "AnsweredObject",
     "AuthorisationSettings",
     "Box",
+    "CacheKind",
     "CacheSettings",
     "Command",
     "ConfigError",
@@ -160,6 +174,7 @@ __all__ = [
     "DeviceEvent",
     "DeviceInfo",
     "DeviceRevoked",
+    "EngineObserver",
     "ErrorEvent",
     "EscalateHandler",
     "EscalateService",
@@ -183,6 +198,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RegionPolicy",
+    "ResponseCache",
     "RevocationEvent",
     "RevocationListener",
     "RevocationState",

@@ -334,17 +334,13 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._inference._batcher": "the micro-batcher, with a fake backend",
     },
     "tests/inference/test_cache.py": {
-        "gateway._inference": "the response cache on its own",
         "gateway._inference._cache": "the cache's digests",
         "gateway._inference._image": "decoding, for the digests' input",
     },
     "tests/inference/test_catalog.py": {
-        "gateway._inference": "the response cache shared by the catalog's engines",
         "gateway._inference._catalog": "the catalog of edge models, loaded and released",
     },
     "tests/inference/test_engine.py": {
-        "gateway._inference": "the engine's observer and cache",
-        "gateway._inference._engine": "which cache answered",
         "gateway._inference._runtime": "the onnxruntime session options and core count",
     },
     "tests/inference/test_image_decode.py": {

@@ -54,7 +54,7 @@ GATEWAY_SURFACE = {
     "CoreServer", "CoreSettings", "load_core_settings", "EscalateService",
     "CoreEscalationSettings", "EscalateHandler",
     # inference alone, and ports chosen before they are bound
-    "InferenceEngine", "free_port",
+    "InferenceEngine", "ResponseCache", "EngineObserver", "CacheKind", "free_port",
     # errors
     "GatewayError", "ConfigError", "DeviceRevoked", "FeedStale", "PermissionDenied",
     "RateLimited", "Unauthenticated",

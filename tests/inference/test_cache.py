@@ -10,8 +10,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from gateway import Box, Detection, InferenceResult
-from gateway._inference import ResponseCache
+from gateway import Box, Detection, InferenceResult, ResponseCache
 from gateway._inference._cache import content_digest, difference_hash
 from gateway._inference._image import decode_image
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway import InferenceEngine
-from gateway._inference import ResponseCache
+from gateway import InferenceEngine, ResponseCache
 from gateway._inference._catalog import EdgeModelCatalog, UnknownEdgeModel
 from gateway.errors import InferenceError, ModelIntegrityError
 

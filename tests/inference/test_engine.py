@@ -19,9 +19,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from gateway import InferenceEngine, InferenceResult
-from gateway._inference import EngineObserver, ResponseCache
-from gateway._inference._engine import CacheKind
+from gateway import CacheKind, EngineObserver, InferenceEngine, InferenceResult, ResponseCache
 from gateway._inference._runtime import create_session, physical_cores
 from gateway.errors import (
     DeadlineExceeded,
