@@ -461,14 +461,31 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
 }
 
 
-def internals_allowed(rel: str, internals: Mapping[str, Mapping[str, str]]) -> set[str]:
+Internals = Mapping[str, Mapping[str, str]]
+
+
+def _covers(key: str, rel: str) -> bool:
+    return rel == key or (key.endswith("/") and rel.startswith(key))
+
+
+def internals_allowed(rel: str, internals: Internals) -> set[str]:
     """The private modules that test ``rel`` may import: its own entry and its folders'."""
-    return {
-        module
-        for key, modules in internals.items()
-        if rel == key or (key.endswith("/") and rel.startswith(key))
-        for module in modules
-    }
+    return {module for key, modules in internals.items() if _covers(key, rel) for module in modules}
+
+
+def unlisted_internals(uses: Mapping[str, set[str]], internals: Internals) -> dict[str, list[str]]:
+    """Test → the private modules it imports that no entry of ``internals`` lets it."""
+    found = {rel: sorted(used - internals_allowed(rel, internals)) for rel, used in uses.items()}
+    return {rel: modules for rel, modules in found.items() if modules}
+
+
+def stale_internals(uses: Mapping[str, set[str]], internals: Internals) -> dict[str, list[str]]:
+    """Entry → the modules it lists that no test under it imports (or a path with no test)."""
+    stale = {}
+    for key, modules in internals.items():
+        used = set().union(*(u for rel, u in uses.items() if _covers(key, rel)))
+        stale[key] = sorted(set(modules) - used)
+    return {key: modules for key, modules in stale.items() if modules}
 
 
 def _tests() -> dict[str, Path]:
@@ -483,26 +500,14 @@ def test_the_tests_take_every_public_name_from_the_surface() -> None:
 
 
 def test_the_tests_use_only_public_names_or_a_listed_internal() -> None:
-    found = {
-        rel: sorted(private_uses(p) - internals_allowed(rel, TEST_INTERNALS))
-        for rel, p in _tests().items()
-    }
-    assert {k: v for k, v in found.items() if v} == {}
+    uses = {rel: private_uses(p) for rel, p in _tests().items()}
+    assert unlisted_internals(uses, TEST_INTERNALS) == {}
 
 
 def test_the_list_of_tested_internals_only_shrinks() -> None:
     """An internal that no test under its entry imports any more leaves the list."""
-    tests = _tests()
-    stale = {}
-    for key, modules in TEST_INTERNALS.items():
-        under = [
-            p
-            for rel, p in tests.items()
-            if rel == key or (key.endswith("/") and rel.startswith(key))
-        ]
-        used = set().union(*(private_uses(p) for p in under))
-        stale[key] = sorted(set(modules) - used)
-    assert {k: v for k, v in stale.items() if v} == {}
+    uses = {rel: private_uses(p) for rel, p in _tests().items()}
+    assert stale_internals(uses, TEST_INTERNALS) == {}
 
 
 @pytest.mark.parametrize(
@@ -569,5 +574,48 @@ _SAMPLE_INTERNALS = {
 def test_an_entry_covers_its_file_or_everything_under_its_folder(
     rel: str, expected: set[str]
 ) -> None:
-    """The second check above can fail: an entry reaches only the tests it names."""
+    """An entry reaches only the tests it names."""
     assert internals_allowed(rel, _SAMPLE_INTERNALS) == expected
+
+
+_SAMPLE_USES = {
+    "tests/mqtt/test_bridge.py": {"gateway._mqtt"},
+    "tests/mqtt/test_subscriber.py": {"gateway._mqtt._subscriber"},
+    "tests/inference/test_batcher.py": {"gateway._inference._batcher"},
+    "tests/inference/test_engine.py": set(),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "unlisted", "stale"),
+    [
+        ({}, {}, {}),
+        # A test reaches an internal nobody listed for it.
+        (
+            {"tests/inference/test_engine.py": {"gateway._inference._runtime"}},
+            {"tests/inference/test_engine.py": ["gateway._inference._runtime"]},
+            {},
+        ),
+        # The subscriber's test is the only one that may read packets.
+        (
+            {"tests/mqtt/test_bridge.py": {"gateway._mqtt", "gateway._mqtt._subscriber"}},
+            {"tests/mqtt/test_bridge.py": ["gateway._mqtt._subscriber"]},
+            {},
+        ),
+        # A test stops using its internal: the entry is stale.
+        (
+            {"tests/inference/test_batcher.py": set()},
+            {},
+            {"tests/inference/test_batcher.py": ["gateway._inference._batcher"]},
+        ),
+        # No test under the folder uses it any more.
+        ({"tests/mqtt/test_bridge.py": set()}, {}, {"tests/mqtt/": ["gateway._mqtt"]}),
+    ],
+)
+def test_the_checks_of_the_list_can_fail(
+    change: dict[str, set[str]], unlisted: dict[str, list[str]], stale: dict[str, list[str]]
+) -> None:
+    """The two checks above can fail: an unlisted internal, and an entry nothing uses."""
+    uses = {**_SAMPLE_USES, **change}
+    assert unlisted_internals(uses, _SAMPLE_INTERNALS) == unlisted
+    assert stale_internals(uses, _SAMPLE_INTERNALS) == stale
