@@ -380,7 +380,7 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
     "tests/escalation/test_end_to_end.py": {
         "gateway._escalation": "the plug-in and its face redactor",
         "gateway._inference._image": "decoding the photos",
-        "gateway._inference._manifest": "which models the manifest lists",
+        "gateway._inference._manifest": "the edge model's labels, from the manifest",
         "gateway._service": "the plug-ins a configuration turns on",
     },
     "tests/escalation/test_escalator.py": {
@@ -442,7 +442,7 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "device_sdk._queue": "the on-disk outbox",
     },
     "tests/sdk/test_reconnect_storm.py": {
-        "device_sdk._selection": "the pause before retrying with every gateway down",
+        "device_sdk._selection": "the jittered pause between probes while no gateway answers",
     },
     "tests/sdk/test_renewal_plan.py": {
         "device_sdk._renewal": "the renewal loop at an injected clock",
