@@ -46,7 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 import pki  # noqa: E402
 from edgeward._logging import configure_logging  # noqa: E402
-from gateway import CoreEscalationSettings, EscalateService, RegionPolicy  # noqa: E402
+from gateway import (  # noqa: E402
+    Box,
+    CoreEscalationSettings,
+    Detection,
+    EscalateService,
+    RegionPolicy,
+)
 from gateway._core._calibrate import (  # noqa: E402
     Escalated,
     Labelled,
@@ -70,7 +76,6 @@ from gateway._core._identify import (  # noqa: E402
 from gateway._core._taxonomy import OID24, taxonomy  # noqa: E402
 from gateway._escalation._crop import FaceRedactor, prepare_upload  # noqa: E402
 from gateway._escalation._policy import select  # noqa: E402
-from gateway._inference._detection import Box, Detection  # noqa: E402
 from gateway._inference._image import decode_image  # noqa: E402
 from gateway._inference._manifest import load_manifest, open_session  # noqa: E402
 from gateway._inference._ssd import postprocess_ssd, preprocess_ssd  # noqa: E402

@@ -44,7 +44,6 @@ BENCH_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._core._taxonomy": "the class taxonomy the answers are scored in",
         "gateway._escalation._crop": "the crop the gateway sends, made without a gateway",
         "gateway._escalation._policy": "the region policy's selection, without a gateway",
-        "gateway._inference._detection": "detections built from the edge model's output",
         "gateway._inference._image": "decoding the labelled photos",
         "gateway._inference._manifest": "the edge model's session, outside the engine",
         "gateway._inference._ssd": "the edge model's pre- and post-processing",
@@ -492,9 +491,13 @@ def _tests() -> dict[str, Path]:
     return {str(p.relative_to(ROOT)): p for p in _sources("tests")}
 
 
-def test_the_tests_take_every_public_name_from_the_surface() -> None:
+@pytest.mark.parametrize("folder", ["tests", "bench"])
+def test_every_public_name_is_taken_from_the_surface(folder: str) -> None:
+    """Tests and benchmarks alike: a name the surface offers never comes by a private path."""
     found = {
-        rel: names for rel, p in _tests().items() if (names := surface_names_taken_privately(p))
+        str(p.relative_to(ROOT)): names
+        for p in _sources(folder)
+        if (names := surface_names_taken_privately(p))
     }
     assert found == {}
 
