@@ -267,11 +267,12 @@ def _connect_packet(client_id: str) -> bytes:
 
 async def broker_memory(h: BrokerHarness, devices: list[pki.IdentityFiles]) -> float:
     """Broker RSS per idle mTLS connection, one certificate per device (the broker forces
-    client id = CN, so connections sharing a certificate would replace each other)."""
+    client id = CN, so connections sharing a certificate would replace each other), each
+    presented alone as the device SDK's MQTT transport presents it."""
     pid = h.broker.pid
     assert pid is not None
     n = len(devices)
-    contexts = [pki.client_ssl_context(d) for d in devices]
+    contexts = [pki.client_ssl_context(d, leaf_only=True) for d in devices]
     await asyncio.sleep(0.5)
     before = rss_kb(pid)
     writers = []

@@ -127,10 +127,12 @@ class Worker:
         self._ctx: dict[str, ssl.SSLContext] = {}
 
     def ctx(self, device: str) -> ssl.SSLContext:
+        # As the device SDK's MQTT transport: the leaf alone, the server CAs only in the store
+        # (so that OpenSSL does not complete the chain from it; pki.client_ssl_context).
         c = self._ctx.get(device)
         if c is None:
-            chain = str(Path(self.job["certs"]) / f"{device}.pem")
-            c = self._ctx[device] = _context(self.job["ca"], chain, self.job["key"])
+            leaf = str(Path(self.job["certs"]) / f"{device}.crt")
+            c = self._ctx[device] = _context(self.job["server_ca"], leaf, self.job["key"])
         return c
 
     def backoff(self, attempt: int) -> float:
@@ -370,7 +372,10 @@ def live_subscribe_streams(metrics_port: int) -> int:
 
 def mint_fleet(pki_dir: Path, out: Path, ids: list[str]) -> Path:
     """One certificate per device from the device issuing CA, all over one shared key
-    (benchmark only). Returns the key's path; chains are ``out/<id>.pem``."""
+    (benchmark only). Returns the key's path; chains are ``out/<id>.pem``, the certificates
+    alone ``out/<id>.crt``."""
+    from cryptography.hazmat.primitives import serialization
+
     import pki
 
     ca = pki.CertificateAuthority.load(pki_dir)
@@ -384,6 +389,7 @@ def mint_fleet(pki_dir: Path, out: Path, ids: list[str]) -> Path:
         ident = pki.Identity(ca.trust_domain, pki.Role.DEVICE, device)
         cert = ca.issue(public, identity=ident, now=now)  # type: ignore[arg-type]
         (out / f"{device}.pem").write_bytes(ca.chain_pem(cert))
+        (out / f"{device}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path
 
 
@@ -439,6 +445,8 @@ async def wait_all(
 
 
 async def main() -> None:
+    from cryptography.hazmat.primitives import serialization
+
     import pki
     from device_sdk import ClientOptions, DeviceClient, GatewayInfo, Transport
     from edgeward._stack import ServiceProcess, edgeward_command, free_port, toml_text, wait_port
@@ -531,7 +539,13 @@ async def main() -> None:
         print(f"probe p99 on the idle gateway: {base:.1f} ms", flush=True)
 
         # Workers: the MQTT fleet split over --workers processes, the gRPC fleet in one more.
+        server_ca = tmp / "server-ca.pem"
+        server_ca.write_bytes(b"".join(
+            c.public_bytes(serialization.Encoding.PEM)
+            for c in pki.server_ca_certificates(layout.ca_bundle.read_bytes())
+        ))  # fmt: skip
         common = {"ca": str(layout.ca_bundle), "key": str(key_path), "certs": str(tmp / "fleet"),
+                  "server_ca": str(server_ca),
                   "server_name": "gw-bench.gateway.edgeward.internal"}  # fmt: skip
         k = max(1, args.workers) if n_mqtt else 0
         for i in range(k):

@@ -41,6 +41,7 @@ from device_sdk._enrollment import renew
 from device_sdk._events import EventInbox, EventStream
 from device_sdk._grpc import ChannelPool, GatewayDown, probe
 from device_sdk._identity import DeviceIdentity, load_gateway_directory
+from device_sdk._mqtt import mqtt_ssl_context
 from device_sdk._options import ClientOptions, ClientStats, options_with
 from device_sdk._queue import DiskQueue, QueueStats
 from device_sdk._renewal import RenewalPlan, plan_renewal, run_renewal
@@ -536,8 +537,7 @@ class DeviceClient:
         Only a gateway whose gRPC probe succeeded is in use, and the probe's channel already
         needed a valid id (``ChannelPool``), so the name can always be made here.
         """
-        name = pki.gateway_server_name(gateway.gateway_id)
-        return pki.client_ssl_context(self.identity.files, server_name=name)
+        return mqtt_ssl_context(self.identity.files, gateway.gateway_id)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return pki.grpc_channel_credentials(

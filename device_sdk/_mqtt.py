@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import pki
 from device_sdk._grpc import GatewayDown, classify_code
 from device_sdk._types import DetectionResult, DeviceEvent, ErrorEvent, GatewayInfo, Transport
 from device_sdk.errors import DeviceRevoked
@@ -33,6 +34,7 @@ __all__ = [
     "PROTOBUF_CONTENT_TYPE",
     "SOCKET_OPTIONS",
     "MqttSession",
+    "mqtt_ssl_context",
     "split_address",
 ]
 
@@ -61,6 +63,19 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"address {address!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def mqtt_ssl_context(identity: pki.IdentityFiles, gateway_id: str) -> ssl.SSLContext:
+    """The TLS context for ``gateway_id``'s broker: the gateway's pinned name is demanded,
+    and the device presents its certificate alone, without the device issuing CA.
+
+    The broker's device listener holds the device CA as its only anchor and needs nothing
+    more from the device; every certificate sent is parsed and kept by the broker for the
+    whole connection (see :func:`pki.client_ssl_context`, ``leaf_only``).
+    """
+    return pki.client_ssl_context(
+        identity, server_name=pki.gateway_server_name(gateway_id), leaf_only=True
+    )
 
 
 def _parse(payload: bytes, message: type[_M], content_type: str) -> _M:

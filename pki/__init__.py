@@ -13,6 +13,7 @@ from pki._ca import (
     device_ca_certificates,
     init_pki,
     serial_hex,
+    server_ca_certificates,
     trusted_client_anchor_pem,
 )
 from pki._crl import DEFAULT_CRL_VALIDITY, CrlSet, build_crl, crl_bytes
@@ -194,6 +195,7 @@ __all__ = [
     "revoke_serial",
     "revoke_server",
     "serial_hex",
+    "server_ca_certificates",
     "server_name_option",
     "server_ssl_context",
     "sign_payload",

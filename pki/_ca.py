@@ -76,6 +76,7 @@ __all__ = [
     "device_ca_certificates",
     "init_pki",
     "serial_hex",
+    "server_ca_certificates",
     "trusted_client_anchor_pem",
 ]
 
@@ -252,6 +253,12 @@ def device_ca_certificates(bundle_pem: bytes) -> list[x509.Certificate]:
     Empty for a bundle of a PKI created before devices had their own issuing CA.
     """
     return [c for c in x509.load_pem_x509_certificates(bundle_pem) if _is_device_ca(c)]
+
+
+def server_ca_certificates(bundle_pem: bytes) -> list[x509.Certificate]:
+    """The CAs of a CA bundle that a client needs to verify a gateway or a core: all but the
+    device issuing CAs, whose certificates carry ``clientAuth`` alone and name no server."""
+    return [c for c in x509.load_pem_x509_certificates(bundle_pem) if not _is_device_ca(c)]
 
 
 def trusted_client_anchor_pem(certificate: x509.Certificate) -> bytes:

@@ -12,7 +12,9 @@ import ssl
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
+from pki._ca import server_ca_certificates
 from pki._identity import IdentityFiles
 
 __all__ = [
@@ -101,25 +103,52 @@ class _PinnedNameContext(ssl.SSLContext):
 
 
 def client_ssl_context(
-    identity: IdentityFiles, *, check_hostname: bool = True, server_name: str | None = None
+    identity: IdentityFiles,
+    *,
+    check_hostname: bool = True,
+    server_name: str | None = None,
+    leaf_only: bool = False,
 ) -> ssl.SSLContext:
     """A client context presenting ``identity`` and trusting only its CA bundle.
 
     With ``server_name`` (a role-pinned name such as :func:`pki.gateway_server_name`), the
     server's certificate must carry that name, whatever host the connection goes to.
+
+    With ``leaf_only``, a device certificate goes out without its issuing CA, for a server
+    that holds that CA as its own anchor: the broker's device listener trusts the device
+    issuing CA directly, so the intermediate adds nothing to its check, yet OpenSSL 3 parses
+    every certificate a client sends and keeps the chain in the session for the life of the
+    connection, about 5 kB per idle device on the broker. Python's ``ssl`` cannot set
+    ``SSL_MODE_NO_AUTO_CHAIN``, and with only the leaf loaded OpenSSL completes the chain
+    from the context's trust store (``SSL_CTX_add_extra_chain_cert(3)``), sending the root
+    too; so this context trusts only the CAs that can issue servers
+    (:func:`pki.server_ca_certificates`: the device CA issues no gateway certificate), finds
+    no issuer for the leaf and sends it alone. A certificate whose issuer is among those CAs
+    (a device of a PKI older than the device CA, or any server identity) is presented with
+    its chain as without ``leaf_only``.
     """
     identity.require()
+    cafile: str | None = str(identity.ca_bundle)
+    cadata: str | None = None
+    presented = identity.chain
+    if leaf_only:
+        trusted = server_ca_certificates(identity.ca_bundle.read_bytes())
+        issuer = identity.certificate().issuer
+        if all(ca.subject != issuer for ca in trusted):
+            presented = identity.cert
+        cafile = None
+        cadata = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in trusted)
     if server_name is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(identity.ca_bundle))
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, cadata=cadata)
         ctx.check_hostname = check_hostname
     else:
         # What create_default_context(SERVER_AUTH) sets up, on the pinning subclass.
         ctx = _PinnedNameContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.pinned_server_name = server_name
-        ctx.load_verify_locations(cafile=str(identity.ca_bundle))
+        ctx.load_verify_locations(cafile=cafile, cadata=cadata)
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = True
-    ctx.load_cert_chain(str(identity.chain), str(identity.key))
+    ctx.load_cert_chain(str(presented), str(identity.key))
     return _harden(ctx)
 
 

@@ -49,6 +49,7 @@ def test_init_creates_a_device_ca_under_the_root(fresh_pki: Path) -> None:
     bundle = layout.ca_bundle.read_bytes()
     assert x509.load_pem_x509_certificates(bundle) == [root, issuing, device]
     assert pki.device_ca_certificates(bundle) == [device]
+    assert pki.server_ca_certificates(bundle) == [root, issuing]  # what verifies a server
     assert device.subject != issuing.subject
 
 
