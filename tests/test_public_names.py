@@ -322,6 +322,9 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._mqtt._subscriber": "the MQTT packet reader and subscriber, byte by byte",
         "gateway._mqtt._telemetry": "telemetry batches collected for ingest",
     },
+    "tests/mqtt/test_device_chain.py": {
+        "device_sdk._mqtt": "the TLS context the SDK's MQTT transport presents to the broker",
+    },
     "tests/mqtt/test_telemetry.py": {
         "gateway._mqtt._telemetry": "the telemetry payload parser",
     },

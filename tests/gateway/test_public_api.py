@@ -77,7 +77,7 @@ def test_gateway_exported_members() -> None:
 PKI_SURFACE = {
     # the CA and its files
     "CertificateAuthority", "PkiLayout", "init_pki", "add_device_ca", "device_ca_certificates",
-    "trusted_client_anchor_pem", "serial_hex", "DEFAULT_DEVICE_LIFETIME",
+    "server_ca_certificates", "trusted_client_anchor_pem", "serial_hex", "DEFAULT_DEVICE_LIFETIME",
     "DEFAULT_SERVER_LIFETIME", "generate_private_key", "load_private_key", "write_private_key",
     "write_atomic",
     # names, identities and roles
