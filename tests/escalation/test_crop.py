@@ -37,6 +37,18 @@ def test_a_strong_shrink_averages_so_fine_detail_does_not_alias() -> None:
     assert not np.isin(out, (0, 255)).all()
 
 
+def test_a_whole_number_shrink_is_the_mean_of_each_block() -> None:
+    frame = _noise(720, 1280)  # a 720p camera frame to 640 px: 2x
+    out = shrink(frame, 640)
+    assert out.shape == (360, 640, 3)
+    blocks = frame.reshape(360, 2, 640, 2, 3).astype(int).sum(axis=(1, 3))
+    assert np.array_equal(out, (blocks + 2) // 4)  # rounded half up
+    frame = _noise(1080, 1920)  # 1080p: 3x, within one of the exact mean
+    out = shrink(frame, 640)
+    blocks = frame.reshape(360, 3, 640, 3, 3).astype(int).sum(axis=(1, 3))
+    assert np.abs(out.astype(int) - blocks / 9).max() <= 1
+
+
 def test_what_is_sent_is_the_shrunk_frame_as_a_jpeg() -> None:
     frame = _noise(500, 741)
     upload = prepare_upload(
