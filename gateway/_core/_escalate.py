@@ -151,7 +151,10 @@ class EscalateService:
         # A PostgreSQL URL (the replicated core's registry): answers shared by every replica.
         self._answers_url = answers_url
         self._wall = wall_clock
-        self._inflight: dict[tuple[str, str], asyncio.Future[core_pb2.EscalationResult]] = {}
+        #: Runs in the model thread by key: the answer, and whether it was a stored one.
+        self._inflight: dict[
+            tuple[str, str], asyncio.Future[tuple[core_pb2.EscalationResult, bool]]
+        ] = {}
         self._stack = contextlib.AsyncExitStack()
 
     @property
@@ -219,10 +222,15 @@ class EscalateService:
             escalation_id=escalation_id, device_id=request.device_id
         )
         key = (gateway.id, escalation_id)
-        stored = await asyncio.to_thread(self.store.get, *key)
-        if stored is not None:
-            _log.info("escalation replayed", gateway_id=gateway.id)
-            return stored
+        if self._inflight:
+            # The model thread is busy: look the answer up beside it, so that a retry whose
+            # reply was lost is answered at once instead of waiting behind other images.
+            # When it is idle the lookup is left to that thread (``_answer_sync`` looks
+            # first), which saves a hand-off to a thread and back on every first attempt.
+            stored = await asyncio.to_thread(self.store.get, *key)
+            if stored is not None:
+                _log.info("escalation replayed", gateway_id=gateway.id)
+                return stored
         running = self._inflight.get(key)
         if running is None:
             if len(self._inflight) >= self.settings.max_queue:
@@ -240,9 +248,12 @@ class EscalateService:
         # Shielded: a caller that goes away does not cancel the run; its result is stored
         # and the gateway's retry will get it without a second run.
         try:
-            result = await asyncio.shield(running)
+            result, replayed = await asyncio.shield(running)
         except InvalidImage as exc:
             raise InvalidArgument(f"invalid image: {exc.reason}") from None
+        if replayed:
+            _log.info("escalation replayed", gateway_id=gateway.id)
+            return result
         a = result.answer
         _log.info(
             "escalation answered",
@@ -263,12 +274,15 @@ class EscalateService:
         *,
         frame_id: str,
         edge: tuple[str, float],
-    ) -> core_pb2.EscalationResult:
-        """Decode, run the models and store the answer, all in the model thread."""
-        # A retry that raced the previous call's store write finds the answer here.
+    ) -> tuple[core_pb2.EscalationResult, bool]:
+        """Look up, or decode, run the models and store, the answer in the model thread.
+
+        Returns the answer and whether it was already stored (a retry, or one that raced
+        the previous call's store write): then nothing is decoded and no model runs.
+        """
         stored = self.store.get(*key)
         if stored is not None:
-            return stored
+            return stored, True
         pixels = decode_image(image, max_pixels=self.settings.max_pixels)
         answer = self.models.identify_sync(pixels, is_full_frame=is_full_frame, edge=edge)
         tax = taxonomy()
@@ -297,4 +311,4 @@ class EscalateService:
             model_ms=answer.model_ms,
         )
         # Another replica may have stored its answer first: reply with the stored one.
-        return self.store.put(*key, result)
+        return self.store.put(*key, result), False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -69,6 +70,32 @@ async def test_gateway_gets_an_answer_once_per_id(cores: Cores, issue: IssueFn) 
         await call(core.address, other, request("esc-1"))
         assert cores.runs == 3
         assert cores.services[0].store.count() == 3
+
+
+async def test_a_retry_is_answered_while_the_models_are_busy(cores: Cores, issue: IssueFn) -> None:
+    gw = issue("gateway", "gw-1")
+    service = cores.service()
+    async with cores.run(service) as core:
+        first = await call(core.address, gw, request("esc-1"))
+        # The model thread is held, and a new escalation waits for it.
+        gate = threading.Event()
+        held = service.models.run_in_worker(lambda: gate.wait(60))
+        try:
+            waiting = asyncio.ensure_future(call(core.address, gw, request("esc-2")))
+            async with asyncio.timeout(15):
+                while not service._inflight:  # noqa: ASYNC110 - esc-2 reached the core
+                    await asyncio.sleep(0.01)
+            # The retry of the answered escalation does not queue behind the held thread.
+            async with asyncio.timeout(15):
+                again = await call(core.address, gw, request("esc-1"))
+            assert again == first
+            assert not waiting.done()
+        finally:
+            gate.set()
+        await held
+        second = await waiting
+        assert second.answer.escalation_id == "esc-2"
+        assert cores.runs == 2
 
 
 async def test_answers_survive_a_core_restart(cores: Cores, issue: IssueFn) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 from pathlib import Path
@@ -97,6 +98,49 @@ def test_answers_are_bounded(tmp_path: Path) -> None:
         box.add(entry(n))
         box.complete(f"esc-{n}", "dev-1", answer(n), now=200.0 + n, ttl_s=600.0)
     assert [s.escalation_id for s in box.stored_answers(now=210.0)] == ["esc-3", "esc-4"]
+
+
+def _completion_steps(path: Path, *, stored: int, max_answers: int) -> int:
+    """SQLite VM steps (in hundreds) of one completion with ``stored`` answers kept."""
+    Outbox(path, max_entries=10, max_answers=max_answers).close()  # creates the schema
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "INSERT INTO answers VALUES (?,?,?,?,?,?)",
+            ((f"old-{i}", "dev-1", "answer", "{}", float(i), 1e9) for i in range(stored)),
+        )
+    box = Outbox(path, max_entries=10, max_answers=max_answers)
+    box.add(entry(1, at=1e6))
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    box._db.set_progress_handler(tick, 100)
+    assert box.complete("esc-1", "dev-1", answer(1), now=2e6, ttl_s=60.0)
+    box._db.set_progress_handler(None, 100)
+    assert box.answer_count() == min(stored + 1, max_answers)
+    box.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        kept = {row[0] for row in db.execute("SELECT escalation_id FROM answers")}
+    assert "esc-1" in kept
+    assert ("old-0" in kept) == (stored < max_answers)  # when full, the oldest went
+    return steps
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["room", "full"])
+def test_a_completion_costs_the_same_however_many_answers_are_kept(
+    tmp_path: Path, full: bool
+) -> None:
+    """Bounding the answers table must not sort it on every completion: a gateway keeps up
+    to a day of answers, and each answer reaches its device only after this commit."""
+    few, many = 50, 5_000
+    cost = {
+        n: _completion_steps(tmp_path / f"o{n}.sqlite3", stored=n, max_answers=n if full else 2 * n)
+        for n in (few, many)
+    }
+    assert cost[many] <= 2 * cost[few] + 2, cost
 
 
 def test_write_ahead_log_holding_images_is_private_too(tmp_path: Path) -> None:

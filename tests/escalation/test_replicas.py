@@ -185,7 +185,7 @@ async def test_replicas_racing_on_one_id_return_the_first_stored_answer(tmp_path
         tmp_path / "shared-answers.sqlite3", max_entries=100, ttl_s=3600, other=first
     )
     async with EscalateService(settings, store=store) as service:
-        result = await asyncio.wrap_future(
+        result, replayed = await asyncio.wrap_future(
             service.models.run_in_worker(
                 lambda: service._answer_sync(
                     ("gw-1", "esc-1"),
@@ -197,5 +197,6 @@ async def test_replicas_racing_on_one_id_return_the_first_stored_answer(tmp_path
             )
         )
     assert service.models.runs == 1  # this replica did run its models ...
+    assert not replayed
     assert result == first  # ... and still answers with what the shared store holds
     store.close()

@@ -146,8 +146,9 @@ def test_two_replicas_answering_one_escalation_reply_the_same(postgres_url: str)
         first = EscalateService(settings, store=a)
         late = EscalateService(settings, store=LateReplica(b))
         key = ("gw-1", "esc-moto")
-        answer_a = first._answer_sync(key, image, True, frame_id="f", edge=("", 0.0))
-        answer_b = late._answer_sync(key, image, True, frame_id="f", edge=("", 0.0))
+        answer_a, _ = first._answer_sync(key, image, True, frame_id="f", edge=("", 0.0))
+        answer_b, replayed = late._answer_sync(key, image, True, frame_id="f", edge=("", 0.0))
+        assert not replayed
         assert late.models.runs == 1  # it did run the models ...
         assert answer_b == answer_a  # ... but replies with the first-stored answer
         assert answer_a.answer.label == "motorcycle"
