@@ -379,6 +379,9 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._core._escalate": "the core's models without a server",
         "gateway._escalation": "the crop the gateway would send",
     },
+    "tests/escalation/test_crop.py": {
+        "gateway._escalation._crop": "the upload's shrink and encoding, pixel by pixel",
+    },
     "tests/escalation/test_end_to_end.py": {
         "gateway._escalation": "the plug-in and its face redactor",
         "gateway._inference._image": "decoding the photos",
