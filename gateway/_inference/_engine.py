@@ -428,28 +428,34 @@ class InferenceEngine:
             raise DeadlineExceeded("deadline passed before the frame was decoded")
         try:
             async with asyncio.timeout(timeout):
-                prepared, detections, batch_seconds = await self._batcher.run_alone(
-                    functools.partial(self._alone_sync, image)
+                answered = await self._batcher.run_alone(
+                    functools.partial(self._alone_sync, image, model)
                 )
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while waiting for inference") from None
-        if isinstance(prepared, _CacheHit):
-            self._observe(self._observer.on_cache, prepared.kind)
-            return prepared.result, prepared.frame
+        if isinstance(answered, _CacheHit):
+            self._observe(self._observer.on_cache, answered.kind)
+            return answered.result, answered.frame
+        result, frame, batch_seconds = answered
         if self._cache is not None:
             self._observe(self._observer.on_cache, "miss")
         self._observe(self._observer.on_batch, 1, batch_seconds)
-        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+        return result, frame
 
     def _alone_sync(
-        self, image: bytes
-    ) -> tuple[_Prepared | _CacheHit, tuple[Detection, ...], float]:
-        """:meth:`_prepare_sync` and a batch of one, in the inference thread."""
+        self, image: bytes, model: _Model
+    ) -> _CacheHit | tuple[InferenceResult, Frame, float]:
+        """:meth:`_prepare_sync`, a batch of one and the answer, in the inference thread.
+
+        The answer is built (and stored in the thread-safe cache) here too, so that once the
+        loop is woken it only has to send it.
+        """
         prepared = self._prepare_sync(image)
         if isinstance(prepared, _CacheHit):
-            return prepared, (), 0.0
+            return prepared
         ((detections, batch_seconds),) = self._run_batch([prepared.tensor])
-        return prepared, detections, batch_seconds
+        result = self._answer(model, prepared, detections, batch_seconds)
+        return result, prepared.frame, batch_seconds
 
     def _answer(
         self,
@@ -458,7 +464,8 @@ class InferenceEngine:
         detections: tuple[Detection, ...],
         batch_seconds: float,
     ) -> InferenceResult:
-        """The result of a model run over ``prepared``, stored in the cache when there is one."""
+        """The result of a model run over ``prepared``, stored in the cache when there is one
+        (on the loop, or in the inference thread for a lone frame: the cache is thread-safe)."""
         height, width = prepared.frame.shape[:2]
         if model.architecture == "nanodet":  # boxes on the padded square, back to the frame
             detections = tuple(unpad_square(d, width, height) for d in detections)
