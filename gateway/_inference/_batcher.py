@@ -40,6 +40,7 @@ __all__ = [
     "MicroBatcher",
     "Overloaded",
     "ShuttingDown",
+    "run_in_thread",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -221,7 +222,7 @@ class MicroBatcher(Generic[T, R]):
             raise ShuttingDown(f"{self._name} is not accepting work ({self._state.value})")
         self._alone += 1
         try:
-            future = _run_in_thread(executor, job, on_end=self._alone_ended)
+            future = run_in_thread(executor, job, on_end=self._alone_ended)
         except BaseException:
             self._alone -= 1
             raise
@@ -313,7 +314,7 @@ class MicroBatcher(Generic[T, R]):
                     continue
                 call = functools.partial(self._timed_batch, [p.item for p in live])
                 try:
-                    results, seconds = await _run_in_thread(executor, call)
+                    results, seconds = await run_in_thread(executor, call)
                 except Exception as exc:  # noqa: BLE001 - the batch's callers get it, not us
                     self._running = []
                     for p in live:
@@ -397,7 +398,7 @@ class MicroBatcher(Generic[T, R]):
                 p.future.set_exception(exc)
 
 
-def _run_in_thread(
+def run_in_thread(
     executor: Executor, fn: Callable[[], A], *, on_end: Callable[[], object] | None = None
 ) -> asyncio.Future[A]:
     """Run ``fn`` in ``executor``; its outcome on a future of the running loop.

@@ -39,7 +39,7 @@ import structlog
 
 from gateway._models import DEFAULT_EDGE_MODEL, EDGE_DETECTORS, EdgeArchitecture
 
-from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown, run_in_thread
 from ._cache import ResponseCache, content_digest, difference_hash
 from ._detection import Detection
 from ._image import InvalidImage, decode_image
@@ -505,14 +505,14 @@ class InferenceEngine:
         finally:
             self._prep_waiting -= 1
             self._report_depth()
-        loop = asyncio.get_running_loop()
         try:
-            job = pool.submit(self._prepare_sync, image)
+            job = run_in_thread(
+                pool, functools.partial(self._prepare_sync, image), on_end=self._prep_slots.release
+            )
         except BaseException:
             self._prep_slots.release()
             raise
-        job.add_done_callback(lambda _: _call_soon(loop, self._prep_slots.release))
-        return await asyncio.wrap_future(job)
+        return await job
 
     def _prepare_sync(self, image: bytes) -> _Prepared | _CacheHit:
         """Hash, look up, decode and pre-process one frame (in a decode thread)."""
@@ -585,14 +585,6 @@ class InferenceEngine:
             hook(*values)
         except Exception:  # noqa: BLE001 - a metrics bug must not fail a device's frame
             _log.exception("engine observer failed", hook=getattr(hook, "__name__", "?"))
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
-    """Schedule ``callback`` on ``loop`` from any thread."""
-    # After an aborted shutdown a decode thread can finish once the loop is closed; there is
-    # nothing left to release then.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(callback)
 
 
 def _ssd_outputs(session: Any, classes: int) -> tuple[str, str]:

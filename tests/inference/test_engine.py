@@ -319,6 +319,29 @@ async def test_cancelled_detect_does_not_disturb_others(
         assert engine.queue_depth() == 0
 
 
+async def test_cancelled_frames_give_their_decode_slots_back(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    """A decode slot comes back when its thread finishes (or the job is skipped unrun),
+    whoever stopped waiting: later frames never find the pool short of a thread."""
+    async with _engine(models_dir, max_batch=4, max_wait_ms=10) as engine:
+        threads = engine._prep_threads
+        for _ in range(3):
+            tasks = [asyncio.create_task(engine.detect(b)) for b in photo_bytes.values()]
+            await asyncio.sleep(0)
+            for t in tasks[::2]:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(500):  # a cancelled frame's decode may still be running
+            if engine._prep_slots._value == threads:
+                break
+            await asyncio.sleep(0.01)
+        assert engine._prep_slots._value == threads
+        results = await asyncio.gather(*(engine.detect(b) for b in photo_bytes.values()))
+        assert all(isinstance(r, InferenceResult) for r in results)
+        assert engine.queue_depth() == 0
+
+
 def test_session_is_set_up_for_serving(models_dir: Path) -> None:
     model = models_dir / "edge_ssd_mobilenetv2_oid24.onnx"
     session, provider = create_session(model, providers="cpu")
