@@ -74,10 +74,11 @@ class LiveCall:
                 # Our cut cancelled the task, and nobody else did: convert.
                 raise DeviceRevoked(self.device_id, self.serial) from None
             raise
-        except BaseException:
+        except BaseException as exc:
             if waiter.cancelled:  # the cut's cancellation was swallowed on the way
                 task.uncancel()
-                raise DeviceRevoked(self.device_id, self.serial) from None
+                if isinstance(exc, Exception):  # not GeneratorExit: a closing stream closes
+                    raise DeviceRevoked(self.device_id, self.serial) from None
             raise
         finally:
             del self._waiting[task]
