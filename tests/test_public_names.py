@@ -37,6 +37,14 @@ BENCH_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._inference._image": "decoding alone, as the raw pipeline's first stage",
         "gateway._inference._ssd": "pre-processing alone, as the raw pipeline's second stage",
     },
+    "bench/grpc_stages.py": {
+        "gateway._door": "stamps the front door's detect, a stage of the served round trip",
+        "gateway._inference": "stamps the engine's hand-off to its thread",
+        "gateway._inference._engine": "the model call alone, and stamps around the engine's",
+        "gateway._inference._image": "decoding alone, the client's reference stage",
+        "gateway._inference._ssd": "pre-processing alone, the client's reference stage",
+        "gateway._wire": "stamps the gRPC handler's (de)serialisation",
+    },
     "bench/quality.py": {
         "gateway._core._calibrate": "fits and judges the core's calibration",
         "gateway._core._escalate": "the core's models without a server (CoreModels)",
@@ -270,6 +278,9 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._grpc._identity": "judging a peer certificate at an injected clock",
         "gateway._revocation": "the registry revocation poller against a file registry",
     },
+    "tests/gateway/test_live_calls.py": {
+        "gateway._grpc": "the servicer's live calls (LiveCalls): a cut during a guarded wait",
+    },
     "tests/gateway/test_fairness.py": {
         "gateway._door": "the per-device fair queue, the budget, frames admitted by hand",
         "gateway._inference._batcher": "the micro-batcher's turn per device, with a fake backend",
@@ -343,6 +354,7 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._inference._catalog": "the catalog of edge models, loaded and released",
     },
     "tests/inference/test_engine.py": {
+        "gateway._inference._engine": "a prepared frame as the model receives it (_CacheHit)",
         "gateway._inference._runtime": "the onnxruntime session options and core count",
     },
     "tests/inference/test_image_decode.py": {

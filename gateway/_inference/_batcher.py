@@ -18,13 +18,14 @@ newcomer waits for at most the batch in progress. A request without a key is its
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import functools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, Self, TypeVar
@@ -39,6 +40,7 @@ __all__ = [
     "MicroBatcher",
     "Overloaded",
     "ShuttingDown",
+    "run_in_thread",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -218,16 +220,13 @@ class MicroBatcher(Generic[T, R]):
         executor = self._executor
         if self._state is not _State.OPEN or executor is None:
             raise ShuttingDown(f"{self._name} is not accepting work ({self._state.value})")
-        loop = asyncio.get_running_loop()
-        future = executor.submit(job)
         self._alone += 1
         try:
-            return await asyncio.wrap_future(future, loop=loop)
-        finally:
-            if future.done():
-                self._alone -= 1
-            else:
-                future.add_done_callback(lambda _: _call_soon(loop, self._alone_ended))
+            future = run_in_thread(executor, job, on_end=self._alone_ended)
+        except BaseException:
+            self._alone -= 1
+            raise
+        return await future
 
     def _alone_ended(self) -> None:
         self._alone -= 1
@@ -305,7 +304,6 @@ class MicroBatcher(Generic[T, R]):
                     self._notify(self._on_queue_depth, len(self._pending))
 
     async def _work(self, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 batch = await self._next_batch()
@@ -316,7 +314,7 @@ class MicroBatcher(Generic[T, R]):
                     continue
                 call = functools.partial(self._timed_batch, [p.item for p in live])
                 try:
-                    results, seconds = await loop.run_in_executor(executor, call)
+                    results, seconds = await run_in_thread(executor, call)
                 except Exception as exc:  # noqa: BLE001 - the batch's callers get it, not us
                     self._running = []
                     for p in live:
@@ -398,6 +396,62 @@ class MicroBatcher(Generic[T, R]):
             p = self._pending.popleft()
             if not p.future.done():
                 p.future.set_exception(exc)
+
+
+def run_in_thread(
+    executor: Executor, fn: Callable[[], A], *, on_end: Callable[[], object] | None = None
+) -> asyncio.Future[A]:
+    """Run ``fn`` in ``executor``; its outcome on a future of the running loop.
+
+    The thread hands the outcome straight to the loop, one ``call_soon_threadsafe`` as soon
+    as ``fn`` returns and before the executor's own bookkeeping, instead of through
+    :func:`asyncio.wrap_future`'s chain of callbacks on two futures: the loop is woken sooner
+    and does less to take the result (a round trip to an idle thread and back took about
+    two thirds of the time in a measurement on a 2-core host). Cancelling the returned future
+    does not stop ``fn`` once it runs; one that has not started yet is skipped. ``on_end``
+    runs on the loop exactly once: when ``fn`` ended, was skipped, or was dropped unrun by
+    the executor's shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[A] = loop.create_future()
+
+    def ended() -> bool:
+        """Whether the caller still waits (after ``on_end``)."""
+        if on_end is not None:
+            on_end()
+        return not future.done()
+
+    def answer(result: A) -> None:
+        if ended():
+            future.set_result(result)
+
+    def fail(exc: BaseException) -> None:
+        if ended():
+            future.set_exception(exc)
+
+    def drop() -> None:
+        if ended():
+            future.cancel()
+
+    def job() -> None:
+        # Reading the state of a loop's future from this thread is one attribute load; at
+        # worst a job cancelled at this very moment runs and its result is dropped.
+        if future.cancelled():
+            _call_soon(loop, drop)
+            return
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            _call_soon(loop, functools.partial(fail, exc))
+        else:
+            _call_soon(loop, functools.partial(answer, result))
+
+    def shut_down(done: concurrent.futures.Future[None]) -> None:
+        if done.cancelled():  # the executor shut down before the job ran
+            _call_soon(loop, drop)
+
+    executor.submit(job).add_done_callback(shut_down)
+    return future
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

@@ -39,7 +39,7 @@ import structlog
 
 from gateway._models import DEFAULT_EDGE_MODEL, EDGE_DETECTORS, EdgeArchitecture
 
-from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown, run_in_thread
 from ._cache import ResponseCache, content_digest, difference_hash
 from ._detection import Detection
 from ._image import InvalidImage, decode_image
@@ -428,28 +428,34 @@ class InferenceEngine:
             raise DeadlineExceeded("deadline passed before the frame was decoded")
         try:
             async with asyncio.timeout(timeout):
-                prepared, detections, batch_seconds = await self._batcher.run_alone(
-                    functools.partial(self._alone_sync, image)
+                answered = await self._batcher.run_alone(
+                    functools.partial(self._alone_sync, image, model)
                 )
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while waiting for inference") from None
-        if isinstance(prepared, _CacheHit):
-            self._observe(self._observer.on_cache, prepared.kind)
-            return prepared.result, prepared.frame
+        if isinstance(answered, _CacheHit):
+            self._observe(self._observer.on_cache, answered.kind)
+            return answered.result, answered.frame
+        result, frame, batch_seconds = answered
         if self._cache is not None:
             self._observe(self._observer.on_cache, "miss")
         self._observe(self._observer.on_batch, 1, batch_seconds)
-        return self._answer(model, prepared, detections, batch_seconds), prepared.frame
+        return result, frame
 
     def _alone_sync(
-        self, image: bytes
-    ) -> tuple[_Prepared | _CacheHit, tuple[Detection, ...], float]:
-        """:meth:`_prepare_sync` and a batch of one, in the inference thread."""
+        self, image: bytes, model: _Model
+    ) -> _CacheHit | tuple[InferenceResult, Frame, float]:
+        """:meth:`_prepare_sync`, a batch of one and the answer, in the inference thread.
+
+        The answer is built (and stored in the thread-safe cache) here too, so that once the
+        loop is woken it only has to send it.
+        """
         prepared = self._prepare_sync(image)
         if isinstance(prepared, _CacheHit):
-            return prepared, (), 0.0
+            return prepared
         ((detections, batch_seconds),) = self._run_batch([prepared.tensor])
-        return prepared, detections, batch_seconds
+        result = self._answer(model, prepared, detections, batch_seconds)
+        return result, prepared.frame, batch_seconds
 
     def _answer(
         self,
@@ -458,7 +464,8 @@ class InferenceEngine:
         detections: tuple[Detection, ...],
         batch_seconds: float,
     ) -> InferenceResult:
-        """The result of a model run over ``prepared``, stored in the cache when there is one."""
+        """The result of a model run over ``prepared``, stored in the cache when there is one
+        (on the loop, or in the inference thread for a lone frame: the cache is thread-safe)."""
         height, width = prepared.frame.shape[:2]
         if model.architecture == "nanodet":  # boxes on the padded square, back to the frame
             detections = tuple(unpad_square(d, width, height) for d in detections)
@@ -498,14 +505,14 @@ class InferenceEngine:
         finally:
             self._prep_waiting -= 1
             self._report_depth()
-        loop = asyncio.get_running_loop()
         try:
-            job = pool.submit(self._prepare_sync, image)
+            job = run_in_thread(
+                pool, functools.partial(self._prepare_sync, image), on_end=self._prep_slots.release
+            )
         except BaseException:
             self._prep_slots.release()
             raise
-        job.add_done_callback(lambda _: _call_soon(loop, self._prep_slots.release))
-        return await asyncio.wrap_future(job)
+        return await job
 
     def _prepare_sync(self, image: bytes) -> _Prepared | _CacheHit:
         """Hash, look up, decode and pre-process one frame (in a decode thread)."""
@@ -546,7 +553,9 @@ class InferenceEngine:
         """The batch function (in the batcher's inference thread)."""
         model = self._loaded()
         started = time.perf_counter()
-        batch = np.stack(tensors)
+        # One frame (a lone frame, a quiet gateway): a view with a batch axis, not a copy of
+        # its megabyte of input (the copy cost ~50 µs, more with cold caches).
+        batch = tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors)
         if model.fixed_batch is None or model.fixed_batch == len(tensors):
             per_frame = _run_model(model, batch, self._score_threshold)
         else:
@@ -578,14 +587,6 @@ class InferenceEngine:
             hook(*values)
         except Exception:  # noqa: BLE001 - a metrics bug must not fail a device's frame
             _log.exception("engine observer failed", hook=getattr(hook, "__name__", "?"))
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
-    """Schedule ``callback`` on ``loop`` from any thread."""
-    # After an aborted shutdown a decode thread can finish once the loop is closed; there is
-    # nothing left to release then.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(callback)
 
 
 def _ssd_outputs(session: Any, classes: int) -> tuple[str, str]:

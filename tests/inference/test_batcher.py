@@ -346,3 +346,62 @@ async def test_run_alone_is_refused_once_closing() -> None:
         assert await batcher.run_alone(lambda: 7) == 7
     with pytest.raises(ShuttingDown):
         await batcher.run_alone(lambda: 1)
+
+
+async def test_run_alone_failure_reaches_the_caller_and_frees_the_thread() -> None:
+    def job() -> None:
+        raise ValueError("bad frame")
+
+    async with MicroBatcher(Recorder(), max_batch=8, max_wait_ms=0) as batcher:
+        with pytest.raises(ValueError, match="bad frame"):
+            await batcher.run_alone(job)
+        assert batcher.idle()
+        assert await batcher.run_alone(lambda: 3) == 3
+
+
+async def test_run_alone_cancelled_before_its_turn_never_runs() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    ran: list[bool] = []
+
+    async with MicroBatcher(rec, max_batch=8, max_wait_ms=0) as batcher:
+        batch = asyncio.create_task(batcher.submit(1))
+        await _wait_started(rec)  # the one thread is busy with this batch
+        alone = asyncio.create_task(batcher.run_alone(lambda: ran.append(True)))
+        await asyncio.sleep(0)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        rec.gate.set()
+        assert await batch == 2
+        for _ in range(500):
+            if batcher.idle():
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.idle()
+    assert ran == []
+
+
+async def test_run_alone_still_queued_at_shutdown_is_cancelled_not_left_waiting() -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def first() -> str:
+        started.set()
+        gate.wait(5)
+        return "first"
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(Recorder(), max_batch=8, max_wait_ms=0)
+    async with batcher:
+        one = asyncio.create_task(batcher.run_alone(first))
+        for _ in range(500):
+            if started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        two = asyncio.create_task(batcher.run_alone(lambda: "second"))
+        await asyncio.sleep(0)
+    # Leaving does not wait for the running job, and drops the queued one.
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(two, 5)
+    gate.set()
+    assert await asyncio.wait_for(one, 5) == "first"

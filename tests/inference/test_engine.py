@@ -7,6 +7,7 @@ Car; rocket and motorcycle → nothing), with a margin for onnxruntime versions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import threading
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 
 from gateway import CacheKind, EngineObserver, InferenceEngine, InferenceResult, ResponseCache
+from gateway._inference._engine import _CacheHit
 from gateway._inference._runtime import create_session, physical_cores
 from gateway.errors import (
     DeadlineExceeded,
@@ -313,6 +315,59 @@ async def test_cancelled_detect_does_not_disturb_others(
         assert all(isinstance(r, InferenceResult) for r in done[1:])
         assert "Cat" in _labels(await engine.detect(photo_bytes["chelsea"]))
         assert engine.queue_depth() == 0
+
+
+async def test_cancelled_frames_give_their_decode_slots_back(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    """A decode slot comes back when its thread finishes (or the job is skipped unrun),
+    whoever stopped waiting: later frames never find the pool short of a thread."""
+    async with _engine(models_dir, max_batch=4, max_wait_ms=10) as engine:
+        threads = engine._prep_threads
+        for _ in range(3):
+            tasks = [asyncio.create_task(engine.detect(b)) for b in photo_bytes.values()]
+            await asyncio.sleep(0)
+            for t in tasks[::2]:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(500):  # a cancelled frame's decode may still be running
+            if engine._prep_slots._value == threads:
+                break
+            await asyncio.sleep(0.01)
+        assert engine._prep_slots._value == threads
+        results = await asyncio.gather(*(engine.detect(b) for b in photo_bytes.values()))
+        assert all(isinstance(r, InferenceResult) for r in results)
+        assert engine.queue_depth() == 0
+
+
+class _RecordingSession:
+    """The real session, with each run's input kept (a seam we own: the engine's model)."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self.inputs: list[np.ndarray] = []
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> object:
+        self.inputs.extend(feed.values())
+        return self._session.run(outputs, feed)  # type: ignore[attr-defined]
+
+
+async def test_a_batch_of_one_is_not_copied_before_the_model(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    async with _engine(models_dir) as engine:
+        model = engine._model
+        assert model is not None
+        recorder = _RecordingSession(model.session)
+        engine._model = dataclasses.replace(model, session=recorder)
+        prepared = engine._prepare_sync(photo_bytes["chelsea"])
+        assert not isinstance(prepared, _CacheHit)
+        ((detections, _seconds),) = engine._run_batch([prepared.tensor])
+        assert np.shares_memory(recorder.inputs[-1], prepared.tensor)
+        assert "Cat" in {d.label for d in detections}
+        two = engine._run_batch([prepared.tensor, prepared.tensor])
+        assert len(two) == 2
+        assert two[0][0] == two[1][0] == detections
 
 
 def test_session_is_set_up_for_serving(models_dir: Path) -> None:
