@@ -286,9 +286,20 @@ class FrontDoor:
         return limiter.refused_recently(device_id)
 
     def flooding(self, method: str, device_id: str) -> bool:
-        """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
-        budget since it was last admitted: a flood, not a device a little over budget."""
-        return self.refused_in_row(method, device_id) > self.limits.burst
+        """Whether ``device_id`` was refused more than its burst on ``method``'s budget in a
+        row since it was last admitted, or within the current second: a flood, not a device
+        a little over budget.
+
+        The second's count matters because the budget lets a flood's frame through whenever
+        a token is back (every 100 ms at 10 frames a second), and each admitted frame ends
+        a run of refusals: by the run alone, a flood would be answered at once for its next
+        ``burst`` calls after every admitted frame, most of its refusals.
+        """
+        burst = self.limits.burst
+        return (
+            self.refused_in_row(method, device_id) > burst
+            or self.refused_recently(method, device_id) > burst
+        )
 
     def held_refusals(self, device_id: str) -> int:
         """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""
@@ -299,9 +310,9 @@ class FrontDoor:
     ) -> float:
         """Back-pressure on a flooding device: wait before its refusal is answered.
 
-        A device refused more than its burst in a row since it was last admitted is
-        flooding, not a little over budget. Answering each of its calls at once would let it
-        send as fast as the gateway can refuse; holding the refusal for
+        A device refused more than its burst in a row, or within a second, is flooding
+        (:meth:`flooding`), not a little over budget. Answering each of its calls at once
+        would let it send as fast as the gateway can refuse; holding the refusal for
         :attr:`REFUSAL_HOLD_S` to :attr:`REFUSAL_HOLD_S` + :attr:`REFUSAL_HOLD_SPREAD_S`
         (within the call's deadline, ``remaining`` seconds) makes its own concurrency limit
         (HTTP/2 streams, its SDK's window) slow it to a few calls per second, at the cost of

@@ -395,6 +395,44 @@ async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> Non
     assert door.held_refusals("cam-a") == 0  # nothing left behind
 
 
+async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> None:
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor, TopicIdentity
+    from gateway._door._budget import RateLimiter
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    now = [0.0]
+    door = FrontDoor(
+        gateway_id="gw-1", engine=FakeEngine(), limits=LimitsSettings(frames_per_s=10, burst=2)
+    )
+    door._frames = RateLimiter(rate=10.0, burst=2, clock=lambda: now[0])
+    door.REFUSAL_HOLD_S, door.REFUSAL_HOLD_SPREAD_S = 0.001, 0.0
+
+    def send() -> bool:
+        try:
+            door.admit_now("Detect", lambda: TopicIdentity("cam-a"))
+        except RateLimited:
+            return False
+        return True
+
+    assert [send(), send(), send(), send(), send()] == [True, True, False, False, False]
+    assert door.flooding("Detect", "cam-a")
+    # A token back after 100 ms: one frame admitted ends the run of refusals in a row ...
+    now[0] = 0.1
+    assert send()
+    assert door.refused_in_row("Detect", "cam-a") == 0
+    # ... but not the flood: its next refusal is held, not answered at once.
+    assert not send()
+    assert door.flooding("Detect", "cam-a")
+    assert await door.hold_refusal("Detect", "cam-a") > 0.0
+    # A new second without a refusal so far: a little over budget is not a flood.
+    now[0] = 1.5
+    assert [send(), send(), send()] == [True, True, False]
+    assert not door.flooding("Detect", "cam-a")
+    assert await door.hold_refusal("Detect", "cam-a") == 0.0
+
+
 async def test_a_floods_held_refusals_are_answered_spread_out() -> None:
     from gateway._config import LimitsSettings
     from gateway._door import FrontDoor, TopicIdentity
