@@ -350,3 +350,81 @@ async def test_run_alone_is_refused_once_closing() -> None:
         assert await batcher.run_alone(lambda: 7) == 7
     with pytest.raises(ShuttingDown):
         await batcher.run_alone(lambda: 1)
+
+
+async def test_a_spare_worker_runs_a_waiting_item_beside_the_batch_in_progress() -> None:
+    # The main worker's batch holds its thread: with a spare worker another key's item runs
+    # at once beside it, one at a time, rather than after the batch.
+    slow_started, release = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+    threads: dict[str, int] = {}
+
+    def run(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        threads[items[0]] = threading.get_ident()
+        if items[0] == "slow":
+            slow_started.set()
+            release.wait(30)
+        return [f"{item}!" for item in items]
+
+    async with MicroBatcher(
+        run, max_batch=8, max_per_key=1, max_wait_ms=0, spare_workers=1
+    ) as batcher:
+        slow = asyncio.create_task(batcher.submit("slow", key="flood"))
+        for _ in range(3000):
+            if slow_started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        quick = [asyncio.create_task(batcher.submit(f"v{i}", key=f"v{i}")) for i in range(2)]
+        assert await asyncio.wait_for(asyncio.gather(*quick), timeout=30) == ["v0!", "v1!"]
+        assert not slow.done()
+        assert not batcher.idle()
+        release.set()
+        assert await slow == "slow!"
+    assert batches == [["slow"], ["v0"], ["v1"]]  # the spare runs one item at a time
+    assert threads["v0"] != threads["slow"]
+
+
+async def test_a_free_main_worker_batches_and_the_spare_takes_nothing() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    async with MicroBatcher(rec, max_batch=8, max_wait_ms=0, spare_workers=1) as batcher:
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        assert await asyncio.gather(*tasks) == [0, 2, 4]
+    assert rec.batches == [[0, 1, 2]]
+
+
+async def test_a_cancelled_owner_fails_the_spares_caller_too() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def run(items: Sequence[int]) -> list[int]:
+        started.set()
+        release.wait(30)
+        return [i * 2 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch=1, max_wait_ms=0, spare_workers=1)
+    callers: list[asyncio.Task[int]] = []
+
+    async def owner() -> None:
+        async with batcher:
+            callers.extend(asyncio.create_task(batcher.submit(i)) for i in range(3))
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(owner())
+    for _ in range(3000):
+        if started.is_set() and batcher.queue_depth() == 1:  # the spare took one too
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, ShuttingDown) for o in outcomes)
+
+
+def test_spare_workers_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="spare_workers"):
+        MicroBatcher(Recorder(), spare_workers=-1)
