@@ -13,11 +13,6 @@ waiting requests round robin over keys (each key's own in arrival order), at mos
 ``max_per_key`` of one key, so a device with many frames waiting never fills a batch: its
 backlog runs over several batches, each of which another device's frame can join, and a
 newcomer waits for at most the batch in progress. A request without a key is its own key.
-
-Not even for that, with a spare worker: while the batch in progress runs, a spare worker runs
-waiting requests one at a time beside it (each in a thread of its own), so another device's
-frame starts at once instead of waiting for a flood's run to end. One frame at a time keeps
-the spare's memory small: the model's working memory for one frame, not a second batch's.
 """
 
 from __future__ import annotations
@@ -154,10 +149,6 @@ class MicroBatcher(Generic[T, R]):
     (while a batch could take more), so a lone request pays at most ``max_wait_ms`` of extra
     latency and a backlog is drained in full batches without waiting.
 
-    ``spare_workers`` more threads each run one waiting item at a time while the main
-    worker's batch runs (never when it is free: then it forms the next batch), so ``batch_fn``
-    must be thread-safe when it is above 0.
-
     Use it as an async context manager: entering starts the worker (in its own task group);
     leaving stops accepting (:class:`ShuttingDown`), finishes everything already queued, then
     returns. ``on_batch(size, seconds)`` is called on the event loop after each batch run,
@@ -177,7 +168,6 @@ class MicroBatcher(Generic[T, R]):
         max_per_key: int | None = None,
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
-        spare_workers: int = 0,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
@@ -191,14 +181,11 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError(f"max_per_key must be at least 1, got {max_per_key}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
-        if spare_workers < 0:
-            raise ValueError(f"spare_workers must not be negative, got {spare_workers}")
         self._batch_fn = batch_fn
         self._max_batch = max_batch
         self._max_per_key = max_per_key
         self._max_wait = max_wait_ms / 1000.0
         self._queue_size = queue_size
-        self._spare_workers = spare_workers
         self._name = name
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
@@ -206,8 +193,6 @@ class MicroBatcher(Generic[T, R]):
         self._pending: _FairPending[T, R] = _FairPending()
         self._running: list[_Pending[T, R]] = []
         self._wakeup = asyncio.Event()
-        self._spares_running = 0  # spare workers running an item
-        self._spare_wakeup = asyncio.Event()  # an item came, or the main worker started
         self._state = _State.NEW
         self._stack = contextlib.AsyncExitStack()
         self._executor: ThreadPoolExecutor | None = None
@@ -219,9 +204,7 @@ class MicroBatcher(Generic[T, R]):
 
     def idle(self) -> bool:
         """Nothing waits, no batch runs and no :meth:`run_alone` job runs: the thread is free."""
-        return (
-            not self._pending and not self._running and not self._spares_running and not self._alone
-        )
+        return not self._pending and not self._running and not self._alone
 
     async def run_alone(self, job: Callable[[], A]) -> A:
         """Run ``job`` in the batcher's thread at once, for a request that no other joins.
@@ -252,17 +235,12 @@ class MicroBatcher(Generic[T, R]):
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
             raise RuntimeError(f"{self._name} can be entered once ({self._state.value})")
-        # One thread per worker: the main worker's batches run one after another
-        # (onnxruntime parallelises inside a run with its own intra-op pool), a spare's
-        # single items beside them.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1 + self._spare_workers, thread_name_prefix=self._name
-        )
+        # One thread: batches run one after another, and the model never sees two callers'
+        # threads (onnxruntime parallelises inside a run with its own intra-op pool).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         self._stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
         tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         tasks.create_task(self._work(self._executor), name=f"{self._name}-worker")
-        for index in range(self._spare_workers):
-            tasks.create_task(self._spare(self._executor), name=f"{self._name}-spare-{index}")
         self._state = _State.OPEN
         return self
 
@@ -274,7 +252,6 @@ class MicroBatcher(Generic[T, R]):
     ) -> bool | None:
         self._state = _State.CLOSING
         self._wakeup.set()
-        self._spare_wakeup.set()
         try:
             return await self._stack.__aexit__(exc_type, exc, tb)
         finally:
@@ -311,7 +288,6 @@ class MicroBatcher(Generic[T, R]):
         )
         self._pending.append(pending)
         self._wakeup.set()
-        self._spare_wakeup.set()
         self._notify(self._on_queue_depth, len(self._pending))
         timeout = None if deadline is None else deadline - now
         try:
@@ -338,59 +314,24 @@ class MicroBatcher(Generic[T, R]):
                 self._running = live = self._drop_dead(batch)
                 if not live:
                     continue
-                self._spare_wakeup.set()  # what waits now may go to a spare worker
-                await self._run(loop, executor, live)
+                call = functools.partial(self._timed_batch, [p.item for p in live])
+                try:
+                    results, seconds = await loop.run_in_executor(executor, call)
+                except Exception as exc:  # noqa: BLE001 - the batch's callers get it, not us
+                    self._running = []
+                    for p in live:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
                 self._running = []
+                for p, result in zip(live, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(result)
+                self._notify(self._on_batch, len(live), seconds)
         finally:
             # Only with work left when cancelled: its callers must not wait forever.
             self._pending.put_back(self._running)
             self._fail_all(ShuttingDown(f"{self._name} stopped"))
-
-    async def _spare(self, executor: ThreadPoolExecutor) -> None:
-        """A spare worker: one waiting item at a time, only while the main worker runs."""
-        loop = asyncio.get_running_loop()
-        while True:
-            while not (self._running and self._pending):
-                if self._state is not _State.OPEN:
-                    return  # the main worker finishes what is queued
-                self._spare_wakeup.clear()
-                await self._spare_wakeup.wait()
-            # The next in the round (nobody waits longer for a spare than for the batch).
-            live = self._drop_dead(self._pending.take(1, self._max_per_key))
-            self._notify(self._on_queue_depth, len(self._pending))
-            if not live:
-                continue
-            self._spares_running += 1
-            try:
-                await self._run(loop, executor, live)
-            except BaseException:
-                # Cancelled (the owner was): its caller must not wait forever.
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(ShuttingDown(f"{self._name} stopped"))
-                raise
-            finally:
-                self._spares_running -= 1
-
-    async def _run(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor,
-        live: list[_Pending[T, R]],
-    ) -> None:
-        """Run ``live`` in ``executor`` and hand each caller its result (or the error)."""
-        call = functools.partial(self._timed_batch, [p.item for p in live])
-        try:
-            results, seconds = await loop.run_in_executor(executor, call)
-        except Exception as exc:  # noqa: BLE001 - the batch's callers get it, not us
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
-        for p, result in zip(live, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(result)
-        self._notify(self._on_batch, len(live), seconds)
 
     def _notify(self, hook: Callable[..., None] | None, *args: float) -> None:
         if hook is None:

@@ -3,24 +3,18 @@
 One request goes through::
 
     size check → exact cache → decode + preprocess (thread pool) → perceptual cache
-      → micro-batcher (bounded queue) → batched model run (the inference thread; one waiting
-      frame at a time beside it in a spare thread) → post-processing → cache store
+      → micro-batcher (bounded queue) → batched model run (one inference thread) → post-processing
+      → cache store
 
 One engine runs one detector: the OID-24 SSD, or NanoDet (COCO-80), the manifest's detectors
 the edge can run (:data:`gateway._models.EDGE_DETECTORS`). Which model a device's frames go
 through is the model catalog's decision (:mod:`gateway._inference._catalog`).
 
 Nothing CPU-heavy runs on the event loop: hashing, decoding and pre-processing run in a small
-bounded thread pool, the model and its post-processing in the batcher's inference thread. A lone
+bounded thread pool, the model and its post-processing in the batcher's single thread. A lone
 frame (the batcher idle, no other frame being decoded, and the last run a batch of one: one
 device, or a quiet gateway) has no batch to join, so all of it runs as one job in the batcher's
 thread: one hand-off from the event loop to a thread and one back, rather than two of each.
-
-While a batch runs, a frame that arrives does not wait for it: the batcher's spare worker
-(``spare_workers``) runs it alone beside the batch, so a device's frame never waits for
-another device's run in progress (a flood's, say). One frame at a time: the spare adds the
-model's working memory for one frame, not for a second batch (measured on the edge SSD: a
-second batch of eight beside the first added about 100 MB, one frame nothing measurable).
 """
 
 from __future__ import annotations
@@ -197,7 +191,6 @@ class InferenceEngine:
         intra_op_threads: int | None = None,
         max_batch: int = 8,
         max_batch_per_device: int | None = 1,
-        spare_workers: int = 1,
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
         max_pixels: int = 16_000_000,
@@ -233,9 +226,6 @@ class InferenceEngine:
             max_per_key=max_batch_per_device,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
-            # While a batch runs, a waiting frame (another device's: a batch holds one frame
-            # per device) runs beside it rather than after it.
-            spare_workers=spare_workers,
             name="edgeward-infer",
             on_batch=self._on_batch,
             on_queue_depth=self._on_batcher_depth,
