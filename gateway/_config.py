@@ -188,8 +188,9 @@ class LimitsSettings(_Section):
         ge=1,
         le=100_000,
         description="Admitted frames of one device waiting for the model at most (it has at "
-        "most two in the model); more are refused at once (RESOURCE_EXHAUSTED, retry later), "
-        "so one device's backlog cannot fill the queue of all; unset: its burst.",
+        "most two in the model, one while other devices are present); more are refused at "
+        "once (RESOURCE_EXHAUSTED, retry later), so one device's backlog cannot fill the queue "
+        "of all; unset: its burst.",
     )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024 + 64 * 1024,

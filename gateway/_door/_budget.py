@@ -7,11 +7,11 @@ stream is paced to the budget by gRPC flow control and never queues more than th
 it is holding. Bounded: idle buckets are dropped (a full bucket carries no information).
 
 Each bucket also counts the device's refusals since its last admitted frame
-(:meth:`RateLimiter.refused_in_row`): more than ``burst`` of them in a row is a flood, not a
-device a little over budget, and the front door answers it with back-pressure rather than at
-once (:meth:`~gateway._door.FrontDoor.hold_refusal`). It also counts refusals per one-second
-window (:meth:`RateLimiter.refused_recently`), which the refill does not reset: the MQTT
-bridge disconnects a device refused too many frames within a second.
+(:meth:`RateLimiter.refused_in_row`) and per one-second window
+(:meth:`RateLimiter.refused_recently`, which an admitted frame does not reset): more than
+``burst`` of either is a flood, not a device a little over budget, and the front door answers
+it with back-pressure rather than at once (:meth:`~gateway._door.FrontDoor.hold_refusal`);
+the MQTT bridge disconnects a device refused too many frames within a second.
 """
 
 from __future__ import annotations

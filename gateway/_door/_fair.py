@@ -13,6 +13,14 @@ busy), and the micro-batcher behind it never holds more than one frame of a devi
 (:class:`~gateway._inference._batcher.MicroBatcher` caps frames per device per batch too). A
 newcomer's frame therefore waits for at most the model run in progress, not for a backlog.
 
+A device alone may hold ``per_device`` turns (two: its next frame decodes while the model runs
+its last), but only while it *is* alone: while another device holds or waits for a turn, or
+took one within the last ``recent_s`` seconds, each device holds at most ``shared_per_device``
+(one). A device that sends now and then counts as present between its frames, so a flood never
+has a second frame in the engine when the other device's next frame arrives: that frame waits
+for the one run in progress, not for two (the flood's second frame would otherwise run in the
+same batch as it, or before it).
+
 Bounded: at most ``max_waiting`` frames wait in all, and at most ``max_waiting_per_device``
 of one device; one more is refused at once with :class:`~gateway.errors.Overloaded` (retry
 later) rather than growing the queue. The per-device bound also bounds how long an admitted
@@ -25,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from gateway._inference import Overloaded
 
@@ -34,8 +43,11 @@ __all__ = ["FairQueue"]
 
 
 class FairQueue:
-    """``slots`` concurrent turns, at most ``per_device`` per device, handed out round robin
-    across devices."""
+    """``slots`` concurrent turns, at most ``per_device`` per device (``shared_per_device``
+    while other devices are present), handed out round robin across devices."""
+
+    #: Devices remembered as recently present at most (the oldest are forgotten first).
+    MAX_RECENT = 100_000
 
     def __init__(
         self,
@@ -44,13 +56,26 @@ class FairQueue:
         max_waiting: int,
         per_device: int = 1,
         max_waiting_per_device: int | None = None,
+        shared_per_device: int = 1,
+        recent_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if slots < 1 or per_device < 1 or max_waiting < 0:
-            raise ValueError("slots and per_device must be at least 1, max_waiting not negative")
+        if slots < 1 or per_device < 1 or shared_per_device < 1 or max_waiting < 0:
+            raise ValueError(
+                "slots, per_device and shared_per_device must be at least 1, "
+                "max_waiting not negative"
+            )
         if max_waiting_per_device is not None and max_waiting_per_device < 0:
             raise ValueError("max_waiting_per_device must not be negative")
+        if recent_s < 0:
+            raise ValueError("recent_s must not be negative")
         self._slots = slots
         self._per_device = per_device
+        self._shared_per_device = min(shared_per_device, per_device)
+        self._recent_s = recent_s
+        self._clock = clock
+        # When each device last took a turn, oldest first (only within recent_s).
+        self._recent: OrderedDict[str, float] = OrderedDict()
         self._max_waiting = max_waiting
         self._max_waiting_per_device = (
             max_waiting if max_waiting_per_device is None else max_waiting_per_device
@@ -68,6 +93,25 @@ class FairQueue:
     def held(self, device_id: str) -> int:
         """Turns ``device_id`` holds now (at most ``per_device``)."""
         return self._held.get(device_id, 0)
+
+    def cap(self, device_id: str) -> int:
+        """Turns ``device_id`` may hold now: ``per_device`` while it is alone,
+        ``shared_per_device`` while another device holds or waits for a turn or took one
+        within ``recent_s``."""
+        if self._shared_per_device == self._per_device:
+            return self._per_device
+        return self._shared_per_device if self._others_present(device_id) else self._per_device
+
+    def _others_present(self, device_id: str) -> bool:
+        if len(self._held) > (device_id in self._held):
+            return True
+        if len(self._waiting) > (device_id in self._waiting):
+            return True
+        horizon = self._clock() - self._recent_s
+        recent = self._recent
+        while recent and next(iter(recent.values())) < horizon:
+            recent.popitem(last=False)
+        return len(recent) > (device_id in recent)
 
     def waiting(self, device_id: str | None = None) -> int:
         """Frames waiting for a turn (of ``device_id`` only, when given)."""
@@ -91,8 +135,8 @@ class FairQueue:
         # so): a device under its cap that finds a free slot goes ahead of no one.
         if (
             self._busy < self._slots
-            and self.held(device_id) < self._per_device
             and device_id not in self._waiting
+            and self.held(device_id) < self.cap(device_id)
         ):
             self._take(device_id)
             return
@@ -132,12 +176,16 @@ class FairQueue:
     def _take(self, device_id: str) -> None:
         self._busy += 1
         self._held[device_id] = self._held.get(device_id, 0) + 1
+        self._recent[device_id] = self._clock()
+        self._recent.move_to_end(device_id)
+        if len(self._recent) > self.MAX_RECENT:
+            self._recent.popitem(last=False)
 
     def _grant(self) -> None:
         """Hand free slots to waiting devices under their cap, in the round's order."""
         while self._busy < self._slots:
             for device_id in self._waiting:
-                if self.held(device_id) < self._per_device:
+                if self.held(device_id) < self.cap(device_id):
                     break
             else:
                 return  # nobody waiting, or every waiting device at its cap

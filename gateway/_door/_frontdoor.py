@@ -66,6 +66,9 @@ _DENIAL_CODES = frozenset(
     {"PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
 )
 
+#: The golden ratio's fraction: its multiples mod 1 cover [0, 1) evenly, in any stretch.
+_PHI = 0.6180339887498949
+
 #: Methods charged to the device's budget: one frame budget, one report budget.
 _BUDGETED = frozenset({"Detect", "StreamDetect", "ReportTelemetry"})
 
@@ -139,13 +142,17 @@ class FrontDoor:
 
     ``authoriser`` ``None`` admits every device type (no registry, tests); ``revocation``
     ``None`` treats the feed as always fresh. ``slots`` frames are in the engine at once, at
-    most ``per_device`` of one device, and at most ``max_waiting`` wait for a turn, at most
+    most ``per_device`` of one device while it is alone and ``shared_per_device`` while
+    other devices are present, and at most ``max_waiting`` wait for a turn, at most
     ``limits.frames_waiting_per_device`` of one device (:class:`~gateway._door._fair.FairQueue`).
     ``detection_hook`` is installed by the escalation plug-in and read per frame.
     """
 
-    #: Longest a flooding device's refused call is held before it is answered.
+    #: Shortest a flooding device's refused call is held before it is answered ...
     REFUSAL_HOLD_S = 0.5
+    #: ... and how much longer some are: holds are spread evenly over this much more, so a
+    #: flood's held calls are answered (and sent again) a few at a time, not all at once.
+    REFUSAL_HOLD_SPREAD_S = 0.25
     #: Refused calls of one device held at once; beyond it they are answered at once.
     MAX_HELD_PER_DEVICE = 256
 
@@ -163,6 +170,7 @@ class FrontDoor:
         slots: int = 16,
         max_waiting: int = 64,
         per_device: int = 2,
+        shared_per_device: int = 1,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         limits = limits if limits is not None else LimitsSettings()
@@ -180,9 +188,11 @@ class FrontDoor:
             slots=slots,
             max_waiting=max_waiting,
             per_device=per_device,
+            shared_per_device=shared_per_device,
             max_waiting_per_device=limits.frames_waiting_per_device or limits.burst,
         )
         self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
+        self._holds = 0  # refusals held so far (spreads the holds, hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
         #: Escalation marks of answers, given again with cached repeats.
@@ -276,9 +286,20 @@ class FrontDoor:
         return limiter.refused_recently(device_id)
 
     def flooding(self, method: str, device_id: str) -> bool:
-        """Whether ``device_id`` was refused more than its burst in a row on ``method``'s
-        budget since it was last admitted: a flood, not a device a little over budget."""
-        return self.refused_in_row(method, device_id) > self.limits.burst
+        """Whether ``device_id`` was refused more than its burst on ``method``'s budget in a
+        row since it was last admitted, or within the current second: a flood, not a device
+        a little over budget.
+
+        The second's count matters because the budget lets a flood's frame through whenever
+        a token is back (every 100 ms at 10 frames a second), and each admitted frame ends
+        a run of refusals: by the run alone, a flood would be answered at once for its next
+        ``burst`` calls after every admitted frame, most of its refusals.
+        """
+        burst = self.limits.burst
+        return (
+            self.refused_in_row(method, device_id) > burst
+            or self.refused_recently(method, device_id) > burst
+        )
 
     def held_refusals(self, device_id: str) -> int:
         """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""
@@ -289,21 +310,28 @@ class FrontDoor:
     ) -> float:
         """Back-pressure on a flooding device: wait before its refusal is answered.
 
-        A device refused more than its burst in a row since it was last admitted is
-        flooding, not a little over budget. Answering each of its calls at once would let it
-        send as fast as the gateway can refuse; holding the refusal for up to
-        :attr:`REFUSAL_HOLD_S` (within the call's deadline, ``remaining`` seconds) makes its
-        own concurrency limit (HTTP/2 streams, its SDK's window) slow it to a few calls per
-        second, at the cost of one sleeping task per held call. At most
-        :attr:`MAX_HELD_PER_DEVICE` of a device's refusals are held at once (memory stays
-        bounded); the rest are answered at once. Returns the seconds held (0.0: not held).
+        A device refused more than its burst in a row, or within a second, is flooding
+        (:meth:`flooding`), not a little over budget. Answering each of its calls at once
+        would let it send as fast as the gateway can refuse; holding the refusal for
+        :attr:`REFUSAL_HOLD_S` to :attr:`REFUSAL_HOLD_S` + :attr:`REFUSAL_HOLD_SPREAD_S`
+        (within the call's deadline, ``remaining`` seconds) makes its own concurrency limit
+        (HTTP/2 streams, its SDK's window) slow it to a few calls per second, at the cost of
+        one sleeping task per held call. At most :attr:`MAX_HELD_PER_DEVICE` of a device's
+        refusals are held at once (memory stays bounded); the rest are answered at once.
+
+        The holds are spread (successive ones cover the spread evenly, a golden-ratio
+        sequence): a flood's calls arrive together, and held for the same time they would be
+        answered together and sent again together, every round, each round a burst of
+        refusals that holds up the event loop, and another device's call behind it, for as
+        long as the burst takes. Returns the seconds held (0.0: not held).
         """
         if not self.flooding(method, device_id):
             return 0.0
         held = self._held.get(device_id, 0)
         if held >= self.MAX_HELD_PER_DEVICE:
             return 0.0
-        hold = self.REFUSAL_HOLD_S
+        self._holds += 1
+        hold = self.REFUSAL_HOLD_S + self.REFUSAL_HOLD_SPREAD_S * ((self._holds * _PHI) % 1.0)
         if remaining is not None:
             # Answered before the caller's deadline: it must see the refusal, not a timeout.
             hold = min(hold, remaining / 2)

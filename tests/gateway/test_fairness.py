@@ -94,7 +94,7 @@ async def test_fair_queue_keeps_slots_free_for_other_devices() -> None:
 
 
 async def test_fair_queue_never_gives_a_device_more_than_its_cap() -> None:
-    fair = FairQueue(slots=8, max_waiting=100, per_device=2)
+    fair = FairQueue(slots=8, max_waiting=100, per_device=2, shared_per_device=2)
     most = 0
     step = asyncio.Event()
 
@@ -110,6 +110,83 @@ async def test_fair_queue_never_gives_a_device_more_than_its_cap() -> None:
     step.set()
     await asyncio.gather(*tasks)
     assert most == 2
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
+async def test_a_device_holds_a_second_turn_only_while_it_is_alone() -> None:
+    now = [0.0]
+    fair = FairQueue(slots=8, max_waiting=100, per_device=2, recent_s=2.0, clock=lambda: now[0])
+    held: dict[str, list[asyncio.Event]] = {"flood": [], "victim": []}
+
+    async def frame(device_id: str) -> None:
+        done = asyncio.Event()
+        async with fair.turn(device_id):
+            held[device_id].append(done)
+            await done.wait()
+
+    def finish(device_id: str) -> None:
+        held[device_id].pop(0).set()
+
+    # Alone, the flood holds two turns (its next frame decodes while the model runs).
+    flood = [asyncio.create_task(frame("flood")) for _ in range(6)]
+    await _until(lambda: fair.waiting("flood") == 4)
+    assert (fair.held("flood"), fair.cap("flood")) == (2, 2)
+    # Another device arrives: it takes a free turn at once ...
+    victim = asyncio.create_task(frame("victim"))
+    await _until(lambda: fair.held("victim") == 1)
+    assert (fair.cap("flood"), fair.cap("victim")) == (1, 1)
+    # ... and the flood's turns ending give it no new one until it is down to one.
+    finish("flood")
+    await asyncio.sleep(0)
+    assert (fair.held("flood"), fair.waiting("flood")) == (1, 4)
+    # The victim's frame is done, but it sent one moments ago: the flood stays at one turn,
+    # so the victim's next frame finds at most one of the flood's in the engine.
+    finish("victim")
+    await victim
+    for _ in range(2):
+        finish("flood")
+        await _until(lambda: len(held["flood"]) == 1)
+        assert fair.held("flood") == 1
+    assert fair.waiting("flood") == 2
+    # Once nobody else was seen for recent_s, the flood is alone again: two turns.
+    now[0] = 2.5
+    finish("flood")
+    await _until(lambda: fair.held("flood") == 2)
+    assert (fair.waiting("flood"), fair.cap("flood")) == (0, 2)
+    while held["flood"]:
+        finish("flood")
+        await asyncio.sleep(0)
+    await asyncio.gather(*flood)
+    assert (fair.busy, fair.waiting()) == (0, 0)
+
+
+async def test_a_waiting_device_makes_others_share() -> None:
+    # Every slot busy, the flood holding both: a device waiting for a turn (holding none) is
+    # present too, so the flood's next free turn goes to it, not to the flood's backlog.
+    fair = FairQueue(slots=2, max_waiting=100, per_device=2)
+    order: list[str] = []
+    held: list[asyncio.Event] = []
+
+    async def frame(device_id: str) -> None:
+        done = asyncio.Event()
+        async with fair.turn(device_id):
+            order.append(device_id)
+            held.append(done)
+            await done.wait()
+
+    flood = [asyncio.create_task(frame("flood")) for _ in range(4)]
+    await _until(lambda: fair.held("flood") == 2 and fair.waiting("flood") == 2)
+    victim = asyncio.create_task(frame("victim"))
+    await _until(lambda: fair.waiting("victim") == 1)
+    assert fair.cap("flood") == 1
+    held[0].set()
+    await _until(lambda: len(order) == 3)
+    assert order == ["flood", "flood", "victim"]
+    assert (fair.held("flood"), fair.held("victim")) == (1, 1)
+    while not all(t.done() for t in [*flood, victim]):
+        for done in held:
+            done.set()
+        await asyncio.sleep(0)
     assert (fair.busy, fair.waiting()) == (0, 0)
 
 
@@ -318,6 +395,70 @@ async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> Non
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
     assert door.held_refusals("cam-a") == 0  # nothing left behind
+
+
+async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> None:
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor, TopicIdentity
+    from gateway._door._budget import RateLimiter
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    now = [0.0]
+    door = FrontDoor(
+        gateway_id="gw-1", engine=FakeEngine(), limits=LimitsSettings(frames_per_s=10, burst=2)
+    )
+    door._frames = RateLimiter(rate=10.0, burst=2, clock=lambda: now[0])
+    door.REFUSAL_HOLD_S, door.REFUSAL_HOLD_SPREAD_S = 0.001, 0.0
+
+    def send() -> bool:
+        try:
+            door.admit_now("Detect", lambda: TopicIdentity("cam-a"))
+        except RateLimited:
+            return False
+        return True
+
+    assert [send(), send(), send(), send(), send()] == [True, True, False, False, False]
+    assert door.flooding("Detect", "cam-a")
+    # A token back after 100 ms: one frame admitted ends the run of refusals in a row ...
+    now[0] = 0.1
+    assert send()
+    assert door.refused_in_row("Detect", "cam-a") == 0
+    # ... but not the flood: its next refusal is held, not answered at once.
+    assert not send()
+    assert door.flooding("Detect", "cam-a")
+    assert await door.hold_refusal("Detect", "cam-a") > 0.0
+    # A new second without a refusal so far: a little over budget is not a flood.
+    now[0] = 1.5
+    assert [send(), send(), send()] == [True, True, False]
+    assert not door.flooding("Detect", "cam-a")
+    assert await door.hold_refusal("Detect", "cam-a") == 0.0
+
+
+async def test_a_floods_held_refusals_are_answered_spread_out() -> None:
+    from gateway._config import LimitsSettings
+    from gateway._door import FrontDoor, TopicIdentity
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    door = FrontDoor(
+        gateway_id="gw-1",
+        engine=FakeEngine(),
+        limits=LimitsSettings(frames_per_s=0.001, burst=1),
+    )
+    door.REFUSAL_HOLD_S, door.REFUSAL_HOLD_SPREAD_S = 0.001, 0.004
+    assert door.admit_now("Detect", lambda: TopicIdentity("cam-a")) is not None
+    for _ in range(2):
+        with pytest.raises(RateLimited):
+            door.admit_now("Detect", lambda: TopicIdentity("cam-a"))
+    # A flood's calls, refused together: held for different times, so they are not
+    # answered (and sent again) together.
+    holds = await asyncio.gather(*(door.hold_refusal("Detect", "cam-a") for _ in range(64)))
+    assert all(0.001 <= h <= 0.005 for h in holds)
+    # Any eight in a row cover most of the spread: no stretch of them is answered at once.
+    for i in range(len(holds) - 8):
+        assert max(holds[i : i + 8]) - min(holds[i : i + 8]) > 0.002
+    assert door.held_refusals("cam-a") == 0
 
 
 def test_the_budget_counts_refusals_in_a_row_and_per_second() -> None:

@@ -184,6 +184,9 @@ async def test_devices_whose_frames_shared_a_run_keep_sharing(
     images = list(photo_bytes.values())
     alone_after: list[int | None] = []  # the size of the run before each lone frame
     engine = _engine(models_dir, max_batch=8, max_wait_ms=2_000, observer=observer)
+    # As where a shared run costs less than two (a GPU): on the CPU frames do not wait for
+    # company at all (the next test), and the property is about those that do.
+    engine._company_pays = lambda: True  # type: ignore[method-assign]
     run_alone = engine._batcher.run_alone
 
     async def spy_alone(job: object) -> object:
@@ -202,6 +205,21 @@ async def test_devices_whose_frames_shared_a_run_keep_sharing(
     assert max(observer.batches) > 1
     assert alone_after  # the first frame: nothing ran before it
     assert all(size in (None, 1) for size in alone_after), (alone_after, observer.batches)
+
+
+async def test_on_the_cpu_a_frame_does_not_wait_for_company(
+    models_dir: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    # On the CPU a run of N frames costs N runs: a frame that waited for another (another
+    # device's, being decoded) to share its run would pay for that frame's run too.
+    async with _engine(models_dir, max_batch=8, max_wait_ms=600_000) as engine:
+        engine._preparing += 1  # another frame is being decoded ...
+        try:
+            # ... and this one runs at once, not after max_wait_ms
+            result = await asyncio.wait_for(engine.detect(photo_bytes["chelsea"]), timeout=60)
+        finally:
+            engine._preparing -= 1
+    assert "Cat" in _labels(result)
 
 
 def _truncated(data: bytes) -> bytes:
