@@ -398,9 +398,8 @@ async def test_a_flooding_device_gets_its_refusals_after_a_bounded_hold() -> Non
 
 
 async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> None:
-    from gateway._config import LimitsSettings
-    from gateway._door import FrontDoor, TopicIdentity
-    from gateway._door._budget import RateLimiter
+    from gateway import FrontDoor, LimitsSettings
+    from gateway._door import RateLimiter, TopicIdentity
     from gateway.errors import RateLimited
     from tests._support.mqtt import FakeEngine
 
@@ -436,8 +435,8 @@ async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> N
 
 
 async def test_a_floods_held_refusals_are_answered_spread_out() -> None:
-    from gateway._config import LimitsSettings
-    from gateway._door import FrontDoor, TopicIdentity
+    from gateway import FrontDoor, LimitsSettings
+    from gateway._door import TopicIdentity
     from gateway.errors import RateLimited
     from tests._support.mqtt import FakeEngine
 
