@@ -121,8 +121,10 @@ PINGREQ = b"\xc0\x00"
 
 
 async def _drain(reader: asyncio.StreamReader) -> None:
-    while await reader.read(4096):
-        pass
+    """Read until the broker closes the connection (or it breaks)."""
+    with contextlib.suppress(OSError, ssl.SSLError):
+        while await reader.read(4096):
+            pass
 
 
 def _context(ca: str, chain: str, key: str) -> ssl.SSLContext:
