@@ -71,6 +71,10 @@ BENCH_INTERNALS: dict[str, dict[str, str]] = {
     "bench/mqtt.py": {
         "gateway._mqtt": "the MQTT bridge's ingest without a gateway around it",
     },
+    "bench/scale.py": {
+        "device_sdk._grpc": "the SDK's channel arguments (keepalive) on the raw gRPC fleet",
+        "device_sdk._mqtt": "the SDK's MQTT keepalive, on the raw MQTT fleet",
+    },
     "bench/sdk.py": {
         "device_sdk._mqtt": "the MQTT transport's socket options, switched for a comparison",
     },

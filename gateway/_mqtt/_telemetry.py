@@ -5,9 +5,11 @@ does 60k (``reference/anchors.md``), so telemetry is consumed by ``telemetry_wor
 processes, each a lean single-threaded MQTT 5 subscriber (``_subscriber``: bulk reads, PUBLISH
 packets parsed in bulk) on the same shared subscription ``$share/<group>/devices/+/telemetry``:
 the broker spreads messages across them. Each worker validates every message, keeps only the
-latest record per device, and every
-``flush_s`` sends the parent what changed (latest records, error reports, counts) over a pipe;
-the parent's event loop applies it with one read per flush, not one per message.
+latest record per device, and sends the parent what changed (latest records, error reports,
+counts) over a pipe at most ``flush_s`` after the first of it arrived; the parent's event loop
+applies it with one read per flush, not one per message. A worker with nothing to send sends
+nothing: a quiet fleet costs the gateway no periodic work (a worker wakes once a second to
+look for its parent's stop, and pings the broker at its keepalive).
 
 The bounds are the gRPC ``ReportTelemetry`` ones (``gateway/_door/_telemetry_store.py``): the same
 device gets the same answer whichever protocol it speaks. This module imports nothing heavy
@@ -350,6 +352,12 @@ class _Collector:
         self._devices[topic] = device_id
         return device_id
 
+    def pending(self) -> bool:
+        """Whether anything was gathered since the last flush."""
+        return bool(
+            self.received or self.rejected_topics or self.latest or self.errors or self.notes
+        )
+
     def note(self, text: str) -> None:
         if len(self.notes) < _MAX_NOTES:
             self.notes.append(text)
@@ -381,11 +389,17 @@ def _reason(exc: BaseException) -> str:
 _CONNECTION_ERRORS = (OSError, ProtocolViolation, ConnectRefused)
 
 
+#: How often an idle worker looks for its parent's ``stop`` (the parent waits 5 s for it).
+IDLE_CHECK_S = 1.0
+
+
 def run_worker(opts: WorkerOptions, conn: Connection) -> None:
     """Body of one ingest process: consume, validate, coalesce, flush to ``conn``.
 
-    One thread: the subscriber's reads wait at most until the next flush, so the batches
-    go out every ``flush_s`` whatever the traffic.
+    One thread: the subscriber's reads wait at most until the gathered batch is due
+    (``flush_s`` after its first message) or, with nothing gathered, :data:`IDLE_CHECK_S`.
+    A batch goes out only when there is something in it or the connection state changed,
+    so an idle fleet wakes neither the worker nor the gateway's event loop periodically.
     """
     ctx: ssl.SSLContext = pki.client_ssl_context(
         pki.IdentityFiles(Path(opts.identity_dir)),
@@ -408,13 +422,16 @@ def run_worker(opts: WorkerOptions, conn: Connection) -> None:
     collector = _Collector(opts.max_readings)
     delay = opts.reconnect_min_s
     retry_at = 0.0
-    next_flush = time.monotonic() + opts.flush_s
+    reported = False  # the connection state the parent was last told
+    flush_at: float | None = None  # when the gathered batch is due; None: nothing gathered
+    check_at = time.monotonic() + IDLE_CHECK_S
     try:
         while True:
             now = time.monotonic()
+            wake = check_at if flush_at is None else min(flush_at, check_at)
             if sub.connected:
                 try:
-                    publishes = sub.read(next_flush - now)
+                    publishes = sub.read(wake - now)
                     if publishes:
                         collector.take(publishes, dt.datetime.now(dt.UTC))
                 except _CONNECTION_ERRORS as exc:
@@ -430,13 +447,20 @@ def run_worker(opts: WorkerOptions, conn: Connection) -> None:
                     collector.note(f"connect failed: {_reason(exc)}")
                     retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)  # noqa: S311
                     delay = min(delay * 2, opts.reconnect_max_s)
-            elif conn.poll(max(0.0, min(retry_at, next_flush) - now)) and conn.recv() == "stop":
+            elif conn.poll(max(0.0, min(retry_at, wake) - now)) and conn.recv() == "stop":
                 break
-            if time.monotonic() >= next_flush:
+            now = time.monotonic()
+            if flush_at is None and (collector.pending() or sub.connected != reported):
+                flush_at = now + opts.flush_s
+            due = flush_at is not None and now >= flush_at
+            if due or now >= check_at:
                 if conn.poll() and conn.recv() == "stop":
                     break
-                conn.send(collector.batch(opts.worker, connected=sub.connected))
-                next_flush = time.monotonic() + opts.flush_s
+                check_at = now + IDLE_CHECK_S
+            if due:
+                reported = sub.connected
+                conn.send(collector.batch(opts.worker, connected=reported))
+                flush_at = None
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away: stop quietly
     finally:

@@ -17,6 +17,7 @@ import ssl
 import struct
 import subprocess
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import structlog
 
 import pki
 from gateway import MqttSettings
-from gateway._mqtt import BridgeStats, MqttBridge
+from gateway._mqtt import BridgeStats, MqttBridge, internal_name
 from gateway._mqtt._ingest import TelemetryIngest
 from gateway._mqtt._subscriber import (
     PacketReader,
@@ -33,7 +34,13 @@ from gateway._mqtt._subscriber import (
     Subscriber,
     encode_varint,
 )
-from gateway._mqtt._telemetry import IngestBatch, _Collector
+from gateway._mqtt._telemetry import (
+    IngestBatch,
+    WorkerOptions,
+    _Collector,
+    run_worker,
+    spawn_context,
+)
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
@@ -401,3 +408,68 @@ def test_parent_applies_worker_counts_and_logs_connection_notes(tmp_path: Path) 
             "connection closed: PUBLISH at QoS 2; subscribed at most QoS 1",
         )
     ]
+
+
+def _next_batch(conn: Connection, timeout_s: float) -> IngestBatch | None:
+    """The worker's next batch, or ``None`` when none came within ``timeout_s``."""
+    if not conn.poll(timeout_s):
+        return None
+    batch: IngestBatch = conn.recv()
+    return batch
+
+
+async def test_idle_worker_sends_nothing_until_telemetry_arrives(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    """A telemetry worker tells the gateway it connected, then stays silent while the fleet
+    sends nothing (no empty batch waking the gateway's event loop every ``flush_s``); a
+    reading that arrives goes out within ``flush_s`` of it, and a stop is obeyed while
+    idle."""
+    device = issue("device", "vac-quiet")
+    bridge = harness.bridge_connection()
+    opts = WorkerOptions(
+        worker=0,
+        host=bridge.host,
+        port=bridge.port,
+        identity_dir=str(bridge.identity.directory),
+        username=bridge.username,
+        password=bridge.password,
+        client_id=internal_name("gw-mqtt", "telemetry-idle"),
+        topic=f"$share/{harness.settings.shared_group}/devices/+/telemetry",
+        qos=1,
+        max_readings=16,
+        session_expiry_s=0,
+        keepalive_s=30,
+        reconnect_min_s=0.2,
+        reconnect_max_s=1.0,
+        flush_s=0.05,
+    )
+    parent, child = spawn_context().Pipe()
+    proc = spawn_context().Process(target=run_worker, args=(opts, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        first = await asyncio.to_thread(_next_batch, parent, 60.0)
+        assert first is not None
+        assert (first.connected, first.received, first.latest) == (True, 0, ()), first.notes
+        # Forty flush intervals with nothing sent: nothing comes (it used to be forty
+        # empty batches).
+        assert await asyncio.to_thread(_next_batch, parent, 40 * opts.flush_s) is None
+
+        async with device_client(device, harness.port) as client:
+            await client.publish(
+                "devices/vac-quiet/telemetry", json.dumps({"batteryPercent": 42}).encode(), qos=1
+            )
+        batch = await asyncio.to_thread(_next_batch, parent, 20.0)
+        assert batch is not None
+        assert batch.received == 1
+        assert [(r.device_id, r.battery_percent) for r in batch.latest] == [("vac-quiet", 42)]
+        assert await asyncio.to_thread(_next_batch, parent, 40 * opts.flush_s) is None
+
+        parent.send("stop")
+        await asyncio.to_thread(proc.join, 30.0)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        parent.close()
