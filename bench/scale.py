@@ -25,8 +25,10 @@ seconds, the fleet's certificates share **one** private key: for this benchmark 
 device makes its own key); the broker and the gateway judge each certificate on its own.
 
 The load generator runs in worker processes here (asyncio, raw TLS and hand-written MQTT
-CONNECT/PUBLISH packets: no client library per device), and the benchmark reports the CPU
-those workers used, since they share the machine with the gateway.
+CONNECT/PUBLISH packets: no client library per device; a connected MQTT device has no task of
+its own, one timer per worker writes the pre-built PINGREQ or PUBLISH of the devices due every
+100 ms and the broker's PINGRESPs are counted, ``mqtt_pings`` and ``mqtt_pongs``), and the
+benchmark reports the CPU those workers used, since they share the machine with the gateway.
 
 Baselines in the same run: ``handshake_per_s``, bare mutual-TLS handshakes by the same
 workers at the same concurrency against the same broker listener, closed as soon as the
