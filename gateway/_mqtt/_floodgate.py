@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -40,7 +40,7 @@ _log = structlog.get_logger(__name__)
 class Kicker(Protocol):
     """What the gate needs of :class:`~gateway._mqtt._enforcer.BrokerControl`."""
 
-    async def kick(self, username: str) -> None: ...
+    def kick_now(self, username: str) -> Awaitable[None]: ...
 
 
 class FloodGate:
@@ -75,18 +75,26 @@ class FloodGate:
         self._last.move_to_end(device_id)
         while len(self._last) > self._max_devices:
             self._last.popitem(last=False)
-        self._tasks.spawn(self._disconnect(device_id), name="mqtt-floodgate-kick")
+        # Told first: a persistent session receives the event even as the connection ends.
+        self._tell(device_id)
+        # The command leaves now, within the refusal that crossed the threshold: every
+        # moment until the broker acts lets the broker read more of the flood, and queue
+        # it ahead of other devices' frames. Only the confirmation is awaited in a task.
+        try:
+            confirmed = self._control.kick_now(device_id)
+        except (ConnectionError, pki.InvalidName) as exc:
+            _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
+            return
+        self._tasks.spawn(self._confirmed(device_id, confirmed), name="mqtt-floodgate-kick")
 
     async def aclose(self) -> None:
         """Stop (kicks under way are cancelled)."""
         await self._tasks.close()
 
-    async def _disconnect(self, device_id: str) -> None:
-        # Told first: a persistent session receives the event even as the connection ends.
-        self._tell(device_id)
+    async def _confirmed(self, device_id: str, confirmed: Awaitable[None]) -> None:
         try:
-            await self._control.kick(device_id)
-        except (ConnectionError, TimeoutError, RuntimeError, pki.InvalidName) as exc:
+            await confirmed
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
             _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
             return
         self.disconnected += 1

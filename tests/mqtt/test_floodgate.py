@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
 import pytest
 
+import pki
 from gateway import LimitsSettings
 from gateway._mqtt import MqttBridge
+from gateway._mqtt._floodgate import FloodGate
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
@@ -140,3 +142,55 @@ async def test_the_gate_disconnects_device_ids_only(harness: BrokerHarness, devi
         await _until(lambda: len(bridge.gate._tasks) == 0)  # type: ignore[union-attr]
         assert bridge.gate.disconnected == 0
         assert bridge.stats.reconnects == 0
+
+
+class _Recorder:
+    """A :class:`~gateway._mqtt._floodgate.Kicker` that records what was sent, and when."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.confirmed: list[str] = []
+
+    def kick_now(self, username: str) -> Awaitable[None]:
+        self.sent.append(username)
+
+        async def confirmed() -> None:
+            self.confirmed.append(username)
+
+        return confirmed()
+
+
+async def test_the_kick_leaves_within_the_refusal_that_crosses_the_threshold() -> None:
+    # Every moment until the broker acts lets it read more of the flood: the command is
+    # sent by flooding() itself, not by a task that runs on a later turn of the loop.
+    control, told = _Recorder(), []
+    gate = FloodGate(control, tell=told.append)
+    gate.flooding("cam-flood")
+    assert told == ["cam-flood"]
+    assert control.sent == ["cam-flood"]  # before this test yields to the loop
+    await _until(lambda: gate.disconnected == 1)
+    gate.flooding("cam-flood")  # within the cooldown: not again
+    assert control.sent == ["cam-flood"]
+    await gate.aclose()
+
+
+async def _until_closed(client: aiomqtt.Client) -> None:
+    async with asyncio.timeout(30):
+        async for _ in client.messages:  # ends when the broker closes the connection
+            pass
+
+
+async def test_kick_now_writes_the_command_before_it_returns(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    flood = issue("device", "cam-flood")
+    async with device_client(flood, harness.port) as f:
+        await f.subscribe("devices/cam-flood/events", qos=1)
+        confirmed = harness.control.kick_now("cam-flood")
+        paho = harness.control._client._client  # type: ignore[union-attr]
+        assert not paho.want_write()  # on the socket already, not waiting for the loop
+        await confirmed
+        with pytest.raises(aiomqtt.MqttError):
+            await _until_closed(f)
+    with pytest.raises(pki.InvalidName):
+        harness.control.kick_now("_edgeward.bridge")
