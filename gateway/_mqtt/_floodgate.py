@@ -65,12 +65,13 @@ class FloodGate:
         #: Devices disconnected so far (exported with the bridge's counters).
         self.disconnected = 0
 
-    def flooding(self, device_id: str) -> None:
-        """``device_id`` is flooding: disconnect it, unless it was moments ago."""
+    def flooding(self, device_id: str) -> bool:
+        """``device_id`` is flooding: disconnect it, unless it was moments ago; whether the
+        disconnect was sent now."""
         now = self._clock()
         last = self._last.get(device_id)
         if last is not None and now - last < self._cooldown_s:
-            return
+            return False
         self._last[device_id] = now
         self._last.move_to_end(device_id)
         while len(self._last) > self._max_devices:
@@ -84,8 +85,9 @@ class FloodGate:
             confirmed = self._control.kick_now(device_id)
         except (ConnectionError, pki.InvalidName) as exc:
             _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
-            return
+            return False
         self._tasks.spawn(self._confirmed(device_id, confirmed), name="mqtt-floodgate-kick")
+        return True
 
     async def aclose(self) -> None:
         """Stop (kicks under way are cancelled)."""

@@ -194,3 +194,51 @@ async def test_kick_now_writes_the_command_before_it_returns(
             await _until_closed(f)
     with pytest.raises(pki.InvalidName):
         harness.control.kick_now("_edgeward.bridge")
+
+
+class _HeldEngine(FakeEngine):
+    """Every run waits for ``go``: frames admitted meanwhile wait for a turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def detect_with_frame(self, image: bytes, **kwargs: Any) -> Any:
+        result = await super().detect_with_frame(image, **kwargs)
+        await self.go.wait()
+        return result
+
+
+async def test_a_cut_devices_frames_waiting_for_a_turn_are_refused_not_run(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    # Its budget lets the flooder in with more frames than it may run at once; once it is
+    # cut, those still waiting for a turn are refused (each still answered), so no other
+    # device waits behind them.
+    flood = issue("device", "cam-flood")
+    engine = _HeldEngine()
+    burst = 6
+    door = front_door(engine, limits=LimitsSettings(frames_per_s=0.001, burst=burst))
+    # A frame's deadline far beyond the waits below: no refusal here is a deadline's.
+    settings = harness.settings.model_copy(
+        update={"disconnect_after_refusals": AFTER, "frame_deadline_s": 600.0}
+    )
+    bridge = MqttBridge(
+        settings, connection=harness.bridge_connection(), door=door, control=harness.control
+    )
+    async with bridge:
+        await bridge.wait_ready(timeout_s=20)
+        gate = bridge.gate
+        assert gate is not None
+        async with device_client(flood, harness.port) as f:
+            sent = await _flood_until_cut(f, 500)
+        await _until(lambda: gate.disconnected >= 1)
+        running = engine.calls
+        assert 1 <= running < burst  # the rest of its burst was waiting for a turn
+        stats = bridge.stats
+        await _until(lambda: stats.frames_rejected == sent - running)
+        engine.go.set()
+        await _until(lambda: stats.frames_inferred == running)
+        assert engine.calls == running
+        assert door.fair.waiting("cam-flood") == 0
+        assert set(stats.by_reason) == {"rate_limited"}
