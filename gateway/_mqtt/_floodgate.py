@@ -13,11 +13,15 @@ connections are closed through the dynamic security plugin (the revocation enfor
 retry-after never gets there; one that reconnects and floods again is disconnected again, at
 most once per ``cooldown_s``.
 
-Frames the gateway had already received are answered as ever (on the device's persistent
-session, if it has one); nothing the gateway acknowledged is dropped. Bounded: at most
-``max_devices`` devices remembered. Managed broker only (an external broker is not ours to
-manage). Modifying the bridge's own role instead (a deny rule for the device's topic) would
-make the plugin disconnect every bridge connection at each change.
+The disconnect command is written to the broker within the refusal that crosses the
+threshold (:meth:`~gateway._mqtt._enforcer.BrokerControl.kick_now`); only its confirmation is
+awaited in a task: until the broker acts, it keeps taking in the flood and queueing it ahead
+of other devices' frames. Frames the gateway had already received are answered as ever (on
+the device's persistent session, if it has one), except that the bridge refuses those still
+waiting for a turn instead of running them; nothing the gateway acknowledged is dropped.
+Bounded: at most ``max_devices`` devices remembered. Managed broker only (an external broker
+is not ours to manage). Modifying the bridge's own role instead (a deny rule for the device's
+topic) would make the plugin disconnect every bridge connection at each change.
 """
 
 from __future__ import annotations
