@@ -20,8 +20,7 @@ import pytest
 
 import pki
 from gateway import LimitsSettings
-from gateway._mqtt import MqttBridge
-from gateway._mqtt._floodgate import FloodGate
+from gateway._mqtt import FloodGate, MqttBridge
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
