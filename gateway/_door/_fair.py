@@ -200,6 +200,23 @@ class FairQueue:
                 self._take(device_id)
                 fut.set_result(None)  # the turn passes to it
 
+    def refuse_waiting(self, device_id: str, refusal: Callable[[], BaseException]) -> int:
+        """Refuse ``device_id``'s frames still waiting for a turn: each waiter's
+        :meth:`acquire` raises ``refusal()`` (its own instance); how many. Turns held are
+        not touched (a run in progress finishes). For a device cut off for flooding: what
+        it was admitted still gets an answer, a refusal, but no model run that would make
+        every other device's next frame wait behind it."""
+        queue = self._waiting.pop(device_id, None)
+        if queue is None:
+            return 0
+        self._count -= len(queue)
+        refused = 0
+        for fut in queue:
+            if not fut.done():
+                fut.set_exception(refusal())
+                refused += 1
+        return refused
+
     def _forget(self, device_id: str, fut: asyncio.Future[None]) -> None:
         queue = self._waiting.get(device_id)
         if queue is None:

@@ -31,6 +31,7 @@ from gateway._mqtt._config import (
     internal_name,
 )
 from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
+from gateway._mqtt._floodgate import FloodGate
 from gateway._mqtt._mosquitto_conf import (
     BrokerCredentials,
     BrokerFiles,
@@ -60,6 +61,7 @@ __all__ = [
     "BrokerFiles",
     "CrlSnapshot",
     "CrlSource",
+    "FloodGate",
     "InvalidTelemetry",
     "MosquittoBroker",
     "MqttBridge",

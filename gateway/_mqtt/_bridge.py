@@ -551,8 +551,13 @@ class MqttBridge:
             and isinstance(exc, RateLimited)
             and self._door.refused_recently("Detect", device_id)
             >= self.settings.disconnect_after_refusals
+            and self.gate.flooding(device_id)
         ):
-            self.gate.flooding(device_id)
+            # Its admitted frames still waiting for a turn are refused (answered, never
+            # dropped) rather than run: each run would make another device's next frame
+            # wait for it, long after the flood was cut.
+            retry_after_s = exc.retry_after_s
+            self._door.fair.refuse_waiting(device_id, lambda: RateLimited(device_id, retry_after_s))
 
     def _tell_flooding(self, device_id: str) -> None:
         self._door.events.publish(

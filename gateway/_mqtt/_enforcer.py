@@ -19,7 +19,7 @@ import json
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -143,27 +143,59 @@ class BrokerControl:
 
     async def command(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send dynamic security commands; return their responses (each may hold ``error``)."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout_s):
             await self._connected.wait()
-            client = self._client
-            assert client is not None  # noqa: S101
-            tagged = []
-            futures = []
-            for cmd in commands:
-                corr = secrets.token_hex(8)
-                fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-                self._waiters[corr] = fut
-                futures.append(fut)
-                tagged.append({**cmd, "correlationData": corr})
-            try:
-                await client.publish(
-                    CONTROL_TOPIC, json.dumps({"commands": tagged}).encode(), qos=1
-                )
+            return await self._responses(self._send_now(commands))
+
+    def _send_now(self, commands: Sequence[dict[str, Any]]) -> list[asyncio.Future[dict[str, Any]]]:
+        """Hand ``commands`` to the connected control socket now, without yielding to the
+        event loop (not a turn later, when the loop would next run the socket's writer);
+        the futures of their responses.
+
+        Raises :class:`ConnectionError` when the control connection is not up.
+        """
+        client = self._client
+        if client is None:
+            raise ConnectionError("control connection not up")
+        loop = asyncio.get_running_loop()
+        tagged = []
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        for cmd in commands:
+            corr = secrets.token_hex(8)
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._waiters[corr] = fut
+            futures.append(fut)
+            tagged.append({**cmd, "correlationData": corr})
+        paho = client._client
+        info = paho.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}).encode(), qos=1)
+        if info.rc != 0:
+            for cmd in tagged:
+                self._waiters.pop(cmd["correlationData"], None)
+            raise ConnectionError(f"control command not sent (rc {info.rc})")
+        # The socket's writer would send it on the loop's next turn, behind whatever else is
+        # ready then (a flood's reads): write it at once. What does not fit stays queued
+        # for the writer, as ever. A failed write shows as the connection's loss.
+        paho.loop_write()
+        sock = paho.socket()
+        if sock is not None and not paho.want_write():
+            # aiomqtt adds the writer a turn later (thread-safe) but removes it at once:
+            # remove it after that add, or a writer stays behind on the socket.
+            loop.call_soon(loop.remove_writer, sock.fileno())
+        return futures
+
+    async def _responses(
+        self, futures: list[asyncio.Future[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
                 return list(await asyncio.gather(*futures))
-            finally:
-                for cmd in tagged:
-                    self._waiters.pop(cmd["correlationData"], None)
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+            stale = [corr for corr, fut in self._waiters.items() if fut in futures]
+            for corr in stale:
+                self._waiters.pop(corr, None)
 
     async def kick(self, username: str) -> None:
         """Disconnect every live connection whose username is ``username``, a device id.
@@ -173,16 +205,38 @@ class BrokerControl:
         names are not device ids).
         """
         pki.validate_id(username, kind="device id")
-        responses = await self.command(
-            [
-                {
-                    "command": "createClient",
-                    "username": username,
-                    "password": secrets.token_urlsafe(24),
-                },
-                {"command": "deleteClient", "username": username},
-            ]
-        )
+        self._check_kick(username, await self.command(self._kick_commands(username)))
+
+    def kick_now(self, username: str) -> Awaitable[None]:
+        """:meth:`kick`, with the command on its way to the broker before this returns
+        (when the control connection is up; otherwise as :meth:`kick`): what the returned
+        awaitable adds is only the wait for the broker's confirmation.
+
+        Raises :class:`pki.InvalidName` at once for a username that is not a device id.
+        """
+        pki.validate_id(username, kind="device id")
+        if self._client is None:
+            return self.kick(username)
+        futures = self._send_now(self._kick_commands(username))
+
+        async def confirmed() -> None:
+            self._check_kick(username, await self._responses(futures))
+
+        return confirmed()
+
+    @staticmethod
+    def _kick_commands(username: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "command": "createClient",
+                "username": username,
+                "password": secrets.token_urlsafe(24),
+            },
+            {"command": "deleteClient", "username": username},
+        ]
+
+    @staticmethod
+    def _check_kick(username: str, responses: list[dict[str, Any]]) -> None:
         errors = [
             r["error"] for r in responses if r.get("command") == "deleteClient" and "error" in r
         ]

@@ -13,18 +13,22 @@ connections are closed through the dynamic security plugin (the revocation enfor
 retry-after never gets there; one that reconnects and floods again is disconnected again, at
 most once per ``cooldown_s``.
 
-Frames the gateway had already received are answered as ever (on the device's persistent
-session, if it has one); nothing the gateway acknowledged is dropped. Bounded: at most
-``max_devices`` devices remembered. Managed broker only (an external broker is not ours to
-manage). Modifying the bridge's own role instead (a deny rule for the device's topic) would
-make the plugin disconnect every bridge connection at each change.
+The disconnect command is written to the broker within the refusal that crosses the
+threshold (:meth:`~gateway._mqtt._enforcer.BrokerControl.kick_now`); only its confirmation is
+awaited in a task: until the broker acts, it keeps taking in the flood and queueing it ahead
+of other devices' frames. Frames the gateway had already received are answered as ever (on
+the device's persistent session, if it has one), except that the bridge refuses those still
+waiting for a turn instead of running them; nothing the gateway acknowledged is dropped.
+Bounded: at most ``max_devices`` devices remembered. Managed broker only (an external broker
+is not ours to manage). Modifying the bridge's own role instead (a deny rule for the device's
+topic) would make the plugin disconnect every bridge connection at each change.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -40,7 +44,7 @@ _log = structlog.get_logger(__name__)
 class Kicker(Protocol):
     """What the gate needs of :class:`~gateway._mqtt._enforcer.BrokerControl`."""
 
-    async def kick(self, username: str) -> None: ...
+    def kick_now(self, username: str) -> Awaitable[None]: ...
 
 
 class FloodGate:
@@ -65,28 +69,38 @@ class FloodGate:
         #: Devices disconnected so far (exported with the bridge's counters).
         self.disconnected = 0
 
-    def flooding(self, device_id: str) -> None:
-        """``device_id`` is flooding: disconnect it, unless it was moments ago."""
+    def flooding(self, device_id: str) -> bool:
+        """``device_id`` is flooding: disconnect it, unless it was moments ago; whether the
+        disconnect was sent now."""
         now = self._clock()
         last = self._last.get(device_id)
         if last is not None and now - last < self._cooldown_s:
-            return
+            return False
         self._last[device_id] = now
         self._last.move_to_end(device_id)
         while len(self._last) > self._max_devices:
             self._last.popitem(last=False)
-        self._tasks.spawn(self._disconnect(device_id), name="mqtt-floodgate-kick")
+        # Told first: a persistent session receives the event even as the connection ends.
+        self._tell(device_id)
+        # The command leaves now, within the refusal that crossed the threshold: every
+        # moment until the broker acts lets the broker read more of the flood, and queue
+        # it ahead of other devices' frames. Only the confirmation is awaited in a task.
+        try:
+            confirmed = self._control.kick_now(device_id)
+        except (ConnectionError, pki.InvalidName) as exc:
+            _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
+            return False
+        self._tasks.spawn(self._confirmed(device_id, confirmed), name="mqtt-floodgate-kick")
+        return True
 
     async def aclose(self) -> None:
         """Stop (kicks under way are cancelled)."""
         await self._tasks.close()
 
-    async def _disconnect(self, device_id: str) -> None:
-        # Told first: a persistent session receives the event even as the connection ends.
-        self._tell(device_id)
+    async def _confirmed(self, device_id: str, confirmed: Awaitable[None]) -> None:
         try:
-            await self._control.kick(device_id)
-        except (ConnectionError, TimeoutError, RuntimeError, pki.InvalidName) as exc:
+            await confirmed
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
             _log.warning("flooding device not disconnected", device_id=device_id, error=str(exc))
             return
         self.disconnected += 1

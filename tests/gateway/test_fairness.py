@@ -23,7 +23,7 @@ import pki
 from gateway import InferenceResult
 from gateway._door import FairQueue
 from gateway._inference._batcher import MicroBatcher
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, RateLimited
 from protos.edgeward.v1 import common_pb2, gateway_pb2_grpc
 from tests._support.mqtt import MODELS_DIR, collect, device_client, frame_props, mqtt_gateway
 from tests.conftest import PHOTOS, require_tool
@@ -670,3 +670,22 @@ async def test_grpc_flood_is_answered_after_a_hold_with_retry_after(gateway: Any
         assert "edgeward-retry-after-s" in dict(exc.trailing_metadata() or ())
     assert service.door.held_refusals("cam-flood") == 0
     assert _denials(service, "rate_limited") == BURST + excess
+
+
+async def test_refuse_waiting_refuses_one_devices_waiters_and_keeps_the_round() -> None:
+    fair = FairQueue(slots=1, max_waiting=10)
+    await fair.acquire("flood")  # a run in progress: untouched
+    flood = [asyncio.ensure_future(fair.acquire("flood")) for _ in range(3)]
+    victim = asyncio.ensure_future(fair.acquire("victim"))
+    await asyncio.sleep(0)
+    assert fair.waiting() == 4
+    assert fair.refuse_waiting("flood", lambda: RateLimited("flood", 1.0)) == 3
+    for task in flood:
+        with pytest.raises(RateLimited):
+            await task
+    assert fair.waiting() == 1
+    assert fair.refuse_waiting("flood", lambda: RateLimited("flood", 1.0)) == 0
+    fair.release("flood")
+    await victim  # the next turn is the other device's
+    assert fair.held("victim") == 1
+    assert fair.held("flood") == 0

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
 import pytest
 
+import pki
 from gateway import LimitsSettings
-from gateway._mqtt import MqttBridge
+from gateway._mqtt import FloodGate, MqttBridge
 from tests._support.mqtt import (
     BrokerHarness,
     FakeEngine,
@@ -140,3 +141,103 @@ async def test_the_gate_disconnects_device_ids_only(harness: BrokerHarness, devi
         await _until(lambda: len(bridge.gate._tasks) == 0)  # type: ignore[union-attr]
         assert bridge.gate.disconnected == 0
         assert bridge.stats.reconnects == 0
+
+
+class _Recorder:
+    """A :class:`~gateway._mqtt._floodgate.Kicker` that records what was sent, and when."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.confirmed: list[str] = []
+
+    def kick_now(self, username: str) -> Awaitable[None]:
+        self.sent.append(username)
+
+        async def confirmed() -> None:
+            self.confirmed.append(username)
+
+        return confirmed()
+
+
+async def test_the_kick_leaves_within_the_refusal_that_crosses_the_threshold() -> None:
+    # Every moment until the broker acts lets it read more of the flood: the command is
+    # sent by flooding() itself, not by a task that runs on a later turn of the loop.
+    control, told = _Recorder(), []
+    gate = FloodGate(control, tell=told.append)
+    gate.flooding("cam-flood")
+    assert told == ["cam-flood"]
+    assert control.sent == ["cam-flood"]  # before this test yields to the loop
+    await _until(lambda: gate.disconnected == 1)
+    gate.flooding("cam-flood")  # within the cooldown: not again
+    assert control.sent == ["cam-flood"]
+    await gate.aclose()
+
+
+async def _until_closed(client: aiomqtt.Client) -> None:
+    async with asyncio.timeout(30):
+        async for _ in client.messages:  # ends when the broker closes the connection
+            pass
+
+
+async def test_kick_now_writes_the_command_before_it_returns(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    flood = issue("device", "cam-flood")
+    async with device_client(flood, harness.port) as f:
+        await f.subscribe("devices/cam-flood/events", qos=1)
+        confirmed = harness.control.kick_now("cam-flood")
+        paho = harness.control._client._client  # type: ignore[union-attr]
+        assert not paho.want_write()  # on the socket already, not waiting for the loop
+        await confirmed
+        with pytest.raises(aiomqtt.MqttError):
+            await _until_closed(f)
+    with pytest.raises(pki.InvalidName):
+        harness.control.kick_now("_edgeward.bridge")
+
+
+class _HeldEngine(FakeEngine):
+    """Every run waits for ``go``: frames admitted meanwhile wait for a turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def detect_with_frame(self, image: bytes, **kwargs: Any) -> Any:
+        result = await super().detect_with_frame(image, **kwargs)
+        await self.go.wait()
+        return result
+
+
+async def test_a_cut_devices_frames_waiting_for_a_turn_are_refused_not_run(
+    harness: BrokerHarness, issue: IssueFn
+) -> None:
+    # Its budget lets the flooder in with more frames than it may run at once; once it is
+    # cut, those still waiting for a turn are refused (each still answered), so no other
+    # device waits behind them.
+    flood = issue("device", "cam-flood")
+    engine = _HeldEngine()
+    burst = 6
+    door = front_door(engine, limits=LimitsSettings(frames_per_s=0.001, burst=burst))
+    # A frame's deadline far beyond the waits below: no refusal here is a deadline's.
+    settings = harness.settings.model_copy(
+        update={"disconnect_after_refusals": AFTER, "frame_deadline_s": 600.0}
+    )
+    bridge = MqttBridge(
+        settings, connection=harness.bridge_connection(), door=door, control=harness.control
+    )
+    async with bridge:
+        await bridge.wait_ready(timeout_s=20)
+        gate = bridge.gate
+        assert gate is not None
+        async with device_client(flood, harness.port) as f:
+            sent = await _flood_until_cut(f, 500)
+        await _until(lambda: gate.disconnected >= 1)
+        running = engine.calls
+        assert 1 <= running < burst  # the rest of its burst was waiting for a turn
+        stats = bridge.stats
+        await _until(lambda: stats.frames_rejected == sent - running)
+        engine.go.set()
+        await _until(lambda: stats.frames_inferred == running)
+        assert engine.calls == running
+        assert door.fair.waiting("cam-flood") == 0
+        assert set(stats.by_reason) == {"rate_limited"}
