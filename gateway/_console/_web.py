@@ -54,7 +54,6 @@ import pki
 __all__ = [
     "PEER",
     "SESSION",
-    "ConsoleError",
     "Operator",
     "SessionStore",
     "WebConsole",
@@ -76,10 +75,6 @@ _STATIC_TYPES = {"css": "text/css", "js": "text/javascript", "svg": "image/svg+x
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 #: Paths reachable without a session: the login page and form, and the static files.
 _PUBLIC = ("/login", "/static/")
-
-
-class ConsoleError(Exception):
-    """A console that cannot start (bad address, missing identity)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from typing import Self
 import structlog
 
 from gateway._models import EDGE_DETECTORS
-from gateway.errors import DeadlineExceeded, InferenceError, ShuttingDown
+from gateway.errors import ConfigError, DeadlineExceeded, InferenceError, ShuttingDown
 
 from ._engine import DEFAULT_MODEL, Frame, InferenceEngine, InferenceResult
 from ._manifest import load_manifest, read_verified_model
@@ -47,7 +47,7 @@ EngineFactory = Callable[[str], InferenceEngine]
 DEFAULT_REGION = "(default)"
 
 
-class UnknownEdgeModel(ValueError):
+class UnknownEdgeModel(ConfigError, ValueError):
     """A region (or the default) names a model that is not an edge detector of the manifest.
 
     ``available`` lists the manifest's models the edge can run.

@@ -27,6 +27,7 @@ import time
 from typing import Final
 
 from gateway._mqtt._config import NODELAY
+from gateway.errors import GatewayError
 
 __all__ = [
     "PINGREQ",
@@ -90,7 +91,7 @@ _SUBACK_PROPS: Final = frozenset({0x1F, 0x26})
 _DISCONNECT_PROPS: Final = frozenset({0x11, 0x1C, 0x1F, 0x26})
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(GatewayError):
     """The broker sent something this subscriber must not accept; the connection is closed."""
 
     def __init__(self, reason: str) -> None:
@@ -98,7 +99,7 @@ class ProtocolViolation(Exception):
         self.reason = reason
 
 
-class ConnectRefused(Exception):
+class ConnectRefused(GatewayError):
     """CONNACK or SUBACK carried a failure reason code, or the broker sent DISCONNECT."""
 
     def __init__(self, reason: str) -> None:

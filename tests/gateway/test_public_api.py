@@ -4,8 +4,10 @@ either package stays light."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +138,22 @@ def test_each_error_module_holds_one_tree(errors: ModuleType, root: type | None)
         assert roots == [root]
     for cls in classes:
         assert cls.__doc__, cls
+
+
+def test_every_exception_the_gateway_defines_is_under_its_root() -> None:
+    """Private modules too (a worker's protocol errors, a start-up configuration error): one
+    ``except GatewayError`` catches whatever the gateway raises of its own."""
+    strays = []
+    for info in pkgutil.walk_packages(gateway.__path__, "gateway."):
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if (
+                cls.__module__ == module.__name__
+                and issubclass(cls, BaseException)
+                and not issubclass(cls, gateway.errors.GatewayError)
+            ):
+                strays.append(f"{module.__name__}.{name}")
+    assert strays == []
 
 
 def test_the_exported_errors_are_the_error_modules() -> None:
