@@ -206,19 +206,13 @@ def _instrument() -> None:
 
 
 async def _gateway(seconds: float) -> dict[str, Any]:
-    from bench.inference import _settings
+    from bench.inference import _settings, bench_pki
     from gateway import GatewayService
 
     _instrument()
     with tempfile.TemporaryDirectory(prefix="edgeward-stages-") as tmp:
         base = Path(tmp)
-        pki_dir = base / "pki"
-        pki.init_pki(pki_dir, trust_domain="bench.example")
-        gw = pki.issue_identity(
-            pki_dir, base / "gw", role=pki.Role.GATEWAY, id="gw-bench",
-            dns_names=("localhost",), ip_addresses=("127.0.0.1",),
-        )  # fmt: skip
-        registry = pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry)
+        pki_dir, gw, registry = bench_pki(base)
         registry.upsert_device(
             "cam-000", type="pet-camera", region="home", now=dt.datetime.now(dt.UTC)
         )

@@ -341,18 +341,23 @@ async def _revocations(
     return cuts
 
 
+def bench_pki(base: Path) -> tuple[Path, pki.IdentityFiles, pki.SqliteRegistry]:
+    """A fresh PKI under ``base``, the gateway's identity and the open registry."""
+    pki_dir = base / "pki"
+    pki.init_pki(pki_dir, trust_domain="bench.example")
+    gw_identity = pki.issue_identity(
+        pki_dir, base / "gw", role=pki.Role.GATEWAY, id="gw-bench",
+        dns_names=("localhost",), ip_addresses=("127.0.0.1",),
+    )  # fmt: skip
+    return pki_dir, gw_identity, pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry)
+
+
 async def _bench(args: argparse.Namespace) -> dict[str, float | int]:
     from gateway import GatewayService
 
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
         base = Path(tmp)
-        pki_dir = base / "pki"
-        pki.init_pki(pki_dir, trust_domain="bench.example")
-        gw_identity = pki.issue_identity(
-            pki_dir, base / "gw", role=pki.Role.GATEWAY, id="gw-bench",
-            dns_names=("localhost",), ip_addresses=("127.0.0.1",),
-        )  # fmt: skip
-        registry = pki.SqliteRegistry(pki.PkiLayout(pki_dir).registry)
+        pki_dir, gw_identity, registry = bench_pki(base)
         now = dt.datetime.now(dt.UTC)
         devices = []
         for i in range(max(args.devices, args.revocations)):
