@@ -236,17 +236,7 @@ async def _pipelined(settings: Any, devices: int, seconds: float) -> tuple[float
     inf = settings.inference
     frames = [(PHOTOS / name).read_bytes() for name in FRAMES]
     latencies: list[float] = []
-    async with InferenceEngine(
-        models_dir=inf.models_dir,
-        providers=inf.providers,
-        intra_op_threads=inf.threads,
-        max_batch=inf.max_batch,
-        max_wait_ms=inf.max_wait_ms,
-        queue_size=inf.queue_size,
-        max_pixels=inf.max_pixels,
-        max_image_bytes=inf.max_image_bytes,
-        score_threshold=inf.score_threshold,
-    ) as engine:
+    async with InferenceEngine.from_settings(inf) as engine:
         warmup = time.monotonic() + 0.5
         until = warmup + seconds
 

@@ -397,20 +397,7 @@ class GatewayService:
         observer = _CatalogObserver(self.metrics, lambda: catalog.queue_depth())  # noqa: PLW0108
 
         def engine(model: str) -> InferenceEngine:
-            return InferenceEngine(
-                models_dir=inf.models_dir,
-                model=model,
-                providers=inf.providers,
-                intra_op_threads=inf.threads,
-                max_batch=inf.max_batch,
-                max_wait_ms=inf.max_wait_ms,
-                queue_size=inf.queue_size,
-                max_pixels=inf.max_pixels,
-                max_image_bytes=inf.max_image_bytes,
-                score_threshold=inf.score_threshold,
-                cache=cache,
-                observer=observer,
-            )
+            return InferenceEngine.from_settings(inf, model=model, cache=cache, observer=observer)
 
         try:
             catalog = EdgeModelCatalog(

@@ -31,13 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
 from gateway._models import DEFAULT_EDGE_MODEL, EDGE_DETECTORS, EdgeArchitecture
+
+if TYPE_CHECKING:
+    from gateway._config import InferenceSettings
 
 from ._batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown, run_in_thread
 from ._cache import ResponseCache, content_digest, difference_hash
@@ -252,6 +255,32 @@ class InferenceEngine:
         self._stack = contextlib.AsyncExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: InferenceSettings,
+        *,
+        model: str | None = None,
+        cache: ResponseCache | None = None,
+        observer: EngineObserver | None = None,
+    ) -> Self:
+        """The engine the gateway runs for ``settings`` (the ``inference`` section), for
+        ``model`` (default: the section's own)."""
+        return cls(
+            models_dir=settings.models_dir,
+            model=settings.model if model is None else model,
+            providers=settings.providers,
+            intra_op_threads=settings.threads,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            max_pixels=settings.max_pixels,
+            max_image_bytes=settings.max_image_bytes,
+            score_threshold=settings.score_threshold,
+            cache=cache,
+            observer=observer,
+        )
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
