@@ -21,6 +21,17 @@ COPY edgeward ./edgeward
 COPY models ./models
 RUN PYTHON=python bash scripts/build_dist.sh /wheels
 
+# The managed broker's per-device ingest limit: a Mosquitto plugin built from the source in
+# the gateway package against Debian's Mosquitto headers (the same Mosquitto as below).
+FROM python:3.11-slim AS plugin
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev mosquitto-dev libmosquitto-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/build_mqtt_plugin.sh ./scripts/
+COPY gateway/_mqtt/ingest/edgeward_ingest.c ./gateway/_mqtt/ingest/
+RUN bash scripts/build_mqtt_plugin.sh
+
 # The wheels installed into a virtual environment, copied whole into the final image (no wheel
 # files or build tools left in its layers).
 FROM python:3.11-slim AS install
@@ -40,6 +51,9 @@ RUN apt-get update \
     && rm -f /etc/mosquitto/conf.d/*
 
 COPY --from=install /opt/edgeward /opt/edgeward
+# Where the gateway looks for it by default (mqtt.ingest_plugin unset).
+COPY --from=plugin /src/gateway/_mqtt/ingest/edgeward_ingest.so \
+    /opt/edgeward/lib/python3.11/site-packages/gateway/_mqtt/ingest/
 ENV PATH=/opt/edgeward/bin:$PATH
 RUN edgeward --version
 

@@ -93,8 +93,11 @@ class RefusalLog:
     def __len__(self) -> int:
         return len(self._devices)
 
-    def refused(self, device_id: str | None, reason: str, **fields: Any) -> None:
-        """Record one refusal of ``device_id`` for ``reason``; log it now or count it."""
+    def refused(self, device_id: str | None, reason: str, *, times: int = 1, **fields: Any) -> None:
+        """Record ``times`` refusals of ``device_id`` for ``reason`` (more than one: counted
+        elsewhere, the broker's ingest limit); log the first now, count the rest."""
+        if times < 1:
+            return
         now = self._clock()
         self._roll(now)
         key = device_id or _NO_DEVICE
@@ -109,8 +112,9 @@ class RefusalLog:
                 count=1,
                 **fields,
             )
-        else:
-            state.pending[reason] += 1
+            times -= 1
+        if times:
+            state.pending[reason] += times
         self._arm()
 
     def allow_event(self, device_id: str, code: str) -> int | None:

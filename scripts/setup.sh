@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgeward needs on a Debian/Ubuntu machine with Python >= 3.11:
-# Mosquitto and its clients, OpenSSL, Chromium and its driver (the console's browser
+# Mosquitto and its clients, OpenSSL, a C compiler and Mosquitto's plugin headers (the
+# broker's ingest limit plugin is built here), Chromium and its driver (the console's browser
 # tests), PostgreSQL (the tests start their own server), then a virtual environment in
 # .venv with the project (gateway extra) and the development tools. Safe to run again.
 set -euo pipefail
@@ -10,6 +11,10 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The broker's per-device ingest limit is a Mosquitto plugin built from source here.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+[[ -f /usr/include/mosquitto_plugin.h ]] || need_apt+=(mosquitto-dev)
+[[ -f /usr/include/mosquitto.h ]] || need_apt+=(libmosquitto-dev)
 # A real headless browser for tests/console/ (Debian's packages; Selenium drives them).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
@@ -31,6 +36,8 @@ fi
 # Debian starts a system-wide broker on 1883 and a PostgreSQL cluster on 5432 when
 # the packages are installed; the project never uses them (every broker and
 # database server it needs is started on a free port).
+
+bash scripts/build_mqtt_plugin.sh
 
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then

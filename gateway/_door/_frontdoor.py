@@ -417,9 +417,11 @@ class FrontDoor:
         method: str,
         frame_id: str = "",
         notify: bool = False,
+        times: int = 1,
         **fields: Any,
     ) -> Status:
-        """Count and audit one refused call or message; tell the device when ``notify``.
+        """Count and audit one refused call or message (``times`` of them: refused
+        elsewhere, by the broker's ingest limit); tell the device once when ``notify``.
 
         The status comes from the one mapping (:func:`gateway._status.status_of`); an
         unexpected error is an internal error, logged with its traceback. ``notify`` sends a
@@ -430,13 +432,14 @@ class FrontDoor:
         if status.reason == "internal":
             _log.error("unexpected error", method=method, exc_info=exc)
             return status
-        self.count(status)
+        self.count(status, times)
         if status.reason != "idle":
             if isinstance(exc, Unauthenticated):
                 fields["detail"] = exc.reason  # for the audit only, never for the caller
             self.refusals.refused(
                 device_id,
                 status.reason,
+                times=times,
                 transport=transport,
                 method=method,
                 code=status.code,
@@ -446,10 +449,10 @@ class FrontDoor:
             self.tell(device_id, status, frame_id)
         return status
 
-    def count(self, status: Status) -> None:
-        """Count one refusal in ``denials_total`` when it is a denial (who, or how much)."""
+    def count(self, status: Status, times: int = 1) -> None:
+        """Count ``times`` refusals in ``denials_total`` when a denial (who, or how much)."""
         if self._metrics is not None and status.code in _DENIAL_CODES:
-            self._metrics.denials.labels(reason=status.reason).inc()
+            self._metrics.denials.labels(reason=status.reason).inc(times)
 
     def tell(self, device_id: str, status: Status, frame_id: str = "") -> None:
         """An error event about a refused message, within the device's events per interval."""

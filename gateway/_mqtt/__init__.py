@@ -5,6 +5,8 @@
   the ``mosquitto.conf`` that ``_mosquitto_conf`` renders (mTLS, AEAD ciphers, per-device
   ACLs, dynamic security); :class:`BrokerControl` and :class:`RevocationEnforcer`
   (``_enforcer``) cut a revoked device's live session and refuse its reconnects.
+* :class:`IngestLimit` (``_ingest_limit``): the per-device ingest limit the managed broker
+  enforces itself (the ``edgeward_ingest`` plugin), and :class:`BrokerRefusal`, its reports.
 * :class:`MqttBridge`: topics, acknowledgements and de-duplication around the gateway's front
   door (:class:`~gateway._door.FrontDoor`: admission, the frame pipeline, the telemetry
   store, refusals, the same as gRPC's); :class:`BridgeConnection` says how it reaches the
@@ -32,6 +34,13 @@ from gateway._mqtt._config import (
 )
 from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
 from gateway._mqtt._floodgate import FloodGate
+from gateway._mqtt._ingest_limit import (
+    BUILT_PLUGIN,
+    PLUGIN_SOURCE,
+    BrokerRefusal,
+    IngestLimit,
+    parse_report,
+)
 from gateway._mqtt._mosquitto_conf import (
     BrokerCredentials,
     BrokerFiles,
@@ -51,17 +60,21 @@ from gateway._ports import free_port
 
 __all__ = [
     "AEAD_CIPHERS_TLS13",
+    "BUILT_PLUGIN",
     "INTERNAL_PREFIX",
     "NODELAY",
+    "PLUGIN_SOURCE",
     "PROTOBUF_CONTENT_TYPE",
     "BridgeConnection",
     "BridgeStats",
     "BrokerControl",
     "BrokerCredentials",
     "BrokerFiles",
+    "BrokerRefusal",
     "CrlSnapshot",
     "CrlSource",
     "FloodGate",
+    "IngestLimit",
     "InvalidTelemetry",
     "MosquittoBroker",
     "MqttBridge",
@@ -73,6 +86,7 @@ __all__ = [
     "dynsec_config",
     "free_port",
     "internal_name",
+    "parse_report",
     "parse_telemetry",
     "plugin",
     "registry_crl_source",

@@ -81,6 +81,7 @@ from gateway._mqtt._acks import Ack, Acks
 from gateway._mqtt._config import NODELAY, MqttSettings, internal_name
 from gateway._mqtt._floodgate import FloodGate, Kicker
 from gateway._mqtt._ingest import TelemetryIngest
+from gateway._mqtt._ingest_limit import BrokerRefusal
 from gateway._mqtt._tasks import TaskSet
 from gateway._mqtt._telemetry import (
     PROTOBUF_CONTENT_TYPE,
@@ -129,6 +130,10 @@ class BridgeStats:
     events_published: int = 0
     reconnects: int = 0
     rejected_topics: int = 0
+    #: Messages the broker's ingest limit refused before they reached the bridge.
+    broker_refused: int = 0
+    #: Connections the broker's ingest limit ended for flooding.
+    broker_disconnects: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
     def counters(self) -> dict[str, float | dict[str, float]]:
@@ -558,6 +563,41 @@ class MqttBridge:
             # wait for it, long after the flood was cut.
             retry_after_s = exc.retry_after_s
             self._door.fair.refuse_waiting(device_id, lambda: RateLimited(device_id, retry_after_s))
+
+    def broker_refused(self, report: BrokerRefusal) -> None:
+        """Count and audit messages the broker's ingest limit refused (one report: a device's
+        refusals since its last report), and tell the device once; never per message."""
+        retry_after_s = 1.0 / self._door.limits.frames_per_s
+        for method, times in (("Detect", report.frames), ("ReportTelemetry", report.other)):
+            if times <= 0:
+                continue
+            self.stats.broker_refused += times
+            self.stats.frames_rejected += times if method == "Detect" else 0
+            self.stats.telemetry_rejected += times if method == "ReportTelemetry" else 0
+            status = self._door.refused(
+                RateLimited(report.device_id, retry_after_s),
+                device_id=report.device_id,
+                transport="mqtt",
+                method=method,
+                notify=True,
+                times=times,
+                where="broker",
+            )
+            self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + times
+        if report.disconnected:
+            # The broker ended the connection itself. A device that reconnects and floods
+            # again is disconnected again, many times a second: audited and told within the
+            # refusal log's bounds (one line and a few events per device per interval).
+            self.stats.broker_disconnects += 1
+            self._door.refusals.refused(
+                report.device_id,
+                "flooding_disconnected",
+                transport="mqtt",
+                method="Detect",
+                where="broker",
+            )
+            if self._door.refusals.allow_event(report.device_id, "RESOURCE_EXHAUSTED") is not None:
+                self._tell_flooding(report.device_id)
 
     def _tell_flooding(self, device_id: str) -> None:
         self._door.events.publish(

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 
 import pki
 from gateway._mqtt._config import MqttSettings
+from gateway._mqtt._ingest_limit import BUILT_PLUGIN, BrokerRefusal, IngestLimit, parse_report
 from gateway._mqtt._mosquitto_conf import (
     BrokerCredentials,
     BrokerFiles,
@@ -237,6 +238,7 @@ class MosquittoBroker:
         identity: pki.IdentityFiles,
         crl_source: CrlSource,
         stop_timeout_s: float = 10.0,
+        ingest: IngestLimit | None = None,
     ) -> None:
         if not settings.managed:
             raise ValueError("MosquittoBroker runs a managed broker (mqtt.managed = true)")
@@ -260,6 +262,38 @@ class MosquittoBroker:
         self.crl_reloads = 0
         #: The broker's latest log lines (connections, takeovers, errors), for diagnostics.
         self.recent_log: deque[str] = deque(maxlen=1000)
+        #: The per-device ingest limit asked for (:mod:`gateway._mqtt._ingest_limit`).
+        self.ingest = ingest
+        #: The plugin enforcing it, once started (``None``: no limit in the broker).
+        self.ingest_plugin: Path | None = None
+        self._refusal_listeners: list[Callable[[BrokerRefusal], None]] = []
+
+    def add_refusal_listener(self, listener: Callable[[BrokerRefusal], None]) -> None:
+        """Call ``listener`` with each refusal report of the broker's ingest limit."""
+        self._refusal_listeners.append(listener)
+
+    def remove_refusal_listener(self, listener: Callable[[BrokerRefusal], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._refusal_listeners.remove(listener)
+
+    def _find_ingest_plugin(self) -> Path | None:
+        """The ingest limit plugin to load: the configured one (which must exist) or the
+        built one; ``None`` (with a warning) when the default one was never built."""
+        if self.ingest is None:
+            return None
+        configured = self.settings.ingest_plugin
+        if configured is not None:
+            if not configured.is_file():
+                raise FileNotFoundError(f"mqtt.ingest_plugin {configured}")
+            return configured
+        if BUILT_PLUGIN.is_file():
+            return BUILT_PLUGIN
+        _log.warning(
+            "mqtt broker runs without its per-device ingest limit: plugin not built",
+            build="scripts/build_mqtt_plugin.sh",
+            plugin=str(BUILT_PLUGIN),
+        )
+        return None
 
     def _find_binary(self) -> str | None:
         name = self.settings.mosquitto_binary
@@ -292,6 +326,7 @@ class MosquittoBroker:
         if not self.settings.dynsec_plugin.exists():
             raise FileNotFoundError(f"dynamic security plugin {self.settings.dynsec_plugin}")
         self._binary = binary
+        self.ingest_plugin = self._find_ingest_plugin()
         self.files.data_dir.mkdir(parents=True, exist_ok=True)
         self.files.data_dir.chmod(0o700)
         self.files.persistence.mkdir(exist_ok=True)
@@ -350,6 +385,11 @@ class MosquittoBroker:
             files=self.files,
             port=self.port,
             bridge_port=self.bridge_port,
+            device_plugin=(
+                self.ingest.conf_lines(self.ingest_plugin)
+                if self.ingest is not None and self.ingest_plugin is not None
+                else ()
+            ),
         )
         pki.write_atomic(self.files.conf, conf.encode())
 
@@ -436,6 +476,15 @@ class MosquittoBroker:
         while line := await proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
             self.recent_log.append(text)
+            report = parse_report(text)
+            if report is not None:
+                # Counted and audited by the listeners (the bridge), bounded per device.
+                for listener in list(self._refusal_listeners):
+                    try:
+                        listener(report)
+                    except Exception:  # noqa: BLE001 - a listener must not stop the log
+                        _log.exception("broker refusal listener failed")
+                continue
             level = "warning" if ("Error" in text or "error" in text) else "debug"
             getattr(_log, level)("mosquitto", line=text)
 

@@ -179,6 +179,20 @@ class MqttSettings(BaseModel):
         "disconnected and told why on its events, so its flood stops costing the broker and "
         "the bridge and no other device's frames queue behind it; 0: never.",
     )
+    ingest_limit_factor: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="Managed: the broker itself refuses a device's messages beyond this many "
+        "times its [limits] budget (frames_per_s, burst), by a plugin on the devices' listener, "
+        "so a flood never reaches the bridge or queues ahead of other devices' frames; at "
+        "least 1, or 0: off.",
+    )
+    ingest_plugin: Path | None = Field(
+        default=None,
+        description="Managed: the edgeward_ingest Mosquitto plugin (default: the one "
+        "scripts/build_mqtt_plugin.sh builds beside the gateway package; when that one is "
+        "missing the broker runs without the limit and the gateway warns).",
+    )
     frame_deadline_s: float = Field(
         default=5.0, gt=0.0, description="Deadline of one frame's inference."
     )
@@ -241,6 +255,8 @@ class MqttSettings(BaseModel):
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         if self.restart_max_s < self.restart_min_s:
             raise ValueError("restart_max_s must be >= restart_min_s")
+        if 0 < self.ingest_limit_factor < 1:
+            raise ValueError("ingest_limit_factor must be 0 (off) or at least 1")
         return self
 
     def broker_max_connections(self, open_files_limit: int | None = None) -> int:

@@ -54,6 +54,7 @@ import hashlib
 import os
 import pwd
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,13 @@ def render_mosquitto_conf(
     files: BrokerFiles,
     port: int,
     bridge_port: int,
+    device_plugin: Sequence[str] = (),
 ) -> str:
-    """The ``mosquitto.conf`` of a managed broker (see the module docstring for why)."""
+    """The ``mosquitto.conf`` of a managed broker (see the module docstring for why).
+
+    ``device_plugin``: the devices' listener's ingest limit plugin lines
+    (:meth:`gateway._mqtt._ingest_limit.IngestLimit.conf_lines`), if any.
+    """
     for value in (settings.ciphers, settings.ciphers_tls13, settings.host, settings.bridge_host):
         if any(c.isspace() for c in value):
             raise ValueError("listener addresses and cipher lists hold no whitespace")
@@ -284,6 +290,7 @@ def render_mosquitto_conf(
         "use_identity_as_username true",
         "use_username_as_clientid true",
         f"acl_file {files.acl}",
+        *device_plugin,
         "",
         "# The gateway's own bridge: loopback, mutual TLS and a per-start password; its",
         "# client ids (_edgeward.*) are free here and never a device's CN.",

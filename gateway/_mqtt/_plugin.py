@@ -31,6 +31,7 @@ from gateway._mqtt._broker import (
 )
 from gateway._mqtt._config import MqttSettings
 from gateway._mqtt._enforcer import BrokerControl, RevocationEnforcer
+from gateway._mqtt._ingest_limit import IngestLimit
 
 if TYPE_CHECKING:
     from gateway._service import GatewayRuntime
@@ -79,7 +80,18 @@ def plugin(
             if mqtt.managed:
                 broker = await stack.enter_async_context(
                     MosquittoBroker(
-                        mqtt, identity=identity, crl_source=_crl_source(settings, identity)
+                        mqtt,
+                        identity=identity,
+                        crl_source=_crl_source(settings, identity),
+                        ingest=(
+                            IngestLimit.above(
+                                settings.limits,
+                                mqtt.ingest_limit_factor,
+                                disconnect_after=mqtt.disconnect_after_refusals,
+                            )
+                            if mqtt.ingest_limit_factor
+                            else None
+                        ),
                     )
                 )
                 creds = broker.credentials
@@ -105,6 +117,7 @@ def plugin(
                     password=creds.bridge_password,
                 )
             else:
+                broker = None
                 gate_control = None
                 assert mqtt.broker_address is not None  # noqa: S101 - validated
                 host, _, port = mqtt.broker_address.rpartition(":")
@@ -124,6 +137,9 @@ def plugin(
                     control=gate_control,
                 )
             )
+            if broker is not None:
+                broker.add_refusal_listener(bridge.broker_refused)
+                stack.callback(broker.remove_refusal_listener, bridge.broker_refused)
             await bridge.wait_ready(timeout_s=mqtt.connect_timeout_s * 3)
             stack.callback(runtime.metrics.add_counters("mqtt_", bridge.stats.counters))
             yield bridge

@@ -46,6 +46,7 @@ from gateway._mqtt import (
     BridgeConnection,
     BrokerControl,
     CrlSnapshot,
+    IngestLimit,
     MosquittoBroker,
     RevocationEnforcer,
 )
@@ -135,6 +136,8 @@ class BrokerHarness:
     gateway: pki.IdentityFiles
     data_dir: Path
     settings_overrides: dict[str, Any] = field(default_factory=dict)
+    #: The broker's per-device ingest limit (none by default: the bridge's tests see all).
+    ingest: IngestLimit | None = None
     revoked: list[tuple[int, dt.datetime]] = field(default_factory=list)
     #: Revocations so far: the sequence the CRLs report.
     sequence: int = 0
@@ -197,7 +200,9 @@ class BrokerHarness:
         )
         async with contextlib.AsyncExitStack() as stack:
             self.broker = await stack.enter_async_context(
-                MosquittoBroker(self.settings, identity=self.gateway, crl_source=self.crl)
+                MosquittoBroker(
+                    self.settings, identity=self.gateway, crl_source=self.crl, ingest=self.ingest
+                )
             )
             creds = self.broker.credentials
             self.control = await stack.enter_async_context(
