@@ -37,7 +37,13 @@ fi
 # the packages are installed; the project never uses them (every broker and
 # database server it needs is started on a free port).
 
-bash scripts/build_mqtt_plugin.sh
+if command -v cc >/dev/null 2>&1 && [[ -f /usr/include/mosquitto_plugin.h && -f /usr/include/mosquitto.h ]]; then
+  bash scripts/build_mqtt_plugin.sh
+else
+  echo "setup: no C compiler or Mosquitto plugin headers: the managed broker will run without" \
+    "its per-device ingest limit (install gcc libc6-dev mosquitto-dev libmosquitto-dev, then run" \
+    "scripts/build_mqtt_plugin.sh)" >&2
+fi
 
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
