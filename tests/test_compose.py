@@ -326,16 +326,29 @@ def _dockerfile_stages() -> list[tuple[str, list[str]]]:
 
 def test_the_image_installs_the_built_wheels_not_the_source_tree() -> None:
     stages = _dockerfile_stages()
-    assert [name for name, _ in stages] == ["wheels", "install", ""]
-    (_, build), (_, install), (_, final) = stages
+    assert [name for name, _ in stages] == ["wheels", "plugin", "install", ""]
+    (_, build), (_, plugin), (_, install), (_, final) = stages
     assert any(i.startswith("RUN") and "scripts/build_dist.sh /wheels" in i for i in build)
+    # The broker's ingest limit plugin is built from its C source alone, against Debian's
+    # Mosquitto headers (the same Debian as the final image's Mosquitto).
+    assert [i for i in plugin if i.startswith("COPY")] == [
+        "COPY scripts/build_mqtt_plugin.sh ./scripts/",
+        "COPY gateway/_mqtt/ingest/edgeward_ingest.c ./gateway/_mqtt/ingest/",
+    ]
+    assert "mosquitto-dev" in " ".join(plugin)
+    assert any(i.startswith("RUN bash scripts/build_mqtt_plugin.sh") for i in plugin)
     install_runs = " ".join(i for i in install if i.startswith("RUN"))
     # By file name: no index can offer another edgeward or edgeward-models.
     assert "/wheels/edgeward_models-*.whl" in install_runs
     assert '"$(echo /wheels/edgeward-*.whl)[gateway]"' in install_runs
     # The final image gets the installed environment and nothing of the source tree.
     copies = [i for i in final if i.split()[0] in {"COPY", "ADD"}]
-    assert copies == ["COPY --from=install /opt/edgeward /opt/edgeward"]
+    assert copies == [
+        "COPY --from=install /opt/edgeward /opt/edgeward",
+        # Where the gateway finds the plugin by default (beside its package).
+        "COPY --from=plugin /src/gateway/_mqtt/ingest/edgeward_ingest.so "
+        "/opt/edgeward/lib/python3.11/site-packages/gateway/_mqtt/ingest/",
+    ]
     for _, instructions in stages:
         for instruction in instructions:
             assert not re.search(r"pip install.*\s\.(\[|\s|$)", instruction), instruction
