@@ -67,8 +67,8 @@ SOCKET_OPTIONS: tuple[tuple[int, int, int], ...] = ((socket.IPPROTO_TCP, socket.
 MQTT_KEEPALIVE_S = 10
 
 #: How long the device waits before sending again after the broker refused a publication
-#: (seconds), when the PUBACK does not say. MQTT 5 has no retry-after of its own and a
-#: Mosquitto 2.0 plugin cannot add properties to a PUBACK, so the refusal says nothing about
+#: (seconds), when the PUBACK does not say. MQTT 5 has no retry-after of its own and
+#: Mosquitto 2.0 sends a refusing PUBACK without properties, so the refusal says nothing about
 #: when the device's bucket holds a token again (that depends on its budget, which the device
 #: is not told). One second: the window in which the broker counts refusals towards
 #: disconnecting a flood (``disconnect_after_refusals``, default 20), so a device that waits it
@@ -125,8 +125,8 @@ class _PubAck:
             return None
         retry_after_s = BROKER_REFUSAL_RETRY_AFTER_S
         for key, value in getattr(self.properties, "UserProperty", None) or ():
-            if key == RETRY_AFTER_METADATA_KEY:
-                retry_after_s = retry_after_seconds(value) or retry_after_s
+            if key == RETRY_AFTER_METADATA_KEY and (told := retry_after_seconds(value)) is not None:
+                retry_after_s = told
         return Busy(
             f"the broker refused the {what} (PUBACK 0x{self.reason.value:02x} {self.reason})",
             retry_after_s=retry_after_s,

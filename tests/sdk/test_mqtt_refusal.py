@@ -224,6 +224,9 @@ def test_only_failure_codes_are_refusals_and_a_retry_after_given_is_bounded() ->
         busy = _ack(code).refusal("frame")
         assert isinstance(busy, Busy)
         assert busy.retry_after_s == BROKER_REFUSAL_RETRY_AFTER_S
+    now = _ack(0x97, retry_after="0").refusal("frame")
+    assert now is not None
+    assert now.retry_after_s == 0.0
     told = _ack(0x97, retry_after="2.5").refusal("frame")
     assert told is not None
     assert told.retry_after_s == 2.5
