@@ -16,8 +16,9 @@ to the bounded buffer :meth:`DeviceClient.results` reads (the oldest go first wh
 
 What each failure means is decided in :mod:`device_sdk._grpc`: a gateway that is down is
 reported to the client (which fails over at once) and the item stays queued; a busy gateway
-is retried after a short jittered pause; a refused frame leaves the outbox as
-:class:`~device_sdk.FrameRejected` with the server's reason.
+(over MQTT also a broker that refused the publication in its PUBACK) is retried after its
+retry-after, if any, and a short jittered pause, the item still queued; a refused frame
+leaves the outbox as :class:`~device_sdk.FrameRejected` with the server's reason.
 """
 
 from __future__ import annotations

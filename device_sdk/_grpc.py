@@ -6,7 +6,9 @@ Every gRPC failure is classified once, here, into what the client should do abou
 * :class:`Busy`: the gateway is overloaded or the device over its budget
   (``RESOURCE_EXHAUSTED``); back off, keep the item. When the gateway says when to come back
   (trailing ``edgeward-retry-after-s``), ``retry_after_s`` carries it and the sender waits
-  that long before sending anything more.
+  that long before sending anything more. Over MQTT a publication the broker refused
+  (PUBACK reason code 0x80 or above, such as the ingest limit's 0x87) is ``Busy`` too
+  (:mod:`device_sdk._mqtt`).
 * :class:`Refused`: the gateway refused this request for a reason retrying cannot fix
   (``INVALID_ARGUMENT``, a non-final ``PERMISSION_DENIED``…); drop the item, tell the caller
   the server's reason.
@@ -45,6 +47,7 @@ __all__ = [
     "classify_code",
     "probe",
     "retry_after",
+    "retry_after_seconds",
 ]
 
 #: The longest retry-after honoured: a wrong or hostile value cannot park the device.
@@ -130,7 +133,12 @@ def _is_final_revoked(exc: grpc.aio.AioRpcError) -> bool:
 
 def retry_after(exc: grpc.aio.AioRpcError) -> float | None:
     """The server's ``edgeward-retry-after-s`` in seconds (bounded), or ``None``."""
-    text = _trailer(exc, RETRY_AFTER_METADATA_KEY)
+    return retry_after_seconds(_trailer(exc, RETRY_AFTER_METADATA_KEY))
+
+
+def retry_after_seconds(text: str | None) -> float | None:
+    """A retry-after value as sent (seconds, text) bounded by :data:`MAX_RETRY_AFTER_S`;
+    ``None`` when absent, negative or not a number."""
     if text is None:
         return None
     try:
