@@ -37,6 +37,9 @@ BENCH_INTERNALS: dict[str, dict[str, str]] = {
         "gateway._inference._image": "decoding alone, as the raw pipeline's first stage",
         "gateway._inference._ssd": "pre-processing alone, as the raw pipeline's second stage",
     },
+    "bench/ingest_limit.py": {
+        "gateway._mqtt": "the ingest limit plugin's built path and its configuration lines",
+    },
     "bench/grpc_stages.py": {
         "gateway._door": "stamps the front door's detect, a stage of the served round trip",
         "gateway._inference": "stamps the engine's hand-off to its thread",
@@ -345,6 +348,11 @@ TEST_INTERNALS: dict[str, dict[str, str]] = {
     },
     "tests/sdk/test_mqtt_transport.py": {
         "gateway._mqtt": "the gateway's bridge, which the SDK's MQTT transport talks to",
+    },
+    "tests/sdk/test_mqtt_refusal.py": {
+        "device_sdk._grpc": "Busy, the transports' refusal error, and its retry-after bound",
+        "device_sdk._mqtt": "the MQTT session and its reading of PUBACK reason codes",
+        "gateway._mqtt": "the bridge and the broker's ingest limit the session is refused by",
     },
     # -- inference and the models
     "tests/inference/test_batcher.py": {
