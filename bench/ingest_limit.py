@@ -47,7 +47,6 @@ def broker(tmp: Path, name: str, limit: IngestLimit | None) -> Iterator[int]:
         "log_type error",
         f"listener {port} 127.0.0.1",
         "allow_anonymous true",
-        "max_queued_messages 0",
         *(limit.conf_lines(BUILT_PLUGIN) if limit is not None else []),
     ]
     conf = tmp / f"{name}.conf"
