@@ -183,6 +183,16 @@ class LimitsSettings(_Section):
     burst: int = Field(
         default=30, ge=1, description="Frames a device may send at once (token bucket size)."
     )
+    flood_penalty_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="A device caught flooding (refused more than its burst within a second, "
+        "or refused by the managed broker's ingest limit) gets no frame admitted for this "
+        "long: its frames are refused (RESOURCE_EXHAUSTED, retry-after the time left) instead "
+        "of running the model beside other devices' at its budget. A device that honours "
+        "retry-after never gets there; 0: off.",
+    )
     frames_waiting_per_device: int | None = Field(
         default=None,
         ge=1,

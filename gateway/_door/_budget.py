@@ -75,6 +75,22 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return wait
 
+    def count_refusal(self, device_id: str) -> None:
+        """Count a refusal of ``device_id`` made without asking for a token (a device
+        penalised for flooding): its flood still shows in :meth:`refused_in_row` and
+        :meth:`refused_recently`, and its bucket keeps refilling."""
+        now = self._clock()
+        tokens, at, in_row, recent, since = self._buckets.get(
+            device_id, (self._burst, now, 0, 0, now)
+        )
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        if recent == 0 or now - since >= _WINDOW_S:
+            recent, since = 0, now
+        self._buckets[device_id] = (tokens, now, in_row + 1, recent + 1, since)
+        self._buckets.move_to_end(device_id)
+        if len(self._buckets) > self._max_devices:
+            self._buckets.popitem(last=False)
+
     def refused_in_row(self, device_id: str) -> int:
         """Refusals of ``device_id`` since it last took a token."""
         bucket = self._buckets.get(device_id)

@@ -7,7 +7,10 @@ everything else to :class:`FrontDoor`::
     admission   revocation feed fresh ─→ identity ─→ authorisation by device type ─→ budget
                 (FeedStale)              (transport)  (PermissionDenied, DeviceRevoked)
                                                                     (RateLimited: refused
-                                                                     before any work queues)
+                                                                     before any work queues;
+                                                                     all frames, for a while,
+                                                                     of a device caught
+                                                                     flooding)
     pipeline    fair turn (round robin per device) ─→ engine ─→ escalation hook (marks,
                 remembered for cached repeats) ─→ DetectionResult
     telemetry   validated report ─→ the one store (latest per device)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -46,7 +50,13 @@ from gateway._metrics import GatewayMetrics
 from gateway._refusals import RefusalLog
 from gateway._revocation import RevocationEvent, RevocationState
 from gateway._status import Status, status_of
-from gateway.errors import DeadlineExceeded, DeviceRevoked, FeedStale, Unauthenticated
+from gateway.errors import (
+    DeadlineExceeded,
+    DeviceRevoked,
+    FeedStale,
+    RateLimited,
+    Unauthenticated,
+)
 from protos.edgeward.v1 import common_pb2
 
 __all__ = [
@@ -71,6 +81,8 @@ _PHI = 0.6180339887498949
 
 #: Methods charged to the device's budget: one frame budget, one report budget.
 _BUDGETED = frozenset({"Detect", "StreamDetect", "ReportTelemetry"})
+#: Methods of the frame budget (a flood penalty refuses these).
+_FRAME_METHODS = frozenset({"Detect", "StreamDetect"})
 
 
 class Detector(Protocol):
@@ -192,6 +204,9 @@ class FrontDoor:
             max_waiting_per_device=limits.frames_waiting_per_device or limits.burst,
         )
         self._held: dict[str, int] = {}  # refusals held per device (hold_refusal)
+        # Devices caught flooding → until when no frame of theirs is admitted (penalise).
+        self._penalised: OrderedDict[str, float] = OrderedDict()
+        self._monotonic = time.monotonic
         self._holds = 0  # refusals held so far (spreads the holds, hold_refusal)
         #: Installed by the escalation plug-in; read per frame.
         self.detection_hook: DetectionHook | None = None
@@ -264,9 +279,20 @@ class FrontDoor:
     ) -> Admitted:
         # A stream is paced per frame (``pace``), not charged for opening.
         if charge and method in _BUDGETED and method != "StreamDetect":
-            (self._reports if method == "ReportTelemetry" else self._frames).take(
-                identity.device_id
-            )
+            device_id = identity.device_id
+            if method == "ReportTelemetry":
+                self._reports.take(device_id)
+            else:
+                left = self.penalised_for(device_id)
+                if left > 0.0:
+                    self._frames.count_refusal(device_id)
+                    raise RateLimited(device_id, left)
+                try:
+                    self._frames.take(device_id)
+                except RateLimited:
+                    if self.flooding(method, device_id):
+                        self.penalise(device_id)
+                    raise
         return Admitted(
             identity.device_id, identity.serial, method, info.region if info is not None else None
         )
@@ -299,7 +325,42 @@ class FrontDoor:
         return (
             self.refused_in_row(method, device_id) > burst
             or self.refused_recently(method, device_id) > burst
+            or (method in _FRAME_METHODS and device_id in self._penalised)
         )
+
+    #: Devices remembered as penalised at most (the oldest penalties are forgotten first).
+    MAX_PENALISED = 100_000
+
+    def penalise(self, device_id: str, seconds: float | None = None) -> None:
+        """No frame of ``device_id`` is admitted for ``seconds`` (default
+        ``limits.flood_penalty_s``) from now: it was caught flooding (refused more than its
+        burst within a second, or refused by the managed broker's ingest limit).
+
+        A flood's frames that the budget still lets through (one whenever a token is back)
+        each run the model, and another device's frame that arrives meanwhile waits for that
+        run; a device that ignores retry-after is better refused outright until it has
+        stopped. Bounded: at most :attr:`MAX_PENALISED` devices remembered.
+        """
+        seconds = self.limits.flood_penalty_s if seconds is None else seconds
+        if seconds <= 0.0:
+            return
+        until = self._monotonic() + seconds
+        if until > self._penalised.get(device_id, 0.0):
+            self._penalised[device_id] = until
+            self._penalised.move_to_end(device_id)
+        while len(self._penalised) > self.MAX_PENALISED:
+            self._penalised.popitem(last=False)
+
+    def penalised_for(self, device_id: str) -> float:
+        """Seconds ``device_id`` stays penalised (:meth:`penalise`); 0.0 when it is not."""
+        until = self._penalised.get(device_id)
+        if until is None:
+            return 0.0
+        left = until - self._monotonic()
+        if left <= 0.0:
+            del self._penalised[device_id]
+            return 0.0
+        return left
 
     def held_refusals(self, device_id: str) -> int:
         """Refused calls of ``device_id`` being held now (:meth:`hold_refusal`)."""

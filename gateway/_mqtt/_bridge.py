@@ -567,7 +567,13 @@ class MqttBridge:
     def broker_refused(self, report: BrokerRefusal) -> None:
         """Count and audit messages the broker's ingest limit refused (one report: a device's
         refusals since its last report), and tell the device once; never per message."""
-        retry_after_s = 1.0 / self._door.limits.frames_per_s
+        if report.frames or report.disconnected:
+            # Over twice its frame budget: its frames that still get through are refused
+            # for a while too, rather than run beside other devices' (FrontDoor.penalise).
+            self._door.penalise(report.device_id)
+        retry_after_s = max(
+            1.0 / self._door.limits.frames_per_s, self._door.penalised_for(report.device_id)
+        )
         for method, times in (("Detect", report.frames), ("ReportTelemetry", report.other)):
             if times <= 0:
                 continue

@@ -404,9 +404,9 @@ async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> N
     from tests._support.mqtt import FakeEngine
 
     now = [0.0]
-    door = FrontDoor(
-        gateway_id="gw-1", engine=FakeEngine(), limits=LimitsSettings(frames_per_s=10, burst=2)
-    )
+    # Without the flood penalty (its own test below): the budget alone.
+    limits = LimitsSettings(frames_per_s=10, burst=2, flood_penalty_s=0)
+    door = FrontDoor(gateway_id="gw-1", engine=FakeEngine(), limits=limits)
     door._frames = RateLimiter(rate=10.0, burst=2, clock=lambda: now[0])
     door.REFUSAL_HOLD_S, door.REFUSAL_HOLD_SPREAD_S = 0.001, 0.0
 
@@ -432,6 +432,59 @@ async def test_a_flood_the_budget_lets_through_now_and_then_is_still_held() -> N
     assert [send(), send(), send()] == [True, True, False]
     assert not door.flooding("Detect", "cam-a")
     assert await door.hold_refusal("Detect", "cam-a") == 0.0
+
+
+async def test_a_device_caught_flooding_gets_no_frame_through_until_its_penalty_ends() -> None:
+    """Refused more than its burst within a second, a device is flooding: the tokens its
+    budget gives back would each run the model beside other devices' frames, so its frames
+    are refused for ``flood_penalty_s`` (with the time left as retry-after); its telemetry
+    and other devices are not touched, and once the penalty ends its budget is back."""
+    from gateway import FrontDoor, LimitsSettings
+    from gateway._door import RateLimiter, TopicIdentity
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    now = [0.0]
+    limits = LimitsSettings(frames_per_s=10, burst=2, flood_penalty_s=2.0)
+    door = FrontDoor(gateway_id="gw-1", engine=FakeEngine(), limits=limits)
+    door._frames = RateLimiter(rate=10.0, burst=2, clock=lambda: now[0])
+    door._reports = RateLimiter(rate=10.0, burst=2, clock=lambda: now[0])
+    door._monotonic = lambda: now[0]
+
+    def send(device: str = "cam-a", method: str = "Detect") -> float:
+        """0.0 admitted, else the retry-after of the refusal."""
+        try:
+            door.admit_now(method, lambda: TopicIdentity(device))
+        except RateLimited as exc:
+            return exc.retry_after_s
+        return 0.0
+
+    # Two within the burst, two refusals (a little over budget: not yet a flood) ...
+    assert [send() == 0.0 for _ in range(4)] == [True, True, False, False]
+    assert door.penalised_for("cam-a") == 0.0
+    # ... the third refusal within the second is more than its burst: penalised.
+    assert send() > 0.0
+    assert door.penalised_for("cam-a") == pytest.approx(2.0)
+    # A token is back after 100 ms, but no frame goes through until the penalty ends.
+    now[0] = 0.1
+    assert send() == pytest.approx(1.9)
+    now[0] = 1.9
+    assert send() == pytest.approx(0.1)
+    assert door.flooding("Detect", "cam-a")  # its refusals are held meanwhile (gRPC)
+    # Its telemetry has a budget of its own; another device is not touched.
+    assert send(method="ReportTelemetry") == 0.0
+    assert send("cam-b") == 0.0
+    now[0] = 2.05
+    assert door.penalised_for("cam-a") == 0.0
+    assert send() == 0.0
+    # Off: never penalised.
+    off = FrontDoor(
+        gateway_id="gw-1",
+        engine=FakeEngine(),
+        limits=LimitsSettings(frames_per_s=10, burst=2, flood_penalty_s=0),
+    )
+    off.penalise("cam-a")
+    assert off.penalised_for("cam-a") == 0.0
 
 
 async def test_a_floods_held_refusals_are_answered_spread_out() -> None:
@@ -547,8 +600,9 @@ async def gateway(tmp_path: Path) -> Any:
         tmp_path,
         # One frame in the model at a time, so a backlog forms and its order shows.
         inference={"models_dir": str(MODELS_DIR), "threads": 1, "max_batch": 1},
-        # The flooder stays connected: its refusals are what the MQTT test counts.
-        mqtt={"disconnect_after_refusals": 0},
+        # The flooder stays connected: its refusals are what the MQTT test counts (all made
+        # by the front door: the broker's own limit has its tests in tests/mqtt).
+        mqtt={"disconnect_after_refusals": 0, "ingest_limit_factor": 0},
         # The whole budget may wait (its order is what these tests look at).
         limits={"frames_per_s": 0.001, "burst": BURST, "frames_waiting_per_device": BURST},
     ) as gw:

@@ -115,8 +115,9 @@ async def test_a_refused_flood_writes_bounded_log_and_events_with_exact_counts(
         "refusal_events_per_interval": 4,
     }
     with structlog.testing.capture_logs() as logs:
-        # Every refused frame is read and counted here: the flooder stays connected.
-        mqtt = {"disconnect_after_refusals": 0}
+        # Every refused frame is read and counted here: the flooder stays connected, and the
+        # broker's own limit (tests/mqtt/test_ingest_limit.py) leaves them all to the bridge.
+        mqtt = {"disconnect_after_refusals": 0, "ingest_limit_factor": 0}
         async with mqtt_gateway(tmp_path, limits=limits, mqtt=mqtt) as gw:
             service = gw.service
             flood = gw.device("cam-flood", device_type="pet_camera")

@@ -233,7 +233,9 @@ async def test_the_gateway_counts_audits_and_tells_broker_refusals(tmp_path: Pat
     jpeg = PHOTO.read_bytes()
     with structlog.testing.capture_logs() as logs:
         async with mqtt_gateway(
-            tmp_path, limits={"frames_per_s": 0.001, "burst": 2}, mqtt={"ingest_limit_factor": 2}
+            tmp_path,
+            limits={"frames_per_s": 0.001, "burst": 2, "flood_penalty_s": 600},
+            mqtt={"ingest_limit_factor": 2},
         ) as gw:
             device = gw.device("cam-flood", device_type="pet_camera")
             async with device_client(device, gw.port) as client:
@@ -255,6 +257,9 @@ async def test_the_gateway_counts_audits_and_tells_broker_refusals(tmp_path: Pat
             # 4 reached the bridge: 2 within the front door's burst of 2, 2 refused there;
             # 3 refused by the broker.
             assert denied == 5
+            # Refused by the broker: flooding, so the front door admits none of its frames
+            # for a while either (its retry-after says how long).
+            assert gw.service.door.penalised_for("cam-flood") > 500
     codes = {json.loads(bytes(m.payload))["error"]["code"] for m in events}  # type: ignore[arg-type]
     assert codes == {"RESOURCE_EXHAUSTED"}
     # Every refusal, the broker's too, is in the audit log, in bounded lines: the first at
