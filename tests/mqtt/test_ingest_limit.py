@@ -34,6 +34,7 @@ import pki
 from gateway import LimitsSettings, MqttSettings, free_port
 from gateway._mqtt import (
     BUILT_PLUGIN,
+    PLUGIN_SOURCE,
     BrokerFiles,
     BrokerRefusal,
     IngestLimit,
@@ -53,6 +54,7 @@ from tests._support.mqtt import (
 from tests.conftest import IssueFn, require_tool
 
 PHOTO = Path(__file__).resolve().parents[1] / "data" / "photos" / "chelsea.jpg"
+HARNESS = Path(__file__).resolve().parent / "ingest_harness.c"
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
 # Frames: a burst of 3 and (practically) no refill; other messages: a burst of 2.
@@ -657,3 +659,38 @@ async def test_qos0_messages_over_the_bucket_are_dropped_silently_and_reported(
         await _until(lambda: _through(seen, "dev-qos0") == (2, 2))
         assert broker.count("dev-qos0 has been disconnected") == 0
         assert broker.count("dev-qos0 disconnected.") == 1
+
+
+def test_the_plugin_s_table_holds_under_a_harness_with_sanitizers(tmp_path: Path) -> None:
+    """What the broker does not show: the plugin's source in ``ingest_harness.c`` with the
+    broker's functions stubbed and a clock of its own, checked after every message (the
+    table's invariants, max_clients, no allocation per message of a device not tracked,
+    every refusal reported once through growth, eviction and disconnects), under
+    AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them."""
+    cc = require_tool("cc")
+    _require_plugin()  # built from the same source with the same headers
+    flags = ["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-O1", "-g", "-Wall", "-Wextra", "-Werror"]
+    flags.append(f'-DPLUGIN_SOURCE="{PLUGIN_SOURCE}"')
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    binary = tmp_path / "ingest_harness"
+    for extra in (sanitizers, []):
+        built = subprocess.run(
+            [cc, *flags, *extra, str(HARNESS), "-o", str(binary)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if built.returncode == 0:
+            break
+    assert built.returncode == 0, built.stderr
+    done = subprocess.run(
+        [str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
