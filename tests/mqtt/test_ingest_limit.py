@@ -420,6 +420,16 @@ class _PlainBroker:
     port: int
     proc: asyncio.subprocess.Process
     log: list[str]
+    reader: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        """SIGTERM; returns once the broker has exited cleanly and its log is read to the end."""
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        async with asyncio.timeout(30):
+            await self.proc.wait()
+            await self.reader
+        assert self.proc.returncode == 0, "\n".join(self.log[-20:])
 
     def refusals(self, device_id: str) -> tuple[int, int]:
         """Frames and other messages of ``device_id`` the broker reported refused."""
@@ -470,20 +480,17 @@ async def _plain_broker(tmp_path: Path, **options: float) -> AsyncIterator[_Plai
         while line := await proc.stderr.readline():
             log.append(line.decode(errors="replace").rstrip())
 
-    reader = asyncio.create_task(read())
-    broker = _PlainBroker(port, proc, log)
+    broker = _PlainBroker(port, proc, log, asyncio.create_task(read()))
+    stopped = False
     try:
         await _until(lambda: broker.count(" running") > 0 or proc.returncode is not None)
         assert proc.returncode is None, "\n".join(log)
         yield broker
-        assert proc.returncode is None, "the broker died:\n" + "\n".join(log[-20:])
+        stopped = broker.reader.done()
+        assert stopped or proc.returncode is None, "the broker died:\n" + "\n".join(log[-20:])
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-        async with asyncio.timeout(30):
-            await proc.wait()
-            await reader
-    assert proc.returncode == 0, "\n".join(log[-20:])
+        if not stopped:
+            await broker.stop()
 
 
 @contextlib.asynccontextmanager
@@ -694,3 +701,17 @@ def test_the_plugin_s_table_holds_under_a_harness_with_sanitizers(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+async def test_refusals_pending_when_the_broker_stops_are_reported(tmp_path: Path) -> None:
+    """A device still connected when the broker stops gets no disconnect event: what it had
+    refused since its last report is reported as the plugin is unloaded."""
+    async with _plain_broker(tmp_path, report_s=3600) as broker:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with broker.client("dev-open") as client:
+                for _ in range(4):
+                    await client.publish("devices/dev-open/frames", b"f", qos=1)
+                # The first refusal is reported at once, the second waits for the next report.
+                await _until(lambda: broker.refusals("dev-open") == (1, 0))
+                await broker.stop()
+        assert broker.refusals("dev-open") == (2, 0)

@@ -16,7 +16,7 @@
  * (by default twice it) so that only a flood meets it.
  *
  * Refusals are reported, not logged one by one: at the first refusal and then at most once
- * per report interval per device (and when it disconnects), one NOTICE line
+ * per report interval per device (and when it disconnects, or the broker stops), one NOTICE line
  *
  *     edgeward-ingest: refused <client id> frames=<n> other=<n>
  *
@@ -413,6 +413,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
 {
 	struct limiter *lim = userdata;
+	int64_t now = now_ns();
 	size_t i;
 
 	(void)options;
@@ -421,7 +422,13 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	mosquitto_callback_unregister(lim->pid, MOSQ_EVT_MESSAGE, on_message, NULL);
 	mosquitto_callback_unregister(lim->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	for(i = 0; i < lim->capacity; i++){
-		free(lim->slots[i].id);
+		struct entry *e = &lim->slots[i];
+		/* The broker stops without a disconnect event for the devices still connected:
+		 * what they had refused since their last report is reported now. */
+		if(e->id != NULL && (e->refused[KIND_FRAMES] || e->refused[KIND_OTHER])){
+			report(e, now, false);
+		}
+		free(e->id);
 	}
 	free(lim->slots);
 	free(lim);
