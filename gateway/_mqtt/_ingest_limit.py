@@ -63,7 +63,8 @@ class IngestLimit:
     report_s: float = 1.0
     #: Refusals within one second that make the broker end the connection (0: never).
     disconnect_after: int = 0
-    #: Devices tracked at most (idle ones are forgotten first).
+    #: Devices tracked at most: idle ones are forgotten to make room; while every tracked one
+    #: is busy, a new device is not limited by the broker (the front door still limits it).
     max_clients: int = 1_048_576
 
     @classmethod

@@ -6,7 +6,11 @@ what gets through), a QoS 1 sender is told by PUBACK (``mosquitto_pub`` prints t
 reconnect does not refill the bucket, frames and other messages have buckets of their own,
 another device is not touched, a flood is disconnected by the broker itself, and refusals come
 back to the gateway as bounded reports. The plugin's options are checked by the plugin: a bad
-one stops the broker at start with a message naming it. Counts are checked, not times.
+one stops the broker at start with a message naming it. On a plain listener of its own: hundreds
+of devices keep their buckets through the table's growth, ``max_clients`` bounds what is tracked
+(and the broker's memory) while busy devices stay limited, a reload (SIGHUP) during a flood
+keeps the buckets, and QoS 0 messages over the bucket are dropped and still reported. Counts are
+checked, not times.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
@@ -27,6 +34,7 @@ import pki
 from gateway import LimitsSettings, MqttSettings, free_port
 from gateway._mqtt import (
     BUILT_PLUGIN,
+    PLUGIN_SOURCE,
     BrokerFiles,
     BrokerRefusal,
     IngestLimit,
@@ -46,6 +54,7 @@ from tests._support.mqtt import (
 from tests.conftest import IssueFn, require_tool
 
 PHOTO = Path(__file__).resolve().parents[1] / "data" / "photos" / "chelsea.jpg"
+HARNESS = Path(__file__).resolve().parent / "ingest_harness.c"
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
 # Frames: a burst of 3 and (practically) no refill; other messages: a burst of 2.
@@ -336,7 +345,7 @@ def test_the_plugin_is_loaded_on_the_devices_listener_only(issue: IssueFn, tmp_p
 def test_a_bad_option_stops_the_broker_at_start(
     tmp_path: Path, key: str, value: str, complaint: str
 ) -> None:
-    require_tool("mosquitto")
+    mosquitto = require_tool("mosquitto")
     _require_plugin()
     options = {
         "frames_per_s": "1",
@@ -345,18 +354,7 @@ def test_a_bad_option_stops_the_broker_at_start(
         "messages_burst": "1",
         key: value,
     }
-    lines = [
-        "per_listener_settings true",
-        "log_dest stderr",
-        "log_type all",
-        f"listener {free_port()} 127.0.0.1",
-        "allow_anonymous true",
-        f"plugin {BUILT_PLUGIN}",
-        *(f"plugin_opt_{k} {v}" for k, v in options.items()),
-    ]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    mosquitto = require_tool("mosquitto")
+    conf = _plain_conf(tmp_path, free_port(), options)
     done = subprocess.run(
         [mosquitto, "-c", str(conf)], capture_output=True, text=True, timeout=30, check=False
     )
@@ -394,3 +392,331 @@ async def test_a_configured_plugin_that_is_missing_stops_the_start(
     with pytest.raises(FileNotFoundError, match=r"mqtt\.ingest_plugin"):
         async with harness.run():
             pass
+
+
+# --- The plugin on a plain loopback listener: many devices, a small table, reloads -----------
+#
+# Anonymous clients choose their ids here, so one test reaches hundreds of devices in seconds;
+# a subscriber on the same listener counts what gets through, the broker's stderr gives the
+# reports. The buckets are made either exact (a refill of 0.001/s: nothing comes back during a
+# test) or idle at once (1000/s, burst 1: full again a millisecond after a message).
+
+
+def _plain_conf(tmp_path: Path, port: int, options: dict[str, str]) -> Path:
+    """A broker config with the plugin on a plain loopback listener."""
+    lines = [
+        "per_listener_settings true",
+        "log_dest stderr",
+        "log_timestamp false",
+        *(f"log_type {t}" for t in ("error", "warning", "notice", "information")),
+        "max_queued_messages 100000",
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        f"plugin {BUILT_PLUGIN}",
+        *(f"plugin_opt_{k} {v}" for k, v in options.items()),
+    ]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+@dataclass
+class _PlainBroker:
+    port: int
+    proc: asyncio.subprocess.Process
+    log: list[str]
+    reader: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        """SIGTERM; returns once the broker has exited cleanly and its log is read to the end."""
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        async with asyncio.timeout(30):
+            await self.proc.wait()
+            await self.reader
+        assert self.proc.returncode == 0, "\n".join(self.log[-20:])
+
+    def refusals(self, device_id: str) -> tuple[int, int]:
+        """Frames and other messages of ``device_id`` the broker reported refused."""
+        reports = (parse_report(line) for line in self.log)
+        return _refused([r for r in reports if r is not None], device_id)
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in self.log if text in line)
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1])
+
+    async def reload(self) -> None:
+        """SIGHUP, as the gateway sends when the CRL changes; returns once it is done."""
+        before = self.count("Reloading config.")
+        self.proc.send_signal(signal.SIGHUP)
+        await _until(lambda: self.count("Reloading config.") > before)
+
+    def client(self, identifier: str) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=30,
+        )
+
+
+@contextlib.asynccontextmanager
+async def _plain_broker(tmp_path: Path, **options: float) -> AsyncIterator[_PlainBroker]:
+    """Mosquitto with the plugin (``options`` over exact buckets of 2) on a plain listener;
+    on the way out it must still be running and stop cleanly (the plugin's cleanup too)."""
+    mosquitto = require_tool("mosquitto")
+    _require_plugin()
+    merged = {"frames_per_s": 0.001, "frames_burst": 2, "messages_per_s": 0.001}
+    merged |= {"messages_burst": 2, **options}
+    port = free_port()
+    conf = _plain_conf(tmp_path, port, {k: f"{v:g}" for k, v in merged.items()})
+    proc = await asyncio.create_subprocess_exec(
+        mosquitto, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    log: list[str] = []
+
+    async def read() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            log.append(line.decode(errors="replace").rstrip())
+
+    broker = _PlainBroker(port, proc, log, asyncio.create_task(read()))
+    stopped = False
+    try:
+        await _until(lambda: broker.count(" running") > 0 or proc.returncode is not None)
+        assert proc.returncode is None, "\n".join(log)
+        yield broker
+        stopped = broker.reader.done()
+        assert stopped or proc.returncode is None, "the broker died:\n" + "\n".join(log[-20:])
+    finally:
+        if not stopped:
+            await broker.stop()
+
+
+@contextlib.asynccontextmanager
+async def _watching(broker: _PlainBroker) -> AsyncIterator[Counter[str]]:
+    """Counts, by topic, the messages that got through the broker."""
+    seen: Counter[str] = Counter()
+    async with broker.client("watcher") as client:
+        await client.subscribe("devices/#", qos=1)
+
+        async def keep() -> None:
+            async for message in client.messages:
+                seen[message.topic.value] += 1
+
+        task = asyncio.create_task(keep())
+        try:
+            yield seen
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _send(
+    broker: _PlainBroker, device_id: str, *, frames: int = 0, telemetry: int = 0, qos: int = 1
+) -> None:
+    """One connection of ``device_id``: ``frames`` then ``telemetry`` publications. With QoS 1
+    each is acknowledged (or refused) before the next, so the broker has seen them all."""
+    async with broker.client(device_id) as client:
+        for _ in range(frames):
+            await client.publish(f"devices/{device_id}/frames", b"f", qos=qos)
+        for _ in range(telemetry):
+            await client.publish(f"devices/{device_id}/telemetry", b"t", qos=qos)
+
+
+async def _in_batches(sends: Iterable[Callable[[], Awaitable[None]]], size: int = 25) -> None:
+    batch: list[Callable[[], Awaitable[None]]] = []
+    for send in [*sends, None]:
+        if send is not None:
+            batch.append(send)
+        if batch and (send is None or len(batch) == size):
+            await asyncio.gather(*(s() for s in batch))
+            batch = []
+
+
+def _through(seen: Counter[str], device_id: str) -> tuple[int, int]:
+    return seen[f"devices/{device_id}/frames"], seen[f"devices/{device_id}/telemetry"]
+
+
+async def test_hundreds_of_devices_each_keep_their_own_bucket_as_the_table_grows(
+    tmp_path: Path,
+) -> None:
+    """320 devices at once: the table (64 slots at first, kept at most half full) doubles
+    four times, and every device's buckets come through each rebuild exactly."""
+    ids = [f"dev-{i:04d}" for i in range(320)]
+    async with _plain_broker(tmp_path) as broker, _watching(broker) as seen:
+        # Buckets of 2: each device has 1 frame and 1 telemetry message refused.
+        await _in_batches(lambda i=i: _send(broker, i, frames=3, telemetry=3) for i in ids)
+        # A reconnect, after every later device went in, finds both buckets still empty.
+        await _in_batches(lambda i=i: _send(broker, i, frames=1, telemetry=1) for i in ids)
+        await _until(lambda: sum(seen.values()) >= 4 * len(ids))
+        await _until(lambda: all(broker.refusals(i) == (2, 2) for i in ids))
+        # Every device's last messages sent were refused, so nothing more is on its way.
+        assert all(_through(seen, i) == (2, 2) for i in ids)
+        assert sum(seen.values()) == 4 * len(ids)
+        assert broker.count("not limited") == 0
+
+
+async def test_max_clients_bounds_the_devices_tracked_and_idle_ones_make_room(
+    tmp_path: Path,
+) -> None:
+    """With max_clients 16: devices whose buckets are full again are forgotten to make room,
+    busy ones never are; with 16 busy devices a 17th is not limited (its messages go through,
+    the broker says so in a bounded line) and the busy ones still are."""
+    async with (
+        _plain_broker(tmp_path, frames_per_s=1000, frames_burst=1, max_clients=16) as broker,
+        _watching(broker) as seen,
+    ):
+        # 15 devices sending one frame each: tracked, and idle again a millisecond later.
+        idle = [f"idle-{i:02d}" for i in range(15)]
+        await _in_batches(lambda i=i: _send(broker, i, frames=1) for i in idle)
+        await asyncio.sleep(0.05)  # at least the 1 ms their frame buckets take to refill
+        # 16 busy devices (telemetry is exact): the idle ones are forgotten to make room, and
+        # each busy one is held to its 2 messages.
+        busy = [f"busy-{i:02d}" for i in range(16)]
+        for device in busy:
+            await _send(broker, device, telemetry=3)
+        await _until(lambda: all(broker.refusals(i) == (0, 1) for i in busy))
+        # Every tracked device is busy: a 17th is not limited, and the broker says so.
+        await _send(broker, "dev-17th", telemetry=5)
+        await _until(lambda: _through(seen, "dev-17th") == (0, 5))
+        await _until(lambda: broker.count("tracking 16 devices (max_clients)") >= 1)
+        # The busy devices are still tracked: a reconnect finds their bucket empty.
+        for device in busy:
+            await _send(broker, device, telemetry=1)
+        await _until(lambda: all(broker.refusals(i) == (0, 2) for i in busy))
+        assert all(_through(seen, i) == (0, 2) for i in busy)
+        assert broker.refusals("dev-17th") == (0, 0)
+        assert all(_through(seen, i) == (1, 0) for i in idle)
+
+
+async def test_new_devices_beyond_max_clients_keep_memory_bounded_and_busy_ones_limited(
+    tmp_path: Path,
+) -> None:
+    """Rounds of new devices (with 32 KiB ids, so that each one tracked costs memory) through
+    a table of 16: the broker serves them all, its memory stops growing after the first
+    rounds, and a busy device stays tracked and limited throughout, every refusal reported."""
+    big = "x" * 32768
+    rounds, per_round = 8, 40
+    rss: list[int] = []
+    async with (
+        _plain_broker(tmp_path, frames_per_s=1000, frames_burst=1, max_clients=16) as broker,
+        _watching(broker) as seen,
+    ):
+        await _send(broker, "dev-busy", telemetry=3)
+        for r in range(rounds):
+            ids = [f"{big}-{r}-{i}" for i in range(per_round)]
+            await _in_batches(lambda i=i: _send(broker, i, frames=1) for i in ids)
+            # Each round's frames all get through (tracked or not, a frame is within 1 burst).
+            total = (r + 1) * per_round
+            await _until(lambda t=total: sum(n for k, n in seen.items() if big in k) == t)
+            await _send(broker, "dev-busy", telemetry=1)
+            rss.append(broker.rss_kib())
+        await _until(lambda: broker.refusals("dev-busy") == (0, 1 + rounds))
+        assert _through(seen, "dev-busy") == (0, 2)
+    # 320 ids of 32 KiB held would be 10 MiB; 16 of them are 0.5 MiB.
+    assert rss[-1] - rss[1] < 3 * 1024, rss
+
+
+async def test_a_reload_during_a_flood_keeps_the_buckets(tmp_path: Path) -> None:
+    """SIGHUP (the gateway's CRL reload) while a device floods: the broker keeps running,
+    the plugin is not started again (Mosquitto 2.0 keeps v5 plugins across a reload), so the
+    flood's bucket stays empty, through the reloads and a reconnect after them."""
+    async with _plain_broker(tmp_path) as broker, _watching(broker) as seen:
+        sent = 0
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            nonlocal sent
+            async with broker.client("dev-flood") as client:
+                while not stop.is_set():
+                    await client.publish("devices/dev-flood/frames", b"f", qos=1)
+                    sent += 1
+
+        task = asyncio.create_task(flood())
+        for _ in range(3):
+            await _until(lambda n=sent: sent >= n + 20)
+            await broker.reload()
+        await _until(lambda n=sent: sent >= n + 20)
+        stop.set()
+        await task
+        await _send(broker, "dev-flood", frames=5)
+        await _send(broker, "dev-calm", frames=3)
+        await _until(lambda: _through(seen, "dev-calm") == (2, 0))
+        await _until(lambda: broker.refusals("dev-flood") == (sent + 5 - 2, 0))
+        assert _through(seen, "dev-flood") == (2, 0)
+        assert broker.count("Reloading config.") == 3
+        assert broker.refusals("dev-calm") == (1, 0)
+
+
+async def test_qos0_messages_over_the_bucket_are_dropped_silently_and_reported(
+    tmp_path: Path,
+) -> None:
+    """QoS 0 has no acknowledgement to refuse with: the broker drops what is over the bucket,
+    keeps the connection, and still counts every drop in its reports."""
+    async with _plain_broker(tmp_path) as broker, _watching(broker) as seen:
+        async with broker.client("dev-qos0") as client:
+            for _ in range(7):
+                await client.publish("devices/dev-qos0/frames", b"f", qos=0)
+            # Acknowledged on the same connection, so every frame before it has been seen.
+            await client.publish("devices/dev-qos0/telemetry", b"t", qos=1)
+            await client.publish("devices/dev-qos0/telemetry", b"t", qos=1)
+        await _until(lambda: broker.refusals("dev-qos0") == (5, 0))
+        await _until(lambda: _through(seen, "dev-qos0") == (2, 2))
+        assert broker.count("dev-qos0 has been disconnected") == 0
+        assert broker.count("dev-qos0 disconnected.") == 1
+
+
+def test_the_plugin_s_table_holds_under_a_harness_with_sanitizers(tmp_path: Path) -> None:
+    """What the broker does not show: the plugin's source in ``ingest_harness.c`` with the
+    broker's functions stubbed and a clock of its own, checked after every message (the
+    table's invariants, max_clients, no allocation per message of a device not tracked,
+    every refusal reported once through growth, eviction and disconnects), under
+    AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them."""
+    cc = require_tool("cc")
+    _require_plugin()  # built from the same source with the same headers
+    flags = ["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-O1", "-g", "-Wall", "-Wextra", "-Werror"]
+    flags.append(f'-DPLUGIN_SOURCE="{PLUGIN_SOURCE}"')
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    binary = tmp_path / "ingest_harness"
+    for extra in (sanitizers, []):
+        built = subprocess.run(
+            [cc, *flags, *extra, str(HARNESS), "-o", str(binary)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if built.returncode == 0:
+            break
+    assert built.returncode == 0, built.stderr
+    done = subprocess.run(
+        [str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+async def test_refusals_pending_when_the_broker_stops_are_reported(tmp_path: Path) -> None:
+    """A device still connected when the broker stops gets no disconnect event: what it had
+    refused since its last report is reported as the plugin is unloaded."""
+    async with _plain_broker(tmp_path, report_s=3600) as broker:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with broker.client("dev-open") as client:
+                for _ in range(4):
+                    await client.publish("devices/dev-open/frames", b"f", qos=1)
+                # The first refusal is reported at once, the second waits for the next report.
+                await _until(lambda: broker.refusals("dev-open") == (1, 0))
+                await broker.stop()
+        assert broker.refusals("dev-open") == (2, 0)

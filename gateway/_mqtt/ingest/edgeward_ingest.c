@@ -16,7 +16,7 @@
  * (by default twice it) so that only a flood meets it.
  *
  * Refusals are reported, not logged one by one: at the first refusal and then at most once
- * per report interval per device (and when it disconnects), one NOTICE line
+ * per report interval per device (and when it disconnects, or the broker stops), one NOTICE line
  *
  *     edgeward-ingest: refused <client id> frames=<n> other=<n>
  *
@@ -32,7 +32,15 @@
  * broker at start.
  *
  * Memory is bounded: at most max_clients devices are tracked; when the table is full, devices
- * whose buckets are full again are forgotten (they lose nothing by it).
+ * whose buckets are full again and whose refusals are reported are forgotten (they lose nothing
+ * by it). A device that finds every tracked one busy is not limited here (the gateway's front
+ * door still applies its budget), and the broker says so on its log at most once per report
+ * interval:
+ *
+ *     edgeward-ingest: tracking <max_clients> devices (max_clients), <n> messages of others not limited
+ *
+ * A pass over a full table that frees little is not repeated within a second, so messages of
+ * devices not tracked cost no more than a lookup.
  */
 
 #include <errno.h>
@@ -49,6 +57,10 @@
 
 #define KIND_FRAMES 0
 #define KIND_OTHER 1
+
+/* Small, so that a few devices cost little; the table doubles as devices arrive. */
+#define INITIAL_CAPACITY 64
+#define SWEEP_BACKOFF_NS 1000000000
 
 struct bucket {
 	double tokens;
@@ -73,8 +85,11 @@ struct limiter {
 	uint32_t disconnect_after; /* refusals within a second that end the connection; 0: never */
 	size_t max_clients;
 	struct entry *slots;
-	size_t capacity;          /* a power of two */
+	size_t capacity;          /* a power of two, at least twice used */
 	size_t used;
+	int64_t sweep_ns;         /* no pass over a full table for idle devices before this */
+	uint64_t untracked;       /* messages of devices not tracked since the last warning */
+	int64_t untracked_ns;     /* when that warning was last written (0: never) */
 };
 
 static int64_t now_ns(void)
@@ -150,21 +165,35 @@ static int rebuild(struct limiter *lim, size_t new_capacity, bool drop_idle, int
 	return MOSQ_ERR_SUCCESS;
 }
 
+static size_t count_idle(const struct limiter *lim, int64_t now)
+{
+	size_t i, n = 0;
+	for(i = 0; i < lim->capacity; i++){
+		if(lim->slots[i].id != NULL && idle(lim, &lim->slots[i], now)) n++;
+	}
+	return n;
+}
+
 static struct entry *lookup(struct limiter *lim, const char *id, int64_t now)
 {
 	uint64_t h = hash_id(id);
 	struct entry *e = probe(lim->slots, lim->capacity, id, h);
+	size_t freed;
 	int kind;
 
 	if(e->id != NULL) return e;
-	/* A new device: keep the table at most half full. */
+	if(lim->used >= lim->max_clients){
+		/* Full: forget the idle devices. A pass that frees little is not repeated for a
+		 * while, so a device not tracked costs one lookup per message, not a pass. */
+		if(now < lim->sweep_ns) return NULL;
+		freed = count_idle(lim, now);
+		if(freed < lim->max_clients / 8 + 1) lim->sweep_ns = now + SWEEP_BACKOFF_NS;
+		if(freed == 0 || rebuild(lim, lim->capacity, true, now) != MOSQ_ERR_SUCCESS) return NULL;
+		e = probe(lim->slots, lim->capacity, id, h);
+	}
 	if(2 * (lim->used + 1) > lim->capacity){
-		if(lim->used >= lim->max_clients){
-			rebuild(lim, lim->capacity, true, now);
-			if(lim->used >= lim->max_clients) return NULL; /* all busy: not limited here */
-		}else if(rebuild(lim, lim->capacity * 2, false, now)){
-			return NULL;
-		}
+		/* Keep the table at most half full, so that a probe always ends at an empty slot. */
+		if(rebuild(lim, lim->capacity * 2, false, now) != MOSQ_ERR_SUCCESS) return NULL;
 		e = probe(lim->slots, lim->capacity, id, h);
 	}
 	e->id = strdup(id);
@@ -176,8 +205,21 @@ static struct entry *lookup(struct limiter *lim, const char *id, int64_t now)
 		e->refused[kind] = 0;
 	}
 	e->reported_ns = 0;
+	e->window_ns = now;
+	e->window_refused = 0;
 	lim->used++;
 	return e;
+}
+
+static void untracked(struct limiter *lim, int64_t now)
+{
+	lim->untracked++;
+	if(lim->untracked_ns == 0 || now - lim->untracked_ns >= lim->report_ns){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "edgeward-ingest: tracking %zu devices (max_clients), "
+				"%llu messages of others not limited", lim->used, (unsigned long long)lim->untracked);
+		lim->untracked = 0;
+		lim->untracked_ns = now;
+	}
 }
 
 static void report(struct entry *e, int64_t now, bool disconnected)
@@ -211,7 +253,10 @@ static int on_message(int event, void *event_data, void *userdata)
 	if(id == NULL || ed->topic == NULL) return MOSQ_ERR_SUCCESS;
 	now = now_ns();
 	e = lookup(lim, id, now);
-	if(e == NULL) return MOSQ_ERR_SUCCESS;
+	if(e == NULL){
+		untracked(lim, now);
+		return MOSQ_ERR_SUCCESS;
+	}
 	kind = ends_with(ed->topic, "/frames") ? KIND_FRAMES : KIND_OTHER;
 	b = &e->bucket[kind];
 	refill(lim, b, kind, now);
@@ -336,7 +381,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	lim->report_ns = (int64_t)(report_s * 1e9);
 	lim->max_clients = (size_t)max_clients;
 	lim->disconnect_after = (uint32_t)disconnect_after;
-	lim->capacity = 1024;
+	lim->capacity = INITIAL_CAPACITY;
 	lim->slots = calloc(lim->capacity, sizeof(struct entry));
 	if(lim->slots == NULL){
 		free(lim);
@@ -347,8 +392,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	rc = mosquitto_callback_register(identifier, MOSQ_EVT_MESSAGE, on_message, NULL, lim);
 	if(rc == MOSQ_ERR_SUCCESS){
 		rc = mosquitto_callback_register(identifier, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, lim);
+		if(rc != MOSQ_ERR_SUCCESS){
+			mosquitto_callback_unregister(identifier, MOSQ_EVT_MESSAGE, on_message, NULL);
+		}
 	}
-	if(rc != MOSQ_ERR_SUCCESS) return rc;
+	if(rc != MOSQ_ERR_SUCCESS){
+		free(lim->slots);
+		free(lim);
+		*userdata = NULL;
+		return rc;
+	}
 	mosquitto_log_printf(MOSQ_LOG_INFO,
 			"edgeward-ingest: frames %g/s burst %g, other messages %g/s burst %g per device; "
 			"disconnected after %u refusals within a second (0: never)",
@@ -360,6 +413,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
 {
 	struct limiter *lim = userdata;
+	int64_t now = now_ns();
 	size_t i;
 
 	(void)options;
@@ -368,7 +422,13 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	mosquitto_callback_unregister(lim->pid, MOSQ_EVT_MESSAGE, on_message, NULL);
 	mosquitto_callback_unregister(lim->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	for(i = 0; i < lim->capacity; i++){
-		free(lim->slots[i].id);
+		struct entry *e = &lim->slots[i];
+		/* The broker stops without a disconnect event for the devices still connected:
+		 * what they had refused since their last report is reported now. */
+		if(e->id != NULL && (e->refused[KIND_FRAMES] || e->refused[KIND_OTHER])){
+			report(e, now, false);
+		}
+		free(e->id);
 	}
 	free(lim->slots);
 	free(lim);
