@@ -485,7 +485,9 @@ class MosquittoBroker:
                     except Exception:  # noqa: BLE001 - a listener must not stop the log
                         _log.exception("broker refusal listener failed")
                 continue
-            level = "warning" if ("Error" in text or "error" in text) else "debug"
+            # The ingest limit's other lines (devices it could not track) matter too.
+            notable = "Error" in text or "error" in text or text.startswith("edgeward-ingest:")
+            level = "warning" if notable else "debug"
             getattr(_log, level)("mosquitto", line=text)
 
     async def _terminate(self) -> None:

@@ -161,6 +161,32 @@ async def test_over_its_bucket_a_device_is_refused_by_the_broker_and_nobody_else
         assert not any(r.disconnected for r in reports)
 
 
+async def test_a_quiet_flooders_pending_refusals_are_reported_while_others_publish(
+    pki_dir: Path, issue: IssueFn, tmp_path: Path
+) -> None:
+    """A device that floods, then stays connected and quiet, still has its refusals reported
+    once their interval is over: any other device's message brings the broker to it."""
+    flood, calm = issue("device", "cam-flood"), issue("device", "cam-calm")
+    limit = IngestLimit(
+        frames_per_s=0.001, frames_burst=3, messages_per_s=1000, messages_burst=1000, report_s=0.2
+    )
+    async with (
+        _limited(pki_dir, issue, tmp_path, limit) as (harness, reports),
+        device_client(flood, harness.port) as flooder,
+        device_client(calm, harness.port) as other,
+    ):
+        await _publish(flooder, "devices/cam-flood/frames", 8, "f")
+        # The first refusal is reported at once, the other four wait for their interval.
+        await _until(lambda: _refused(reports, "cam-flood")[0] >= 1)
+        for _ in range(600):
+            if _refused(reports, "cam-flood") == (5, 0):
+                break
+            await other.publish("devices/cam-calm/telemetry", b"{}", qos=1)
+            await asyncio.sleep(0.05)
+        assert _refused(reports, "cam-flood") == (5, 0)
+        assert not any(r.disconnected for r in reports)
+
+
 async def test_a_qos1_sender_is_told_by_puback(
     pki_dir: Path, issue: IssueFn, tmp_path: Path
 ) -> None:

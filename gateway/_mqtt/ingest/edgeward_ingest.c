@@ -16,7 +16,9 @@
  * (by default twice it) so that only a flood meets it.
  *
  * Refusals are reported, not logged one by one: at the first refusal and then at most once
- * per report interval per device (and when it disconnects, or the broker stops), one NOTICE line
+ * per report interval per device (counts still pending when their interval is over are
+ * reported with the next message or disconnect of any device; and when it disconnects, or the
+ * broker stops), one NOTICE line
  *
  *     edgeward-ingest: refused <client id> frames=<n> other=<n>
  *
@@ -88,6 +90,7 @@ struct limiter {
 	size_t capacity;          /* a power of two, at least twice used */
 	size_t used;
 	int64_t sweep_ns;         /* no pass over a full table for idle devices before this */
+	int64_t due_ns;           /* the earliest a pending refusal count is due (0: none) */
 	uint64_t untracked;       /* messages of devices not tracked since the last warning */
 	int64_t untracked_ns;     /* when that warning was last written (0: never) */
 };
@@ -232,6 +235,36 @@ static void report(struct entry *e, int64_t now, bool disconnected)
 	e->reported_ns = now;
 }
 
+/* A refusal of e is counted but not reported yet: make sure a sweep reports it when due. */
+static void mark_pending(struct limiter *lim, const struct entry *e)
+{
+	int64_t due = e->reported_ns + lim->report_ns;
+	if(lim->due_ns == 0 || due < lim->due_ns) lim->due_ns = due;
+}
+
+/* Report every device whose pending refusals are due, whoever's message brought the broker
+ * here: a device that floods and then goes quiet, still connected, is reported within about
+ * a report interval while anyone else publishes. At most four passes per interval. */
+static void sweep_due(struct limiter *lim, int64_t now)
+{
+	size_t i;
+	int64_t next = 0;
+	if(lim->due_ns == 0 || now < lim->due_ns) return;
+	for(i = 0; i < lim->capacity; i++){
+		struct entry *e = &lim->slots[i];
+		int64_t due;
+		if(e->id == NULL || !(e->refused[KIND_FRAMES] || e->refused[KIND_OTHER])) continue;
+		due = e->reported_ns + lim->report_ns;
+		if(due <= now){
+			report(e, now, false);
+		}else if(next == 0 || due < next){
+			next = due;
+		}
+	}
+	if(next != 0 && next < now + lim->report_ns / 4) next = now + lim->report_ns / 4;
+	lim->due_ns = next;
+}
+
 static bool ends_with(const char *s, const char *suffix)
 {
 	size_t n = strlen(s), m = strlen(suffix);
@@ -252,6 +285,7 @@ static int on_message(int event, void *event_data, void *userdata)
 	id = mosquitto_client_id(ed->client);
 	if(id == NULL || ed->topic == NULL) return MOSQ_ERR_SUCCESS;
 	now = now_ns();
+	sweep_due(lim, now);
 	e = lookup(lim, id, now);
 	if(e == NULL){
 		untracked(lim, now);
@@ -284,6 +318,8 @@ static int on_message(int event, void *event_data, void *userdata)
 	}
 	if(e->reported_ns == 0 || now - e->reported_ns >= lim->report_ns){
 		report(e, now, false);
+	}else{
+		mark_pending(lim, e);
 	}
 	return MOSQ_ERR_ACL_DENIED;
 }
@@ -296,6 +332,7 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	struct entry *e;
 
 	(void)event;
+	sweep_due(lim, now_ns());
 	id = mosquitto_client_id(ed->client);
 	if(id == NULL) return MOSQ_ERR_SUCCESS;
 	e = probe(lim->slots, lim->capacity, id, hash_id(id));
