@@ -57,6 +57,11 @@ def test_written_configuration_keeps_the_promises(issue: IssueFn, tmp_path: Path
     ):
         assert expected in lines, expected
     assert "CBC" not in conf
+    # Debian's Mosquitto 2.0.11 (CVE-2023-28366 fix) disconnects a client whose refused
+    # publication finds its outgoing queue at max_queued_messages: 0 would turn every
+    # refusal by the ingest limit into a disconnect.
+    (queued,) = [line for line in lines if line.startswith("max_queued_messages ")]
+    assert int(queued.split()[1]) >= 1000
     # Client ids are one namespace across listeners: the devices' listener (the first) forces
     # them to the CN; the gateway's listener keeps its clients' own ids.
     devices, bridge = conf.split("\nlistener ")[1:]
