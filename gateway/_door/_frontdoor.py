@@ -339,17 +339,26 @@ class FrontDoor:
         A flood's frames that the budget still lets through (one whenever a token is back)
         each run the model, and another device's frame that arrives meanwhile waits for that
         run; a device that ignores retry-after is better refused outright until it has
-        stopped. Bounded: at most :attr:`MAX_PENALISED` devices remembered.
+        stopped. Its frames already waiting for a turn when it is caught are refused too.
+        Bounded: at most :attr:`MAX_PENALISED` devices remembered.
         """
         seconds = self.limits.flood_penalty_s if seconds is None else seconds
         if seconds <= 0.0:
             return
-        until = self._monotonic() + seconds
-        if until > self._penalised.get(device_id, 0.0):
+        now = self._monotonic()
+        until = now + seconds
+        was = self._penalised.get(device_id, 0.0)
+        if until > was:
             self._penalised[device_id] = until
             self._penalised.move_to_end(device_id)
         while len(self._penalised) > self.MAX_PENALISED:
             self._penalised.popitem(last=False)
+        if was <= now:
+            # Newly caught: its frames still waiting for a turn (its burst, admitted moments
+            # ago) are refused too, answered with the same retry-after rather than run one
+            # after another while other devices' frames wait behind each run. A run in
+            # progress finishes.
+            self.fair.refuse_waiting(device_id, lambda: RateLimited(device_id, seconds))
 
     def penalised_for(self, device_id: str) -> float:
         """Seconds ``device_id`` stays penalised (:meth:`penalise`); 0.0 when it is not."""

@@ -487,6 +487,34 @@ async def test_a_device_caught_flooding_gets_no_frame_through_until_its_penalty_
     assert off.penalised_for("cam-a") == 0.0
 
 
+async def test_a_device_caught_flooding_has_its_waiting_frames_refused_not_run() -> None:
+    """Caught flooding, a device's frames still waiting for a turn (its burst, admitted
+    moments before) are refused with retry-after instead of each running the model while
+    other devices wait; the frame in the model finishes and the next device gets the turn."""
+    from gateway import FrontDoor, LimitsSettings
+    from gateway.errors import RateLimited
+    from tests._support.mqtt import FakeEngine
+
+    limits = LimitsSettings(frames_per_s=10, burst=4, flood_penalty_s=2.0)
+    door = FrontDoor(gateway_id="gw-1", engine=FakeEngine(), limits=limits, slots=1)
+    await door.fair.acquire("cam-a")  # its frame in the model
+    waiting = [asyncio.create_task(door.fair.acquire("cam-a")) for _ in range(2)]
+    other = asyncio.create_task(door.fair.acquire("cam-b"))
+    await asyncio.sleep(0)
+    assert door.fair.waiting("cam-a") == 2
+    door.penalise("cam-a")
+    for task in waiting:
+        with pytest.raises(RateLimited) as refused:
+            await asyncio.wait_for(task, 5)  # not run: refused at once
+        assert refused.value.retry_after_s == pytest.approx(2.0)
+    assert door.fair.waiting("cam-a") == 0
+    assert door.fair.held("cam-a") == 1  # the run in progress is not touched
+    door.fair.release("cam-a")
+    await asyncio.wait_for(other, 30)
+    assert door.fair.held("cam-b") == 1
+    door.fair.release("cam-b")
+
+
 async def test_a_floods_held_refusals_are_answered_spread_out() -> None:
     from gateway import FrontDoor, LimitsSettings
     from gateway._door import TopicIdentity
