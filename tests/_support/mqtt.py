@@ -60,6 +60,7 @@ __all__ = [
     "cli_tls_args",
     "collect",
     "device_client",
+    "flood_until_cut",
     "frame_props",
     "front_door",
     "mint_odd_certificate",
@@ -280,6 +281,24 @@ def frame_props(frame_id: str, *, protobuf: bool = False) -> Properties:
     if protobuf:
         props.ContentType = "application/x-protobuf"
     return props
+
+
+async def flood_until_cut(
+    client: aiomqtt.Client, n: int, *, payload: bytes, device_id: str = "cam-flood"
+) -> int:
+    """Publish up to ``n`` frames (QoS 1) as ``device_id``; how many went out before the
+    broker closed the connection (which this waits for, up to 30 s)."""
+    sent = 0
+    with contextlib.suppress(aiomqtt.MqttError):
+        for i in range(n):
+            await client.publish(
+                f"devices/{device_id}/frames", payload, qos=1, properties=frame_props(f"f{i}")
+            )
+            sent += 1
+        async with asyncio.timeout(30):
+            async for _ in client.messages:  # ends when the broker closes the connection
+                pass
+    return sent
 
 
 def cli_tls_args(identity: pki.IdentityFiles, port: int) -> list[str]:

@@ -10,7 +10,6 @@ device that stays within its budget is never disconnected. Counts are checked, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +25,7 @@ from tests._support.mqtt import (
     FakeEngine,
     collect,
     device_client,
+    flood_until_cut,
     frame_props,
     front_door,
 )
@@ -50,21 +50,6 @@ def _bridge(harness: BrokerHarness, engine: Any, *, after: int = AFTER) -> MqttB
     )
 
 
-async def _flood_until_cut(client: aiomqtt.Client, n: int) -> int:
-    """Publish up to ``n`` frames; how many went out before the broker closed the connection."""
-    sent = 0
-    with contextlib.suppress(aiomqtt.MqttError):
-        for i in range(n):
-            await client.publish(
-                "devices/cam-flood/frames", JPEG, qos=1, properties=frame_props(f"f{i}")
-            )
-            sent += 1
-        async with asyncio.timeout(30):
-            async for _ in client.messages:  # ends when the broker closes the connection
-                pass
-    return sent
-
-
 async def test_a_flooding_device_is_disconnected_and_told_why(
     harness: BrokerHarness, issue: IssueFn
 ) -> None:
@@ -79,7 +64,7 @@ async def test_a_flooding_device_is_disconnected_and_told_why(
         async with device_client(flood, harness.port, **persistent) as f:
             await f.subscribe("devices/cam-flood/events", qos=1)
             # Its budget, then AFTER refusals in a row: cut.
-            sent = await _flood_until_cut(f, 500)
+            sent = await flood_until_cut(f, 500, payload=JPEG)
         assert gate.disconnected >= 1
         assert sent < 500  # the connection ended under the flood
         # Another device is served; the bridge itself was not disturbed.
@@ -232,7 +217,7 @@ async def test_a_cut_devices_frames_waiting_for_a_turn_are_refused_not_run(
         gate = bridge.gate
         assert gate is not None
         async with device_client(flood, harness.port) as f:
-            sent = await _flood_until_cut(f, 500)
+            sent = await flood_until_cut(f, 500, payload=JPEG)
         await _until(lambda: gate.disconnected >= 1)
         running = engine.calls
         assert 1 <= running < burst  # the rest of its burst was waiting for a turn

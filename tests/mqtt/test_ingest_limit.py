@@ -30,7 +30,6 @@ import aiomqtt
 import pytest
 import structlog
 
-import pki
 from gateway import LimitsSettings, MqttSettings, free_port
 from gateway._mqtt import (
     BUILT_PLUGIN,
@@ -48,6 +47,7 @@ from tests._support.mqtt import (
     cli_tls_args,
     collect,
     device_client,
+    flood_until_cut,
     frame_props,
     mqtt_gateway,
 )
@@ -218,22 +218,6 @@ async def test_a_qos1_sender_is_told_by_puback(
         await _until(lambda: _from(seen, "devices/cam-cli/frames") == 3)
 
 
-async def _flood_until_cut(identity: pki.IdentityFiles, port: int, n: int) -> int:
-    """Publish up to ``n`` frames; how many went out before the broker closed the connection."""
-    sent = 0
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with device_client(identity, port) as client:
-            for i in range(n):
-                await client.publish(
-                    "devices/cam-flood/frames", JPEG, qos=1, properties=frame_props(f"f{i}")
-                )
-                sent += 1
-            async with asyncio.timeout(30):
-                async for _ in client.messages:  # ends when the broker closes the connection
-                    pass
-    return sent
-
-
 async def test_a_flood_is_disconnected_by_the_broker(
     pki_dir: Path, issue: IssueFn, tmp_path: Path
 ) -> None:
@@ -245,7 +229,10 @@ async def test_a_flood_is_disconnected_by_the_broker(
         _limited(pki_dir, issue, tmp_path, limit) as (harness, reports),
         _gateway_side(harness) as seen,
     ):
-        sent = await _flood_until_cut(flood, harness.port, 200)
+        sent = 0
+        with contextlib.suppress(aiomqtt.MqttError):  # leaving a connection the broker ended
+            async with device_client(flood, harness.port) as client:
+                sent = await flood_until_cut(client, 200, payload=JPEG)
         # 3 let through, 4 refused, the 5th refusal ends the connection (not acknowledged).
         assert sent < 200
         await _until(lambda: any(r.disconnected for r in reports))
