@@ -7,12 +7,12 @@ a *flooder* device, in another process, sends 10,000 frames as fast as it can: o
 concurrent ``Detect`` calls; over MQTT, ``mosquitto_pub --repeat`` at QoS 1, started again at
 once whenever it ends (disconnected, or done) until the flood has lasted ``--flood-s``
 seconds, as a device that reconnects and keeps flooding would (a flooder that gives up when
-disconnected is over in a second, too soon to measure anything). The flooder stands for a
-remote device: on this one host it runs at niceness 19 (``--flooder-nice``), taking the CPU the
-gateway leaves, as a device's own CPU is never the gateway's (at the same priority its process
-starts and TLS, about three quarters of a core during the MQTT flood, compete with the victim's
-model on the same two cores; the flood the broker and the bridge see is the same either way:
-the JSON has the flooder's connections, refusals and CPU). Each transport is measured
+disconnected is over in a second, too soon to measure anything). The flooder runs on the same
+two cores as the gateway at the same priority: its own process starts and TLS (about three
+quarters of a core during the MQTT flood) compete with the victim's model, which a remote
+device's would not; ``--flooder-nice 19`` lets it take only the CPU the gateway leaves (the
+flood the broker and the bridge see is the same either way: the JSON has the flooder's
+connections, refusals, CPU and niceness). Each transport is measured
 in the same run, the victim alone (baseline) and the victim during the flood, alternating
 ``--rounds`` times with the flood split among the rounds, so that whatever else the shared
 machine does falls on both sides alike. The flooder runs on the same two cores as the gateway;
@@ -112,9 +112,8 @@ def grpc_flood_main(address: str, identity_dir: str, n: int) -> None:
     print(json.dumps(asyncio.run(run())))
 
 
-#: The flooder's niceness (``--flooder-nice``): it stands for a remote device, whose own CPU a
-#: gateway host never spends; on this one host it takes what the gateway leaves.
-FLOODER_NICE = 19
+#: The flooder's niceness (``--flooder-nice``; 0: the gateway's priority).
+FLOODER_NICE = 0
 
 
 def _niced(program: str) -> list[str]:
@@ -396,9 +395,9 @@ def main() -> None:
     parser.add_argument(
         "--flooder-nice",
         type=int,
-        default=19,
-        help="the flooder's niceness: it stands for a remote device, so on this one host it "
-        "takes the CPU the gateway leaves (default 19; 0: the same priority as the gateway)",
+        default=0,
+        help="the flooder's niceness (default 0, the gateway's priority; 19: it takes only "
+        "the CPU the gateway leaves, as a remote device's own CPU would)",
     )
     parser.add_argument(
         "--transport", choices=("mqtt", "grpc"), action="append", help="only these (repeatable)"
