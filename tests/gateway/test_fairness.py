@@ -631,8 +631,14 @@ async def gateway(tmp_path: Path) -> Any:
         # The flooder stays connected: its refusals are what the MQTT test counts (all made
         # by the front door: the broker's own limit has its tests in tests/mqtt).
         mqtt={"disconnect_after_refusals": 0, "ingest_limit_factor": 0},
-        # The whole budget may wait (its order is what these tests look at).
-        limits={"frames_per_s": 0.001, "burst": BURST, "frames_waiting_per_device": BURST},
+        # The whole budget may wait (its order is what these tests look at), and stays
+        # waiting: no flood penalty refuses it (that has tests of its own above).
+        limits={
+            "frames_per_s": 0.001,
+            "burst": BURST,
+            "frames_waiting_per_device": BURST,
+            "flood_penalty_s": 0,
+        },
     ) as gw:
         yield gw
 
