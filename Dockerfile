@@ -28,9 +28,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev mosquitto-dev libmosquitto-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY scripts/build_mqtt_plugin.sh ./scripts/
-COPY gateway/_mqtt/ingest/edgeward_ingest.c ./gateway/_mqtt/ingest/
-RUN bash scripts/build_mqtt_plugin.sh
+COPY gateway/_mqtt/ingest/edgeward_ingest.c gateway/_mqtt/ingest/build.sh ./gateway/_mqtt/ingest/
+RUN sh gateway/_mqtt/ingest/build.sh
 
 # The wheels installed into a virtual environment, copied whole into the final image (no wheel
 # files or build tools left in its layers).

@@ -332,11 +332,11 @@ def test_the_image_installs_the_built_wheels_not_the_source_tree() -> None:
     # The broker's ingest limit plugin is built from its C source alone, against Debian's
     # Mosquitto headers (the same Debian as the final image's Mosquitto).
     assert [i for i in plugin if i.startswith("COPY")] == [
-        "COPY scripts/build_mqtt_plugin.sh ./scripts/",
-        "COPY gateway/_mqtt/ingest/edgeward_ingest.c ./gateway/_mqtt/ingest/",
+        "COPY gateway/_mqtt/ingest/edgeward_ingest.c gateway/_mqtt/ingest/build.sh "
+        "./gateway/_mqtt/ingest/",
     ]
     assert "mosquitto-dev" in " ".join(plugin)
-    assert any(i.startswith("RUN bash scripts/build_mqtt_plugin.sh") for i in plugin)
+    assert any(i.startswith("RUN sh gateway/_mqtt/ingest/build.sh") for i in plugin)
     install_runs = " ".join(i for i in install if i.startswith("RUN"))
     # By file name: no index can offer another edgeward or edgeward-models.
     assert "/wheels/edgeward_models-*.whl" in install_runs

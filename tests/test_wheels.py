@@ -214,6 +214,32 @@ def test_the_gateway_install_runs_the_demo_from_its_wheels(
     assert summary["unanswered_frames"] == {"robot-vacuum-1": 0}
 
 
+def test_an_installed_gateway_builds_its_brokers_ingest_limit_plugin(
+    gateway_venv: Path, elsewhere: Path
+) -> None:
+    """The wheel ships the plugin's source and build script; built as the README says, the
+    plugin lies where the installed gateway looks for it (``BUILT_PLUGIN``)."""
+    require_tool("cc")
+    site = _site_packages(gateway_venv)
+    where = _run(
+        [
+            "python",
+            "-c",
+            "from gateway._mqtt import BUILT_PLUGIN, PLUGIN_SOURCE; "
+            "print(PLUGIN_SOURCE); print(BUILT_PLUGIN)",
+        ],
+        venv=gateway_venv,
+        cwd=elsewhere,
+        timeout=60,
+    )
+    source, built = (Path(line) for line in where.stdout.split())
+    assert source.is_file()
+    assert source.is_relative_to(site)
+    assert not built.exists()  # a wheel carries no binary
+    _run(["sh", str(source.parent / "build.sh")], venv=gateway_venv, cwd=elsewhere, timeout=120)
+    assert built.is_file()
+
+
 def test_the_device_install_has_no_inference_stack(device_venv: Path, elsewhere: Path) -> None:
     site = _site_packages(device_venv)
     origins = _origins(
