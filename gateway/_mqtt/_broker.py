@@ -290,7 +290,7 @@ class MosquittoBroker:
             return BUILT_PLUGIN
         _log.warning(
             "mqtt broker runs without its per-device ingest limit: plugin not built",
-            build="scripts/build_mqtt_plugin.sh",
+            build=f"sh {BUILT_PLUGIN.parent / 'build.sh'}",
             plugin=str(BUILT_PLUGIN),
         )
         return None

@@ -190,8 +190,8 @@ class MqttSettings(BaseModel):
     ingest_plugin: Path | None = Field(
         default=None,
         description="Managed: the edgeward_ingest Mosquitto plugin (default: the one "
-        "scripts/build_mqtt_plugin.sh builds beside the gateway package; when that one is "
-        "missing the broker runs without the limit and the gateway warns).",
+        "gateway/_mqtt/ingest/build.sh builds beside its source in the gateway package; when "
+        "that one is missing the broker runs without the limit and the gateway warns).",
     )
     frame_deadline_s: float = Field(
         default=5.0, gt=0.0, description="Deadline of one frame's inference."
