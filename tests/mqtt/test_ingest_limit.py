@@ -92,6 +92,25 @@ async def _limited(
 
 
 @contextlib.asynccontextmanager
+async def _reading(
+    client: aiomqtt.Client, handle: Callable[[aiomqtt.Message], None]
+) -> AsyncIterator[None]:
+    """Hands every message ``client`` receives to ``handle`` while the block runs."""
+
+    async def read() -> None:
+        async for message in client.messages:
+            handle(message)
+
+    task = asyncio.create_task(read())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
 async def _gateway_side(harness: BrokerHarness) -> AsyncIterator[list[aiomqtt.Message]]:
     """A client on the gateway's listener (the bridge's rights) keeping what gets through."""
     conn = harness.bridge_connection()
@@ -106,18 +125,8 @@ async def _gateway_side(harness: BrokerHarness) -> AsyncIterator[list[aiomqtt.Me
         tls_context=conn.ssl_context(),
     ) as client:
         await client.subscribe([("devices/+/frames", 1), ("devices/+/telemetry", 1)])
-
-        async def keep() -> None:
-            async for message in client.messages:
-                seen.append(message)
-
-        task = asyncio.create_task(keep())
-        try:
+        async with _reading(client, seen.append):
             yield seen
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def _from(seen: list[aiomqtt.Message], topic: str) -> int:
@@ -518,17 +527,11 @@ async def _watching(broker: _PlainBroker) -> AsyncIterator[Counter[str]]:
     async with broker.client("watcher") as client:
         await client.subscribe("devices/#", qos=1)
 
-        async def keep() -> None:
-            async for message in client.messages:
-                seen[message.topic.value] += 1
+        def count(message: aiomqtt.Message) -> None:
+            seen[message.topic.value] += 1
 
-        task = asyncio.create_task(keep())
-        try:
+        async with _reading(client, count):
             yield seen
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def _send(
