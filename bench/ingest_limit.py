@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pwd
 import shutil
 import statistics
 import subprocess
@@ -42,6 +44,8 @@ SUB = shutil.which("mosquitto_sub") or "mosquitto_sub"
 def broker(tmp: Path, name: str, limit: IngestLimit | None) -> Iterator[int]:
     port = free_port()
     lines = [
+        # As whoever runs this: started as root, Mosquitto would become user "mosquitto".
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         "per_listener_settings true",
         "log_dest stderr",
         "log_type error",

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 from collections import Counter
@@ -427,6 +428,9 @@ async def test_a_configured_plugin_that_is_missing_stops_the_start(
 def _plain_conf(tmp_path: Path, port: int, options: dict[str, str]) -> Path:
     """A broker config with the plugin on a plain loopback listener."""
     lines = [
+        # Started as root, Mosquitto would become user "mosquitto", who may not read the
+        # plugin in a private checkout (a clone in a 0700 temporary directory, as CI makes).
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         "per_listener_settings true",
         "log_dest stderr",
         "log_timestamp false",
