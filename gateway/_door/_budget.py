@@ -56,12 +56,21 @@ class RateLimiter:
 
     def try_take(self, device_id: str) -> float:
         """Take one token; return 0.0, or the seconds until one is available (nothing taken)."""
+        return self._charge(device_id, take=True)
+
+    def count_refusal(self, device_id: str) -> None:
+        """Count a refusal of ``device_id`` made without asking for a token (a device
+        penalised for flooding): its flood still shows in :meth:`refused_in_row` and
+        :meth:`refused_recently`, and its bucket keeps refilling."""
+        self._charge(device_id, take=False)
+
+    def _charge(self, device_id: str, *, take: bool) -> float:
         now = self._clock()
         tokens, at, in_row, recent, since = self._buckets.get(
             device_id, (self._burst, now, 0, 0, now)
         )
         tokens = min(self._burst, tokens + (now - at) * self._rate)
-        if tokens >= 1.0:
+        if take and tokens >= 1.0:
             self._buckets[device_id] = (tokens - 1.0, now, 0, recent, since)
             wait = 0.0
         else:
@@ -74,22 +83,6 @@ class RateLimiter:
             # The least recently seen device: its bucket has refilled by now, or soon will.
             self._buckets.popitem(last=False)
         return wait
-
-    def count_refusal(self, device_id: str) -> None:
-        """Count a refusal of ``device_id`` made without asking for a token (a device
-        penalised for flooding): its flood still shows in :meth:`refused_in_row` and
-        :meth:`refused_recently`, and its bucket keeps refilling."""
-        now = self._clock()
-        tokens, at, in_row, recent, since = self._buckets.get(
-            device_id, (self._burst, now, 0, 0, now)
-        )
-        tokens = min(self._burst, tokens + (now - at) * self._rate)
-        if recent == 0 or now - since >= _WINDOW_S:
-            recent, since = 0, now
-        self._buckets[device_id] = (tokens, now, in_row + 1, recent + 1, since)
-        self._buckets.move_to_end(device_id)
-        if len(self._buckets) > self._max_devices:
-            self._buckets.popitem(last=False)
 
     def refused_in_row(self, device_id: str) -> int:
         """Refusals of ``device_id`` since it last took a token."""

@@ -535,9 +535,17 @@ class MqttBridge:
         )
 
     def _refused(
-        self, device_id: str | None, exc: BaseException, *, method: str, frame_id: str = ""
+        self,
+        device_id: str | None,
+        exc: BaseException,
+        *,
+        method: str,
+        frame_id: str = "",
+        times: int = 1,
+        **fields: Any,
     ) -> None:
-        """Count one refused message; the front door audits it and tells the device."""
+        """Count ``times`` refused messages; the front door audits them and tells the
+        device (once)."""
         status = self._door.refused(
             exc,
             device_id=device_id,
@@ -545,8 +553,10 @@ class MqttBridge:
             method=method,
             frame_id=frame_id,
             notify=device_id is not None,
+            times=times,
+            **fields,
         )
-        self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + 1
+        self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + times
 
     def _frame_refused(self, device_id: str, exc: BaseException, frame_id: str) -> None:
         self.stats.frames_rejected += 1
@@ -574,22 +584,13 @@ class MqttBridge:
         retry_after_s = max(
             1.0 / self._door.limits.frames_per_s, self._door.penalised_for(report.device_id)
         )
+        self.stats.broker_refused += report.frames + report.other
+        self.stats.frames_rejected += report.frames
+        self.stats.telemetry_rejected += report.other
         for method, times in (("Detect", report.frames), ("ReportTelemetry", report.other)):
-            if times <= 0:
-                continue
-            self.stats.broker_refused += times
-            self.stats.frames_rejected += times if method == "Detect" else 0
-            self.stats.telemetry_rejected += times if method == "ReportTelemetry" else 0
-            status = self._door.refused(
-                RateLimited(report.device_id, retry_after_s),
-                device_id=report.device_id,
-                transport="mqtt",
-                method=method,
-                notify=True,
-                times=times,
-                where="broker",
-            )
-            self.stats.by_reason[status.reason] = self.stats.by_reason.get(status.reason, 0) + times
+            if times > 0:
+                exc = RateLimited(report.device_id, retry_after_s)
+                self._refused(report.device_id, exc, method=method, times=times, where="broker")
         if report.disconnected:
             # The broker ended the connection itself. A device that reconnects and floods
             # again is disconnected again, many times a second: audited and told within the

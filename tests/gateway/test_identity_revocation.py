@@ -15,6 +15,7 @@ import pytest
 from gateway import Command, RevocationEvent
 from protos.edgeward.v1 import common_pb2, gateway_pb2
 from tests._support.gateway import ManualFeed, start_gateway
+from tests._support.tasks import running
 from tests.gateway._helpers import rpc_error, server_auth_only_device, trailing, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,13 +220,8 @@ async def _feed_alive(state: Any) -> AsyncIterator[None]:
             state.mark_fresh()
             await asyncio.sleep(0.05)
 
-    task = asyncio.ensure_future(beat())
-    try:
+    async with running(beat()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_stale_feed_refuses_new_sessions_but_open_ones_continue(issue, tmp_path, photos):

@@ -52,6 +52,7 @@ from tests._support.mqtt import (
     frame_props,
     mqtt_gateway,
 )
+from tests._support.tasks import running
 from tests.conftest import IssueFn, require_tool
 
 PHOTO = Path(__file__).resolve().parents[1] / "data" / "photos" / "chelsea.jpg"
@@ -102,13 +103,8 @@ async def _reading(
         async for message in client.messages:
             handle(message)
 
-    task = asyncio.create_task(read())
-    try:
+    async with running(read()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
